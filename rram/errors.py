@@ -99,3 +99,7 @@ class NotFound(RramError):
 def os_error(message: str, err: int) -> TransportError:
     """A TransportError for a C call that failed with ``err`` (an errno value)."""
     return TransportError(f"{message}: {_errno.errorcode.get(err, err)} ({err})", errno=err)
+
+
+class CorruptDataError(RramError):
+    """Stored bytes did not decompress to a whole page (bit rot, a bug, or the wrong slot)."""

@@ -1,0 +1,205 @@
+"""tcp transport latency and throughput against a raw-socket baseline, servers in another process.
+
+    .venv/bin/pytest bench/test_transport_latency.py --benchmark-only -p no:cacheprovider
+    RRAM_BENCH_PIN=same|split|none   (default split: server on CPU 1, client on CPU 0)
+
+The baseline is the least a Python request/response over loopback TCP can cost: a 32-byte
+request answered with 4 KiB by ``recv_into`` + ``sendall``.  The tcp READ adds framing, the
+region checks and the copies.  Medians and their ratio land in ``extra_info``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+PAGE = 4096
+BATCH = 256
+REGION = 16 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_medians: dict[str, float] = {}
+
+
+def _cpus(role: str) -> set[int] | None:
+    mode = os.environ.get("RRAM_BENCH_PIN", "split")
+    n = os.cpu_count() or 1
+    if mode == "none":
+        return None
+    if mode == "same" or n < 2:
+        return {0}
+    return {1 if role == "server" else 0}
+
+
+def _pin(role: str) -> None:
+    cpus = _cpus(role)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+# -- servers (run in a child process: `python bench/test_transport_latency.py tcp|raw`) -----------
+
+
+def _serve_tcp() -> None:
+    from rram.transport import tcp
+
+    pt = tcp.ProviderTransportImpl()
+    session = pt.open_session("bench")
+    region = np.frombuffer(np.random.default_rng(1).bytes(REGION), dtype=np.uint8).copy()
+    rkey = session.register(region.ctypes.data, REGION)
+    print(json.dumps({"params": session.accept({}), "addr": int(region.ctypes.data), "rkey": rkey,
+                      "crc0": zlib.crc32(region[:PAGE])}), flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    pt.close()
+
+
+def _serve_raw() -> None:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    print(json.dumps({"port": lsock.getsockname()[1]}), flush=True)
+    conn, _ = lsock.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    req = bytearray(32)
+    reply = np.random.default_rng(1).bytes(PAGE)
+    view = memoryview(req)
+    while True:
+        got = 0
+        while got < 32:
+            n = conn.recv_into(view[got:])
+            if n == 0:
+                return
+            got += n
+        conn.sendall(reply)
+
+
+def _start(kind: str):
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    info = json.loads(proc.stdout.readline())
+    return proc, info
+
+
+def _stop(proc) -> None:
+    proc.stdin.close()
+    proc.wait(timeout=10)
+    proc.stdout.close()
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tcp_link():
+    from rram import transport
+
+    _pin("client")
+    proc, info = _start("tcp")
+    ep = transport.requester_transport("tcp").endpoint()
+    ep.connect(info["params"])
+    local = np.zeros(BATCH * PAGE, dtype=np.uint8)
+    lkey = ep.register_local(local.ctypes.data, local.size)
+    yield ep, local, lkey, info
+    ep.close()
+    _stop(proc)
+
+
+def _ops(local, lkey, info, n, opcode):
+    from rram.transport import new_ops
+
+    ops = new_ops(n)
+    ops["local_addr"] = local.ctypes.data + np.arange(n, dtype=np.uint64) * PAGE
+    ops["remote_addr"] = info["addr"] + np.arange(n, dtype=np.uint64) * PAGE
+    ops["length"] = PAGE
+    ops["lkey"] = lkey
+    ops["rkey"] = info["rkey"]
+    ops["opcode"] = opcode
+    return ops
+
+
+def _round_trip(ep, ops, out):
+    ep.post(ops, 1)
+    while not ep.poll(out, 5.0):
+        pass
+    assert out["status"][0] == 0
+
+
+def _record(benchmark, name: str) -> None:
+    _medians[name] = benchmark.stats.stats.median
+    benchmark.extra_info["pin"] = os.environ.get("RRAM_BENCH_PIN", "split")
+
+
+# -- benchmarks -------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="4k-read-latency")
+def test_raw_socket_4k_request_response(benchmark):
+    _pin("client")
+    proc, info = _start("raw")
+    sock = socket.create_connection(("127.0.0.1", info["port"]))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    req = bytes(32)
+    buf = bytearray(PAGE)
+    view = memoryview(buf)
+
+    def once():
+        sock.sendall(req)
+        got = 0
+        while got < PAGE:
+            got += sock.recv_into(view[got:])
+
+    try:
+        benchmark.pedantic(once, rounds=3000, warmup_rounds=200)
+    finally:
+        sock.close()
+        _stop(proc)
+    _record(benchmark, "raw")
+
+
+@pytest.mark.benchmark(group="4k-read-latency")
+def test_tcp_transport_4k_read(benchmark, tcp_link):
+    from rram.transport import OP_READ, new_completions
+
+    ep, local, lkey, info = tcp_link
+    ops = _ops(local, lkey, info, 1, OP_READ)
+    out = new_completions(1)
+    benchmark.pedantic(_round_trip, args=(ep, ops, out), rounds=3000, warmup_rounds=200)
+    assert zlib.crc32(local[:PAGE]) == info["crc0"]
+    _record(benchmark, "tcp")
+    if "raw" in _medians:
+        benchmark.extra_info["p50_ratio_vs_raw_socket"] = round(_medians["tcp"] / _medians["raw"], 2)
+
+
+@pytest.mark.benchmark(group="batch-256-throughput")
+@pytest.mark.parametrize("opname", ["read", "write"])
+def test_tcp_transport_batch_256(benchmark, tcp_link, opname):
+    from rram.transport import OP_READ, OP_WRITE, new_completions
+
+    ep, local, lkey, info = tcp_link
+    ops = _ops(local, lkey, info, BATCH, OP_READ if opname == "read" else OP_WRITE)
+    out = new_completions(1)
+    benchmark.pedantic(_round_trip, args=(ep, ops, out), rounds=300, warmup_rounds=20)
+    benchmark.extra_info["pages_per_s"] = round(BATCH / benchmark.stats.stats.median)
+    _record(benchmark, opname)
+
+
+@pytest.mark.benchmark(group="batch-256-throughput")
+def test_raw_memcpy_batch_256(benchmark):
+    """Baseline for the batch numbers: the same 256 page copies done locally in C."""
+    from rram._ext._memops import copy_batch
+
+    src = np.frombuffer(np.random.default_rng(2).bytes(BATCH * PAGE), dtype=np.uint8).copy()
+    dst = np.zeros_like(src)
+    offs = np.arange(BATCH, dtype=np.uint64) * PAGE
+    lengths = np.full(BATCH, PAGE, dtype=np.uint32)
+    benchmark(copy_batch, dst.ctypes.data + offs, src.ctypes.data + offs, lengths, BATCH)
+    assert zlib.crc32(dst) == zlib.crc32(src)
+    benchmark.extra_info["pages_per_s"] = round(BATCH / benchmark.stats.stats.median)
+
+
+if __name__ == "__main__":
+    _pin("server")
+    {"tcp": _serve_tcp, "raw": _serve_raw}[sys.argv[1]]()

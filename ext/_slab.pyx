@@ -1,0 +1,783 @@
+# cython: language_level=3
+"""Size-class slot allocator: page locations in slabs, in batches, without per-page Python objects.
+
+A slab (1..2**24-1, up to 256 MiB) is cut into 64 KiB blocks.  A block in use serves one size
+class c (1..64): 1024 // c slots of c*64 bytes, with a free bitmap.  Blocks with a free slot sit
+on their class's list (intrusive, in C arrays); full blocks sit on no list; fully free blocks go
+back to their slab and may serve another class next time.  New blocks come from the oldest slab
+(add order) that has one, so younger slabs drain and can be returned; retired slabs never give
+new blocks nor take new slots.
+
+Locations follow docs/architecture.md ("Page location"); rram/datapath/slab.py mirrors the
+layout in Python and the tests check that both agree.
+
+Not thread-safe (the page store holds a lock); overlapping calls raise RramError rather than
+corrupt the tables.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memset
+
+import operator
+
+from rram.errors import NotFound, RramError
+
+cdef extern from *:
+    """
+    static inline int rram_slab_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
+    """
+    int ctz64 "rram_slab_ctz64"(unsigned long long x) noexcept nogil
+
+# location layout (bits): kind 0..1, size 2..14, offset/64 15..36, slab 37..60
+cdef enum:
+    KIND_STORED = 2
+    SIZE_SHIFT = 2
+    OFFSET_SHIFT = 15
+    SLAB_SHIFT = 37
+    SIZE_FIELD = 0x1FFF
+    OFFSET_FIELD = 0x3FFFFF
+    SLAB_FIELD = 0xFFFFFF
+    MAX_SIZE = 4096
+
+# geometry
+cdef enum:
+    GRANULE = 64
+    BLOCK_SIZE = 65536
+    BLOCK_GRANULES = 1024
+    BLOCK_BITS = 12            # a global block id is slab_index << 12 | block
+    MAX_BLOCKS = 4096          # per slab (256 MiB)
+    NCLASSES = 64
+    BITMAP_WORDS = 16
+    NIL = -1
+    IDMAP_BITS = 12            # slab id -> index: two-level table of 4096 x 4096
+
+# where a block is linked
+cdef enum:
+    ON_NONE = 0                # full, or partial in a retired slab
+    ON_PARTIAL = 1
+    ON_FREE = 2
+
+# free() failure reasons (reported with the index of the bad location)
+cdef enum:
+    E_OK = 0
+    E_KIND = 1
+    E_SLAB = 2
+    E_BLOCK = 3
+    E_SLOT = 4
+    E_SIZE = 5
+    E_DOUBLE = 6
+    E_NOMEM = 7
+
+_REASONS = {
+    E_KIND: "is not a page location (bad kind or high bits)",
+    E_SLAB: "names a slab this allocator does not have",
+    E_BLOCK: "points into a block with no allocated slots (double free?)",
+    E_SLOT: "is not the start of a slot",
+    E_SIZE: "has a size other than the one allocated in its slot",
+    E_DOUBLE: "is not allocated (double free?)",
+}
+
+MAX_SLAB_SIZE = MAX_BLOCKS * BLOCK_SIZE
+MAX_SLAB_ID = (1 << 24) - 1
+
+
+cdef struct block_t:
+    uint64_t freebits[BITMAP_WORDS]   # 1 = free slot
+    void *info                        # one allocation holding the two arrays below
+    uint64_t *owners                  # nslots owner keys (track_owners only, else NULL)
+    uint16_t *sizes                   # nslots stored sizes (victims need the exact location)
+    int32_t next                      # links: class partial list, or the slab's free stack
+    int32_t prev
+    uint16_t used
+    uint16_t nslots
+    uint8_t cls                       # 0: free block
+    uint8_t where                     # ON_*
+    uint8_t hint                      # lowest bitmap word that may hold a free bit
+
+
+cdef struct slab_t:
+    block_t *blocks
+    uint64_t size
+    uint64_t seq                      # add order
+    uint64_t slots_used
+    uint64_t slot_bytes               # bytes of allocated slots (class sizes)
+    uint64_t stored_bytes             # sum of the stored sizes
+    uint32_t id                       # 0: unused table entry
+    int32_t nblocks
+    int32_t fresh                     # blocks >= fresh were never handed out
+    int32_t free_head                 # stack of returned blocks (global ids)
+    int32_t free_count                # returned + never handed out
+    int32_t used_blocks
+    int32_t next_avail                # list of slabs with free blocks, by seq
+    int32_t prev_avail
+    uint8_t retired
+    uint8_t avail
+
+
+cdef class SlotAllocator:
+    """Slots of 64-byte multiples in 64 KiB blocks of slabs; batch alloc/free of locations.
+
+    ``track_owners=True`` keeps an 8-byte owner (the page key) per allocated slot, returned by
+    :meth:`pick_victims` and :meth:`owners`.
+    """
+
+    cdef slab_t *slabs
+    cdef int32_t nslabs                       # table entries in use (some may be removed)
+    cdef int32_t slab_cap
+    cdef int32_t *idmap[4096]
+    cdef int32_t partial_head[NCLASSES + 1]
+    cdef int32_t partial_tail[NCLASSES + 1]
+    cdef int64_t class_blocks[NCLASSES + 1]
+    cdef int32_t avail_head
+    cdef int32_t avail_tail
+    cdef uint64_t next_seq
+    cdef int32_t hand_slab
+    cdef int32_t hand_block
+    cdef int32_t hand_slot
+    cdef int64_t total_blocks
+    cdef readonly bint track_owners
+    cdef bint busy
+
+    def __cinit__(self, bint track_owners=False):
+        cdef int c
+        self.track_owners = track_owners
+        self.slabs = NULL
+        self.nslabs = 0
+        self.slab_cap = 0
+        memset(self.idmap, 0, sizeof(self.idmap))
+        for c in range(NCLASSES + 1):
+            self.partial_head[c] = NIL
+            self.partial_tail[c] = NIL
+            self.class_blocks[c] = 0
+        self.avail_head = NIL
+        self.avail_tail = NIL
+        self.next_seq = 1
+        self.hand_slab = 0
+        self.hand_block = 0
+        self.hand_slot = 0
+        self.total_blocks = 0
+        self.busy = False
+
+    def __dealloc__(self):
+        cdef int32_t s, b
+        cdef int i
+        for s in range(self.nslabs):
+            if self.slabs[s].blocks != NULL:
+                for b in range(self.slabs[s].fresh):
+                    free(self.slabs[s].blocks[b].info)
+                free(self.slabs[s].blocks)
+        free(self.slabs)
+        for i in range(4096):
+            free(self.idmap[i])
+
+    # -- small C helpers --------------------------------------------------------------------
+
+    cdef inline block_t *_blk(self, int32_t gid) noexcept nogil:
+        return &self.slabs[gid >> BLOCK_BITS].blocks[gid & (MAX_BLOCKS - 1)]
+
+    cdef inline int32_t _index_of(self, uint64_t slab_id) noexcept nogil:
+        cdef int32_t *page
+        if slab_id == 0 or slab_id > SLAB_FIELD:
+            return NIL
+        page = self.idmap[slab_id >> IDMAP_BITS]
+        if page == NULL:
+            return NIL
+        return page[slab_id & ((1 << IDMAP_BITS) - 1)]
+
+    cdef void _partial_push(self, int c, int32_t gid) noexcept nogil:
+        """Push at the head: a block that was full has one free slot, so filling it first keeps
+        blocks dense (and a new block is only taken when the list is empty)."""
+        cdef block_t *b = self._blk(gid)
+        b.where = ON_PARTIAL
+        b.prev = NIL
+        b.next = self.partial_head[c]
+        if b.next != NIL:
+            self._blk(b.next).prev = gid
+        else:
+            self.partial_tail[c] = gid
+        self.partial_head[c] = gid
+
+    cdef void _partial_remove(self, int c, int32_t gid) noexcept nogil:
+        cdef block_t *b = self._blk(gid)
+        if b.prev != NIL:
+            self._blk(b.prev).next = b.next
+        else:
+            self.partial_head[c] = b.next
+        if b.next != NIL:
+            self._blk(b.next).prev = b.prev
+        else:
+            self.partial_tail[c] = b.prev
+        b.where = ON_NONE
+        b.next = NIL
+        b.prev = NIL
+
+    cdef void _avail_insert(self, int32_t s) noexcept nogil:
+        """Link slab s into the list of slabs with free blocks, keeping add order."""
+        cdef slab_t *sl = &self.slabs[s]
+        cdef int32_t after = self.avail_tail
+        while after != NIL and self.slabs[after].seq > sl.seq:
+            after = self.slabs[after].prev_avail
+        sl.prev_avail = after
+        if after == NIL:
+            sl.next_avail = self.avail_head
+            self.avail_head = s
+        else:
+            sl.next_avail = self.slabs[after].next_avail
+            self.slabs[after].next_avail = s
+        if sl.next_avail == NIL:
+            self.avail_tail = s
+        else:
+            self.slabs[sl.next_avail].prev_avail = s
+        sl.avail = 1
+
+    cdef void _avail_remove(self, int32_t s) noexcept nogil:
+        cdef slab_t *sl = &self.slabs[s]
+        if not sl.avail:
+            return
+        if sl.prev_avail != NIL:
+            self.slabs[sl.prev_avail].next_avail = sl.next_avail
+        else:
+            self.avail_head = sl.next_avail
+        if sl.next_avail != NIL:
+            self.slabs[sl.next_avail].prev_avail = sl.prev_avail
+        else:
+            self.avail_tail = sl.prev_avail
+        sl.avail = 0
+        sl.next_avail = NIL
+        sl.prev_avail = NIL
+
+    cdef int32_t _new_block(self, int c) noexcept nogil:
+        """A free block from the oldest slab that has one, set up for class c; NIL if none, -2 on ENOMEM."""
+        cdef int32_t s = self.avail_head
+        cdef int32_t gid
+        cdef slab_t *sl
+        cdef block_t *b
+        cdef int w, nslots
+        if s == NIL:
+            return NIL
+        sl = &self.slabs[s]
+        nslots = BLOCK_GRANULES // c
+        if sl.free_head != NIL:
+            gid = sl.free_head
+        else:
+            gid = (s << BLOCK_BITS) | sl.fresh
+        b = self._blk(gid)
+        b.info = malloc(nslots * (sizeof(uint16_t) + (sizeof(uint64_t) if self.track_owners else 0)))
+        if b.info == NULL:
+            return -2
+        if self.track_owners:
+            b.owners = <uint64_t *>b.info
+            b.sizes = <uint16_t *>(b.owners + nslots)
+        else:
+            b.owners = NULL
+            b.sizes = <uint16_t *>b.info
+        if gid == sl.free_head:
+            sl.free_head = b.next
+        else:
+            sl.fresh += 1
+        sl.free_count -= 1
+        if sl.free_count == 0:
+            self._avail_remove(s)
+        for w in range(BITMAP_WORDS):
+            if nslots >= (w + 1) * 64:
+                b.freebits[w] = <uint64_t>-1
+            elif nslots > w * 64:
+                b.freebits[w] = ((<uint64_t>1) << (nslots - w * 64)) - 1
+            else:
+                b.freebits[w] = 0
+        b.cls = c
+        b.nslots = nslots
+        b.used = 0
+        b.hint = 0
+        sl.used_blocks += 1
+        self.class_blocks[c] += 1
+        self._partial_push(c, gid)
+        return gid
+
+    cdef void _release_block(self, int32_t gid) noexcept nogil:
+        """Give an empty block back to its slab."""
+        cdef int32_t s = gid >> BLOCK_BITS
+        cdef slab_t *sl = &self.slabs[s]
+        cdef block_t *b = self._blk(gid)
+        if b.where == ON_PARTIAL:
+            self._partial_remove(b.cls, gid)
+        self.class_blocks[b.cls] -= 1
+        free(b.info)
+        b.info = NULL
+        b.owners = NULL
+        b.sizes = NULL
+        b.cls = 0
+        b.nslots = 0
+        b.where = ON_FREE
+        b.prev = NIL
+        b.next = sl.free_head
+        sl.free_head = gid
+        sl.free_count += 1
+        sl.used_blocks -= 1
+        if not sl.retired and not sl.avail:
+            self._avail_insert(s)
+
+    cdef int _alloc_batch(self, const uint32_t[:] sizes, uint64_t[:] out, const uint64_t[:] owners,
+                          bint with_owners, Py_ssize_t n, Py_ssize_t *done) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef uint32_t size
+        cdef int c, w, bit, slot
+        cdef int32_t gid
+        cdef block_t *b
+        cdef slab_t *sl
+        cdef uint64_t granule
+        for i in range(n):
+            size = sizes[i]
+            c = (size + GRANULE - 1) >> 6
+            gid = self.partial_head[c]
+            if gid == NIL:
+                gid = self._new_block(c)
+                if gid < 0:
+                    done[0] = i
+                    return E_NOMEM if gid == -2 else E_OK
+            b = self._blk(gid)
+            w = b.hint
+            while b.freebits[w] == 0:
+                w += 1
+            bit = ctz64(b.freebits[w])
+            b.freebits[w] &= b.freebits[w] - 1
+            b.hint = w
+            slot = w * 64 + bit
+            b.used += 1
+            if b.used == b.nslots:
+                self._partial_remove(c, gid)
+            b.sizes[slot] = <uint16_t>size
+            if with_owners:
+                b.owners[slot] = owners[i]
+            sl = &self.slabs[gid >> BLOCK_BITS]
+            sl.slots_used += 1
+            sl.slot_bytes += c * GRANULE
+            sl.stored_bytes += size
+            granule = <uint64_t>(gid & (MAX_BLOCKS - 1)) * BLOCK_GRANULES + <uint64_t>slot * c
+            out[i] = ((<uint64_t>sl.id) << SLAB_SHIFT) | (granule << OFFSET_SHIFT) | \
+                     ((<uint64_t>size) << SIZE_SHIFT) | KIND_STORED
+        done[0] = n
+        return E_OK
+
+    cdef int _decode(self, uint64_t loc, int32_t *gid_out, int *slot_out) noexcept nogil:
+        """Find the slot of a stored location; E_OK or the reason it is not a valid slot start."""
+        cdef int32_t s
+        cdef slab_t *sl
+        cdef block_t *b
+        cdef uint64_t granule, size
+        cdef int32_t bi
+        cdef int g, c
+        if (loc & 3) != KIND_STORED or (loc >> 61) != 0:
+            return E_KIND
+        s = self._index_of((loc >> SLAB_SHIFT) & SLAB_FIELD)
+        if s == NIL:
+            return E_SLAB
+        sl = &self.slabs[s]
+        granule = (loc >> OFFSET_SHIFT) & OFFSET_FIELD
+        bi = <int32_t>(granule >> 10)
+        if bi >= sl.fresh:
+            return E_BLOCK
+        b = &sl.blocks[bi]
+        c = b.cls
+        if c == 0:
+            return E_BLOCK
+        g = <int>(granule & (BLOCK_GRANULES - 1))
+        if g % c != 0 or g // c >= b.nslots:
+            return E_SLOT
+        size = (loc >> SIZE_SHIFT) & SIZE_FIELD
+        if size == 0 or size > MAX_SIZE or <int>((size + GRANULE - 1) >> 6) != c:
+            return E_SIZE
+        gid_out[0] = (s << BLOCK_BITS) | bi
+        slot_out[0] = g // c
+        return E_OK
+
+    cdef int _free_batch(self, const uint64_t[:] locs, Py_ssize_t n, Py_ssize_t *bad) noexcept nogil:
+        """All or nothing: pass 1 checks every location and marks its bit free (undone on error),
+        pass 2 does the accounting and moves blocks between lists."""
+        cdef Py_ssize_t i, j
+        cdef uint64_t loc, bitmask
+        cdef int32_t gid
+        cdef int slot, err, c
+        cdef block_t *b
+        cdef slab_t *sl
+        for i in range(n):
+            loc = locs[i]
+            if (loc & 3) < KIND_STORED:
+                continue
+            err = self._decode(loc, &gid, &slot)
+            if err == E_OK:
+                b = self._blk(gid)
+                bitmask = (<uint64_t>1) << (slot & 63)
+                if b.freebits[slot >> 6] & bitmask:
+                    err = E_DOUBLE
+                elif b.sizes[slot] != ((loc >> SIZE_SHIFT) & SIZE_FIELD):
+                    err = E_SIZE
+                else:
+                    b.freebits[slot >> 6] |= bitmask
+            if err != E_OK:
+                for j in range(i):
+                    if (locs[j] & 3) == KIND_STORED:
+                        self._decode(locs[j], &gid, &slot)
+                        self._blk(gid).freebits[slot >> 6] &= ~((<uint64_t>1) << (slot & 63))
+                bad[0] = i
+                return err
+        for i in range(n):
+            loc = locs[i]
+            if (loc & 3) != KIND_STORED:
+                continue
+            self._decode(loc, &gid, &slot)
+            b = self._blk(gid)
+            sl = &self.slabs[gid >> BLOCK_BITS]
+            c = b.cls
+            if (slot >> 6) < b.hint:
+                b.hint = slot >> 6
+            if b.owners != NULL:
+                b.owners[slot] = 0
+            sl.slots_used -= 1
+            sl.slot_bytes -= c * GRANULE
+            sl.stored_bytes -= (loc >> SIZE_SHIFT) & SIZE_FIELD
+            b.used -= 1
+            if b.used == 0:
+                self._release_block(gid)
+            elif b.used == b.nslots - 1 and not sl.retired:
+                self._partial_push(c, gid)
+        return E_OK
+
+    cdef Py_ssize_t _pick(self, Py_ssize_t max_n, uint64_t[:] out_locs, uint64_t[:] out_owners,
+                          bint with_owners) noexcept nogil:
+        """Clock over blocks: emit allocated slots from the hand onwards, at most one lap.
+
+        The hand moves through positions: each handed-out block of each slab, an end-of-slab
+        position per slab, and one wrap position.  After a full lap (``lap`` steps) it is back
+        where it started and only takes the slots it skipped then, so no slot comes out twice.
+        """
+        cdef Py_ssize_t got = 0
+        cdef int64_t step, lap = 1
+        cdef int32_t s
+        cdef int start_slot = self.hand_slot
+        cdef int slot, end, c
+        cdef slab_t *sl
+        cdef block_t *b
+        cdef uint64_t granule
+        for s in range(self.nslabs):
+            lap += (self.slabs[s].fresh + 1) if self.slabs[s].id != 0 else 1
+        if self.hand_slab > self.nslabs:
+            self.hand_slab = self.nslabs
+        for step in range(lap + 1):
+            if got >= max_n:
+                break
+            if self.hand_slab == self.nslabs:
+                self.hand_slab = 0
+                self.hand_block = 0
+                self.hand_slot = 0
+                continue
+            sl = &self.slabs[self.hand_slab]
+            if sl.id == 0 or self.hand_block >= sl.fresh:
+                self.hand_slab += 1
+                self.hand_block = 0
+                self.hand_slot = 0
+                continue
+            b = &sl.blocks[self.hand_block]
+            c = b.cls
+            if c != 0 and b.used > 0:
+                end = b.nslots if step < lap else min(<int>b.nslots, start_slot)
+                slot = self.hand_slot
+                while slot < end and got < max_n:
+                    if not (b.freebits[slot >> 6] >> (slot & 63)) & 1:
+                        granule = <uint64_t>self.hand_block * BLOCK_GRANULES + <uint64_t>slot * c
+                        out_locs[got] = ((<uint64_t>sl.id) << SLAB_SHIFT) | (granule << OFFSET_SHIFT) | \
+                                        ((<uint64_t>b.sizes[slot]) << SIZE_SHIFT) | KIND_STORED
+                        if with_owners:
+                            out_owners[got] = b.owners[slot] if b.owners != NULL else 0
+                        got += 1
+                    slot += 1
+                if slot < b.nslots:
+                    self.hand_slot = slot
+                    return got
+            self.hand_block += 1
+            self.hand_slot = 0
+        return got
+
+    # -- Python API -------------------------------------------------------------------------
+
+    cdef _enter(self):
+        if self.busy:
+            raise RramError("SlotAllocator used from two threads at once (it is not thread-safe)")
+        self.busy = True
+
+    def add_slab(self, slab_id: int, size: int) -> None:
+        """Add a slab of ``size`` bytes (a multiple of 64 KiB, at most 256 MiB) under ``slab_id``."""
+        cdef int32_t s, i
+        cdef slab_t *sl
+        cdef int32_t *page
+        if not 1 <= slab_id <= MAX_SLAB_ID:
+            raise ValueError(f"slab id {slab_id} out of range 1..{MAX_SLAB_ID}")
+        if size <= 0 or size % BLOCK_SIZE or size > MAX_SLAB_SIZE:
+            raise ValueError(f"slab size {size} must be a positive multiple of {BLOCK_SIZE} up to {MAX_SLAB_SIZE}")
+        if self._index_of(slab_id) != NIL:
+            raise RramError(f"slab {slab_id} is already in this allocator")
+        self._enter()
+        try:
+            page = self.idmap[slab_id >> IDMAP_BITS]
+            if page == NULL:
+                page = <int32_t *>malloc((1 << IDMAP_BITS) * sizeof(int32_t))
+                if page == NULL:
+                    raise MemoryError()
+                for i in range(1 << IDMAP_BITS):
+                    page[i] = NIL
+                self.idmap[slab_id >> IDMAP_BITS] = page
+            s = 0
+            while s < self.nslabs and self.slabs[s].id != 0:
+                s += 1
+            if s == self.nslabs:
+                if s >= (1 << (31 - BLOCK_BITS)):
+                    raise RramError("too many slabs in one allocator")
+                if s == self.slab_cap:
+                    self._grow()
+                self.nslabs += 1
+            sl = &self.slabs[s]
+            memset(sl, 0, sizeof(slab_t))
+            sl.blocks = <block_t *>calloc(size // BLOCK_SIZE, sizeof(block_t))
+            if sl.blocks == NULL:
+                if s == self.nslabs - 1:
+                    self.nslabs -= 1
+                raise MemoryError(f"no memory for the block table of a {size}-byte slab")
+            sl.id = slab_id
+            sl.size = size
+            sl.seq = self.next_seq
+            self.next_seq += 1
+            sl.nblocks = size // BLOCK_SIZE
+            sl.free_count = sl.nblocks
+            sl.free_head = NIL
+            sl.next_avail = NIL
+            sl.prev_avail = NIL
+            page[slab_id & ((1 << IDMAP_BITS) - 1)] = s
+            self.total_blocks += sl.nblocks
+            self._avail_insert(s)
+        finally:
+            self.busy = False
+
+    cdef _grow(self):
+        cdef int32_t cap = max(8, self.slab_cap * 2)
+        cdef slab_t *bigger = <slab_t *>realloc(self.slabs, cap * sizeof(slab_t))
+        if bigger == NULL:
+            raise MemoryError()
+        self.slabs = bigger
+        self.slab_cap = cap
+
+    cdef int32_t _require(self, slab_id) except -2:
+        try:
+            sid = operator.index(slab_id)
+        except TypeError:
+            raise TypeError(f"slab id must be an integer, got {slab_id!r}") from None
+        if not 1 <= sid <= MAX_SLAB_ID:
+            raise NotFound(f"slab {slab_id} is not in this allocator")
+        cdef int32_t s = self._index_of(sid)
+        if s == NIL:
+            raise NotFound(f"slab {slab_id} is not in this allocator")
+        return s
+
+    def retire_slab(self, slab_id: int) -> None:
+        """Stop placing anything in ``slab_id``; its slots stay valid until freed. Idempotent."""
+        cdef int32_t s = self._require(slab_id)
+        cdef int32_t b
+        cdef slab_t *sl = &self.slabs[s]
+        self._enter()
+        sl.retired = 1
+        self._avail_remove(s)
+        for b in range(sl.fresh):
+            if sl.blocks[b].where == ON_PARTIAL:
+                self._partial_remove(sl.blocks[b].cls, (s << BLOCK_BITS) | b)
+        self.busy = False
+
+    def remove_slab(self, slab_id: int) -> None:
+        """Forget an empty slab (RramError while any slot in it is allocated)."""
+        cdef int32_t s = self._require(slab_id)
+        cdef slab_t *sl = &self.slabs[s]
+        if sl.slots_used:
+            raise RramError(f"slab {slab_id} still holds {sl.slots_used} allocated slots")
+        self._enter()
+        self._avail_remove(s)
+        self.total_blocks -= sl.nblocks
+        free(sl.blocks)
+        sl.blocks = NULL
+        sl.id = 0
+        sl.fresh = 0
+        self.idmap[slab_id >> IDMAP_BITS][slab_id & ((1 << IDMAP_BITS) - 1)] = NIL
+        if self.hand_slab == s:
+            self.hand_block = 0
+            self.hand_slot = 0
+        self.busy = False
+
+    def alloc(self, const uint32_t[:] sizes, uint64_t[:] out_locs, const uint64_t[:] owners=None,
+              Py_ssize_t n=-1) -> int:
+        """Allocate slots for sizes[:n] in order into out_locs[:n]; stops at the first that does
+        not fit and returns how many were allocated.  ``owners`` (the page keys) is required when
+        tracking owners and ignored otherwise.  A size outside 1..4096 raises ValueError and
+        allocates nothing."""
+        cdef Py_ssize_t i, done = 0
+        cdef int err
+        cdef bint bad = False
+        if n < 0:
+            n = sizes.shape[0]
+        if n > sizes.shape[0] or n > out_locs.shape[0]:
+            raise ValueError(f"n={n} exceeds sizes ({sizes.shape[0]}) or out_locs ({out_locs.shape[0]})")
+        if self.track_owners:
+            if owners is None:
+                raise ValueError("this allocator tracks owners: pass owners (the page keys)")
+            if n > owners.shape[0]:
+                raise ValueError(f"n={n} exceeds owners ({owners.shape[0]})")
+        with nogil:
+            for i in range(n):
+                if sizes[i] == 0 or sizes[i] > MAX_SIZE:
+                    bad = True
+                    break
+        if bad:
+            raise ValueError(f"sizes[{i}] = {sizes[i]} is outside 1..{MAX_SIZE}")
+        self._enter()
+        try:
+            with nogil:
+                err = self._alloc_batch(sizes, out_locs, owners, self.track_owners, n, &done)
+        finally:
+            self.busy = False
+        if err == E_NOMEM:  # give back what this batch got, so the caller sees all or nothing
+            self.free(out_locs, done)
+            raise MemoryError("no memory for the slot table of a new block")
+        return done
+
+    def free(self, const uint64_t[:] locs, Py_ssize_t n=-1) -> None:
+        """Free the slots of locs[:n]; absent and zero-page locations are skipped.
+
+        All or nothing: if any location is not an allocated slot (double free, unknown slab,
+        wrong size or offset), RramError names its index and nothing of the batch is freed.
+        """
+        cdef Py_ssize_t bad = 0
+        cdef int err
+        if n < 0:
+            n = locs.shape[0]
+        if n > locs.shape[0]:
+            raise ValueError(f"n={n} exceeds locs ({locs.shape[0]})")
+        self._enter()
+        try:
+            with nogil:
+                err = self._free_batch(locs, n, &bad)
+        finally:
+            self.busy = False
+        if err != E_OK:
+            raise RramError(f"cannot free locs[{bad}] = {locs[bad]:#x}: it {_REASONS[err]}; nothing was freed")
+
+    def owners(self, const uint64_t[:] locs, uint64_t[:] out) -> None:
+        """out[i] = owner key of the allocated slot locs[i] (0 for absent and zero pages)."""
+        cdef Py_ssize_t i, n = locs.shape[0]
+        cdef int32_t gid
+        cdef int slot, err = E_OK
+        cdef block_t *b
+        if not self.track_owners:
+            raise RramError("this allocator does not track owners")
+        if out.shape[0] < n:
+            raise ValueError(f"out ({out.shape[0]}) is shorter than locs ({n})")
+        with nogil:
+            for i in range(n):
+                if (locs[i] & 3) < KIND_STORED:
+                    out[i] = 0
+                    continue
+                err = self._decode(locs[i], &gid, &slot)
+                if err == E_OK:
+                    b = self._blk(gid)
+                    if (b.freebits[slot >> 6] >> (slot & 63)) & 1:
+                        err = E_DOUBLE
+                if err != E_OK:
+                    break
+                out[i] = b.owners[slot]
+        if err != E_OK:
+            raise RramError(f"locs[{i}] = {locs[i]:#x} {_REASONS[err]}")
+
+    def pick_victims(self, Py_ssize_t max_n, uint64_t[:] out_locs, uint64_t[:] out_owners=None) -> int:
+        """Up to max_n allocated slots to evict, in clock order over blocks (the hand advances,
+        so successive calls walk the whole pool).  The locations are exactly those alloc
+        returned (stored size included); the caller frees the ones it moves."""
+        cdef Py_ssize_t got
+        if max_n < 0 or max_n > out_locs.shape[0]:
+            raise ValueError(f"max_n={max_n} must be within 0..len(out_locs) ({out_locs.shape[0]})")
+        if out_owners is not None and out_owners.shape[0] < max_n:
+            raise ValueError(f"out_owners ({out_owners.shape[0]}) is shorter than max_n ({max_n})")
+        self._enter()
+        with nogil:
+            got = self._pick(max_n, out_locs, out_owners, out_owners is not None)
+        self.busy = False
+        return got
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def slab_used_bytes(self, slab_id: int) -> int:
+        """Bytes of the allocated slots of one slab (rounded up to their size classes)."""
+        return self.slabs[self._require(slab_id)].slot_bytes
+
+    def slab_ids(self) -> list:
+        """Slab ids in the order they were added."""
+        return [self.slabs[s].id for s in self._by_seq()]
+
+    def empty_slabs(self) -> list:
+        """Ids of the slabs (retired or not) with no allocated slot, in add order."""
+        return [self.slabs[s].id for s in self._by_seq() if self.slabs[s].slots_used == 0]
+
+    def retired_slabs(self) -> list:
+        return [self.slabs[s].id for s in self._by_seq() if self.slabs[s].retired]
+
+    cdef list _by_seq(self):
+        live = [s for s in range(self.nslabs) if self.slabs[s].id != 0]
+        live.sort(key=lambda s: self.slabs[s].seq)
+        return live
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes of the slabs that take new slots (not retired)."""
+        cdef uint64_t total = 0
+        cdef int32_t s
+        for s in range(self.nslabs):
+            if self.slabs[s].id != 0 and not self.slabs[s].retired:
+                total += self.slabs[s].size
+        return total
+
+    @property
+    def free_bytes(self) -> int:
+        """Capacity minus allocated slot bytes of the slabs that take new slots (an upper bound:
+        free slots of a partly used block only serve its class)."""
+        cdef uint64_t total = 0
+        cdef int32_t s
+        for s in range(self.nslabs):
+            if self.slabs[s].id != 0 and not self.slabs[s].retired:
+                total += self.slabs[s].size - self.slabs[s].slot_bytes
+        return total
+
+    def can_fit(self, size: int) -> bool:
+        """True when one slot of ``size`` bytes can be allocated right now."""
+        if not 1 <= size <= MAX_SIZE:
+            raise ValueError(f"size {size} is outside 1..{MAX_SIZE}")
+        return self.partial_head[(size + GRANULE - 1) >> 6] != NIL or self.avail_head != NIL
+
+    def stats(self) -> dict:
+        cdef int32_t s
+        cdef int c
+        slots = stored = slot_bytes = blocks = retired = 0
+        for s in range(self.nslabs):
+            if self.slabs[s].id == 0:
+                continue
+            slots += self.slabs[s].slots_used
+            stored += self.slabs[s].stored_bytes
+            slot_bytes += self.slabs[s].slot_bytes
+            blocks += self.slabs[s].used_blocks
+            if self.slabs[s].retired:
+                retired += self.slabs[s].size
+        return {
+            "slabs": len(self._by_seq()),
+            "slots_used": slots,
+            "bytes_stored": stored,
+            "slot_bytes": slot_bytes,
+            "bytes_in_blocks": blocks * BLOCK_SIZE,
+            "blocks_used": blocks,
+            "capacity_bytes": self.capacity_bytes,
+            "free_bytes": self.free_bytes,
+            "retired_bytes": retired,
+            "class_blocks": {c: self.class_blocks[c] for c in range(1, NCLASSES + 1) if self.class_blocks[c]},
+        }

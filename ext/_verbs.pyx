@@ -1,0 +1,757 @@
+"""Thin wrappers over libibverbs for the verbs transport (module ``rram._ext._verbs``).
+
+Objects are named after the verbs objects they own (Context, PD, MR, CQ, QP) and follow
+pyverbs' lifetimes: each is a context manager, ``close()`` is idempotent, a child keeps its
+parent alive and a parent closes its live children first (QP/MR before PD before Context);
+``__dealloc__`` frees what ``close()`` was not called for.
+
+The data path crosses the C boundary once per batch: ``QP.post`` turns a whole ``OP_DTYPE``
+array into a chain of preallocated ``ibv_send_wr``/``ibv_sge`` and posts it with one
+``ibv_post_send``, only the last work request signalled; ``QP.poll`` turns work completions
+into one ``COMPLETION_DTYPE`` row per batch.  Both run with the GIL released.  Policy (which
+device, which keys, reconnecting) lives in rram/transport/verbs.py.
+"""
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcpy, memset, strerror
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from libibverbs cimport *
+
+import errno as _errno
+import weakref
+
+from rram.errors import ConnectionLost, TransportError, TransportUnavailable, os_error
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void rram_clear_errno(void) { errno = 0; }
+    """
+    void clear_errno "rram_clear_errno"() nogil
+
+cdef extern from "poll.h" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+# mirrors rram.transport.base.OP_DTYPE and COMPLETION_DTYPE
+ctypedef struct op_t:
+    uint64_t local_addr
+    uint64_t remote_addr
+    uint32_t length
+    uint32_t lkey
+    uint32_t rkey
+    uint8_t opcode
+    uint8_t pad[3]
+
+ctypedef struct completion_t:
+    uint64_t batch_id
+    int32_t status
+    uint32_t index
+
+# one posted batch, until the completion of its last work request has been seen
+ctypedef struct batch_t:
+    uint64_t batch_id
+    uint32_t n              # work requests posted (0: nothing went out, see status)
+    int32_t status          # reported on success of the last one: set when the batch was
+    uint32_t index          # cut short at a local buffer outside its lkey region
+    bint busy
+    bint reported
+
+# a local MR operations may use: checked before posting (see QP.post)
+ctypedef struct local_t:
+    uint32_t lkey
+    uint64_t addr
+    uint64_t length
+
+cdef enum:
+    OP_READ = 0
+    OP_WRITE = 1
+    WC_CHUNK = 32
+    WC_LOC_PROT_ERR = 4
+    # busy-poll this long before sleeping on the completion channel: under soft-RoCE an
+    # operation takes ~100 us, on hardware a few us, so most waits end while spinning
+    SPIN_NS = 200000
+
+ACCESS_LOCAL_WRITE = IBV_ACCESS_LOCAL_WRITE
+ACCESS_REMOTE_READ = IBV_ACCESS_REMOTE_READ
+ACCESS_REMOTE_WRITE = IBV_ACCESS_REMOTE_WRITE
+PORT_ACTIVE = IBV_PORT_ACTIVE
+#: ibv_mtu enum value -> bytes
+MTU_BYTES = {IBV_MTU_256: 256, IBV_MTU_512: 512, IBV_MTU_1024: 1024, IBV_MTU_2048: 2048, IBV_MTU_4096: 4096}
+LINK_LAYERS = {IBV_LINK_LAYER_UNSPECIFIED: "unspecified", IBV_LINK_LAYER_INFINIBAND: "infiniband",
+               IBV_LINK_LAYER_ETHERNET: "ethernet"}
+QP_STATES = {IBV_QPS_RESET: "reset", IBV_QPS_INIT: "init", IBV_QPS_RTR: "rtr", IBV_QPS_RTS: "rts",
+             IBV_QPS_SQD: "sqd", IBV_QPS_SQE: "sqe", IBV_QPS_ERR: "error"}
+
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
+def device_names():
+    """``(names, reason)``: the RDMA devices libibverbs sees, and why there are none.
+
+    Never raises: a kernel without RDMA (ENOSYS), no device (ENODEV) or any other failure
+    gives ``([], "a sentence")``; with devices, reason is None.
+    """
+    cdef int n = 0
+    cdef ibv_device** lst
+    clear_errno()
+    lst = ibv_get_device_list(&n)
+    if lst == NULL:
+        err = errno
+        if err == _errno.ENOSYS:
+            return [], "no RDMA support in this kernel (ibv_get_device_list: ENOSYS; no ib_uverbs)"
+        return [], f"libibverbs cannot list RDMA devices: {strerror(err).decode()} (errno {err})"
+    try:
+        names = [ibv_get_device_name(lst[i]).decode() for i in range(n)]
+    finally:
+        ibv_free_device_list(lst)
+    if not names:
+        return [], "no RDMA devices (for soft-RoCE on a kernel with rdma_rxe: scripts/rxe-setup.sh IFACE)"
+    return names, None
+
+
+cdef class Resource:
+    """Lifetime plumbing shared by every verbs object (see module docstring)."""
+
+    cdef object __weakref__
+    cdef object _children
+    cdef readonly object parent
+
+    def __cinit__(self, *args, **kwargs):
+        self._children = weakref.WeakSet()
+
+    cdef _adopt(self, Resource child):
+        child.parent = self
+        self._children.add(child)
+
+    def close(self):
+        """Free the C object, closing live children first.  Idempotent."""
+        for child in list(self._children):
+            child.close()
+        self._children.clear()
+        self._destroy()
+
+    cdef int _destroy(self) except -1:
+        return 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+cdef class Context(Resource):
+    """An opened RDMA device."""
+
+    cdef ibv_context* ctx
+    cdef readonly str name
+
+    def __init__(self, str name):
+        cdef int n = 0, i
+        cdef ibv_device** lst = ibv_get_device_list(&n)
+        if lst == NULL:
+            raise TransportUnavailable(f"cannot open RDMA device {name!r}: {device_names()[1]}")
+        try:
+            for i in range(n):
+                if ibv_get_device_name(lst[i]).decode() == name:
+                    clear_errno()
+                    self.ctx = ibv_open_device(lst[i])
+                    if self.ctx == NULL:
+                        raise os_error(f"ibv_open_device({name})", errno or _errno.EIO)
+                    break
+            else:
+                have = ", ".join(ibv_get_device_name(lst[i]).decode() for i in range(n)) or "none"
+                raise TransportUnavailable(f"no RDMA device named {name!r} (devices: {have})")
+        finally:
+            ibv_free_device_list(lst)
+        self.name = name
+
+    cdef int _check(self) except -1:
+        if self.ctx == NULL:
+            raise TransportError(f"device context {self.name} is closed")
+        return 0
+
+    def query_port(self, int port_num=1):
+        """State of one port: state, active_mtu (ibv_mtu value), mtu_bytes, lid, link_layer, gids."""
+        cdef ibv_port_attr attr
+        self._check()
+        memset(&attr, 0, sizeof(attr))
+        rc = ibv_query_port(self.ctx, port_num, &attr)
+        if rc:
+            raise os_error(f"ibv_query_port({self.name}, {port_num})", rc)
+        return {"state": attr.state, "active": attr.state == IBV_PORT_ACTIVE,
+                "active_mtu": attr.active_mtu, "mtu_bytes": MTU_BYTES.get(attr.active_mtu, 0),
+                "lid": attr.lid, "link_layer": LINK_LAYERS.get(attr.link_layer, str(attr.link_layer)),
+                "gids": attr.gid_tbl_len}
+
+    def query_gid(self, int port_num=1, int index=0):
+        """The 16 raw bytes of GID ``index`` on ``port_num``."""
+        cdef ibv_gid gid
+        self._check()
+        rc = ibv_query_gid(self.ctx, port_num, index, &gid)
+        if rc:
+            raise os_error(f"ibv_query_gid({self.name}, port {port_num}, index {index})", errno or rc)
+        return bytes(gid.raw[:16])
+
+    def query_device(self):
+        """The device limits the transport sizes its queues by."""
+        cdef ibv_device_attr attr
+        self._check()
+        rc = ibv_query_device(self.ctx, &attr)
+        if rc:
+            raise os_error(f"ibv_query_device({self.name})", rc)
+        return {"max_qp_wr": attr.max_qp_wr, "max_cqe": attr.max_cqe, "max_mr": attr.max_mr,
+                "max_mr_size": attr.max_mr_size, "max_qp_rd_atom": attr.max_qp_rd_atom}
+
+    cdef int _destroy(self) except -1:
+        if self.ctx != NULL:
+            rc = ibv_close_device(self.ctx)
+            self.ctx = NULL
+            if rc:
+                raise os_error(f"ibv_close_device({self.name})", errno or rc)
+        return 0
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            ibv_close_device(self.ctx)
+
+
+cdef class PD(Resource):
+    """A protection domain: keys of MRs in one PD are useless on QPs of another."""
+
+    cdef ibv_pd* pd
+
+    def __init__(self, Context ctx not None):
+        ctx._check()
+        clear_errno()
+        self.pd = ibv_alloc_pd(ctx.ctx)
+        if self.pd == NULL:
+            raise os_error(f"ibv_alloc_pd({ctx.name})", errno or _errno.ENOMEM)
+        ctx._adopt(self)
+
+    cdef int _check(self) except -1:
+        if self.pd == NULL:
+            raise TransportError("protection domain is closed")
+        return 0
+
+    cdef int _destroy(self) except -1:
+        if self.pd != NULL:
+            rc = ibv_dealloc_pd(self.pd)
+            self.pd = NULL
+            if rc:
+                raise os_error("ibv_dealloc_pd", rc)
+        return 0
+
+    def __dealloc__(self):
+        if self.pd != NULL:
+            ibv_dealloc_pd(self.pd)
+
+
+cdef class MR(Resource):
+    """A registered memory region over (addr, length); the caller keeps that memory alive."""
+
+    cdef ibv_mr* mr
+    cdef readonly uintptr_t addr
+    cdef readonly size_t length
+    cdef readonly uint32_t lkey
+    cdef readonly uint32_t rkey
+
+    def __init__(self, PD pd not None, uintptr_t addr, size_t length, int access):
+        pd._check()
+        if length == 0:
+            raise ValueError("cannot register an empty region")
+        clear_errno()
+        with nogil:
+            self.mr = ibv_reg_mr(pd.pd, <void*>addr, length, access)
+        if self.mr == NULL:
+            raise os_error(f"ibv_reg_mr({addr:#x}, {length})", errno or _errno.EINVAL)
+        self.addr, self.length, self.lkey, self.rkey = addr, length, self.mr.lkey, self.mr.rkey
+        pd._adopt(self)
+
+    @property
+    def closed(self):
+        return self.mr == NULL
+
+    cdef int _destroy(self) except -1:
+        if self.mr != NULL:
+            rc = ibv_dereg_mr(self.mr)
+            self.mr = NULL
+            if rc:
+                raise os_error("ibv_dereg_mr", rc)
+        return 0
+
+    def __dealloc__(self):
+        if self.mr != NULL:
+            ibv_dereg_mr(self.mr)
+
+
+cdef class CQ(Resource):
+    """A completion queue with its own completion channel, so a waiter can sleep."""
+
+    cdef ibv_cq* cq
+    cdef ibv_comp_channel* channel
+    cdef unsigned int unacked
+
+    def __init__(self, Context ctx not None, int cqe):
+        ctx._check()
+        clear_errno()
+        self.channel = ibv_create_comp_channel(ctx.ctx)
+        if self.channel == NULL:
+            raise os_error("ibv_create_comp_channel", errno or _errno.ENOMEM)
+        clear_errno()
+        self.cq = ibv_create_cq(ctx.ctx, cqe, NULL, self.channel, 0)
+        if self.cq == NULL:
+            err = errno or _errno.ENOMEM
+            ibv_destroy_comp_channel(self.channel)
+            self.channel = NULL
+            raise os_error(f"ibv_create_cq({cqe})", err)
+        ctx._adopt(self)
+
+    cdef int _destroy(self) except -1:
+        cdef int rc = 0
+        if self.cq != NULL:
+            if self.unacked:
+                ibv_ack_cq_events(self.cq, self.unacked)
+                self.unacked = 0
+            rc = ibv_destroy_cq(self.cq)
+            self.cq = NULL
+        if self.channel != NULL:
+            ibv_destroy_comp_channel(self.channel)
+            self.channel = NULL
+        if rc:
+            raise os_error("ibv_destroy_cq", rc)
+        return 0
+
+    def __dealloc__(self):
+        if self.cq != NULL:
+            if self.unacked:
+                ibv_ack_cq_events(self.cq, self.unacked)
+            ibv_destroy_cq(self.cq)
+        if self.channel != NULL:
+            ibv_destroy_comp_channel(self.channel)
+
+    cdef int wait_event(self, int timeout_ms) noexcept nogil:
+        """Sleep until the armed CQ signals or ``timeout_ms`` passes: 1 event, 0 timeout, -errno."""
+        cdef pollfd p
+        cdef ibv_cq* ev_cq
+        cdef void* ev_ctx
+        p.fd = self.channel.fd
+        p.events = POLLIN
+        p.revents = 0
+        rc = poll(&p, 1, timeout_ms)
+        if rc < 0:
+            return 0 if errno == EINTR else -errno
+        if rc == 0:
+            return 0
+        if ibv_get_cq_event(self.channel, &ev_cq, &ev_ctx):
+            return -errno
+        self.unacked += 1
+        if self.unacked >= 64:      # acking takes a lock: do it in bunches
+            ibv_ack_cq_events(self.cq, self.unacked)
+            self.unacked = 0
+        return 1
+
+
+cdef class QP(Resource):
+    """A reliable-connected queue pair that posts whole batches of one-sided operations.
+
+    ``max_outstanding`` batches of up to ``max_batch`` operations may be in flight.  Work
+    request ids carry (slot << 32 | op index), so an error completion names its batch and op.
+    Not thread-safe: one thread posts and polls a QP at a time.
+    """
+
+    cdef ibv_qp* qp
+    cdef CQ cq
+    cdef readonly uint32_t max_batch
+    cdef readonly uint32_t max_outstanding
+    cdef ibv_send_wr* wrs
+    cdef ibv_sge* sges
+    cdef batch_t* slots
+    cdef uint32_t head, used
+    cdef local_t* locals_
+    cdef uint32_t n_locals
+    cdef int wc_next, wc_count
+    cdef readonly uint32_t outstanding
+    cdef readonly bint broken
+    cdef readonly uint8_t port_num
+    cdef ibv_wc wcs[WC_CHUNK]
+
+    def __init__(self, PD pd not None, CQ cq not None, uint32_t max_batch=256, uint32_t max_outstanding=8):
+        cdef ibv_qp_init_attr init
+        pd._check()
+        if cq.cq == NULL:
+            raise TransportError("completion queue is closed")
+        if max_batch < 1 or max_outstanding < 1:
+            raise ValueError("max_batch and max_outstanding must be >= 1")
+        self.wrs = <ibv_send_wr*>calloc(max_batch, sizeof(ibv_send_wr))
+        self.sges = <ibv_sge*>calloc(max_batch, sizeof(ibv_sge))
+        self.slots = <batch_t*>calloc(max_outstanding, sizeof(batch_t))
+        if self.wrs == NULL or self.sges == NULL or self.slots == NULL:
+            raise MemoryError()
+        memset(&init, 0, sizeof(init))
+        init.send_cq = cq.cq
+        init.recv_cq = cq.cq
+        init.qp_type = IBV_QPT_RC
+        init.sq_sig_all = 0
+        init.cap.max_send_wr = max_batch * max_outstanding
+        init.cap.max_recv_wr = 1
+        init.cap.max_send_sge = 1
+        init.cap.max_recv_sge = 1
+        clear_errno()
+        self.qp = ibv_create_qp(pd.pd, &init)
+        if self.qp == NULL:
+            raise os_error(f"ibv_create_qp(max_send_wr={max_batch * max_outstanding})", errno or _errno.EINVAL)
+        self.cq = cq
+        cq._children.add(self)     # the CQ may not be destroyed while this QP uses it
+        self.broken = True         # until connect()
+        self.max_batch = max_batch
+        self.max_outstanding = max_outstanding
+        pd._adopt(self)
+
+    @property
+    def qp_num(self):
+        self._check()
+        return self.qp.qp_num
+
+    @property
+    def state(self):
+        """The QP state as libibverbs last recorded it: "reset", "init", "rtr", "rts", "error"..."""
+        self._check()
+        return QP_STATES.get(self.qp.state, str(self.qp.state))
+
+    cdef int _check(self) except -1:
+        if self.qp == NULL:
+            raise TransportError("queue pair is closed")
+        return 0
+
+    cdef int _modify(self, ibv_qp_attr* attr, int mask, str what) except -1:
+        rc = ibv_modify_qp(self.qp, attr, mask)
+        if rc:
+            raise os_error(f"ibv_modify_qp to {what} (QP {self.qp.qp_num})", rc)
+        return 0
+
+    def connect(self, uint32_t dest_qpn, uint32_t dest_psn, bytes dest_gid, uint32_t my_psn, *,
+                int gid_index=0, int mtu=IBV_MTU_1024, int port_num=1, int access=0,
+                int max_rd_atomic=16, int timeout=14, int retry_cnt=7):
+        """RESET -> INIT -> RTR -> RTS towards the peer QP (dest_qpn, dest_psn, dest_gid).
+
+        ``access`` is what the peer may do to our memory (a provider grants remote
+        read/write); ``mtu`` is an ``ibv_mtu`` value agreed by both sides.
+        """
+        cdef ibv_qp_attr a
+        self._check()
+        if len(dest_gid) != 16:
+            raise ValueError(f"a GID has 16 bytes, got {len(dest_gid)}")
+        memset(&a, 0, sizeof(a))
+        a.qp_state = IBV_QPS_INIT
+        a.pkey_index = 0
+        a.port_num = port_num
+        a.qp_access_flags = access
+        self._modify(&a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS, "INIT")
+
+        memset(&a, 0, sizeof(a))
+        a.qp_state = IBV_QPS_RTR
+        a.path_mtu = <ibv_mtu>mtu
+        a.dest_qp_num = dest_qpn
+        a.rq_psn = dest_psn
+        a.max_dest_rd_atomic = max_rd_atomic
+        a.min_rnr_timer = 12
+        a.ah_attr.is_global = 1
+        a.ah_attr.port_num = port_num
+        memcpy(a.ah_attr.grh.dgid.raw, <const char*>dest_gid, 16)
+        a.ah_attr.grh.sgid_index = gid_index
+        a.ah_attr.grh.hop_limit = 1
+        self._modify(&a, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN
+                     | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER, "RTR")
+
+        memset(&a, 0, sizeof(a))
+        a.qp_state = IBV_QPS_RTS
+        a.sq_psn = my_psn
+        a.timeout = timeout
+        a.retry_cnt = retry_cnt
+        a.rnr_retry = 7
+        a.max_rd_atomic = max_rd_atomic
+        self._modify(&a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY
+                     | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC, "RTS")
+        self.port_num = port_num
+        self.broken = False
+
+    def reset(self, double drain_timeout=2.0):
+        """Back to RESET, ready for ``connect`` again: the QP is moved to ERR, the flushed
+        completions of every batch still in flight are drained and dropped, then RESET."""
+        cdef ibv_qp_attr a
+        cdef uint64_t deadline
+        self._check()
+        memset(&a, 0, sizeof(a))
+        if self.used:
+            a.qp_state = IBV_QPS_ERR
+            self._modify(&a, IBV_QP_STATE, "ERR")
+            self.broken = True
+            deadline = now_ns() + <uint64_t>(drain_timeout * 1e9)
+            with nogil:
+                while self.used and now_ns() < deadline:
+                    if self._poll_cq(NULL, 0) < 0:
+                        break
+        a.qp_state = IBV_QPS_RESET
+        self._modify(&a, IBV_QP_STATE, "RESET")
+        with nogil:
+            self._poll_cq(NULL, 0)   # anything that raced the reset
+        memset(self.slots, 0, self.max_outstanding * sizeof(batch_t))
+        self.head = self.used = self.outstanding = 0
+        self.wc_next = self.wc_count = 0
+        self.broken = True            # until connect()
+
+    def allow_local(self, uint32_t lkey, uint64_t addr, uint64_t length):
+        """Let operations use local MR ``lkey`` over [addr, addr + length)."""
+        cdef local_t* grown = <local_t*>realloc(self.locals_, (self.n_locals + 1) * sizeof(local_t))
+        if grown == NULL:
+            raise MemoryError()
+        self.locals_ = grown
+        self.locals_[self.n_locals] = local_t(lkey, addr, length)
+        self.n_locals += 1
+
+    def forbid_local(self, uint32_t lkey):
+        cdef uint32_t i = 0
+        while i < self.n_locals:
+            if self.locals_[i].lkey == lkey:
+                self.n_locals -= 1
+                self.locals_[i] = self.locals_[self.n_locals]
+            else:
+                i += 1
+
+    cdef bint _local_ok(self, const op_t* o) noexcept nogil:
+        cdef uint32_t i
+        for i in range(self.n_locals):
+            if self.locals_[i].lkey == o.lkey:
+                return (o.local_addr >= self.locals_[i].addr
+                        and o.length <= self.locals_[i].length
+                        and o.local_addr - self.locals_[i].addr <= self.locals_[i].length - o.length)
+        return False
+
+    def post(self, ops, uint64_t batch_id):
+        """Post ``ops`` (a C-contiguous 1-D OP_DTYPE array) as one batch with one ibv_post_send.
+
+        Local buffers are checked against the MRs named by ``allow_local`` first: devices
+        disagree on how they report a bad lkey (soft-RoCE says "local QP operation error"),
+        so an op outside its local region cuts the batch there and the batch completes with
+        WC_LOC_PROT_ERR at that op, after the ops before it ran, as base.py specifies.
+        """
+        cdef Py_buffer view
+        cdef op_t* o
+        cdef Py_ssize_t n, i, bad_op = -1, cut = -1
+        cdef uint32_t slot
+        cdef ibv_send_wr* bad_wr = NULL
+        cdef int rc = 0
+        self._check()
+        if self.broken:
+            raise ConnectionLost(f"QP {self.qp.qp_num} is in error or not connected: recover() first")
+        if self.used >= self.max_outstanding:
+            raise TransportError(f"{self.max_outstanding} batches already outstanding: poll first")
+        PyObject_GetBuffer(ops, &view, PyBUF_C_CONTIGUOUS)
+        try:
+            if view.itemsize != sizeof(op_t) or view.ndim != 1:
+                raise ValueError(f"ops must be a 1-D OP_DTYPE array (itemsize {sizeof(op_t)})")
+            n = view.shape[0]
+            if n < 1 or n > self.max_batch:
+                raise ValueError(f"a batch holds 1..{self.max_batch} operations, got {n}")
+            o = <op_t*>view.buf
+            slot = (self.head + self.used) % self.max_outstanding
+            with nogil:
+                for i in range(n):
+                    if o[i].opcode != OP_READ and o[i].opcode != OP_WRITE:
+                        bad_op = i
+                        break
+                    if not self._local_ok(&o[i]):
+                        cut = i
+                        n = i
+                        break
+                    self.sges[i].addr = o[i].local_addr
+                    self.sges[i].length = o[i].length
+                    self.sges[i].lkey = o[i].lkey
+                    self.wrs[i].wr_id = (<uint64_t>slot << 32) | <uint64_t>i
+                    self.wrs[i].next = &self.wrs[i + 1]
+                    self.wrs[i].sg_list = &self.sges[i]
+                    self.wrs[i].num_sge = 1
+                    self.wrs[i].opcode = IBV_WR_RDMA_READ if o[i].opcode == OP_READ else IBV_WR_RDMA_WRITE
+                    self.wrs[i].send_flags = 0
+                    self.wrs[i].wr.rdma.remote_addr = o[i].remote_addr
+                    self.wrs[i].wr.rdma.rkey = o[i].rkey
+                if bad_op < 0 and n > 0:
+                    self.wrs[n - 1].next = NULL
+                    self.wrs[n - 1].send_flags = IBV_SEND_SIGNALED
+                    rc = ibv_post_send(self.qp, self.wrs, &bad_wr)
+            if bad_op >= 0:
+                raise ValueError(f"op {bad_op}: opcode {o[bad_op].opcode} is neither OP_READ nor OP_WRITE")
+        finally:
+            PyBuffer_Release(&view)
+        if rc == 0:
+            self._take_slot(slot, batch_id, n, False)
+            if cut >= 0:
+                self.slots[slot].status = WC_LOC_PROT_ERR
+                self.slots[slot].index = cut
+            return
+        posted = (bad_wr - self.wrs) if bad_wr != NULL else 0
+        if posted > 0:
+            # part of the chain went out, unsignalled: flush it and report the batch now
+            self._take_slot(slot, batch_id, posted, True)
+            self.reset()
+        raise os_error(f"ibv_post_send (batch {batch_id}, op {posted} of {n})", rc)
+
+    cdef void _take_slot(self, uint32_t slot, uint64_t batch_id, uint32_t n, bint reported):
+        self.slots[slot].batch_id = batch_id
+        self.slots[slot].n = n
+        self.slots[slot].status = 0
+        self.slots[slot].index = 0
+        self.slots[slot].busy = True
+        self.slots[slot].reported = reported
+        self.used += 1
+        if not reported:
+            self.outstanding += 1
+
+    cdef void _release_head(self) noexcept nogil:
+        while self.used and not self.slots[self.head].busy:
+            self.head = (self.head + 1) % self.max_outstanding
+            self.used -= 1
+
+    cdef int _emit_unposted(self, completion_t* out, int emitted, int cap) noexcept nogil:
+        """Batches cut short before their first op are done as soon as they are the oldest."""
+        cdef batch_t* b
+        while self.used and (out == NULL or emitted < cap):
+            b = &self.slots[self.head]
+            if not b.busy or b.n != 0:
+                break
+            if not b.reported:
+                if out != NULL:
+                    out[emitted] = completion_t(b.batch_id, b.status, b.index)
+                    emitted += 1
+                self.outstanding -= 1
+            b.busy = False
+            self._release_head()
+        return emitted
+
+    cdef int _poll_cq(self, completion_t* out, int cap) noexcept nogil:
+        """Turn work completions into at most ``cap`` batch completions (all of them when
+        ``out`` is NULL, dropping them); returns how many, or -1 when ibv_poll_cq fails.
+
+        Work completions fetched but not yet turned into a batch completion (``out`` was
+        full) stay in ``self.wcs`` for the next call, so batches come out in posting order.
+        """
+        cdef int emitted = 0
+        cdef ibv_wc* wc
+        cdef uint32_t slot, idx
+        cdef batch_t* b
+        while True:
+            emitted = self._emit_unposted(out, emitted, cap)
+            if out != NULL and emitted >= cap:
+                return emitted
+            if self.wc_next == self.wc_count:
+                got = ibv_poll_cq(self.cq.cq, WC_CHUNK, self.wcs)
+                if got <= 0:
+                    return emitted if got == 0 or emitted else -1
+                self.wc_next, self.wc_count = 0, got
+            wc = &self.wcs[self.wc_next]
+            self.wc_next += 1
+            slot = <uint32_t>(wc.wr_id >> 32)
+            idx = <uint32_t>wc.wr_id      # low 32 bits: op index
+            if slot >= self.max_outstanding or not self.slots[slot].busy:
+                continue   # left over from before a reset
+            b = &self.slots[slot]
+            if wc.status != IBV_WC_SUCCESS:
+                self.broken = True   # the QP is in error: later work requests flush
+            if not b.reported:
+                if out != NULL:
+                    out[emitted].batch_id = b.batch_id
+                    out[emitted].status = wc.status if wc.status != IBV_WC_SUCCESS else b.status
+                    out[emitted].index = idx if wc.status != IBV_WC_SUCCESS else b.index
+                    emitted += 1
+                b.reported = True
+                self.outstanding -= 1
+            if idx + 1 >= b.n:     # the batch's last work request: its slot is free
+                b.busy = False
+                self._release_head()
+
+    def poll(self, out, timeout=None):
+        """Fill ``out`` (writable COMPLETION_DTYPE array) with finished batches; return how many.
+
+        Waits up to ``timeout`` seconds (None: until one arrives, 0: not at all): busy-polls
+        briefly, then sleeps on the completion channel.  The GIL is released throughout.
+        """
+        cdef Py_buffer view
+        cdef completion_t* c
+        cdef int cap, n = 0, ev
+        cdef uint64_t start, deadline = 0, spin_end, t
+        cdef bint forever = timeout is None
+        cdef int chunk_ms
+        self._check()
+        if not forever and timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        PyObject_GetBuffer(out, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+        try:
+            if view.itemsize != sizeof(completion_t) or view.ndim != 1:
+                raise ValueError(f"out must be a writable 1-D COMPLETION_DTYPE array (itemsize {sizeof(completion_t)})")
+            cap = <int>min(view.shape[0], 1 << 30)
+            if cap == 0:
+                return 0
+            c = <completion_t*>view.buf
+            start = now_ns()
+            if not forever:
+                deadline = start + <uint64_t>(float(timeout) * 1e9)
+            with nogil:
+                n = self._poll_cq(c, cap)
+                spin_end = start + SPIN_NS
+                while n == 0 and (forever or now_ns() < deadline) and now_ns() < spin_end:
+                    n = self._poll_cq(c, cap)
+            while n == 0 and (forever or now_ns() < deadline):
+                # arm, re-check (a completion may have landed before arming), then sleep
+                if ibv_req_notify_cq(self.cq.cq, 0):
+                    raise os_error("ibv_req_notify_cq", errno or _errno.EIO)
+                ev = 0
+                chunk_ms = 100
+                if not forever:
+                    t = now_ns()
+                    chunk_ms = <int>min(<uint64_t>100, (deadline - t) // 1000000 + 1) if deadline > t else 0
+                with nogil:
+                    n = self._poll_cq(c, cap)
+                    if n == 0:
+                        ev = self.cq.wait_event(chunk_ms)
+                        n = self._poll_cq(c, cap)
+                if n < 0:
+                    break
+                if ev < 0:
+                    raise os_error("waiting on the completion channel", -ev)
+                PyErr_CheckSignals()
+            if n < 0:
+                raise os_error("ibv_poll_cq", errno or _errno.EIO)
+            return n
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _destroy(self) except -1:
+        if self.qp != NULL:
+            rc = ibv_destroy_qp(self.qp)
+            self.qp = NULL
+            if rc:
+                raise os_error("ibv_destroy_qp", rc)
+        return 0
+
+    def __dealloc__(self):
+        if self.qp != NULL:
+            ibv_destroy_qp(self.qp)
+        free(self.wrs)
+        free(self.sges)
+        free(self.slots)
+        free(self.locals_)

@@ -1,0 +1,486 @@
+"""The requester's page store: the tmem model over a local compressed pool and remote slabs.
+
+Pools are *persistent* (swap-like: a page is never lost while a replica lives; puts fail with
+StoreFullError rather than drop anything) or *ephemeral* (page-cache-like: pages may be dropped
+under pressure and simply miss).  Keys are (pool, obj, index).
+
+put:  compress (native LZ4, batch) -> slot in the local pool (size-class allocator)
+      -> when the local pool is full, *remotify* the coldest local blocks in batches: one-sided
+         WRITE to every replica of a remote virtual slab, then repoint the page map.
+get:  page map -> zero fill | decompress from the local pool | READ into staging, decompress.
+
+All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
+a local page); every step of a batch is one C call or a vectorised numpy call.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from .. import PAGE_SIZE, errors
+from ..memory import Arena
+from . import codec
+from . import keys as K
+from . import slab as L
+from .pagemap import PageMap
+from .remote import RemoteTier
+
+log = logging.getLogger(__name__)
+
+LOCAL_SLAB_MAX = 64 << 20
+_COUNTERS = (
+    "puts", "succ_puts", "failed_puts", "gets", "succ_gets", "failed_gets",
+    "local_gets", "remote_gets", "zero_pages_put", "invalidates", "pages_remoted",
+    "remotify_batches", "pages_repatriated", "ephemeral_dropped", "bytes_in", "bytes_stored_in",
+)
+
+
+class PageStore:
+    """Pools of 4 KiB pages kept compressed locally and in providers' RAM. Thread-safe."""
+
+    def __init__(
+        self,
+        remote: RemoteTier | None,
+        *,
+        local_budget: int = 64 << 20,
+        batch: int = 256,
+        choose_targets=None,
+        copy_batch=None,
+    ):
+        if local_budget < L.BLOCK_SIZE:
+            raise errors.ConfigError(f"local_budget must be at least {L.BLOCK_SIZE} bytes, got {local_budget}")
+        self._lock = threading.RLock()
+        self.batch = max(16, int(batch))
+        self.map = PageMap()
+        # local pool: one registered arena cut into slabs of the local allocator (ids 1..n)
+        local_slab = min(LOCAL_SLAB_MAX, local_budget - local_budget % L.BLOCK_SIZE)
+        n_local = max(1, local_budget // local_slab)
+        if remote is not None and n_local >= remote.first_slab_id:
+            raise errors.ConfigError(f"local_budget {local_budget} needs more than {remote.first_slab_id - 1} local slabs")
+        self.local_arena = Arena(local_slab * n_local)
+        self.local = L.SlotAllocator(track_owners=True)
+        self.local_base = np.zeros(n_local + 1, dtype=np.uint64)
+        for i in range(n_local):
+            self.local.add_slab(i + 1, local_slab)
+            self.local_base[i + 1] = self.local_arena.addr + i * local_slab
+        self.last_local_slab = n_local
+        # staging: compressed images of a batch (compress output, remote READ target)
+        self.staging = Arena(self.batch * PAGE_SIZE)
+        self.remote = remote
+        self.remote_alloc = L.SlotAllocator(track_owners=False)
+        self._choose = choose_targets or _most_free_first
+        self._copy = copy_batch or _copy_batch()
+        if remote is not None:
+            for link in remote.links:
+                self._register_arenas(link)
+        self._pools: dict[int, bool] = {}  # pool id -> persistent
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.closed = False
+        # scratch arrays, reused by every batch
+        b = self.batch
+        self._sizes = np.zeros(b, dtype=np.uint32)
+        self._locs = np.zeros(b, dtype=np.uint64)
+        self._old = np.zeros(b, dtype=np.uint64)
+        self._owners = np.zeros(b, dtype=np.uint64)
+        self._srcs = np.zeros(b, dtype=np.uint64)
+        self._staging_addrs = self.staging.addr + np.arange(b, dtype=np.uint64) * PAGE_SIZE
+        self._ok = np.zeros(b, dtype=np.uint8)
+
+    def _register_arenas(self, link) -> None:
+        for arena in (self.local_arena, self.staging):
+            link.lkeys[arena.addr] = link.endpoint.register_local(arena.addr, arena.length)
+
+    # -- pools -----------------------------------------------------------------------------
+
+    def create_pool(self, persistent: bool = True) -> int:
+        with self._lock:
+            for pool in range(K.MAX_POOLS):
+                if pool not in self._pools:
+                    self._pools[pool] = persistent
+                    return pool
+        raise errors.RramError(f"all {K.MAX_POOLS} pools are in use")
+
+    def _persistent(self, pool: int) -> bool:
+        try:
+            return self._pools[pool]
+        except KeyError:
+            raise errors.NotFound(f"pool {pool} does not exist (create_pool first)") from None
+
+    # -- put ------------------------------------------------------------------------------
+
+    def put(self, pool: int, obj: int, index: int, page) -> None:
+        self.put_many(pool, obj, [index], page)
+
+    def put_many(self, pool: int, obj: int, indexes, pages) -> None:
+        """Store len(indexes) pages (one buffer of n*4096 bytes) under (pool, obj, index)."""
+        src = np.frombuffer(pages, dtype=np.uint8) if not isinstance(pages, np.ndarray) else pages.reshape(-1)
+        keys = K.pack_many(pool, obj, indexes)
+        n = len(keys)
+        if src.nbytes != n * PAGE_SIZE:
+            raise ValueError(f"{n} indexes need {n * PAGE_SIZE} bytes of pages, got {src.nbytes}")
+        with self._lock:
+            self._check_open()
+            persistent = self._persistent(pool)
+            for start in range(0, n, self.batch):
+                end = min(n, start + self.batch)
+                self._put_batch(keys[start:end], src[start * PAGE_SIZE : end * PAGE_SIZE], persistent)
+
+    def _put_batch(self, keys: np.ndarray, src: np.ndarray, persistent: bool) -> None:
+        n = len(keys)
+        self.counters["puts"] += n
+        sizes = self._sizes[:n]
+        stored = codec.compress_pages(src, n, self.staging.array, sizes)
+        locs = self._locs[:n]
+        locs[:] = L.ZERO_LOCATION
+        nz = np.flatnonzero(sizes)
+        if len(nz):
+            try:
+                self._place(keys[nz], sizes[nz], self._staging_addrs[nz], locs, nz, persistent)
+            except errors.StoreFullError:
+                self.counters["failed_puts"] += n
+                raise
+        old = self._old[:n]
+        self.map.store(keys, locs, old)
+        self._free(old)
+        self.counters["succ_puts"] += n
+        self.counters["zero_pages_put"] += n - len(nz)
+        self.counters["bytes_in"] += n * PAGE_SIZE
+        self.counters["bytes_stored_in"] += stored
+
+    def _place(self, keys, sizes, srcs, locs_out, where, persistent) -> None:
+        """Allocate local slots for the compressed images at ``srcs`` and copy them in.
+
+        When the local pool is full, remotify cold pages first; if the local pool cannot take
+        the batch even then (tiny budget), write the batch straight to remote slabs.
+        """
+        m = len(keys)
+        locs = np.zeros(m, dtype=np.uint64)  # the local allocator records `keys` as slot owners
+        done = 0
+        attempts = 0
+        while done < m:
+            got = self.local.alloc(sizes[done:], locs[done:], keys[done:], m - done)
+            done += got
+            if done == m:
+                break
+            attempts += 1
+            if self.remote is None or attempts > 4 or not self._remotify(max(self.batch, 2 * (m - done))):
+                break
+        if done < m:
+            # local pool exhausted: the rest goes straight to the remote tier
+            rest = slice(done, m)
+            rlocs = self._remote_alloc(sizes[rest], persistent)
+            if rlocs is None:
+                self.local.free(locs[:done], done)
+                raise errors.StoreFullError(
+                    f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
+                )
+            self.remote.write(rlocs, srcs[rest], self.staging.addr)
+            locs[rest] = rlocs
+            self.counters["pages_remoted"] += m - done
+        if done:
+            dst = self._local_addrs(locs[:done])
+            self._copy(dst, srcs[:done], sizes[:done], done)
+        locs_out[where] = locs
+
+    def _local_addrs(self, locs: np.ndarray) -> np.ndarray:
+        return self.local_base[L.loc_slab(locs).astype(np.intp)] + L.loc_offset(locs)
+
+    def _is_local(self, locs: np.ndarray) -> np.ndarray:
+        slab = L.loc_slab(locs)
+        return (L.loc_kind(locs) == L.KIND_STORED) & (slab <= self.last_local_slab)
+
+    def _free(self, locs: np.ndarray) -> None:
+        stored = L.loc_kind(locs) == L.KIND_STORED
+        if not stored.any():
+            return
+        local = stored & (L.loc_slab(locs) <= self.last_local_slab)
+        if local.any():
+            f = np.ascontiguousarray(locs[local])
+            self.local.free(f, len(f))
+        remote = stored & ~local
+        if remote.any():
+            f = np.ascontiguousarray(locs[remote])
+            self.remote_alloc.free(f, len(f))
+            self._release_empty_slabs()
+
+    # -- remotify -------------------------------------------------------------------------
+
+    def _remote_alloc(self, sizes: np.ndarray, persistent: bool) -> np.ndarray | None:
+        """Remote locations for ``sizes``, leasing new slabs as needed; None when out of room."""
+        m = len(sizes)
+        out = np.zeros(m, dtype=np.uint64)
+        done = 0
+        while done < m:
+            done += self.remote_alloc.alloc(sizes[done:], out[done:], None, m - done)
+            if done == m:
+                break
+            try:
+                vs = self.remote.lease_slab(self._choose)
+            except (errors.StoreFullError, errors.CapacityError) as exc:
+                log.info("cannot lease a remote slab: %s", exc)
+                if done:
+                    self.remote_alloc.free(out[:done], done)
+                return None
+            self.remote_alloc.add_slab(vs.slab_id, vs.size)
+        return out
+
+    def _remotify(self, want: int) -> bool:
+        """Move up to ``want`` cold local pages to remote slabs. False when nothing moved."""
+        moved = 0
+        while moved < want:
+            k = min(self.batch, want - moved)
+            locs = np.empty(k, dtype=np.uint64)  # not the batch scratch: a put may be using it
+            owners = np.empty(k, dtype=np.uint64)
+            got = self.local.pick_victims(k, locs, owners)
+            if got == 0:
+                break
+            locs, owners = locs[:got], owners[:got]
+            # ephemeral pages may be dropped instead of moved when the remote tier is full
+            rlocs = self._remote_alloc(L.loc_size(locs).astype(np.uint32), True)
+            if rlocs is None:
+                return self._drop_ephemeral(locs, owners) > 0 or moved > 0
+            self.remote.write(rlocs, self._local_addrs(locs), self.local_arena.addr)
+            ok = np.empty(got, dtype=np.uint8)
+            self.map.cas(owners, locs, rlocs, ok)
+            moved_mask = ok.astype(bool)
+            self.local.free(np.ascontiguousarray(locs[moved_mask]), int(moved_mask.sum()))
+            if not moved_mask.all():  # overwritten meanwhile: the new copy stays local
+                stale = np.ascontiguousarray(rlocs[~moved_mask])
+                self.remote_alloc.free(stale, len(stale))
+            moved += got
+            self.counters["pages_remoted"] += int(moved_mask.sum())
+            self.counters["remotify_batches"] += 1
+        return moved > 0
+
+    def _drop_ephemeral(self, locs: np.ndarray, owners: np.ndarray) -> int:
+        pools = (owners >> np.uint64(56)).astype(np.intp)
+        eph = np.array([not self._pools.get(int(p), True) for p in range(K.MAX_POOLS)], dtype=bool)[pools]
+        if not eph.any():
+            return 0
+        zeros = np.zeros(int(eph.sum()), dtype=np.uint64)
+        ok = np.zeros(len(zeros), dtype=np.uint8)
+        self.map.cas(np.ascontiguousarray(owners[eph]), np.ascontiguousarray(locs[eph]), zeros, ok)
+        dropped = np.ascontiguousarray(locs[eph][ok.astype(bool)])
+        self.local.free(dropped, len(dropped))
+        self.counters["ephemeral_dropped"] += len(dropped)
+        return len(dropped)
+
+    def _release_empty_slabs(self) -> None:
+        for slab_id in self.remote_alloc.empty_slabs():
+            self.remote_alloc.remove_slab(slab_id)
+            self.remote.release_slab(slab_id)
+
+    # -- get ------------------------------------------------------------------------------
+
+    def get(self, pool: int, obj: int, index: int, out=None) -> bytes | None:
+        buf = bytearray(PAGE_SIZE) if out is None else out
+        found = self.get_many(pool, obj, [index], buf)
+        if not found[0]:
+            return None
+        return bytes(buf) if out is None else out
+
+    def get_many(self, pool: int, obj: int, indexes, out) -> np.ndarray:
+        """Read pages into ``out`` (n*4096 writable bytes); returns the found mask.
+
+        Missing pages are zero-filled.
+        """
+        dst = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
+        dst = dst.reshape(-1)
+        keys = K.pack_many(pool, obj, indexes)
+        n = len(keys)
+        if dst.nbytes != n * PAGE_SIZE:
+            raise ValueError(f"{n} indexes need {n * PAGE_SIZE} bytes of output, got {dst.nbytes}")
+        found = np.zeros(n, dtype=bool)
+        with self._lock:
+            self._check_open()
+            self._persistent(pool)
+            for start in range(0, n, self.batch):
+                end = min(n, start + self.batch)
+                found[start:end] = self._get_batch(keys[start:end], dst[start * PAGE_SIZE : end * PAGE_SIZE])
+        return found
+
+    def _get_batch(self, keys: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        n = len(keys)
+        locs = self._locs[:n]
+        self.map.lookup(keys, locs)
+        kind = L.loc_kind(locs)
+        found = kind != L.KIND_ABSENT
+        stored = kind == L.KIND_STORED
+        sizes = np.where(stored, L.loc_size(locs), 0).astype(np.uint32)
+        srcs = self._srcs[:n]
+        srcs[:] = 0
+        local = stored & (L.loc_slab(locs) <= self.last_local_slab)
+        if local.any():
+            srcs[local] = self._local_addrs(locs[local])
+        remote = stored & ~local
+        if remote.any():
+            where = np.flatnonzero(remote)
+            self.remote.read(np.ascontiguousarray(locs[where]), self._staging_addrs[where], self.staging.addr)
+            srcs[where] = self._staging_addrs[where]
+            self.counters["remote_gets"] += len(where)
+        self.counters["local_gets"] += int(local.sum())
+        codec.decompress_pages(srcs, sizes, n, dst)
+        self.counters["gets"] += n
+        hits = int(found.sum())
+        self.counters["succ_gets"] += hits
+        self.counters["failed_gets"] += n - hits
+        return found
+
+    # -- invalidate -----------------------------------------------------------------------
+
+    def invalidate_page(self, pool: int, obj: int, index: int) -> bool:
+        return self.invalidate_pages(pool, obj, [index]) == 1
+
+    def invalidate_pages(self, pool: int, obj: int, indexes) -> int:
+        keys = K.pack_many(pool, obj, indexes)
+        with self._lock:
+            self._check_open()
+            self._persistent(pool)
+            old = np.zeros(len(keys), dtype=np.uint64)
+            removed = self.map.remove(keys, old)
+            self._free(old)
+            self.counters["invalidates"] += removed
+            return removed
+
+    def invalidate_object(self, pool: int, obj: int) -> int:
+        K.check(pool, obj)
+        lo = K.pack(pool, obj, 0)
+        with self._lock:
+            self._check_open()
+            _, locs = self.map.remove_range(lo, lo + K.MAX_INDEX)
+            self._free(locs)
+            self.counters["invalidates"] += len(locs)
+            return len(locs)
+
+    def invalidate_pool(self, pool: int) -> int:
+        """Drop every page of ``pool`` and the pool itself (tmem's flush_pool)."""
+        with self._lock:
+            self._check_open()
+            self._persistent(pool)
+            lo = pool << 56
+            _, locs = self.map.remove_range(lo, lo + (1 << 56))
+            self._free(locs)
+            del self._pools[pool]
+            self.counters["invalidates"] += len(locs)
+            return len(locs)
+
+    def flush(self) -> None:
+        """Return once every acknowledged put is durable.
+
+        Puts are synchronous (remote writes complete at every replica before a put returns),
+        so this only waits for a put or remotify running in another thread.
+        """
+        with self._lock:
+            self._check_open()
+
+    # -- repatriation ---------------------------------------------------------------------
+
+    def repatriate(self, max_pages: int) -> int:
+        """Bring up to ``max_pages`` remote pages home into free local slots (selfshrinking)."""
+        moved = 0
+        with self._lock:
+            self._check_open()
+            if self.remote is None:
+                return 0
+            for slab_id in list(self.remote.slabs):
+                while moved < max_pages:
+                    k = min(self.batch, max_pages - moved)
+                    keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), k)
+                    if len(keys) == 0:
+                        break
+                    sizes = L.loc_size(locs).astype(np.uint32)
+                    if self.local.free_bytes < int(sizes.sum()) + 8 * L.BLOCK_SIZE:
+                        return moved
+                    n = len(keys)
+                    stage = self._staging_addrs[:n]
+                    self.remote.read(locs, stage, self.staging.addr)
+                    llocs = np.zeros(n, dtype=np.uint64)
+                    got = self.local.alloc(sizes, llocs, keys, n)
+                    if got < n:
+                        self.local.free(llocs[:got], got)
+                        return moved
+                    self._copy(self._local_addrs(llocs), stage, sizes, n)
+                    ok = self._ok[:n]
+                    self.map.cas(keys, locs, llocs, ok)
+                    okb = ok.astype(bool)
+                    self.local.free(np.ascontiguousarray(llocs[~okb]), int((~okb).sum()))
+                    self.remote_alloc.free(np.ascontiguousarray(locs[okb]), int(okb.sum()))
+                    moved += int(okb.sum())
+                    self.counters["pages_repatriated"] += int(okb.sum())
+                if moved >= max_pages:
+                    break
+            self._release_empty_slabs()
+        return moved
+
+    # -- stats / lifetime -----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            c = dict(self.counters)
+            local = self.local.stats()
+            remote = self.remote_alloc.stats()
+            c["pages"] = len(self.map)
+            c["local_pages"] = int(local["slots_used"])
+            c["remote_pages"] = int(remote["slots_used"])
+            c["local_compressed_bytes"] = int(local["bytes_stored"])
+            c["remote_compressed_bytes"] = int(remote["bytes_stored"])
+            c["local_budget"] = int(self.local.capacity_bytes)
+            c["local_free_bytes"] = int(self.local.free_bytes)
+            stored = c["local_compressed_bytes"] + c["remote_compressed_bytes"]
+            c["compressed_bytes"] = stored
+            c["zero_pages"] = c["pages"] - c["local_pages"] - c["remote_pages"]
+            c["compression_ratio"] = round(c["bytes_stored_in"] and c["bytes_in"] / max(1, c["bytes_stored_in"]), 3)
+            c["metadata_bytes"] = int(self.map.metadata_bytes())
+            if self.remote is not None:
+                c["remote_slabs"] = len(self.remote.slabs)
+                c["remote_leased_bytes"] = self.remote.leased_bytes()
+                c["providers"] = {lk.name: ("alive" if lk.alive else "dead") for lk in self.remote.links}
+            c["codec"] = codec.IMPLEMENTATION
+            return c
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise errors.RramError("page store is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self.remote is not None:
+                self.remote.close()
+            self.staging.close()
+            self.local_arena.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _most_free_first(links, r):
+    """Default placement until membership-aware placement is wired: r distinct live links."""
+    return links[:r] if len(links) >= r else []
+
+
+def _copy_batch():
+    try:
+        from .._ext._memops import copy_batch
+    except ImportError:  # pragma: no cover - the extension is required by setup.py
+        import ctypes
+
+        def copy_batch(dst, src, lengths, n):
+            for i in range(n):
+                ctypes.memmove(int(dst[i]), int(src[i]), int(lengths[i]))
+
+    return copy_batch
+
+
+def connect(config, *, name: str | None = None, transport: str | None = None, **overrides) -> PageStore:
+    from .connect import open_store
+
+    return open_store(config, name=name, transport_name=transport, **overrides)

@@ -1,0 +1,295 @@
+"""TCP data-channel frames: sans-IO, versioned, length-checked.
+
+Every frame starts with one 32-byte header (little-endian)::
+
+    offset size field
+     0     4    magic        b"RRMD"
+     4     1    version      1
+     5     1    type         HELLO 1, HELLO_OK 2, REQUEST 3, COMPLETION 4, ERROR 5
+     6     2    flags        0 (reserved)
+     8     8    batch_id     REQUEST / COMPLETION: the requester's batch id; else 0
+    16     4    count        REQUEST: operations (1..MAX_OPS); COMPLETION: index of the first
+                             failing op (n on success); ERROR: error code; else 0
+    20     4    status       COMPLETION: ibv_wc_status (signed); else 0
+    24     4    payload_len  bytes after the header and the op descriptors
+    28     4    reserved     0
+
+Bodies::
+
+    HELLO       payload = session token (TOKEN_SIZE bytes)          requester -> provider
+    HELLO_OK    empty                                               provider -> requester
+    REQUEST     count x WIRE_OP descriptors, then the WRITE data of the batch concatenated in
+                op order (payload_len = sum of the WRITE lengths)
+    COMPLETION  payload = the READ data of the executed ops, concatenated in op order
+    ERROR       payload = UTF-8 message (<= MAX_MESSAGE); the sender closes the connection
+
+One WIRE_OP descriptor (24 bytes)::
+
+     0  8  remote_addr   u64
+     8  4  length        u32
+    12  4  rkey          u32
+    16  1  opcode        0 READ, 1 WRITE
+    17  7  reserved
+
+A bad key or range is an error COMPLETION (the connection stays usable); broken framing
+(wrong magic/version/type, lengths over the limits) is a ``ProtocolError``: the receiver sends
+an ERROR frame and closes.  The decoder checks every length against the limits *before*
+buffering for it, so hostile headers cannot make it allocate.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ProtocolError
+
+MAGIC = b"RRMD"
+VERSION = 1
+
+HELLO = 1
+HELLO_OK = 2
+REQUEST = 3
+COMPLETION = 4
+ERROR = 5
+TYPE_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", REQUEST: "REQUEST", COMPLETION: "COMPLETION", ERROR: "ERROR"}
+
+#: frames each side may receive
+TO_PROVIDER = frozenset({HELLO, REQUEST})
+TO_REQUESTER = frozenset({HELLO_OK, COMPLETION, ERROR})
+
+MAX_OPS = 4096
+MAX_OP_LENGTH = 1 << 20
+MAX_PAYLOAD = 64 << 20
+MAX_MESSAGE = 4096
+TOKEN_SIZE = 32
+
+# ERROR codes
+E_BAD_FRAME = 1  # framing broken: the connection is closed
+E_BAD_TOKEN = 2  # HELLO named no live session
+E_SESSION_CLOSED = 3  # the provider closed the session
+E_SHUTDOWN = 4  # the provider is shutting down
+ERROR_NAMES = {E_BAD_FRAME: "bad frame", E_BAD_TOKEN: "bad token", E_SESSION_CLOSED: "session closed",
+               E_SHUTDOWN: "provider shutting down"}
+
+HEADER = struct.Struct("<4sBBHQIiII")
+assert HEADER.size == 32
+WIRE_OP = np.dtype(
+    [("remote_addr", "<u8"), ("length", "<u4"), ("rkey", "<u4"), ("opcode", "u1"), ("_reserved", "u1", (7,))]
+)
+assert WIRE_OP.itemsize == 24
+MAX_FRAME = HEADER.size + MAX_OPS * WIRE_OP.itemsize + MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class Header:
+    type: int
+    batch_id: int
+    count: int
+    status: int
+    payload_len: int
+
+    @property
+    def body_len(self) -> int:
+        """Bytes that follow the header."""
+        ops = self.count * WIRE_OP.itemsize if self.type == REQUEST else 0
+        return ops + self.payload_len
+
+
+@dataclass(frozen=True)
+class Hello:
+    token: bytes
+
+
+@dataclass(frozen=True)
+class HelloOk:
+    pass
+
+
+@dataclass(frozen=True)
+class Request:
+    """``ops`` and ``payload`` are views into the decoder's buffer (see ``Decoder``)."""
+
+    batch_id: int
+    count: int
+    ops: memoryview
+    payload: memoryview
+
+
+@dataclass(frozen=True)
+class Completion:
+    batch_id: int
+    status: int
+    index: int
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class Error:
+    code: int
+    message: str
+
+    def describe(self) -> str:
+        return f"{ERROR_NAMES.get(self.code, f'error {self.code}')}: {self.message}"
+
+
+def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQUESTER) -> Header:
+    """Decode and check one header at ``buf[offset:offset+32]``; raises ProtocolError."""
+    magic, version, ftype, _flags, batch_id, count, status, payload_len, _res = HEADER.unpack_from(buf, offset)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r} (not an rram data connection?)")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported data protocol version {version}, this side speaks {VERSION}")
+    if ftype not in accept:
+        name = TYPE_NAMES.get(ftype, f"unknown type {ftype}")
+        raise ProtocolError(f"unexpected frame {name} (expected one of {sorted(TYPE_NAMES[t] for t in accept)})")
+    if ftype == REQUEST:
+        if not 1 <= count <= MAX_OPS:
+            raise ProtocolError(f"request with {count} operations; allowed 1..{MAX_OPS}")
+        if payload_len > MAX_PAYLOAD:
+            raise ProtocolError(f"request payload of {payload_len} bytes exceeds the limit of {MAX_PAYLOAD}")
+    elif ftype == COMPLETION:
+        if payload_len > MAX_PAYLOAD:
+            raise ProtocolError(f"completion payload of {payload_len} bytes exceeds the limit of {MAX_PAYLOAD}")
+    elif ftype == HELLO:
+        if payload_len != TOKEN_SIZE:
+            raise ProtocolError(f"hello carries a {payload_len}-byte token, expected {TOKEN_SIZE}")
+    elif ftype == ERROR:
+        if payload_len > MAX_MESSAGE:
+            raise ProtocolError(f"error message of {payload_len} bytes exceeds the limit of {MAX_MESSAGE}")
+    elif payload_len:
+        raise ProtocolError(f"{TYPE_NAMES[ftype]} frame with a {payload_len}-byte payload, expected none")
+    return Header(ftype, batch_id, count, status, payload_len)
+
+
+def parse_body(h: Header, body: memoryview):
+    """The event for a checked header and its ``h.body_len`` bytes of body."""
+    if h.type == REQUEST:
+        split = h.count * WIRE_OP.itemsize
+        return Request(h.batch_id, h.count, body[:split], body[split:])
+    if h.type == COMPLETION:
+        return Completion(h.batch_id, h.status, h.count, body)
+    if h.type == HELLO:
+        return Hello(bytes(body))
+    if h.type == ERROR:
+        return Error(h.count, bytes(body).decode("utf-8", "replace"))
+    return HelloOk()
+
+
+# -- encoders -----------------------------------------------------------------------------------
+
+
+def pack_header(buf, ftype: int, batch_id: int = 0, count: int = 0, status: int = 0, payload_len: int = 0) -> None:
+    """Write a header into ``buf[0:32]`` (a frame built in place, payload after it)."""
+    HEADER.pack_into(buf, 0, MAGIC, VERSION, ftype, 0, batch_id, count, status, payload_len, 0)
+
+
+def header(ftype: int, batch_id: int = 0, count: int = 0, status: int = 0, payload_len: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, ftype, 0, batch_id, count, status, payload_len, 0)
+
+
+def hello(token: bytes) -> bytes:
+    if len(token) != TOKEN_SIZE:
+        raise ValueError(f"token must be {TOKEN_SIZE} bytes")
+    return header(HELLO, payload_len=TOKEN_SIZE) + token
+
+
+def hello_ok() -> bytes:
+    return header(HELLO_OK)
+
+
+def error(code: int, message: str) -> bytes:
+    data = message.encode("utf-8")[:MAX_MESSAGE]
+    return header(ERROR, count=code, payload_len=len(data)) + data
+
+
+def request(batch_id: int, ops: np.ndarray, payload: bytes = b"") -> bytes:
+    """A REQUEST frame from a ``WIRE_OP`` array (tests and tools; the endpoint builds frames in C)."""
+    descs = np.ascontiguousarray(ops, dtype=WIRE_OP)
+    return header(REQUEST, batch_id, len(descs), payload_len=len(payload)) + descs.tobytes() + bytes(payload)
+
+
+def completion(batch_id: int, status: int, index: int, data: bytes = b"") -> bytes:
+    return header(COMPLETION, batch_id, index, status, len(data)) + bytes(data)
+
+
+# -- decoder ------------------------------------------------------------------------------------
+
+
+class Decoder:
+    """Bytes in, events out.
+
+    Either ``feed(data)`` or receive straight into ``writable()`` and report ``wrote(n)``;
+    then drain ``next_event()`` until it returns None.  Views inside events stay valid until
+    the next ``feed``/``writable`` call.  The buffer grows as bytes arrive (doubling), never
+    ahead of them, and never past the size a *checked* header announced (+ ``min_free``).
+    """
+
+    def __init__(self, accept: frozenset, initial: int = 1 << 16):
+        self.accept = accept
+        self._buf = bytearray(initial)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._header: Header | None = None
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def _need(self) -> int:
+        """Bytes the frame at the front needs in total (header only until it is parsed)."""
+        return HEADER.size + (self._header.body_len if self._header else 0)
+
+    def writable(self, min_free: int = 4096) -> memoryview:
+        """A view of free space at the end of the buffer, compacting or growing as needed."""
+        if len(self._buf) - self._end >= min_free:
+            return self._view[self._end :]
+        want = self.buffered + min_free
+        need = self._need()
+        if need > self.buffered:  # a partial frame: make room for more of it, doubling at most
+            want = max(want, min(need, 2 * len(self._buf)))
+        if want > len(self._buf):
+            new = bytearray(want)  # a fresh buffer: old event views keep the old one alive
+            new[: self.buffered] = self._view[self._start : self._end]
+            self._buf, self._view = new, memoryview(new)
+        else:
+            self._view[: self.buffered] = self._view[self._start : self._end]
+        self._start, self._end = 0, self.buffered
+        return self._view[self._end :]
+
+    def wrote(self, n: int) -> None:
+        if not 0 <= n <= len(self._buf) - self._end:
+            raise ValueError(f"wrote {n} bytes into {len(self._buf) - self._end} free")
+        self._end += n
+
+    def feed(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while len(data):
+            room = self.writable(min(len(data), 1 << 20))
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            self.wrote(n)
+            data = data[n:]
+
+    def next_event(self):
+        """The next complete event, or None if more bytes are needed; raises ProtocolError."""
+        if self._header is None:
+            if self.buffered < HEADER.size:
+                return None
+            self._header = parse_header(self._view, self._start, self.accept)
+        h = self._header
+        total = HEADER.size + h.body_len
+        if self.buffered < total:
+            return None
+        body = self._view[self._start + HEADER.size : self._start + total]
+        self._start += total
+        self._header = None
+        if self._start == self._end:
+            self._start = self._end = 0  # frames consumed: the next recv starts at the front
+        return parse_body(h, body)
+
+    def events(self):
+        while (ev := self.next_event()) is not None:
+            yield ev

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# CI stage after the host tests: run the `vm` tests (verbs conformance, pyverbs interop,
+# NBD...) for real inside the soft-RoCE guest.  Builds the lab once (cached under RXE_LAB,
+# default /var/tmp/rram-rxe-vm).  Fails when a test fails OR when no test ran: a VM stage
+# that silently skips everything proves nothing.  Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || { echo "ci-vm: .venv missing: run scripts/setup.sh first" >&2; exit 2; }
+.venv/bin/python -c 'import rram._ext._verbs' || { echo "ci-vm: rram._ext._verbs is not built" >&2; exit 2; }
+t0=$SECONDS
+scripts/rxe-vm/build || exit $?
+echo "ci-vm: lab ready in $((SECONDS - t0))s"
+
+export RXE_TIMEOUT=${RXE_TIMEOUT:-780}   # the guest part must stay well under ~10 minutes
+# the guest sets RRAM_REQUIRE_RDMA=1, so a missing device fails instead of skipping
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+scripts/rxe-vm/run python -m pytest -m vm tests/vm -q -rs -p no:cacheprovider --timeout=300 "$@" | tee "$log"
+rc=${PIPESTATUS[0]}
+echo "ci-vm: guest tests exit=$rc after $((SECONDS - t0))s"
+if [ $rc = 0 ] && ! grep -Eq '[0-9]+ passed' "$log"; then
+  echo "ci-vm: no vm test passed (all skipped or none collected): that is a failure" >&2
+  exit 1
+fi
+[ $rc = 5 ] && { echo "ci-vm: no vm test was collected: that is a failure" >&2; exit 1; }
+exit $rc

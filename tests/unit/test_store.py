@@ -1,0 +1,174 @@
+"""PageStore over in-process providers (loopback transport): the tmem semantics, checked with checksums."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rram import PAGE_SIZE, errors
+from rram.testing.inproc import InProcessProvider, make_store
+from rram.testing.pages import make_pages, page_checksums
+
+
+@pytest.fixture
+def providers():
+    ps = [InProcessProvider(f"p{i}", 64 << 20) for i in range(3)]
+    yield ps
+    for p in ps:
+        p.close()
+
+
+def roundtrip(store, pool, n, seed=1, obj=0):
+    data = make_pages(n, seed=seed)
+    store.put_many(pool, obj, np.arange(n), data)
+    out = np.zeros_like(data)
+    found = store.get_many(pool, obj, np.arange(n), out)
+    assert found.all()
+    assert np.array_equal(page_checksums(out, n), page_checksums(data, n))
+    return data
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_pages_beyond_local_budget_come_back_intact(providers, replicas):
+    with make_store(providers, replicas=replicas, slab_size=2 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        roundtrip(store, pool, 6000)
+        s = store.stats()
+        assert s["pages_remoted"] > 3000 and s["remote_pages"] > 3000
+        assert s["local_pages"] + s["remote_pages"] + s["zero_pages"] == 6000
+        assert s["compression_ratio"] > 1.5
+        assert s["remote_leased_bytes"] == s["remote_slabs"] * (2 << 20) * replicas
+
+
+def test_single_page_api_and_misses(providers):
+    with make_store(providers) as store:
+        pool = store.create_pool()
+        page = bytes(range(256)) * 16
+        store.put(pool, 3, 7, page)
+        assert store.get(pool, 3, 7) == page
+        assert store.get(pool, 3, 8) is None
+        out = np.full(2 * PAGE_SIZE, 0xAB, dtype=np.uint8)
+        found = store.get_many(pool, 3, [7, 8], out)
+        assert found.tolist() == [True, False]
+        assert not out[PAGE_SIZE:].any(), "a missing page reads as zeros"
+        assert store.invalidate_page(pool, 3, 7)
+        assert not store.invalidate_page(pool, 3, 7)
+        assert store.get(pool, 3, 7) is None
+        s = store.stats()
+        assert s["succ_gets"] == 2 and s["failed_gets"] == 3
+
+
+def test_zero_and_incompressible_pages(providers):
+    with make_store(providers) as store:
+        pool = store.create_pool()
+        rnd = np.random.default_rng(5).integers(0, 256, PAGE_SIZE, dtype=np.uint8).tobytes()
+        store.put(pool, 0, 0, bytes(PAGE_SIZE))
+        store.put(pool, 0, 1, rnd)
+        assert store.get(pool, 0, 0) == bytes(PAGE_SIZE)
+        assert store.get(pool, 0, 1) == rnd
+        s = store.stats()
+        assert s["zero_pages"] == 1 and s["local_compressed_bytes"] == PAGE_SIZE
+
+
+def test_overwrite_and_invalidate_reuse_space(providers):
+    with make_store(providers, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        roundtrip(store, pool, 3000, seed=1)
+        slabs = store.stats()["remote_slabs"]
+        for seed in (2, 3):  # overwriting in place must not grow the footprint without bound
+            roundtrip(store, pool, 3000, seed=seed)
+        assert store.stats()["remote_slabs"] <= slabs + 2
+        assert store.invalidate_object(pool, 0) == 3000
+        s = store.stats()
+        assert s["pages"] == 0 and s["remote_pages"] == 0 and s["local_pages"] == 0
+        assert s["remote_slabs"] == 0, "empty remote slabs go back to their providers"
+        assert all(p.used == 0 for p in providers)
+        roundtrip(store, pool, 3000, seed=4)
+
+
+def test_objects_and_pools_are_separate(providers):
+    with make_store(providers) as store:
+        a, b = store.create_pool(), store.create_pool(persistent=False)
+        store.put(a, 1, 0, b"a" * PAGE_SIZE)
+        store.put(a, 2, 0, b"b" * PAGE_SIZE)
+        store.put(b, 1, 0, b"c" * PAGE_SIZE)
+        assert store.invalidate_object(a, 1) == 1
+        assert store.get(a, 2, 0) == b"b" * PAGE_SIZE
+        assert store.invalidate_pool(b) == 1
+        with pytest.raises(errors.NotFound):
+            store.get(b, 1, 0)
+
+
+def test_persistent_put_fails_cleanly_when_everything_is_full():
+    small = [InProcessProvider("tiny", 1 << 20)]
+    with make_store(small, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        data = np.random.default_rng(1).integers(0, 256, 2000 * PAGE_SIZE, dtype=np.uint8)
+        stored = 0
+        with pytest.raises(errors.StoreFullError):
+            for i in range(0, 2000, 100):
+                store.put_many(pool, 0, np.arange(i, i + 100), data[i * PAGE_SIZE : (i + 100) * PAGE_SIZE])
+                stored = i + 100
+        assert stored >= 400  # local + remote held this much
+        out = np.zeros(stored * PAGE_SIZE, dtype=np.uint8)
+        assert store.get_many(pool, 0, np.arange(stored), out).all()
+        assert np.array_equal(out, data[: stored * PAGE_SIZE]), "earlier pages are intact after a failed put"
+    small[0].close()
+
+
+def test_ephemeral_pages_are_dropped_not_failed():
+    small = [InProcessProvider("tiny", 1 << 20)]
+    with make_store(small, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool(persistent=False)
+        data = np.random.default_rng(2).integers(0, 256, 2000 * PAGE_SIZE, dtype=np.uint8)
+        store.put_many(pool, 0, np.arange(2000), data)
+        out = np.zeros_like(data)
+        found = store.get_many(pool, 0, np.arange(2000), out)
+        assert 0 < found.sum() < 2000
+        assert store.stats()["ephemeral_dropped"] > 0
+        for i in np.flatnonzero(found)[:50]:
+            assert np.array_equal(out[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+    small[0].close()
+
+
+def test_repatriation_brings_pages_home(providers):
+    with make_store(providers, slab_size=1 << 20, local_budget=4 << 20) as store:
+        pool = store.create_pool()
+        data = roundtrip(store, pool, 3000)
+        store.invalidate_pages(pool, 0, np.arange(1500, 3000))
+        remote_before = store.stats()["remote_pages"]
+        assert remote_before > 0
+        moved = store.repatriate(10_000)
+        s = store.stats()
+        assert moved > 0 and s["remote_pages"] == remote_before - moved
+        assert s["pages_repatriated"] == moved
+        out = np.zeros(1500 * PAGE_SIZE, dtype=np.uint8)
+        assert store.get_many(pool, 0, np.arange(1500), out).all()
+        assert np.array_equal(page_checksums(out, 1500), page_checksums(data, 1500)[:1500])
+
+
+def test_bad_arguments(providers):
+    with make_store(providers) as store:
+        pool = store.create_pool()
+        with pytest.raises(ValueError):
+            store.put_many(pool, 0, [0, 1], bytes(PAGE_SIZE))
+        with pytest.raises(ValueError):
+            store.get_many(pool, 0, [0], bytearray(10))
+        with pytest.raises(errors.NotFound):
+            store.put(99, 0, 0, bytes(PAGE_SIZE))
+        with pytest.raises(errors.RramError):
+            store.put(pool, 1 << 24, 0, bytes(PAGE_SIZE))
+        with pytest.raises(errors.RramError):
+            store.put(pool, 0, -1, bytes(PAGE_SIZE))
+    with pytest.raises(errors.RramError):
+        store.get(pool, 0, 0)  # closed
+
+
+def test_reads_survive_a_dead_replica(providers):
+    with make_store(providers, replicas=2, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        data = roundtrip(store, pool, 4000)
+        providers[0].kill()
+        out = np.zeros_like(data)
+        assert store.get_many(pool, 0, np.arange(4000), out).all()
+        assert np.array_equal(page_checksums(out, 4000), page_checksums(data, 4000))
+        assert store.stats()["providers"]["p0"] == "dead"
