@@ -44,6 +44,7 @@ def link_provider(cfg, node, rt, requester: str, secret: bytes) -> Link:
         ep = rt.endpoint()
         try:
             ep.connect(client.connect_data(ep.local_params()))
+            ep.reconnect_params = client.connect_data
         except BaseException:
             ep.close()
             raise

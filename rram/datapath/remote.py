@@ -41,6 +41,7 @@ class Link:
     draining: bool = False
     failure_domain: str | None = None
     next_batch: int = 1
+    slabs_placed: int = 0
 
     def lkey_for(self, addr: int) -> int:
         return self.lkeys[addr]
@@ -57,7 +58,7 @@ class Replica:
 class VirtualSlab:
     slab_id: int
     size: int
-    replicas: list[Replica]
+    replicas: list[Replica | None]  # None: a missing copy (degraded slab)
     epoch: int = 0
 
 
@@ -77,9 +78,14 @@ class RemoteTier:
         self.rep_rkey = np.zeros((replicas, first_slab_id + 64), dtype=np.uint32)
         self.rep_link = np.full((replicas, first_slab_id + 64), -1, dtype=np.int32)
         self.rep_ready = np.zeros((replicas, first_slab_id + 64), dtype=bool)  # False while re-replicating
+        # the copy a drain is moving away from: still read and written until the move completes
+        self.mv_link = np.full((1, first_slab_id + 64), -1, dtype=np.int32)
+        self.mv_addr = np.zeros((1, first_slab_id + 64), dtype=np.uint64)
+        self.mv_rkey = np.zeros((1, first_slab_id + 64), dtype=np.uint32)
         self.degraded: set[int] = set()  # slab ids with fewer than `replicas` live copies
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
-                         "slabs_moved": 0, "bytes_moved": 0}
+                         "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0}
+        self._repair: dict[int, list] = {}  # slab id -> [replica slot, next offset, old replica]
         self.io_timeout = 10.0
         self._ops = {}  # link index -> preallocated ops array
         self._comp = new_completions(64)
@@ -102,46 +108,70 @@ class RemoteTier:
         if slab_id < self.rep_addr.shape[1]:
             return
         new = max(slab_id + 1, self.rep_addr.shape[1] * 2)
-        for name in ("rep_addr", "rep_rkey", "rep_link", "rep_ready"):
+        for name in ("rep_addr", "rep_rkey", "rep_link", "rep_ready", "mv_link", "mv_addr", "mv_rkey"):
             old = getattr(self, name)
-            fill = -1 if name == "rep_link" else 0
+            fill = -1 if name.endswith("_link") else 0
             arr = np.full((old.shape[0], new), fill, dtype=old.dtype)
             arr[:, : old.shape[1]] = old
             setattr(self, name, arr)
 
-    def lease_slab(self, choose_targets) -> VirtualSlab:
-        """Lease one virtual slab: ``choose_targets(links, r)`` picks the replica links."""
-        targets = choose_targets(self.live_links(), self.replicas)
-        if len(targets) < self.replicas:
-            raise errors.StoreFullError(
-                f"need {self.replicas} providers with {self.slab_size} bytes free, found {len(targets)}"
-            )
-        replicas: list[Replica] = []
-        try:
-            for link in targets:
-                lease = link.client.alloc_slab(self.slab_size)
-                replicas.append(Replica(link.index, lease.lease_id, lease.region))
-        except errors.RramError:
-            for rep in replicas:
-                self._free_lease(rep)
-            raise
+    def lease_slab(self, place) -> VirtualSlab:
+        """Lease one virtual slab on up to ``replicas`` distinct live providers.
+
+        ``place(candidates, n, chosen) -> links`` is the placement policy (preference
+        order).  A provider that is full or unreachable is skipped for the next one.  With
+        fewer live providers than ``replicas`` the slab starts degraded (re-replication
+        completes it when providers join); with none, StoreFullError.
+        """
+        chosen: list[Link] = []
+        leases: list[Replica] = []
+        excluded: set[int] = set()
+        while len(chosen) < self.replicas:
+            taken = {lk.index for lk in chosen} | excluded
+            cands = [lk for lk in self.live_links() if lk.index not in taken]
+            picks = place(cands, self.replicas - len(chosen), chosen) if cands else []
+            if not picks:
+                break
+            for link in picks:
+                try:
+                    lease = link.client.alloc_slab(self.slab_size)
+                except errors.CapacityError as exc:
+                    log.debug("provider %s full: %s", link.name, exc)
+                    excluded.add(link.index)
+                    continue
+                except (errors.ConnectionLost, errors.ProtocolError, OSError) as exc:
+                    excluded.add(link.index)
+                    self.mark_dead(link.index, f"lease failed: {exc}")
+                    continue
+                chosen.append(link)
+                leases.append(Replica(link.index, lease.lease_id, lease.region))
+        if not leases:
+            raise errors.StoreFullError(f"no live provider has {self.slab_size} bytes free for a slab")
         slab_id = self._next_slab
         self._next_slab += 1
-        vs = VirtualSlab(slab_id, self.slab_size, replicas, self.epoch)
+        vs = VirtualSlab(slab_id, self.slab_size, leases + [None] * (self.replicas - len(leases)), self.epoch)
         self._install(vs)
-        log.debug("leased slab %d on %s", slab_id, [self.links[r.link].name for r in replicas])
+        if len(leases) < self.replicas:
+            self.degraded.add(slab_id)
+            log.info("slab %d has %d of %d replicas until more providers are available",
+                     slab_id, len(leases), self.replicas)
         return vs
 
     def _install(self, vs: VirtualSlab) -> None:
         self._grow(vs.slab_id)
         self.slabs[vs.slab_id] = vs
         for j, rep in enumerate(vs.replicas):
-            self.rep_addr[j, vs.slab_id] = rep.region.addr
-            self.rep_rkey[j, vs.slab_id] = rep.region.rkey
-            self.rep_link[j, vs.slab_id] = rep.link
-            self.rep_ready[j, vs.slab_id] = True
+            self._set_replica(vs.slab_id, j, rep, ready=True)
 
-    def _free_lease(self, rep: Replica) -> None:
+    def _set_replica(self, slab_id: int, j: int, rep: Replica | None, ready: bool) -> None:
+        self.rep_addr[j, slab_id] = rep.region.addr if rep else 0
+        self.rep_rkey[j, slab_id] = rep.region.rkey if rep else 0
+        self.rep_link[j, slab_id] = rep.link if rep else -1
+        self.rep_ready[j, slab_id] = ready and rep is not None
+
+    def _free_lease(self, rep: Replica | None) -> None:
+        if rep is None:
+            return
         link = self.links[rep.link]
         if not link.alive:
             return
@@ -155,10 +185,14 @@ class RemoteTier:
         for rep in vs.replicas:
             self._free_lease(rep)
         self.rep_link[:, slab_id] = -1
+        self.mv_link[0, slab_id] = -1
+        state = self._repair.pop(slab_id, None)
+        if state is not None:
+            self._free_lease(state[2])
         self.degraded.discard(slab_id)
 
     def leased_bytes(self) -> int:
-        return sum(vs.size * len(vs.replicas) for vs in self.slabs.values())
+        return sum(vs.size for vs in self.slabs.values() for rep in vs.replicas if rep is not None)
 
     # -- I/O -----------------------------------------------------------------------------
 
@@ -177,6 +211,8 @@ class RemoteTier:
         for j in range(self.replicas):
             link = self.rep_link[j, slabs]
             plans.append((link, self.rep_addr[j, slabs] + offs, self.rep_rkey[j, slabs]))
+        if self._repair:
+            plans.append((self.mv_link[0, slabs], self.mv_addr[0, slabs] + offs, self.mv_rkey[0, slabs]))
         failed = self._run(OP_WRITE, plans, local_addrs, sizes, local_base)
         alive = self._alive_mask()
         held = np.zeros(len(slabs), dtype=bool)
@@ -207,6 +243,12 @@ class RemoteTier:
                 link[usable] = cand[usable]
                 addr[usable] = self.rep_addr[j, s[usable]] + offs[todo[usable]]
                 rkey[usable] = self.rep_rkey[j, s[usable]]
+            if self._repair:  # a slab being moved off a draining node reads from its old copy
+                cand = self.mv_link[0, s]
+                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)]
+                link[usable] = cand[usable]
+                addr[usable] = self.mv_addr[0, s[usable]] + offs[todo[usable]]
+                rkey[usable] = self.mv_rkey[0, s[usable]]
             if (link < 0).any():
                 raise errors.TransportError(
                     f"{int((link < 0).sum())} pages have no live replica (providers lost: "
@@ -298,13 +340,131 @@ class RemoteTier:
         self.epoch += 1
         self.counters["providers_lost"] += 1
         for vs in self.slabs.values():
-            if any(rep.link == index for rep in vs.replicas):
+            if any(rep is not None and rep.link == index for rep in vs.replicas):
                 self.degraded.add(vs.slab_id)
         for closer in (link.endpoint.close, link.client.close):
             try:
                 closer()
             except (errors.RramError, OSError) as exc:
                 log.debug("closing dead provider %s: %s", link.name, exc)
+
+    # -- repair: re-replication and drain ------------------------------------------------
+
+    def _needs_move(self, rep: Replica | None) -> bool:
+        if rep is None:
+            return True
+        link = self.links[rep.link]
+        return not link.alive or link.draining
+
+    def _source(self, vs: VirtualSlab, skip: int, old: Replica | None) -> Replica | None:
+        """A live, complete copy of ``vs`` to copy from: another replica, else the one being moved."""
+        for k, rep in enumerate(vs.replicas):
+            if k != skip and rep is not None and self.links[rep.link].alive and self.rep_ready[k, vs.slab_id]:
+                return rep
+        if old is not None and self.links[old.link].alive:
+            return old  # drain of a single copy: the draining node itself is the source
+        return None
+
+    def start_drain(self, index: int) -> int:
+        """Stop placing on provider ``index`` and schedule moving its slabs; returns their number."""
+        link = self.links[index]
+        link.draining = True
+        self.epoch += 1
+        mine = [vs.slab_id for vs in self.slabs.values()
+                if any(rep is not None and rep.link == index for rep in vs.replicas)]
+        self.degraded.update(mine)
+        return len(mine)
+
+    def slabs_on(self, index: int) -> int:
+        return sum(1 for vs in self.slabs.values() if any(r is not None and r.link == index for r in vs.replicas))
+
+    def repair_step(self, place, staging_addr: int, staging_len: int) -> int:
+        """Copy one chunk toward restoring a degraded slab or moving one off a draining node.
+
+        Call under the store's lock: a chunk is copied (READ from a live replica, WRITE to the
+        new one) atomically with respect to puts, and puts that land meanwhile already go to
+        the new replica too.  Returns the bytes copied; 0 when there is nothing to do now.
+        """
+        chunk = min(staging_len, 1 << 20)
+        while self.degraded:
+            slab_id = min(self.degraded)
+            vs = self.slabs.get(slab_id)
+            if vs is None:
+                self.degraded.discard(slab_id)
+                continue
+            state = self._repair.get(slab_id)
+            if state is not None and not self.links[vs.replicas[state[0]].link].alive:
+                self._repair.pop(slab_id)  # the new target died mid-copy: start over elsewhere
+                if state[2] is not None and self.links[state[2].link].alive:
+                    vs.replicas[state[0]] = state[2]  # a drain: the old copy is still the real one
+                    self._set_replica(slab_id, state[0], state[2], ready=True)
+                self.mv_link[0, slab_id] = -1
+                state = None
+            if state is None:
+                j = next((j for j, rep in enumerate(vs.replicas) if self._needs_move(rep)), None)
+                if j is None:
+                    self.degraded.discard(slab_id)
+                    continue
+                if self._source(vs, j, vs.replicas[j]) is None:
+                    log.error("slab %d lost: no live replica left", slab_id)
+                    self.counters["slabs_lost"] += 1
+                    self.degraded.discard(slab_id)
+                    continue
+                holders = [self.links[r.link] for r in vs.replicas if r is not None and self.links[r.link].alive]
+                taken = {r.link for r in vs.replicas if r is not None}
+                cands = [lk for lk in self.live_links() if lk.index not in taken]
+                target = None
+                for lk in (place(cands, len(cands), holders) if cands else []):
+                    try:
+                        lease = lk.client.alloc_slab(vs.size)
+                    except (errors.CapacityError, errors.ConnectionLost, errors.ProtocolError, OSError) as exc:
+                        log.debug("repair target %s refused: %s", lk.name, exc)
+                        continue
+                    target = Replica(lk.index, lease.lease_id, lease.region)
+                    break
+                if target is None:
+                    return 0  # stay degraded until a provider has room
+                old = vs.replicas[j]
+                vs.replicas[j] = target
+                self._set_replica(slab_id, j, target, ready=False)
+                if old is not None:
+                    self.mv_link[0, slab_id] = old.link
+                    self.mv_addr[0, slab_id] = old.region.addr
+                    self.mv_rkey[0, slab_id] = old.region.rkey
+                state = self._repair[slab_id] = [j, 0, old]
+            j, off, old = state
+            src = self._source(vs, j, old)
+            if src is None:
+                log.error("slab %d lost during repair: no live copy left", slab_id)
+                self.counters["slabs_lost"] += 1
+                self._repair.pop(slab_id)
+                self.degraded.discard(slab_id)
+                continue
+            n = min(chunk, vs.size - off)
+            one = np.ones(1, dtype=np.int64)
+            dst = vs.replicas[j]
+            if self._run(OP_READ, [(one * src.link, np.array([src.region.addr + off], np.uint64),
+                                    np.array([src.region.rkey], np.uint32))],
+                         np.array([staging_addr], np.uint64), np.array([n], np.uint32), staging_addr):
+                return 0
+            if self._run(OP_WRITE, [(one * dst.link, np.array([dst.region.addr + off], np.uint64),
+                                     np.array([dst.region.rkey], np.uint32))],
+                         np.array([staging_addr], np.uint64), np.array([n], np.uint32), staging_addr):
+                return 0
+            state[1] = off + n
+            if state[1] >= vs.size:
+                self._repair.pop(slab_id)
+                self.rep_ready[j, slab_id] = True
+                self.mv_link[0, slab_id] = -1
+                moved = old is not None and self.links[old.link].alive
+                self._free_lease(old)
+                self.counters["slabs_moved" if moved else "slabs_rereplicated"] += 1
+                if not any(self._needs_move(rep) for rep in vs.replicas):
+                    self.degraded.discard(slab_id)
+            self.counters["bytes_moved" if old is not None and self.links[old.link].alive
+                          else "bytes_rereplicated"] += n
+            return n
+        return 0
 
     def close(self) -> None:
         for vs in list(self.slabs.values()):

@@ -89,6 +89,13 @@ class PageStore:
         self._staging_addrs = self.staging.addr + np.arange(b, dtype=np.uint64) * PAGE_SIZE
         self._ok = np.zeros(b, dtype=np.uint8)
 
+    def add_provider(self, link) -> None:
+        """A provider that joined (or came back): usable for new slabs and repairs at once."""
+        with self._lock:
+            self.remote.add_link(link)
+            self._register_arenas(link)
+            self.remote.epoch += 1
+
     def _register_arenas(self, link) -> None:
         for arena in (self.local_arena, self.staging):
             link.lkeys[arena.addr] = link.endpoint.register_local(arena.addr, arena.length)
@@ -415,6 +422,50 @@ class PageStore:
             self._release_empty_slabs()
         return moved
 
+    # -- repair and drain -----------------------------------------------------------------
+
+    def repair(self, max_seconds: float = 0.05) -> int:
+        """Re-replicate degraded slabs and move slabs off draining providers for a while.
+
+        Takes the lock one chunk at a time so puts and gets go on in between.  Returns the
+        bytes copied; 0 when nothing needed doing (or no provider can take a copy yet).
+        """
+        if self.remote is None:
+            return 0
+        done = 0
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline:
+            with self._lock:
+                self._check_open()
+                n = self.remote.repair_step(self._choose, self.staging.addr, self.staging.length)
+                if n == 0:
+                    self._release_empty_slabs()
+                    break
+            done += n
+        return done
+
+    def check_providers(self) -> list[str]:
+        """Heartbeat every live provider; one that is gone is marked dead at once. Returns the newly dead."""
+        if self.remote is None:
+            return []
+        dead = []
+        for link in [lk for lk in self.remote.links if lk.alive]:
+            try:
+                link.client.heartbeat()
+            except (errors.RramError, OSError) as exc:
+                with self._lock:
+                    self.remote.mark_dead(link.index, f"heartbeat failed: {exc}")
+                dead.append(link.name)
+        return dead
+
+    def drain(self, provider: str) -> int:
+        """Start moving every slab off ``provider``; ``repair()`` does the copying."""
+        with self._lock:
+            link = next((lk for lk in self.remote.links if lk.name == provider), None) if self.remote else None
+            if link is None:
+                raise errors.NotFound(f"no provider named {provider!r} in this store")
+            return self.remote.start_drain(link.index)
+
     # -- stats / lifetime -----------------------------------------------------------------
 
     def stats(self) -> dict:
@@ -437,7 +488,11 @@ class PageStore:
             if self.remote is not None:
                 c["remote_slabs"] = len(self.remote.slabs)
                 c["remote_leased_bytes"] = self.remote.leased_bytes()
-                c["providers"] = {lk.name: ("alive" if lk.alive else "dead") for lk in self.remote.links}
+                c["providers"] = {lk.name: ("dead" if not lk.alive else "draining" if lk.draining else "alive")
+                                  for lk in self.remote.links}
+                c["degraded_slabs"] = len(self.remote.degraded)
+                c["epoch"] = self.remote.epoch
+                c.update(self.remote.counters)
             c["codec"] = codec.IMPLEMENTATION
             return c
 
@@ -462,9 +517,16 @@ class PageStore:
         self.close()
 
 
-def _most_free_first(links, r):
-    """Default placement until membership-aware placement is wired: r distinct live links."""
-    return links[:r] if len(links) >= r else []
+def _most_free_first(candidates, n, chosen):
+    """Default placement: spread slabs round-robin over the candidates, one per failure domain."""
+    domains = {lk.failure_domain for lk in chosen if lk.failure_domain}
+    spread = [lk for lk in candidates if not lk.failure_domain or lk.failure_domain not in domains]
+    pool = spread or candidates
+    pool = sorted(pool, key=lambda lk: lk.slabs_placed)
+    picks = pool[:n]
+    for lk in picks:
+        lk.slabs_placed += 1
+    return picks
 
 
 def _copy_batch():

@@ -88,6 +88,10 @@ class InProcessClient:
         self._check()
         return self.session.accept(params)
 
+    def heartbeat(self) -> dict:
+        self._check()
+        return {"free": self.p.capacity - self.p.used, "capacity": self.p.capacity}
+
     def stats(self) -> dict:
         return {"capacity": self.p.capacity, "used": self.p.used, "leases": len(self.p.leases)}
 
@@ -107,5 +111,6 @@ def make_store(providers: list[InProcessProvider], *, replicas: int = 1, slab_si
         client = p.client(requester)
         ep = rt.endpoint()
         ep.connect(client.connect_data(ep.local_params()))
+        ep.reconnect_params = client.connect_data
         remote.add_link(Link(index=-1, name=p.name, client=client, endpoint=ep))
     return PageStore(remote, local_budget=local_budget, batch=batch)

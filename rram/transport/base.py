@@ -133,6 +133,9 @@ class Endpoint(abc.ABC):
     max_batch: int = 1024
     #: batches that may be outstanding (posted, not yet polled)
     max_outstanding: int = 16
+    #: set by whoever ran the connect exchange: ``params -> reply`` through the control
+    #: connection, so that ``recover()`` can build a new connection (verbs needs a new QP)
+    reconnect_params = None
 
     @abc.abstractmethod
     def local_params(self) -> dict:

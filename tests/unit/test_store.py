@@ -172,3 +172,85 @@ def test_reads_survive_a_dead_replica(providers):
         assert store.get_many(pool, 0, np.arange(4000), out).all()
         assert np.array_equal(page_checksums(out, 4000), page_checksums(data, 4000))
         assert store.stats()["providers"]["p0"] == "dead"
+
+
+def repair_all(store, rounds=2000):
+    store.check_providers()
+    for _ in range(rounds):
+        if store.repair(0.5) == 0:
+            break
+    return store.stats()
+
+
+def test_rereplication_restores_copies_after_a_death(providers):
+    with make_store(providers, replicas=2, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        data = roundtrip(store, pool, 3000)
+        providers[1].kill()
+        s = repair_all(store)
+        assert s["degraded_slabs"] == 0 and s["slabs_rereplicated"] > 0
+        # a second, different death: every page still has a live copy
+        survivors = [p for p in providers if p.alive]
+        survivors[0].kill()
+        out = np.zeros_like(data)
+        assert store.get_many(pool, 0, np.arange(3000), out).all()
+        assert np.array_equal(page_checksums(out, 3000), page_checksums(data, 3000))
+
+
+def test_slabs_start_degraded_with_too_few_providers_and_heal_when_one_joins():
+    one = [InProcessProvider("a", 64 << 20)]
+    with make_store(one, replicas=2, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        data = roundtrip(store, pool, 2000)
+        assert store.stats()["degraded_slabs"] > 0
+        assert repair_all(store)["degraded_slabs"] > 0, "no second provider yet: stays degraded"
+        from rram.datapath.remote import Link
+
+        late = InProcessProvider("b", 64 << 20)
+        client = late.client("test")
+        from rram import transport
+
+        ep = transport.requester_transport("loopback").endpoint()
+        ep.connect(client.connect_data(ep.local_params()))
+        link = Link(index=-1, name="b", client=client, endpoint=ep)
+        store.add_provider(link)
+        assert repair_all(store)["degraded_slabs"] == 0
+        one[0].kill()
+        out = np.zeros_like(data)
+        assert store.get_many(pool, 0, np.arange(2000), out).all()
+        assert np.array_equal(page_checksums(out, 2000), page_checksums(data, 2000))
+        late.close()
+
+
+def test_drain_moves_every_slab_off_a_provider(providers):
+    with make_store(providers, replicas=1, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        data = roundtrip(store, pool, 4000)
+        assert providers[0].used > 0
+        assert store.drain("p0") > 0
+        s = repair_all(store)
+        assert s["providers"]["p0"] == "draining" and s["slabs_moved"] > 0
+        assert providers[0].used == 0, "all leases on the drained provider are released"
+        providers[0].kill()
+        out = np.zeros_like(data)
+        assert store.get_many(pool, 0, np.arange(4000), out).all()
+        assert np.array_equal(page_checksums(out, 4000), page_checksums(data, 4000))
+
+
+def test_reads_and_writes_during_a_drain(providers):
+    """Pages written and read while their single copy is being moved are never stale."""
+    with make_store(providers, replicas=1, slab_size=1 << 20, local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        data = roundtrip(store, pool, 3000).copy()
+        store.drain("p0")
+        rng = np.random.default_rng(9)
+        while store.repair(0.001):
+            idx = np.sort(rng.choice(3000, 50, replace=False))
+            fresh = make_pages(50, seed=int(rng.integers(1 << 30)))
+            store.put_many(pool, 0, idx, fresh)
+            for k, i in enumerate(idx):
+                data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = fresh[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+            out = np.zeros(3000 * PAGE_SIZE, dtype=np.uint8)
+            assert store.get_many(pool, 0, np.arange(3000), out).all()
+            assert np.array_equal(page_checksums(out, 3000), page_checksums(data, 3000))
+        assert providers[0].used == 0
