@@ -89,6 +89,9 @@ class RemoteTier:
         self.io_timeout = 10.0
         self._ops = {}  # link index -> preallocated ops array
         self._comp = new_completions(64)
+        one = new_ops(1)  # the single-op latency path: per-field views, set without numpy dispatch
+        self._one = {"ops": one, **{name: one[name] for name in ("local_addr", "remote_addr", "length", "lkey", "rkey")}}
+        one["opcode"] = OP_READ
         self._lock = threading.RLock()
         self.epoch = 0
 
@@ -259,6 +262,40 @@ class RemoteTier:
                 return
             todo = todo[np.isin(link, list(failed))]
         raise errors.TransportError("reads kept failing on every replica")
+
+    def read_one(self, loc: int, dst_addr: int, local_base: int) -> None:
+        """READ one page's stored bytes (the latency path: no vectorised set-up)."""
+        slab = loc >> L.SLAB_SHIFT
+        for j in range(self.replicas):
+            li = int(self.rep_link[j, slab])
+            if li >= 0 and self.rep_ready[j, slab] and self.links[li].alive:
+                break
+        else:
+            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
+        link = self.links[li]
+        ep = link.endpoint
+        if ep.outstanding:
+            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
+        f = self._one
+        f["local_addr"][0] = dst_addr
+        f["remote_addr"][0] = int(self.rep_addr[j, slab]) + ((loc >> L.OFFSET_SHIFT) & L.OFFSET_FIELD) * L.GRANULE
+        f["length"][0] = (loc >> L.SIZE_SHIFT) & L.SIZE_FIELD
+        f["lkey"][0] = link.lkeys[local_base]
+        f["rkey"][0] = int(self.rep_rkey[j, slab])
+        batch = link.next_batch
+        link.next_batch += 1
+        try:
+            ep.post(f["ops"], batch)
+            n = ep.poll(self._comp, self.io_timeout)
+        except errors.TransportError as exc:
+            self.mark_dead(li, str(exc))
+            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
+        c = self._comp[0]
+        if n == 0 or c["status"] in LINK_FAILURE_STATUSES:
+            self.mark_dead(li, "no completion" if n == 0 else "link failure")
+            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
+        if c["status"] != WC_SUCCESS or int(c["batch_id"]) != batch:
+            raise completion_error(int(c["status"]), int(c["batch_id"]), int(c["index"]), link.name)
 
     def _alive_mask(self) -> np.ndarray:
         return np.array([lk.alive for lk in self.links] or [False], dtype=bool)

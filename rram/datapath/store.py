@@ -88,6 +88,9 @@ class PageStore:
         self._srcs = np.zeros(b, dtype=np.uint64)
         self._staging_addrs = self.staging.addr + np.arange(b, dtype=np.uint64) * PAGE_SIZE
         self._ok = np.zeros(b, dtype=np.uint8)
+        self._one_src = np.zeros(1, dtype=np.uint64)
+        self._one_size = np.zeros(1, dtype=np.uint32)
+        self._one_page = bytearray(PAGE_SIZE)
 
     def add_provider(self, link) -> None:
         """A provider that joined (or came back): usable for new slabs and repairs at once."""
@@ -283,11 +286,36 @@ class PageStore:
     # -- get ------------------------------------------------------------------------------
 
     def get(self, pool: int, obj: int, index: int, out=None) -> bytes | None:
-        buf = bytearray(PAGE_SIZE) if out is None else out
-        found = self.get_many(pool, obj, [index], buf)
-        if not found[0]:
-            return None
-        return bytes(buf) if out is None else out
+        """One page, or None on a miss.  The latency path: scalar lookups, one remote op.
+
+        With ``out`` (a writable 4096-byte buffer) the page is decompressed into it and
+        ``out`` is returned; without, a new bytes object.
+        """
+        key = K.pack(pool, obj, index)
+        dst = self._one_page if out is None else out
+        with self._lock:
+            self._check_open()
+            self._persistent(pool)
+            loc = self.map.get(key)
+            self.counters["gets"] += 1
+            if loc == 0:
+                self.counters["failed_gets"] += 1
+                return None
+            self.counters["succ_gets"] += 1
+            size = (loc >> L.SIZE_SHIFT) & L.SIZE_FIELD if loc & L.KIND_MASK == L.KIND_STORED else 0
+            slab = loc >> L.SLAB_SHIFT
+            src = 0
+            if size and slab <= self.last_local_slab:
+                src = int(self.local_base[slab]) + ((loc >> L.OFFSET_SHIFT) & L.OFFSET_FIELD) * L.GRANULE
+                self.counters["local_gets"] += 1
+            elif size:
+                src = self.staging.addr
+                self.remote.read_one(loc, src, self.staging.addr)
+                self.counters["remote_gets"] += 1
+            self._one_src[0] = src
+            self._one_size[0] = size
+            codec.decompress_pages(self._one_src, self._one_size, 1, dst)
+            return bytes(dst) if out is None else out
 
     def get_many(self, pool: int, obj: int, indexes, out) -> np.ndarray:
         """Read pages into ``out`` (n*4096 writable bytes); returns the found mask.

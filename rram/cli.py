@@ -1,0 +1,159 @@
+"""The `rram` command: provider, status, demo, requester, drain.
+
+This is the only place that configures logging.  Subcommands written in other modules are
+imported when used, so the CLI works (and says clearly what is missing) in a partial build.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+
+MISSING_MODULE_EXIT = 2
+
+
+def _lazy(module: str, func: str = "main"):
+    """A handler that imports ``module`` only when its subcommand runs."""
+
+    def run(args) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+                print(f"rram {args.command}: not available in this build ({module} is missing)", file=sys.stderr)
+                return MISSING_MODULE_EXIT
+            raise
+        return getattr(mod, func)(args)
+
+    return run
+
+
+def _provider(args) -> int:
+    from .provider.server import main
+
+    return main(args)
+
+
+def _status(args) -> int:
+    """Ask every provider for its stats; exit 1 when any is unreachable."""
+    import json
+    import os
+    import socket
+
+    from . import config as C
+    from . import errors
+    from .control.client import ProviderClient
+
+    try:
+        cfg = C.load(args.config)
+        secret = cfg.secret_bytes()
+    except errors.ConfigError as exc:
+        print(f"rram status: {exc}", file=sys.stderr)
+        return 1
+    results: dict[str, dict] = {}
+    for node in cfg.providers():
+        client = ProviderClient(node, secret, f"status@{socket.gethostname()}-{os.getpid()}", timeout=args.timeout)
+        try:
+            client.connect()
+            results[node.name] = client.stats()
+        except (errors.RramError, OSError) as exc:
+            results[node.name] = {"error": str(exc)}
+        finally:
+            client.close()
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        _status_table(cfg, results)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def _status_table(cfg, results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import format_size
+
+    table = Table(title=f"cluster {cfg.name}")
+    for col in ("node", "control", "state", "transport", "capacity", "used", "free", "leases", "sessions",
+                "uptime"):
+        table.add_column(col, justify="right" if col in ("capacity", "used", "free", "leases", "sessions",
+                                                          "uptime") else "left")
+    problems = []
+    for node in cfg.providers():
+        r = results[node.name]
+        where = f"{node.address}:{node.port}"
+        if "error" in r:
+            table.add_row(node.name, where, "[red]unreachable[/]", *[""] * 7)
+            problems.append(f"{node.name}: {r['error']}")
+            continue
+        table.add_row(node.name, where, r["state"], r["transport"], format_size(r["capacity"]),
+                      format_size(r["used"]), format_size(r["free"]), str(r["leases"]), str(r["sessions"]),
+                      f"{r['uptime']:.0f}s")
+    console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole lines
+    console.print(table)
+    for line in problems:
+        console.print(f"[red]{line}[/]", soft_wrap=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rram", description="Remote memory over RDMA or TCP.")
+    parser.add_argument("--version", action="version", version=f"rram {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging (errors only)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("provider", help="run a memory provider daemon for one node of the cluster")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("--name", required=True, help="this node's name in the cluster file")
+    p.add_argument("--transport", choices=("auto", "tcp", "verbs", "loopback"),
+                   help="override the cluster file's transport")
+    p.add_argument("--io-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time a peer may take for the handshake or to finish a frame (default 10)")
+    p.set_defaults(func=_provider)
+
+    p = sub.add_parser("status", help="ask every provider for its counters")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="per provider (default 3)")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("demo", help="a whole cluster on loopback, end to end, with verified pages")
+    p.add_argument("--providers", type=int, default=2, metavar="N")
+    p.add_argument("--pages", type=int, default=200_000, metavar="N")
+    p.add_argument("--budget", default="32MiB", metavar="SIZE", help="the requester's local budget")
+    p.add_argument("--transport", default="tcp", metavar="NAME")
+    p.set_defaults(func=_lazy("rram.demo"))
+
+    p = sub.add_parser("requester", help="export remote memory as a block device (NBD)")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("--name", help="this requester's name (default: host-pid)")
+    p.add_argument("--export-size", default="1GiB", metavar="SIZE")
+    p.add_argument("--socket", metavar="PATH", help="serve NBD on this unix socket")
+    p.add_argument("--listen", metavar="HOST:PORT", help="serve NBD on this TCP address")
+    p.set_defaults(func=_lazy("rram.frontends.requester"))
+
+    p = sub.add_parser("drain", help="move every lease off a provider, then stop leasing there")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("node", metavar="NODE")
+    p.set_defaults(func=_lazy("rram.control.drain"))
+    return parser
+
+
+def configure_logging(verbose: int, quiet: int) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    if quiet:
+        level = logging.ERROR
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,231 @@
+"""The requester's control connection to one provider (blocking, thread-safe).
+
+    client = ProviderClient(node, cfg.secret_bytes(), requester="host-1")
+    client.connect()                                   # hello/auth, both sides proven
+    lease = client.alloc_slab(64 << 20)                # Lease(lease_id, RemoteRegion)
+    ep.connect(client.connect_data(ep.local_params()))
+    ...
+    client.resume()                                    # after ConnectionLost: same leases back
+    client.close()                                     # bye: the provider frees everything
+
+Provider error codes become rram.errors exceptions; a broken or timed-out connection is
+``ConnectionLost`` and the client keeps its session id and token for ``resume()``.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+
+from .. import errors
+from ..transport.base import RemoteRegion
+from . import auth
+from . import messages as M
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {
+    "auth": errors.AuthError,
+    "capacity": errors.CapacityError,
+    "draining": errors.CapacityError,
+    "not_found": errors.NotFound,
+    "bad_request": errors.ProtocolError,
+    "state": errors.ProtocolError,
+    "transport": errors.TransportError,
+    "shutdown": errors.ConnectionLost,
+}
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: int
+    region: RemoteRegion
+
+
+class ProviderClient:
+    def __init__(self, node, secret: bytes, requester: str, timeout: float = 5.0):
+        self.node = node
+        self.secret = secret.encode() if isinstance(secret, str) else bytes(secret)
+        self.requester = requester
+        self.timeout = timeout
+        #: filled in by connect(): what the provider said about itself
+        self.welcome: dict | None = None
+        self.session: str | None = None
+        self.token: str | None = None
+        self._sock: socket.socket | None = None
+        self._dec: M.Decoder | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def epoch(self) -> int | None:
+        return None if self.welcome is None else self.welcome["epoch"]
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def __repr__(self) -> str:
+        return f"<ProviderClient {self.node.name} {self.node.address}:{self.node.port} session={self.session}>"
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connect(self) -> dict:
+        """Dial and authenticate (a new session); returns the provider's welcome."""
+        with self._lock:
+            self._dial()
+            self.session, self.token = self.welcome["session"], self.welcome["token"]
+            return self.welcome
+
+    def resume(self) -> list[Lease]:
+        """Reconnect and reattach to the previous session's leases (inside lease_grace).
+
+        Raises NotFound when the provider no longer has them (grace expired or it restarted).
+        """
+        with self._lock:
+            if self.session is None:
+                raise errors.ProtocolError("resume() before a successful connect()")
+            old = (self.session, self.token)
+            self._dial()
+            rep = self._call_locked("resume", session=old[0], token=old[1])
+            self.session, self.token = rep["session"], rep["token"]
+            return [Lease(item["lease"], RemoteRegion(item["addr"], item["length"], item["rkey"]))
+                    for item in rep["leases"]]
+
+    def close(self) -> None:
+        """Idempotent: say bye (the provider releases every lease of the session) and hang up."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._sock is not None:
+                try:
+                    self._call_locked("bye")
+                except errors.RramError as exc:
+                    log.debug("bye to %s failed: %s", self.node.name, exc)
+            self._hangup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def alloc_slab(self, size: int) -> Lease:
+        rep = self._call("alloc_slab", size=int(size))
+        return Lease(rep["lease"], RemoteRegion(rep["addr"], rep["length"], rep["rkey"]))
+
+    def free_slab(self, lease) -> None:
+        lease_id = lease.lease_id if isinstance(lease, Lease) else int(lease)
+        self._call("free_slab", lease=lease_id)
+
+    def connect_data(self, params: dict) -> dict:
+        """Pass an endpoint's ``local_params()`` to the provider's transport session; its reply."""
+        return self._call("connect", params=params)["params"]
+
+    def stats(self) -> dict:
+        return self._call("stats")["stats"]
+
+    def heartbeat(self) -> dict:
+        rep = self._call("heartbeat")
+        return {k: rep[k] for k in ("epoch", "capacity", "free", "load", "state")}
+
+    def drain(self) -> str:
+        return self._call("drain")["state"]
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _call(self, kind: str, **fields) -> dict:
+        with self._lock:
+            if self._closed:
+                raise errors.ConnectionLost(f"client for {self.node.name} is closed")
+            if self._sock is None:
+                raise errors.ConnectionLost(f"not connected to provider {self.node.name} (connect() or resume())")
+            return self._call_locked(kind, **fields)
+
+    def _call_locked(self, kind: str, **fields) -> dict:
+        msg_id = next(self._ids)
+        try:
+            self._sock.sendall(M.encode(M.request(kind, msg_id, **fields)))
+            while True:
+                for rep in self._read():
+                    if rep["re"] == msg_id:
+                        return self._result(kind, rep)
+                    if rep["re"] == 0 and not rep["ok"]:  # unsolicited: the provider is dropping us
+                        self._raise(rep)
+                    log.debug("%s: ignoring a late reply to request %d", self.node.name, rep["re"])
+        except socket.timeout as exc:
+            self._hangup()
+            raise errors.ConnectionLost(f"provider {self.node.name} did not answer {kind} "
+                                        f"within {self.timeout:g}s") from exc
+        except OSError as exc:
+            self._hangup()
+            raise errors.ConnectionLost(f"control connection to {self.node.name} lost during {kind}: {exc}") from exc
+        except errors.ProtocolError:
+            self._hangup()
+            raise
+
+    def _read(self) -> list[dict]:
+        data = self._sock.recv(1 << 16)
+        if not data:
+            raise ConnectionResetError("provider closed the connection")
+        return self._dec.feed(data)
+
+    def _result(self, kind: str, rep: dict) -> dict:
+        if not rep["ok"]:
+            self._raise(rep)
+        M.check_reply(kind, rep)
+        return {k: v for k, v in rep.items() if k not in ("v", "re", "ok")}
+
+    def _raise(self, rep: dict):
+        code, message = rep["error"]["code"], rep["error"]["message"]
+        cls = _ERRORS.get(code, errors.RramError)
+        if cls in (errors.AuthError, errors.ConnectionLost):
+            self._hangup()
+        raise cls(f"provider {self.node.name}: {message}" + ("" if code in _ERRORS else f" ({code})"))
+
+    def _dial(self) -> None:
+        if self._closed:
+            raise errors.ConnectionLost(f"client for {self.node.name} is closed")
+        self._hangup()
+        addr = (self.node.address, self.node.port)
+        try:
+            sock = socket.create_connection(addr, timeout=self.timeout)
+        except OSError as exc:
+            raise errors.ConnectionLost(f"cannot reach provider {self.node.name} at {addr[0]}:{addr[1]}: "
+                                        f"{exc.strerror or exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._dec = sock, M.Decoder("reply")
+        try:
+            self.welcome = self._authenticate()
+        except BaseException:
+            self._hangup()
+            raise
+
+    def _authenticate(self) -> dict:
+        nonce = auth.new_nonce()
+        challenge = self._call_locked("hello", requester=self.requester, nonce=nonce)["challenge"]
+        mac = auth.requester_mac(self.secret, challenge, nonce, self.requester)
+        welcome = self._call_locked("auth", mac=mac)
+        expected = auth.provider_proof(self.secret, challenge, nonce, self.requester)
+        if not auth.verify(expected, welcome["proof"]):
+            raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster secret")
+        log.debug("authenticated to %s (session %s, epoch %d)", self.node.name, welcome["session"], welcome["epoch"])
+        return welcome
+
+    def _hangup(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass

@@ -1,0 +1,168 @@
+"""A cluster of real provider processes on loopback, for tests, the demo and benchmarks.
+
+    with LocalCluster(n_providers=2, capacity="256MiB", lease_grace=1.0) as cluster:
+        store = rram.connect(cluster.config_path)
+        cluster.kill("p0")                 # SIGKILL: a crashed node
+        cluster.restart("p0")
+
+Each provider is ``python -m rram provider`` with its stdout and log in ``workdir``; the
+harness waits for its ready line.  Children die with the harness (PR_SET_PDEATHSIG) and
+``stop()`` terminates, then kills, so no process outlives a test.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from .. import config as C
+from .. import errors
+
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+_PR_SET_PDEATHSIG = 1
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+class LocalCluster:
+    def __init__(self, n_providers: int = 2, capacity="256MiB", transport: str = "tcp", secret: str | None = None,
+                 replicas: int = 1, workdir: str | None = None, *, io_timeout: float | None = None,
+                 verbose: bool = True, **cluster_opts):
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="rram-cluster-")
+        self.secret = secret or secrets.token_hex(16)
+        self.io_timeout = io_timeout
+        self.verbose = verbose
+        cap = C.format_size(C.parse_size(capacity))
+        nodes = [{"name": f"p{i}", "address": "127.0.0.1", "port": free_port(), "capacity": cap,
+                  "roles": ["provider"]} for i in range(n_providers)]
+        data = {"name": "local", "secret": self.secret, "transport": transport, "replicas": replicas,
+                "nodes": nodes, **cluster_opts}
+        self.config_path = os.path.join(self.workdir, "cluster.yaml")
+        self.config = C.from_dict(data, source=self.config_path)
+        with open(self.config_path, "w") as f:
+            f.write(C.dump(self.config))
+        self.providers = [n["name"] for n in nodes]
+        self.procs: dict[str, subprocess.Popen] = {}
+        try:
+            for name in self.providers:
+                self.start(name)
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.workdir, f"{name}.log")
+
+    def start(self, name: str) -> subprocess.Popen:
+        """Start provider ``name`` and wait for its ready line."""
+        self.config.node(name)
+        if name in self.procs and self.procs[name].poll() is None:
+            raise errors.RramError(f"provider {name} is already running")
+        out_path = os.path.join(self.workdir, f"{name}.out")
+        cmd = [sys.executable, "-m", "rram"] + (["-v"] if self.verbose else []) + [
+            "provider", "--config", self.config_path, "--name", name]
+        if self.io_timeout is not None:
+            cmd += ["--io-timeout", str(self.io_timeout)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+        with open(out_path, "w") as out, open(self.log_path(name), "a") as log:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=_die_with_parent)
+        self.procs[name] = proc
+        self._wait_ready(name, proc, out_path)
+        return proc
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen, out_path: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            with open(out_path) as f:
+                if any(line.startswith(f"rram provider {name} ready ") for line in f):
+                    return
+            if proc.poll() is not None:
+                raise errors.RramError(f"provider {name} exited with status {proc.returncode} before it was "
+                                       f"ready; its log:\n{self.log_tail(name)}")
+            time.sleep(0.02)
+        raise errors.RramError(f"provider {name} not ready after {READY_TIMEOUT:g}s; its log:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            with open(self.log_path(name)) as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int | None:
+        """Send ``sig`` to provider ``name``; returns its exit status once it is gone (SIGKILL/SIGTERM)."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            try:
+                return proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait()
+        return None
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Stop ``name`` (if running) and start it again on the same ports: a new epoch, no leases."""
+        if self.alive(name):
+            self.kill(name, signal.SIGTERM)
+        return self.start(name)
+
+    def stop(self) -> None:
+        """Terminate every provider, kill those that do not exit in time. Idempotent."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._own_workdir and os.environ.get("RRAM_KEEP_CLUSTER") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._own_workdir = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __del__(self):
+        procs = getattr(self, "procs", {})
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
