@@ -54,8 +54,8 @@ def run(providers: int = 2, pages: int = 200_000, budget: int = 32 << 20, transp
                     store, pool, s, e, back, sums))
                 # invalidate every other page of the first half and write new ones in its place
                 half = np.arange(0, pages // 2, 2, dtype=np.uint64)
+                before = store.stats()
                 store.invalidate_pages(pool, 0, half)
-                before = store.stats()["remote_compressed_bytes"]
                 fresh = make_pages(len(half), seed=7)
                 store.put_many(pool, 0, half, fresh)
                 after = store.stats()
@@ -65,10 +65,11 @@ def run(providers: int = 2, pages: int = 200_000, budget: int = 32 << 20, transp
                     raise errors.CorruptDataError("pages rewritten after invalidation came back different")
             stats = store.stats()
             _print_counters(console, stats)
-            console.print(f"space reused after invalidation: remote bytes {before >> 20} MiB -> "
-                          f"{after['remote_compressed_bytes'] >> 20} MiB, slabs {after.get('remote_slabs')}")
-        for name, pstats in _provider_stats(cluster).items():
-            console.print(f"provider {name}: {pstats}")
+            console.print(f"invalidated and rewrote {len(half)} pages: leased "
+                          f"{before.get('remote_leased_bytes', 0) >> 20} MiB before, "
+                          f"{after.get('remote_leased_bytes', 0) >> 20} MiB after (freed space reused)")
+            for name, pstats in _provider_stats(cluster).items():
+                console.print(f"provider {name}: {pstats}")
     console.print(f"[bold green]OK[/]: {pages} pages verified, 0 lost, {time.monotonic() - t0:.1f}s")
     return stats
 
@@ -115,11 +116,9 @@ def _provider_stats(cluster) -> dict:
     out = {}
     try:
         from .control.client import ProviderClient
-        from .datapath.connect import _secret
-
         cfg = cluster.config
         for node in cfg.providers():
-            with closing(ProviderClient(node, _secret(cfg), "demo-status")) as client:
+            with closing(ProviderClient(node, cfg.secret_bytes(), "demo-status")) as client:
                 client.connect()
                 s = client.stats()
                 out[node.name] = {k: s[k] for k in ("capacity", "used", "leases") if k in s}

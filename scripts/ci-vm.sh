@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# CI stage after the host tests: run the `vm` tests (verbs conformance, pyverbs interop,
-# NBD...) for real inside the soft-RoCE guest.  Builds the lab once (cached under RXE_LAB,
+# CI stage after the host tests: run the `vm` tests (verbs conformance, pyverbs interop, the
+# page store over verbs with real provider processes, NBD...) for real inside the soft-RoCE guest.  Builds the lab once (cached under RXE_LAB,
 # default /var/tmp/rram-rxe-vm).  Fails when a test fails OR when no test ran: a VM stage
 # that silently skips everything proves nothing.  Extra arguments go to pytest.
 set -uo pipefail
@@ -15,9 +15,10 @@ export RXE_TIMEOUT=${RXE_TIMEOUT:-780}   # the guest part must stay well under ~
 # the guest sets RRAM_REQUIRE_RDMA=1, so a missing device fails instead of skipping
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-scripts/rxe-vm/run python -m pytest -m vm tests/vm -q -rs -p no:cacheprovider --timeout=300 "$@" | tee "$log"
+scripts/rxe-vm/run python -m pytest -m vm tests/vm -q -rs -p no:cacheprovider --timeout=300 \
+  --durations=8 "$@" | tee "$log"
 rc=${PIPESTATUS[0]}
-echo "ci-vm: guest tests exit=$rc after $((SECONDS - t0))s"
+echo "ci-vm: guest tests exit=$rc after $((SECONDS - t0))s (benchmarks: scripts/bench-vm.sh, not CI)"
 if [ $rc = 0 ] && ! grep -Eq '[0-9]+ passed' "$log"; then
   echo "ci-vm: no vm test passed (all skipped or none collected): that is a failure" >&2
   exit 1

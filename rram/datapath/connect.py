@@ -16,16 +16,6 @@ log = logging.getLogger(__name__)
 REMOTE_SLAB_BASE = 4096
 
 
-def _secret(cfg) -> bytes:
-    secret = getattr(cfg, "secret", None)
-    if secret is None and getattr(cfg, "secret_file", None):
-        with open(cfg.secret_file, "rb") as f:
-            secret = f.read().strip()
-    if secret is None:
-        raise errors.ConfigError("cluster.secret (or cluster.secret_file) is required")
-    return secret.encode() if isinstance(secret, str) else bytes(secret)
-
-
 def _requester_options(tname: str, cfg, name: str) -> dict:
     """Options of the requester-side transport; verbs takes device settings from our own node entry."""
     if tname != "verbs":
@@ -58,8 +48,9 @@ def link_provider(cfg, node, rt, requester: str, secret: bytes) -> Link:
 def open_store(config, *, name: str | None = None, transport_name: str | None = None, **overrides) -> PageStore:
     """A PageStore for requester ``name`` on the cluster ``config`` (path or ClusterConfig).
 
-    Overrides: local_budget, replicas, batch.  Unreachable providers are skipped with a
-    warning; the store works with those that answer.
+    Overrides: local_budget, replicas, batch, keeper (default True: run the background
+    control loop — heartbeats, failure handling, re-replication, repatriation).  Unreachable
+    providers are skipped with a warning and linked when they come up.
     """
     transport_name = overrides.pop("transport", None) or transport_name
     cfg = config if not isinstance(config, (str, os.PathLike)) else C.load(config)
@@ -70,11 +61,12 @@ def open_store(config, *, name: str | None = None, transport_name: str | None = 
     local_budget = overrides.pop("local_budget", None) or rcfg.local_budget
     replicas = overrides.pop("replicas", None) or cfg.replicas
     batch = overrides.pop("batch", None) or rcfg.remotify_batch
+    run_keeper = overrides.pop("keeper", True)
     if overrides:
         raise TypeError(f"unknown options: {', '.join(overrides)}")
     rt = transport.requester_transport(tname, **_requester_options(tname, cfg, requester))
     remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
-    secret = _secret(cfg)
+    secret = cfg.secret_bytes()
     for node in cfg.providers():
         if node.name == requester:
             continue  # symmetric topology: never place our pages on ourselves
@@ -92,4 +84,9 @@ def open_store(config, *, name: str | None = None, transport_name: str | None = 
     store.transport = tname
     store.transport_reason = why
     store.requester = requester
+    if run_keeper:
+        from ..control.keeper import Keeper
+
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(cfg, node, rt, requester, secret),
+                              requester=requester).start()
     return store

@@ -42,6 +42,7 @@ class Link:
     failure_domain: str | None = None
     next_batch: int = 1
     slabs_placed: int = 0
+    incarnation: int | None = None  # the provider's start epoch, from its first heartbeat
 
     def lkey_for(self, addr: int) -> int:
         return self.lkeys[addr]

@@ -79,6 +79,7 @@ class PageStore:
         self._pools: dict[int, bool] = {}  # pool id -> persistent
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.closed = False
+        self.keeper = None  # rram.control.keeper.Keeper, when the store runs one
         # scratch arrays, reused by every batch
         b = self.batch
         self._sizes = np.zeros(b, dtype=np.uint32)
@@ -472,6 +473,23 @@ class PageStore:
             done += n
         return done
 
+    def set_placement(self, place) -> None:
+        """``place(candidates, n, chosen) -> links``: the policy for new slabs and repairs."""
+        self._choose = place
+
+    def slab_bytes(self) -> int:
+        return self.remote.slab_size if self.remote is not None else 0
+
+    def provider_failed(self, index: int, why: str) -> None:
+        """Stop using provider link ``index`` at once (its slabs become degraded)."""
+        with self._lock:
+            self.remote.mark_dead(index, why)
+
+    def wants_repatriation(self) -> bool:
+        """True while remote pages exist and over half of the local pool is free."""
+        return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
+                and self.local.free_bytes > self.local.capacity_bytes // 2)
+
     def check_providers(self) -> list[str]:
         """Heartbeat every live provider; one that is gone is marked dead at once. Returns the newly dead."""
         if self.remote is None:
@@ -533,6 +551,8 @@ class PageStore:
             if self.closed:
                 return
             self.closed = True
+            if self.keeper is not None:
+                self.keeper.stop()
             if self.remote is not None:
                 self.remote.close()
             self.staging.close()

@@ -131,6 +131,8 @@ class ControlConnection:
             raise errors.ProtocolError(f"expected hello first, got {hello['type']}")
         auth.check_nonce(hello["nonce"], "hello nonce")
         requester = hello["requester"]
+        if not 0 < len(requester) <= 200:
+            raise errors.ProtocolError("hello requester name must be 1..200 characters")
         server_nonce = auth.new_nonce()
         self.send(M.reply(hello["id"], challenge=server_nonce))
         msg = self._recv(handshake=True)

@@ -23,7 +23,6 @@ def test_bound_to_nonces_and_name():
     assert mac != auth.requester_mac(b"k", auth.new_nonce(), cn, "req")
     assert mac != auth.requester_mac(b"k", sn, auth.new_nonce(), "req")
     assert mac != auth.requester_mac(b"k", sn, cn, "req2")
-    assert b"k".hex() not in mac
 
 
 def test_nonces_are_fresh_and_sized():

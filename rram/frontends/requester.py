@@ -1,0 +1,128 @@
+"""`rram requester`: export remote memory as an NBD block device (for swap, or any block use).
+
+    rram requester --config cluster.yaml --name app1 --export-size 8GiB --socket /run/rram/nbd.sock
+    nbd-client -unix /run/rram/nbd.sock /dev/nbd0 -b 4096 -swap      # scripts/requester.sh up
+    mkswap /dev/nbd0 && swapon -p 100 /dev/nbd0
+
+Connects the page store (``rram.connect``), creates a persistent pool (a page is never
+dropped: a write fails with ENOSPC rather than lose data), serves it over NBD, locks its
+memory (mlockall) unless --no-mlock, prints ``rram requester NAME ready ...`` once listening,
+and on SIGTERM/SIGINT stops serving, flushes and closes the store.
+
+Swap on NBD can deadlock: to write a page out under memory pressure the kernel needs this
+process to run, and this process may need memory to do it.  What rram does: mlockall (no
+page of the server is ever swapped out, including to itself), buffers allocated once per
+connection, nbd-client ``-swap`` (PF_MEMALLOC for the socket).  What the operator must do:
+
+* Put the memory limit on the *workload*, not the machine: run it in a cgroup with
+  ``memory.max`` (or ``memory.high``) so that it swaps while the host still has free memory
+  for the requester.  Machine-wide pressure (every cgroup out of memory) can still deadlock.
+* Run the requester outside that cgroup (its own service), with enough RLIMIT_MEMLOCK
+  (root, or ``LimitMEMLOCK=infinity`` in systemd) and ``OOMScoreAdjust=-1000``.
+* Raise ``vm.min_free_kbytes`` (e.g. 1-2% of RAM, >= 128 MiB) so that the network stack
+  can allocate while the kernel is reclaiming.
+* Give the NBD swap a lower priority than local swap if any (``swapon -p``), or the highest
+  if it is the only one; attach with ``-b 4096`` and tear down in order: swapoff, then
+  ``nbd-client -d``, then stop the requester (scripts/requester.sh down).
+* Size ``requester.local_budget`` so that the local compressed pool plus the providers'
+  capacity covers the export size; otherwise writes fail with ENOSPC (an I/O error for swap).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .. import config as C
+from .. import errors
+from .nbd.backend import PageStoreBackend
+from .nbd.server import NBDServer, lock_all_memory
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("--name", help="this requester's name (default: host-pid)")
+    p.add_argument("--export-size", default="1GiB", metavar="SIZE")
+    p.add_argument("--socket", metavar="PATH", help="serve NBD on this unix socket")
+    p.add_argument("--listen", metavar="HOST:PORT", help="serve NBD on this TCP address (port 0: any)")
+    p.add_argument("--export-name", default="", metavar="NAME", help="NBD export name (default: empty)")
+    p.add_argument("--no-mlock", action="store_true", help="do not mlockall (only when not backing swap)")
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise errors.ConfigError(f"--listen expects HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def main(args) -> int:
+    """Run the requester until SIGTERM/SIGINT.  ``args``: an argparse Namespace or argv list."""
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="rram requester")
+        add_arguments(parser)
+        args = parser.parse_args(args)
+    socket_path = args.socket
+    listen = getattr(args, "listen", None)
+    export_name = getattr(args, "export_name", "") or ""
+    try:
+        size = C.parse_size(args.export_size)
+        tcp = _parse_listen(listen) if listen else None
+        if not socket_path and not tcp:
+            raise errors.ConfigError("give --socket PATH and/or --listen HOST:PORT")
+    except errors.ConfigError as exc:
+        print(f"rram requester: {exc}", file=sys.stderr)
+        return 2
+    import rram
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        store = rram.connect(args.config, name=args.name)
+    except (errors.RramError, OSError) as exc:
+        print(f"rram requester: cannot open the page store: {exc}", file=sys.stderr)
+        return 1
+    name = getattr(store, "requester", None) or args.name or f"pid{os.getpid()}"
+    server = None
+    try:
+        backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=0, size=size)
+        server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}")
+        where = []
+        if socket_path:
+            where.append(f"socket={server.listen_unix(socket_path)}")
+        if tcp:
+            host, port = server.listen_tcp(*tcp)
+            where.append(f"listen={host}:{port}")
+        if not getattr(args, "no_mlock", False):
+            lock_all_memory()  # after the store's arenas exist, before the first client
+        server.start()
+        print(f"rram requester {name} ready {' '.join(where)} size={size} export={export_name!r} "
+              f"transport={getattr(store, 'transport', '?')}", flush=True)
+        while not stop.wait(1.0):
+            pass
+        log.info("requester %s: stopping", name)
+        return 0
+    except (errors.RramError, OSError) as exc:
+        print(f"rram requester: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.close()
+        try:
+            store.flush()
+        except errors.RramError as exc:
+            log.warning("flush at shutdown failed: %s", exc)
+        store.close()
+
+
+if __name__ == "__main__":
+    from ..cli import configure_logging
+
+    configure_logging(verbose=1, quiet=0)
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Benchmarks for the notes (not CI): rram over verbs vs perftest, side by side, in ONE run
+# inside the soft-RoCE guest.  The guest prints its results between markers on the console;
+# this script cuts them out into $RRAM_BENCH_DIR (default $RXE_LAB/xfer: verbs-bench.json and
+# verbs-bench.md) and prints the table.  Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export RXE_LAB=${RXE_LAB:-/var/tmp/rram-rxe-vm}
+OUT=${RRAM_BENCH_DIR:-$RXE_LAB/xfer}
+mkdir -p "$OUT"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+t0=$SECONDS
+# shellcheck disable=SC2016  # expanded in the guest
+guest='python -m pytest bench/vm -q -p no:cacheprovider --timeout=600 "$@"; rc=$?
+for f in verbs-bench.json verbs-bench.md; do
+  [ -f "$RRAM_BENCH_OUT/$f" ] || continue
+  echo "=====BEGIN $f"; base64 -w 100 "$RRAM_BENCH_OUT/$f"; echo "=====END $f"
+done
+exit $rc'
+RXE_TIMEOUT=${RXE_TIMEOUT:-900} scripts/rxe-vm/run env RRAM_BENCH_OUT=/tmp/rram-bench bash -c "$guest" bench "$@" \
+  | tee "$log"
+rc=${PIPESTATUS[0]}
+for f in verbs-bench.json verbs-bench.md; do
+  # the serial console turns \n into \r\n; base64 keeps the payload intact whatever it does
+  tr -d '\r' < "$log" | sed -n "/^=====BEGIN $f\$/,/^=====END $f\$/p" | sed '1d;$d' | base64 -d > "$OUT/$f.tmp" \
+    && [ -s "$OUT/$f.tmp" ] && mv "$OUT/$f.tmp" "$OUT/$f" && continue
+  rm -f "$OUT/$f.tmp"
+  echo "bench-vm: no $f came back from the guest" >&2
+  [ "$rc" = 0 ] && rc=1
+done
+echo "bench-vm: exit $rc after $((SECONDS - t0))s; results in $OUT"
+[ -f "$OUT/verbs-bench.md" ] && { echo; cat "$OUT/verbs-bench.md"; }
+exit "$rc"
