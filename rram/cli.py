@@ -128,16 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("rram.demo"))
 
     p = sub.add_parser("requester", help="export remote memory as a block device (NBD)")
-    p.add_argument("--config", required=True, help="cluster file (YAML)")
-    p.add_argument("--name", help="this requester's name (default: host-pid)")
-    p.add_argument("--export-size", default="1GiB", metavar="SIZE")
-    p.add_argument("--socket", metavar="PATH", help="serve NBD on this unix socket")
-    p.add_argument("--listen", metavar="HOST:PORT", help="serve NBD on this TCP address")
+    from .frontends.requester import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=_lazy("rram.frontends.requester"))
 
     p = sub.add_parser("drain", help="move every lease off a provider, then stop leasing there")
     p.add_argument("--config", required=True, help="cluster file (YAML)")
     p.add_argument("node", metavar="NODE")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
+    p.add_argument("--keep-running", action="store_true", help="leave the drained provider up")
     p.set_defaults(func=_lazy("rram.control.drain"))
     return parser
 

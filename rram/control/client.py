@@ -139,6 +139,10 @@ class ProviderClient:
         rep = self._call("heartbeat")
         return {k: rep[k] for k in ("epoch", "capacity", "free", "load", "state")}
 
+    def shutdown(self) -> str:
+        """Ask a drained provider to exit."""
+        return self._call("shutdown")["state"]
+
     def drain(self) -> str:
         return self._call("drain")["state"]
 

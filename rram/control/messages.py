@@ -38,6 +38,7 @@ REQUESTS: dict[str, dict[str, tuple]] = {
     "heartbeat": {},
     "resume": {"session": _STR, "token": _STR},
     "drain": {},
+    "shutdown": {},
     "bye": {},
 }
 
@@ -53,6 +54,7 @@ REPLIES: dict[str, dict[str, tuple]] = {
     "heartbeat": {"epoch": _INT, "capacity": _INT, "free": _INT, "load": _NUM, "state": _STR},
     "resume": {"session": _STR, "token": _STR, "leases": _LIST},
     "drain": {"state": _STR},
+    "shutdown": {"state": _STR},
     "bye": {"released": _INT},
 }
 

@@ -30,6 +30,7 @@ connection, nbd-client ``-swap`` (PF_MEMALLOC for the socket).  What the operato
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="serve NBD on this TCP address (port 0: any)")
     p.add_argument("--export-name", default="", metavar="NAME", help="NBD export name (default: empty)")
     p.add_argument("--no-mlock", action="store_true", help="do not mlockall (only when not backing swap)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics (the page store's counters) on 127.0.0.1:PORT (0: any)")
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -89,7 +92,7 @@ def main(args) -> int:
         print(f"rram requester: cannot open the page store: {exc}", file=sys.stderr)
         return 1
     name = getattr(store, "requester", None) or args.name or f"pid{os.getpid()}"
-    server = None
+    server = metrics = None
     try:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=0, size=size)
         server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}")
@@ -102,6 +105,11 @@ def main(args) -> int:
         if not getattr(args, "no_mlock", False):
             lock_all_memory()  # after the store's arenas exist, before the first client
         server.start()
+        if getattr(args, "metrics_port", None) is not None:
+            from ..metrics import serve_metrics
+
+            metrics = serve_metrics(args.metrics_port, "rram_requester", store.stats, labels={"requester": name})
+            where.append(f"metrics=127.0.0.1:{metrics.port}")
         print(f"rram requester {name} ready {' '.join(where)} size={size} export={export_name!r} "
               f"transport={getattr(store, 'transport', '?')}", flush=True)
         while not stop.wait(1.0):
@@ -112,8 +120,11 @@ def main(args) -> int:
         print(f"rram requester: {exc}", file=sys.stderr)
         return 1
     finally:
+        if metrics is not None:
+            metrics.close()
         if server is not None:
             server.close()
+        print(f"rram requester {name} stats {json.dumps(store.stats(), default=str)}", flush=True)
         try:
             store.flush()
         except errors.RramError as exc:

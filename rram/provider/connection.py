@@ -186,6 +186,8 @@ class ControlConnection:
                                for s in self.session.slabs.values()]}
         if kind == "drain":
             return {"state": p.drain()}
+        if kind == "shutdown":
+            return {"state": p.request_shutdown()}
         if kind == "bye":
             released = p.release(self.session, "bye")
             self.session = None

@@ -72,6 +72,7 @@ class Provider:
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self.stopping = threading.Event()  # set by a shutdown request: main() exits
         self._threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
         self._started = time.monotonic()
@@ -266,6 +267,14 @@ class Provider:
         log.warning("provider %s draining: no new leases", self.node.name)
         return self.state
 
+    def request_shutdown(self) -> str:
+        """Exit once drained (``rram drain`` asks for this); refused while leases remain."""
+        if self.pool.count:
+            raise errors.RramError(f"{self.pool.count} leases still held: drain first")
+        self.state = "stopping"
+        self.stopping.set()
+        return self.state
+
     def heartbeat(self) -> dict:
         return {"epoch": self.epoch, "capacity": self.pool.capacity, "free": self.pool.free,
                 "load": round(os.getloadavg()[0], 2), "state": self.state}
@@ -316,13 +325,21 @@ def main(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    metrics = None
+    if provider.node.metrics_port is not None:
+        from ..metrics import serve_metrics
+
+        metrics = serve_metrics(provider.node.metrics_port, "rram_provider", provider.stats,
+                                host=provider.node.address, labels={"node": provider.node.name})
     host, port = provider.address
     print(f"rram provider {provider.node.name} ready control={host}:{port} transport={provider.transport_name}",
           flush=True)
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(0.2) and not provider.stopping.is_set():
             pass
     finally:
         provider.close()
+        if metrics is not None:
+            metrics.close()
     sys.stdout.flush()
     return 0

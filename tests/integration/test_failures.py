@@ -133,3 +133,22 @@ def test_shutdown_in_either_order_does_not_hang(cluster3, order):
         for name in cluster3.providers:
             cluster3.kill(name, signal.SIGTERM)
     assert time.monotonic() - t < 15
+
+
+def test_rram_drain_command_empties_a_provider_and_lets_it_exit(cluster3):
+    import subprocess
+    import sys
+
+    n = 20_000
+    data = make_pages(n, seed=15)
+    sums = page_checksums(data, n)
+    with open_store(cluster3.config, name="req", local_budget=2 << 20, replicas=1) as store:
+        pool = store.create_pool()
+        put_range(store, pool, data, 0, n)
+        with provider_client(cluster3, "p1") as admin:
+            assert admin.stats()["used"] > 0
+        proc = subprocess.run([sys.executable, "-m", "rram", "drain", "--config", cluster3.config_path, "p1",
+                               "--timeout", "60"], capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        wait_for(lambda: not cluster3.alive("p1"), 10, "p1 to exit after the drain")
+        verify(store, pool, data, sums, n)
