@@ -33,6 +33,9 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 
 
+DEFAULT_REPLICAS = 2
+
+
 def parse_size(value) -> int:
     """Bytes from an int or a string like ``64MiB``, ``1GiB``, ``512M``, ``4k`` (binary units)."""
     if isinstance(value, bool):
@@ -108,7 +111,7 @@ class ClusterConfig:
     suspect_threshold: float = _f(2.5, "float", positive=True)
     dead_threshold: float = _f(5.0, "float", positive=True)
     lease_grace: float = _f(10.0, "float", positive=True)
-    replicas: int = _f(1, "int", minimum=1)
+    replicas: int = _f(2, "int", minimum=1)
     nodes: list = field(default_factory=list, metadata={"kind": "nodes"})
     requester: RequesterConfig = field(default_factory=RequesterConfig, metadata={"kind": "requester"})
     #: the file this came from (for messages and relative paths); not part of the YAML
@@ -277,6 +280,9 @@ def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> Cluster
     """A validated ClusterConfig from a mapping (as ``yaml.safe_load`` returns it)."""
     ctx = _Ctx(source)
     cfg = _build(ctx, ClusterConfig, "", d, extra={"source": source})
+    if isinstance(d, dict) and "replicas" not in d:
+        # default: two copies of every remote slab where the cluster has two providers
+        cfg.replicas = max(1, min(DEFAULT_REPLICAS, len(cfg.providers())))
     if cfg.secret_file is not None and base_dir is not None:
         cfg.secret_file = os.path.abspath(os.path.join(base_dir, cfg.secret_file))
     _check(ctx, cfg)

@@ -44,7 +44,8 @@ def run(providers: int = 2, pages: int = 200_000, budget: int = 32 << 20, transp
     with LocalCluster(n_providers=providers, capacity=capacity, transport=transport) as cluster:
         console.print(f"providers up: {', '.join(cluster.providers)} (config {cluster.config_path})")
         with open_store(cluster.config_path, name="demo-requester", local_budget=budget) as store:
-            console.print(f"transport: {store.transport} ({store.transport_reason})")
+            console.print(f"transport: {store.transport} ({store.transport_reason}), "
+                          f"{store.stats().get('replicas', 1)} copies of every remote page")
             pool = store.create_pool(persistent=True)
             with _progress(console) as progress:
                 _phase(progress, "put", pages, lambda s, e: store.put_many(
@@ -106,7 +107,7 @@ def _print_counters(console, stats):
     for key in ("puts", "succ_puts", "failed_puts", "gets", "succ_gets", "failed_gets", "local_gets",
                 "remote_gets", "pages_remoted", "remotify_batches", "invalidates", "pages",
                 "local_pages", "remote_pages", "zero_pages", "compressed_bytes", "compression_ratio",
-                "remote_slabs", "remote_leased_bytes", "metadata_bytes", "codec"):
+                "replicas", "remote_slabs", "remote_leased_bytes", "metadata_bytes", "codec"):
         if key in stats:
             table.add_row(key, str(stats[key]))
     console.print(table)

@@ -532,6 +532,7 @@ class PageStore:
             c["compression_ratio"] = round(c["bytes_stored_in"] and c["bytes_in"] / max(1, c["bytes_stored_in"]), 3)
             c["metadata_bytes"] = int(self.map.metadata_bytes())
             if self.remote is not None:
+                c["replicas"] = self.remote.replicas
                 c["remote_slabs"] = len(self.remote.slabs)
                 c["remote_leased_bytes"] = self.remote.leased_bytes()
                 c["providers"] = {lk.name: ("dead" if not lk.alive else "draining" if lk.draining else "alive")

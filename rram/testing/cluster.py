@@ -47,7 +47,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 class LocalCluster:
     def __init__(self, n_providers: int = 2, capacity="256MiB", transport: str = "tcp", secret: str | None = None,
-                 replicas: int = 1, workdir: str | None = None, *, io_timeout: float | None = None,
+                 replicas: int | None = None, workdir: str | None = None, *, io_timeout: float | None = None,
                  verbose: bool = True, **cluster_opts):
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="rram-cluster-")
@@ -57,8 +57,9 @@ class LocalCluster:
         cap = C.format_size(C.parse_size(capacity))
         nodes = [{"name": f"p{i}", "address": "127.0.0.1", "port": free_port(), "capacity": cap,
                   "roles": ["provider"]} for i in range(n_providers)]
-        data = {"name": "local", "secret": self.secret, "transport": transport, "replicas": replicas,
-                "nodes": nodes, **cluster_opts}
+        data = {"name": "local", "secret": self.secret, "transport": transport, "nodes": nodes, **cluster_opts}
+        if replicas is not None:  # else the cluster default: 2 copies where there are 2 providers
+            data["replicas"] = replicas
         self.config_path = os.path.join(self.workdir, "cluster.yaml")
         self.config = C.from_dict(data, source=self.config_path)
         with open(self.config_path, "w") as f:

@@ -39,7 +39,7 @@ def test_parse_size_rejects(bad):
 def test_defaults_and_accessors():
     cfg = C.from_dict(base())
     assert cfg.slab_size == 64 << 20 and cfg.heartbeat_interval == 1.0 and cfg.dead_threshold == 5.0
-    assert cfg.lease_grace == 10.0 and cfg.replicas == 1 and cfg.transport == "auto"
+    assert cfg.lease_grace == 10.0 and cfg.replicas == 2 and cfg.transport == "auto"
     assert cfg.requester.local_budget == 64 << 20 and cfg.requester.remotify_batch == 256
     a = cfg.node("a")
     assert a.capacity == 1 << 30 and a.roles == ["provider"] and a.data_port == 0 and a.gid_index == 0
