@@ -77,23 +77,29 @@ def _status_table(cfg, results: dict) -> None:
     from .config import format_size
 
     table = Table(title=f"cluster {cfg.name}")
-    for col in ("node", "control", "state", "transport", "capacity", "used", "free", "leases", "sessions",
-                "uptime"):
-        table.add_column(col, justify="right" if col in ("capacity", "used", "free", "leases", "sessions",
-                                                          "uptime") else "left")
-    problems = []
+    right = ("epoch", "capacity", "used", "free", "leases", "sessions", "read", "written", "uptime")
+    for col in ("node", "control", "state", "transport") + right:
+        table.add_column(col, justify="right" if col in right else "left")
+    problems, detail = [], []
     for node in cfg.providers():
         r = results[node.name]
         where = f"{node.address}:{node.port}"
         if "error" in r:
-            table.add_row(node.name, where, "[red]unreachable[/]", *[""] * 7)
+            table.add_row(node.name, where, "[red]unreachable[/]", *[""] * 10)
             problems.append(f"{node.name}: {r['error']}")
             continue
-        table.add_row(node.name, where, r["state"], r["transport"], format_size(r["capacity"]),
+        table.add_row(node.name, where, r["state"], r["transport"], str(r["epoch"]), format_size(r["capacity"]),
                       format_size(r["used"]), format_size(r["free"]), str(r["leases"]), str(r["sessions"]),
+                      f"{r.get('bytes_read', 0) / 2**20:.1f}MiB", f"{r.get('bytes_written', 0) / 2**20:.1f}MiB",
                       f"{r['uptime']:.0f}s")
+        for s in r.get("per_session", []):
+            if s["leases"] and not s["requester"].startswith("status@"):
+                detail.append(f"{node.name} <- {s['requester']}: {s['leases']} leases, {format_size(s['bytes'])}"
+                              + ("" if s["connected"] else f", detached {s['detached_for']}s"))
     console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole lines
     console.print(table)
+    for line in detail:
+        console.print(line, soft_wrap=True)
     for line in problems:
         console.print(f"[red]{line}[/]", soft_wrap=True)
 
