@@ -126,7 +126,9 @@ def remote_store(devices):
     from rram import config as C
     from rram.testing.cluster import LocalCluster, free_port
 
-    with LocalCluster(n_providers=1, capacity="256MiB", transport="verbs", slab_size="16MiB") as cluster:
+    with LocalCluster(n_providers=1, capacity="256MiB", transport="verbs", slab_size="16MiB",
+                      suspect_threshold=20.0, dead_threshold=60.0,
+                      requester={"repatriate_rate": 0}) as cluster:  # remote pages stay remote
         for name, proc in cluster.procs.items():
             os.sched_setaffinity(proc.pid, {PEER_CPU})
             RESULTS["cpus"][f"provider process {name}"] = sorted(os.sched_getaffinity(proc.pid))

@@ -144,57 +144,61 @@ class PageStore:
         self.counters["puts"] += n
         sizes = self._sizes[:n]
         stored = codec.compress_pages(src, n, self.staging.array, sizes)
-        locs = self._locs[:n]
-        locs[:] = L.ZERO_LOCATION
+        zero = np.flatnonzero(sizes == 0)
+        if len(zero):
+            self._commit(keys[zero], np.full(len(zero), L.ZERO_LOCATION, dtype=np.uint64))
         nz = np.flatnonzero(sizes)
         if len(nz):
             try:
-                self._place(keys[nz], sizes[nz], self._staging_addrs[nz], locs, nz, persistent)
+                self._place(keys[nz], sizes[nz], self._staging_addrs[nz], persistent)
             except errors.StoreFullError:
                 self.counters["failed_puts"] += n
                 raise
-        old = self._old[:n]
-        self.map.store(keys, locs, old)
-        self._free(old)
         self.counters["succ_puts"] += n
-        self.counters["zero_pages_put"] += n - len(nz)
+        self.counters["zero_pages_put"] += len(zero)
         self.counters["bytes_in"] += n * PAGE_SIZE
         self.counters["bytes_stored_in"] += stored
 
-    def _place(self, keys, sizes, srcs, locs_out, where, persistent) -> None:
-        """Allocate local slots for the compressed images at ``srcs`` and copy them in.
+    def _commit(self, keys: np.ndarray, locs: np.ndarray) -> None:
+        """Point ``keys`` at ``locs`` (their pages are in place) and free what they replaced."""
+        old = np.zeros(len(keys), dtype=np.uint64)
+        self.map.store(keys, locs, old)
+        self._free(old)
 
-        When the local pool is full, remotify cold pages first; if the local pool cannot take
-        the batch even then (tiny budget), write the batch straight to remote slabs.
+    def _place(self, keys, sizes, srcs, persistent) -> None:
+        """Store the compressed images at ``srcs`` in local slots, committing as they land.
+
+        When the local pool is full, remotify cold pages once (at least an eighth of the pool,
+        so that it happens rarely and in large batches) and go on; what still does not fit
+        (a tiny budget) is written straight to remote slabs.  Pages are committed to the page
+        map before any remotify so that it only ever moves committed pages.
         """
         m = len(keys)
         locs = np.zeros(m, dtype=np.uint64)  # the local allocator records `keys` as slot owners
         done = 0
-        attempts = 0
+        remotified = False
         while done < m:
             got = self.local.alloc(sizes[done:], locs[done:], keys[done:], m - done)
-            done += got
-            if done == m:
+            if got:
+                part = slice(done, done + got)
+                self._copy(self._local_addrs(locs[part]), srcs[part], sizes[part], got)
+                self._commit(keys[part], locs[part])
+                done += got
+            if done == m or remotified or self.remote is None:
                 break
-            attempts += 1
-            if self.remote is None or attempts > 4 or not self._remotify(max(self.batch, 2 * (m - done))):
+            remotified = True
+            if not self._remotify(max(int(sizes[done:].sum()), self.local.capacity_bytes // 8)):
                 break
         if done < m:
-            # local pool exhausted: the rest goes straight to the remote tier
             rest = slice(done, m)
             rlocs = self._remote_alloc(sizes[rest], persistent)
             if rlocs is None:
-                self.local.free(locs[:done], done)
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
                 )
             self.remote.write(rlocs, srcs[rest], self.staging.addr)
-            locs[rest] = rlocs
+            self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
-        if done:
-            dst = self._local_addrs(locs[:done])
-            self._copy(dst, srcs[:done], sizes[:done], done)
-        locs_out[where] = locs
 
     def _local_addrs(self, locs: np.ndarray) -> np.ndarray:
         return self.local_base[L.loc_slab(locs).astype(np.intp)] + L.loc_offset(locs)
@@ -238,20 +242,17 @@ class PageStore:
             self.remote_alloc.add_slab(vs.slab_id, vs.size)
         return out
 
-    def _remotify(self, want: int) -> bool:
-        """Move up to ``want`` cold local pages to remote slabs. False when nothing moved."""
-        moved = 0
-        while moved < want:
-            k = min(self.batch, want - moved)
-            locs = np.empty(k, dtype=np.uint64)  # not the batch scratch: a put may be using it
-            owners = np.empty(k, dtype=np.uint64)
-            got = self.local.pick_victims(k, locs, owners)
+    def _remotify(self, want_bytes: int) -> bool:
+        """Move cold local pages (about ``want_bytes`` of them) to remote slabs. False when nothing moved."""
+        freed = moved = 0
+        while freed < want_bytes:
+            locs, owners = self._victims(self.batch)
+            got = len(locs)
             if got == 0:
                 break
-            locs, owners = locs[:got], owners[:got]
-            # ephemeral pages may be dropped instead of moved when the remote tier is full
-            rlocs = self._remote_alloc(L.loc_size(locs).astype(np.uint32), True)
-            if rlocs is None:
+            sizes = L.loc_size(locs).astype(np.uint32)
+            rlocs = self._remote_alloc(sizes, True)
+            if rlocs is None:  # remote tier full: ephemeral pages may go, persistent ones stay
                 return self._drop_ephemeral(locs, owners) > 0 or moved > 0
             self.remote.write(rlocs, self._local_addrs(locs), self.local_arena.addr)
             ok = np.empty(got, dtype=np.uint8)
@@ -261,10 +262,26 @@ class PageStore:
             if not moved_mask.all():  # overwritten meanwhile: the new copy stays local
                 stale = np.ascontiguousarray(rlocs[~moved_mask])
                 self.remote_alloc.free(stale, len(stale))
-            moved += got
+            moved += int(moved_mask.sum())
+            freed += int(sizes[moved_mask].sum())
+            if not moved_mask.any():
+                break
             self.counters["pages_remoted"] += int(moved_mask.sum())
             self.counters["remotify_batches"] += 1
         return moved > 0
+
+    def _victims(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` distinct cold local slots (the clock may hand them out a block at a time)."""
+        locs = np.empty(k, dtype=np.uint64)  # not the batch scratch: a put may be using it
+        owners = np.empty(k, dtype=np.uint64)
+        total = 0
+        for _ in range(64):
+            got = self.local.pick_victims(k - total, locs[total:], owners[total:])
+            total += got
+            if got == 0 or total == k:
+                break
+        locs, first = np.unique(locs[:total], return_index=True)  # a full lap may come round again
+        return locs, owners[:total][first]
 
     def _drop_ephemeral(self, locs: np.ndarray, owners: np.ndarray) -> int:
         pools = (owners >> np.uint64(56)).astype(np.intp)

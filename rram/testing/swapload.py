@@ -252,6 +252,137 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
+# -- swap devices: the requester process and the host's nbdfuse + loop route --------------------
+
+READY_TIMEOUT = 30.0
+STEP_TIMEOUT = 60.0
+
+
+def sh(*cmd: str, timeout: float = STEP_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return proc
+
+
+def swaps() -> list[str]:
+    """Devices or files in use as swap, from /proc/swaps."""
+    with open("/proc/swaps") as f:
+        return [line.split()[0] for line in f.readlines()[1:] if line.strip()]
+
+
+def start_requester(config_path: str, name: str, size: int, sock: str, log_path: str,
+                    timeout: float = READY_TIMEOUT) -> tuple[subprocess.Popen, str]:
+    """``rram requester`` serving ``sock``; returns (process, its ready line).  It locks its memory."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    out_path = log_path + ".out"
+    with open(log_path, "a") as log, open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rram.frontends.requester", "--config", config_path,
+                                 "--name", name, "--export-size", str(size), "--socket", sock],
+                                stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(out_path) as f:
+            line = next((x for x in f if x.startswith(f"rram requester {name} ready ")), None)
+        if line:
+            return proc, line.strip()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError(f"requester {name} not ready (status {proc.poll()}); see {log_path}")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout``; idempotent."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return proc.returncode
+
+
+class FuseLoopSwap:
+    """Swap on an NBD server without kernel NBD: nbdfuse shows the export as a file, a loop
+    device turns the file into a block device, and that becomes swap.
+
+    ``close`` tears down in the only safe order — swapoff (pages come back from the server,
+    which must still be alive), detach the loop device, unmount the FUSE file system (lazily
+    if busy), stop nbdfuse — and keeps going when a step fails; it never stops the server.
+    """
+
+    def __init__(self, nbd_uri_args: list[str], workdir: str, priority: int = 100):
+        self.mount = os.path.join(workdir, "fuse")
+        os.makedirs(self.mount, exist_ok=True)
+        self.file = os.path.join(self.mount, "disk")
+        self.loop: str | None = None
+        self.active = False
+        self.errors: list[str] = []
+        self._fuse = subprocess.Popen(["nbdfuse", self.file, *nbd_uri_args], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not os.path.exists(self.file):
+                if self._fuse.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nbdfuse did not show {self.file}: {self._fuse.stderr.read()[-500:]}")
+                time.sleep(0.05)
+            self.loop = self._losetup()
+            sh("mkswap", self.loop)
+            sh("swapon", "-p", str(priority), self.loop)
+            self.active = True
+        except BaseException:
+            self.close()
+            raise
+
+    def _losetup(self) -> str:
+        # direct I/O: swap pages go straight to the server, not through a second page cache
+        proc = sh("losetup", "-f", "--show", "--direct-io=on", self.file, check=False)
+        if proc.returncode:
+            proc = sh("losetup", "-f", "--show", self.file)
+        return proc.stdout.strip()
+
+    def close(self) -> list[str]:
+        """Tear down; returns what went wrong (empty when clean).  Idempotent."""
+        if self.loop and self.loop in swaps():
+            proc = sh("swapoff", self.loop, timeout=4 * STEP_TIMEOUT, check=False)
+            if proc.returncode:
+                self.errors.append(f"swapoff {self.loop}: {proc.stderr.strip()}")
+        self.active = bool(self.loop and self.loop in swaps())
+        if self.active:  # still swap: detaching would turn every swapped page into an I/O error
+            self.errors.append(f"{self.loop} is still swap; left attached")
+            return self.errors
+        if self.loop:
+            if sh("losetup", "-d", self.loop, check=False).returncode:
+                self.errors.append(f"losetup -d {self.loop} failed")
+            self.loop = None
+        if self._fuse is not None:
+            if self._fuse.poll() is None and sh("fusermount3", "-u", self.mount, check=False).returncode:
+                sh("umount", "-l", self.mount, check=False)
+            try:
+                self._fuse.wait(10)
+            except subprocess.TimeoutExpired:
+                self._fuse.kill()
+                self._fuse.wait()
+            self._fuse.stderr.close()
+            self._fuse = None
+        return self.errors
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def command(mib: int, passes: int = 1, seed: int = 1, cgroup: str | None = None, hold: bool = False) -> list[str]:
     """The argv that runs this workload in a new interpreter (inside ``cgroup`` if given)."""
     argv = [sys.executable, "-m", "rram.testing.swapload", "--mib", str(mib), "--passes", str(passes),

@@ -1,0 +1,117 @@
+"""fio's nbd engine, 4 KiB random reads and writes at queue depth 1 and 32: rram vs nbdkit.
+
+    .venv/bin/pytest bench/test_nbd_fio_bench.py -p no:cacheprovider -s
+
+rram: `rram requester` on two tcp provider processes with a 4 MiB local budget, so nearly
+every page of the 64 MiB region is compressed and remote.  Baseline, in the same run:
+`nbdkit memory` (C, pages in local RAM).  Both are filled first with half-compressible data;
+fio then runs RUNTIME seconds per case.  Pinning: fio on CPU 0, the servers (requester,
+providers, nbdkit) on CPU 1.  Figures: IOPS per case and rram/nbdkit ratios (goal >= 1.0x
+at qd32) in extra_info and printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from rram.testing.cluster import LocalCluster
+from rram.testing.swapload import start_requester, stop_process
+
+EXPORT = 256 << 20
+REGION = "64M"
+RUNTIME = 5
+CLIENT_CPU, SERVER_CPU = "0", "1"
+_iops: dict[tuple[str, str, int], float] = {}
+
+
+def _pin(pid: int) -> None:
+    if (os.cpu_count() or 1) > 1:
+        subprocess.run(["taskset", "-a", "-c", "-p", SERVER_CPU, str(pid)], capture_output=True)
+
+
+def _fio(uri: str, *args: str) -> dict:
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--bs=4k", f"--size={REGION}",
+           "--output-format=json", *args]
+    if (os.cpu_count() or 1) > 1:
+        cmd.append(f"--cpus_allowed={CLIENT_CPU}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (job,) = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"]
+    assert job["error"] == 0
+    return job
+
+
+def _fill(uri: str) -> None:
+    _fio(uri, "--rw=write", "--iodepth=32", "--buffer_compress_percentage=50", "--refill_buffers")
+
+
+def _nbdkit(tmp):
+    sock = os.path.join(tmp, "nbdkit.sock")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(EXPORT)], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+            time.sleep(0.05)
+        _pin(proc.pid)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        stop_process(proc)
+
+
+def _rram(tmp):
+    with LocalCluster(n_providers=2, capacity="256MiB", transport="tcp", workdir=tmp, slab_size="4MiB",
+                      verbose=False, requester={"local_budget": "4MiB"}) as cluster:
+        for p in cluster.procs.values():
+            _pin(p.pid)
+        sock = os.path.join(tmp, "nbd.sock")
+        proc, _ = start_requester(cluster.config_path, "req", EXPORT, sock, os.path.join(tmp, "requester.log"))
+        try:
+            _pin(proc.pid)
+            yield f"nbd+unix:///?socket={sock}"
+        finally:
+            assert stop_process(proc) == 0
+
+
+@pytest.fixture(scope="module", params=["nbdkit", "rram"])
+def server(request):
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if "nbd" not in subprocess.run(["fio", "--enghelp"], capture_output=True, text=True).stdout.split():
+        pytest.skip("this fio has no nbd engine")
+    tmp = tempfile.mkdtemp(prefix="rram-fio-")
+    gen = (_nbdkit if request.param == "nbdkit" else _rram)(tmp)
+    try:
+        uri = next(gen)
+        _fill(uri)
+        yield request.param, uri
+    finally:
+        gen.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("iodepth", [1, 32])
+@pytest.mark.parametrize("rw", ["randread", "randwrite"])
+def test_fio_4k(benchmark, server, rw, iodepth):
+    kind, uri = server
+    args = [f"--rw={rw}", f"--iodepth={iodepth}", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=1",
+            "--randrepeat=1", "--norandommap", "--buffer_compress_percentage=50", "--refill_buffers"]
+    job = benchmark.pedantic(_fio, args=(uri, *args), rounds=1, iterations=1)
+    side = job["read" if rw == "randread" else "write"]
+    iops = side["iops"]
+    _iops[(kind, rw, iodepth)] = iops
+    benchmark.extra_info.update(server=kind, rw=rw, iodepth=iodepth, iops=round(iops),
+                                clat_p50_us=round(side["clat_ns"]["percentile"]["50.000000"] / 1000, 1))
+    line = f"{kind:6} {rw:9} qd{iodepth:<2} {iops:9.0f} IOPS"
+    base = _iops.get(("nbdkit", rw, iodepth))
+    if kind == "rram" and base:
+        benchmark.extra_info["rram_over_nbdkit"] = round(iops / base, 2)
+        line += f"  rram/nbdkit {iops / base:.2f}x"
+    print("\n" + line)
