@@ -225,22 +225,35 @@ def execute_wire(RegionTable table, const uint8_t[::1] descs, Py_ssize_t n, cons
     if rtotal > room:
         return MALFORMED_SHORT_OUTPUT, rtotal, 0, 0
     with nogil:
-        table._lock()
-        for i in range(n):
-            if (d[i].opcode != OP_READ and d[i].opcode != OP_WRITE) or d[i].length == 0 or d[i].length > max_len:
-                status = WC_REM_INV_REQ_ERR
-                break
-            if not table._inside(d[i].rkey, d[i].remote_addr, d[i].length):
-                status = WC_REM_ACCESS_ERR
-                break
-            if d[i].opcode == OP_WRITE:
-                memcpy(<void *>d[i].remote_addr, src + woff, d[i].length)
-                woff += d[i].length
-            else:
-                memcpy(dst + roff, <const void *>d[i].remote_addr, d[i].length)
-                roff += d[i].length
-        table._unlock()
-    return status, (i if status != WC_SUCCESS else n), roff, woff
+        status = _run_wire(table, d, n, src, dst, max_len, &i, &roff, &woff)
+    return status, i, roff, woff
+
+
+cdef int _run_wire(RegionTable table, const wire_op_t *d, Py_ssize_t n, const uint8_t *src, uint8_t *dst,
+                   uint32_t max_len, Py_ssize_t *done, uint64_t *rbytes, uint64_t *wbytes) noexcept nogil:
+    """Execute n wire ops in order under the table lock; ``done`` = index of the failing op, or n."""
+    cdef Py_ssize_t i
+    cdef int status = WC_SUCCESS
+    cdef uint64_t woff = 0, roff = 0
+    table._lock()
+    for i in range(n):
+        if (d[i].opcode != OP_READ and d[i].opcode != OP_WRITE) or d[i].length == 0 or d[i].length > max_len:
+            status = WC_REM_INV_REQ_ERR
+            break
+        if not table._inside(d[i].rkey, d[i].remote_addr, d[i].length):
+            status = WC_REM_ACCESS_ERR
+            break
+        if d[i].opcode == OP_WRITE:
+            memcpy(<void *>d[i].remote_addr, src + woff, d[i].length)
+            woff += d[i].length
+        else:
+            memcpy(dst + roff, <const void *>d[i].remote_addr, d[i].length)
+            roff += d[i].length
+    table._unlock()
+    done[0] = i if status != WC_SUCCESS else n
+    rbytes[0] = roff
+    wbytes[0] = woff
+    return status
 
 
 def execute_direct(RegionTable remote, RegionTable local, const uint8_t[::1] ops, Py_ssize_t n, uint32_t max_len):

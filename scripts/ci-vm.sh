@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI stage after the host tests: run the `vm` tests (verbs conformance, pyverbs interop, the
-# page store over verbs with real provider processes, NBD...) for real inside the soft-RoCE guest.  Builds the lab once (cached under RXE_LAB,
-# default /var/tmp/rram-rxe-vm).  Fails when a test fails OR when no test ran: a VM stage
-# that silently skips everything proves nothing.  Extra arguments go to pytest.
+# page store over verbs with real provider processes, NBD...) for real inside the soft-RoCE
+# guest.  Builds the lab once (cached under RXE_LAB, default /var/tmp/rram-rxe-vm).  Fails
+# when a test fails OR when no test ran: a VM stage that silently skips everything proves
+# nothing.  Extra arguments go to pytest.  Benchmarks are not run here: scripts/bench-vm.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "ci-vm: .venv missing: run scripts/setup.sh first" >&2; exit 2; }

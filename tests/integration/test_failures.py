@@ -152,3 +152,27 @@ def test_rram_drain_command_empties_a_provider_and_lets_it_exit(cluster3):
         assert proc.returncode == 0, proc.stderr
         wait_for(lambda: not cluster3.alive("p1"), 10, "p1 to exit after the drain")
         verify(store, pool, data, sums, n)
+
+
+def test_pages_are_repatriated_when_local_memory_frees_up(tmp_path):
+    with LocalCluster(n_providers=2, capacity="128MiB", transport="tcp", workdir=str(tmp_path), slab_size="4MiB",
+                      requester={"local_budget": "16MiB", "repatriate_rate": 20000}, **TIMING) as c:
+        n = 20_000
+        data = make_pages(n, seed=16)
+        sums = page_checksums(data, n)
+        with open_store(c.config, name="req") as store:
+            pool = store.create_pool()
+            put_range(store, pool, data, 0, n)
+            remote = store.stats()["remote_pages"]
+            assert remote > n // 2
+            # free most of the local pool: the keeper starts bringing pages home, rate-limited
+            local_keys = [i for i in range(n) if store.map.get((pool << 56) | i) >> 37 < 4096
+                          and store.map.get((pool << 56) | i) & 3 == 2]
+            store.invalidate_pages(pool, 0, local_keys)
+            wait_for(lambda: store.stats()["pages_repatriated"] > 1000, 20, "repatriation")
+            s = store.stats()
+            assert s["remote_pages"] < remote
+            keep = np.setdiff1d(np.arange(n), local_keys)
+            out = np.zeros(len(keep) * PAGE_SIZE, dtype=np.uint8)
+            assert store.get_many(pool, 0, keep, out).all()
+            assert np.array_equal(page_checksums(out, len(keep)), sums[keep])

@@ -141,10 +141,15 @@ def test_swap_on_nbd_verifies_every_page_and_tears_down(stack, limit):
         assert summary["bad_pages"] == 0
         excess = (WORKING_SET_MIB * MiB - LIMIT) // 4096
         assert summary["pswpout"] >= excess and summary["pswpin"] >= excess // 2, summary
+        # pages went remote: the 2 MiB local budget overflowed into leased provider slabs; over
+        # tcp the providers also count the bytes (one-sided verbs bypass the provider's CPU)
         stats = provider_stats(stack.cluster)
-        assert sum(s["used"] for s in stats) > 0, stats
-        assert sum(s["bytes_written"] for s in stats) >= 4 * MiB, stats
-        assert sum(s["bytes_read"] for s in stats) > 0, stats
+        print("providers:", [{k: s[k] for k in ("node", "used", "leases", "bytes_written", "bytes_read")}
+                             for s in stats])
+        assert sum(s["used"] for s in stats) >= 4 * MiB, stats
+        if stack.cluster.config.transport == "tcp":
+            assert sum(s["bytes_written"] for s in stats) >= 4 * MiB, stats
+            assert sum(s["bytes_read"] for s in stats) > 0, stats
     finally:
         down = stack.script("down", DEV)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -166,8 +171,8 @@ def _alive(pid: int) -> bool:
 def test_wrong_order_teardown_does_not_hang(stack, limit):
     """Stop the requester while a live process has pages in the swap: `down` must still finish."""
     stack.up()
-    holder = subprocess.Popen(command(WORKING_SET_MIB // 2, passes=1, cgroup=limit.path), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    argv = command(WORKING_SET_MIB // 2, passes=1, cgroup=limit.path, hold=True)
+    holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert json.loads(holder.stdout.readline()).get("holding"), "the workload did not reach its hold point"
         assert int(subprocess.run(["awk", f'$1=="{DEV}"{{print $4}}', "/proc/swaps"],

@@ -100,7 +100,7 @@ def test_100k_pages_go_remote_and_come_back(store, data):
 def test_invalidate_and_reuse(store, data):
     pages, crc = data
     pool = store.create_pool(persistent=True)
-    n = 40_000
+    n = 24_000
     idx = np.arange(n, dtype=np.uint64)
     store.put_many(pool, 2, idx, pages[: n * PAGE_SIZE])
     before = store.stats()
