@@ -11,6 +11,9 @@
 * ``execute_wire``: the tcp provider's executor (wire descriptors + WRITE payload in,
   READ data out).  ``execute_direct``: loopback (local and remote addresses in one process).
 * ``gather`` / ``scatter``: the tcp requester's side, with the local-key (lkey) check.
+* ``WireRequester`` / ``WireServer``: the tcp transport's live path (see "tcp fast path"
+  below): one C call per post, per poll and per provider connection, no Python object per
+  frame or per op.  wire.py stays the specification and the fuzzed reference decoder.
 
 Executors return ``(status, index, read_bytes, written_bytes)``: ``status`` is an
 ``ibv_wc_status`` (0 = every op done) or a negative ``MALFORMED_*`` code meaning the batch
@@ -21,8 +24,13 @@ from cpython.pythread cimport (
     PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK,
 )
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno, EINTR, EAGAIN
+from libc.stdint cimport int32_t, int64_t, uint16_t
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove, memcmp, memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef enum:
     SLOT_BITS = 13
@@ -366,3 +374,811 @@ def scatter(RegionTable local, const uint8_t[::1] ops, Py_ssize_t n, const uint8
             off += o[i].length
         local._unlock()
     return status, (i if status != WC_SUCCESS else n)
+
+
+# -- tcp fast path -------------------------------------------------------------------------------
+#
+# The frames of rram/transport/wire.py, handled in C on both sides of a data connection.  Any
+# frame the C code rejects is handed back to Python (a negative code plus ``detail()``), which
+# words the error with wire.py, so the messages have one source.
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+    int SHUT_RDWR
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+    short POLLOUT
+
+cdef extern from *:
+    """
+    /* counters written by one serving thread, read by any (provider stats) */
+    static inline void rram_add_u64(uint64_t *p, uint64_t v)
+    { __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED); }
+    static inline uint64_t rram_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    """
+    void rram_add_u64(uint64_t *p, uint64_t v) nogil
+    uint64_t rram_load_u64(const uint64_t *p) nogil
+
+# mirrors wire.py (tcp.py checks WIRE_CONSTANTS against it at import)
+cdef enum:
+    HDR = 32
+    VERSION = 1
+    T_HELLO = 1
+    T_HELLO_OK = 2
+    T_REQUEST = 3
+    T_COMPLETION = 4
+    T_ERROR = 5
+    MAX_OPS = 4096
+    MAX_OP_LENGTH = 1 << 20
+    MAX_PAYLOAD = 64 << 20
+    MAX_MESSAGE = 4096
+    MAX_RING = 64
+    INITIAL_BUFFER = 1 << 16
+
+WIRE_CONSTANTS = {"HEADER": HDR, "VERSION": VERSION, "HELLO": T_HELLO, "HELLO_OK": T_HELLO_OK,
+                  "REQUEST": T_REQUEST, "COMPLETION": T_COMPLETION, "ERROR": T_ERROR, "MAX_OPS": MAX_OPS,
+                  "MAX_OP_LENGTH": MAX_OP_LENGTH, "MAX_PAYLOAD": MAX_PAYLOAD, "MAX_MESSAGE": MAX_MESSAGE}
+
+# Result codes (negative; 0 or more is success).  ``detail()`` gives (a, b, c) for each.
+cdef enum:
+    # the socket failed; a = errno
+    R_OS_ERROR = -10
+    # the peer closed the connection (a = bytes of a partial frame left, provider side)
+    R_EOF = -11
+    # a header the C code refuses; ``header()`` returns its 32 bytes for wire.parse_header to word
+    R_BAD_HEADER = -12
+    # an ERROR frame arrived (requester): a = code; ``payload()`` holds the message
+    R_ERROR_FRAME = -13
+    # a frame type that is legal on the wire but not here (requester: HELLO_OK)
+    R_UNEXPECTED = -14
+    # requester: completion for the wrong batch: a = its batch id, b = expected, c = 1 if any pending
+    R_WRONG_BATCH = -15
+    # requester: completion names op a of b sent ops (c = batch id)
+    R_BAD_INDEX = -16
+    # payload size a does not match the op lengths (c = batch id on the requester)
+    R_BAD_PAYLOAD = -17
+    # provider: a request reads a bytes, more than MAX_PAYLOAD
+    R_READ_LIMIT = -18
+    # requester: the provider sent more than every outstanding completion could hold
+    R_OVERFLOW = -19
+    # the connection was shut from another thread
+    R_SHUT = -20
+    # out of memory growing a buffer
+    R_NOMEM = -21
+    # post refused before anything was sent: max_outstanding batches in flight
+    R_TOO_MANY = -30
+    # post refused: a = number of ops, outside 1..max_batch
+    R_BAD_COUNT = -31
+    # post refused: a = WRITE bytes, b = READ bytes, one of them over MAX_PAYLOAD
+    R_TOO_BIG = -32
+
+RESULT_CODES = {"R_OS_ERROR": R_OS_ERROR, "R_EOF": R_EOF, "R_BAD_HEADER": R_BAD_HEADER, "R_ERROR_FRAME": R_ERROR_FRAME, "R_UNEXPECTED": R_UNEXPECTED, "R_WRONG_BATCH": R_WRONG_BATCH, "R_BAD_INDEX": R_BAD_INDEX, "R_BAD_PAYLOAD": R_BAD_PAYLOAD, "R_READ_LIMIT": R_READ_LIMIT, "R_OVERFLOW": R_OVERFLOW, "R_SHUT": R_SHUT, "R_NOMEM": R_NOMEM, "R_TOO_MANY": R_TOO_MANY, "R_BAD_COUNT": R_BAD_COUNT, "R_TOO_BIG": R_TOO_BIG}
+globals().update(RESULT_CODES)
+
+cdef enum:
+    C_EINTR = -99       # internal: a wait was interrupted by a signal, check it with the GIL
+    C_NEED = 1          # internal: the frame at the front needs more bytes
+
+cdef packed struct header_t:
+    char magic[4]
+    uint8_t version
+    uint8_t type
+    uint16_t flags
+    uint64_t batch_id
+    uint32_t count
+    int32_t status
+    uint32_t payload_len
+    uint32_t reserved
+
+# mirrors COMPLETION_DTYPE in rram/transport/base.py (16 bytes)
+cdef packed struct completion_t:
+    uint64_t batch_id
+    int32_t status
+    uint32_t index
+
+cdef struct pending_t:
+    uint64_t batch_id
+    uint64_t nread      # READ bytes of the sent ops: the most the completion may carry
+    uint32_t sent       # ops sent; 0 = refused by the lkey check, nothing sent
+    uint32_t cut        # ops after ``sent`` failed the lkey check
+    op_t *ops           # copy of the sent ops, for the scatter
+    size_t ops_cap
+
+assert sizeof(header_t) == 32 and sizeof(completion_t) == 16
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline void _put_header(uint8_t *buf, uint8_t ftype, uint64_t batch_id, uint32_t count, int32_t status,
+                             uint32_t payload_len) noexcept nogil:
+    cdef header_t *h = <header_t *>buf
+    memcpy(h.magic, b"RRMD", 4)
+    h.version = VERSION
+    h.type = ftype
+    h.flags = 0
+    h.batch_id = batch_id
+    h.count = count
+    h.status = status
+    h.payload_len = payload_len
+    h.reserved = 0
+
+
+cdef inline bint _magic_ok(const header_t *h) noexcept nogil:
+    return memcmp(h.magic, b"RRMD", 4) == 0 and h.version == VERSION
+
+
+cdef int _wait(int fd, short events, int timeout_ms, short *revents) noexcept nogil:
+    """poll() one fd: 1 ready, 0 timed out, C_EINTR, or -errno."""
+    cdef pollfd p
+    p.fd = fd
+    p.events = events
+    p.revents = 0
+    cdef int r = poll(&p, 1, timeout_ms)
+    if r < 0:
+        return C_EINTR if errno == EINTR else -errno
+    revents[0] = p.revents
+    return r
+
+
+cdef struct framebuf_t:
+    # received bytes [start, end) of a malloc'd buffer that grows toward the frame at the front,
+    # doubling as bytes arrive (a header announcing 64 MiB allocates nothing ahead of the data)
+    uint8_t *buf
+    size_t cap
+    size_t start
+    size_t end
+
+
+cdef int _fb_init(framebuf_t *fb) noexcept nogil:
+    fb.buf = <uint8_t *>malloc(INITIAL_BUFFER)
+    fb.cap = INITIAL_BUFFER if fb.buf != NULL else 0
+    fb.start = fb.end = 0
+    return 0 if fb.buf != NULL else R_NOMEM
+
+
+cdef inline size_t _fb_avail(const framebuf_t *fb) noexcept nogil:
+    return fb.end - fb.start
+
+
+cdef inline void _fb_consume(framebuf_t *fb, size_t n) noexcept nogil:
+    fb.start += n
+    if fb.start == fb.end:
+        fb.start = fb.end = 0
+
+
+cdef int _fb_room(framebuf_t *fb, size_t need) noexcept nogil:
+    """Make free space after ``end`` for the frame at ``start`` (``need`` bytes in all)."""
+    cdef size_t newcap
+    cdef uint8_t *nb
+    if fb.cap - fb.start < need and fb.start:
+        memmove(fb.buf, fb.buf + fb.start, fb.end - fb.start)
+        fb.end -= fb.start
+        fb.start = 0
+    if fb.end < fb.cap:
+        return 0
+    newcap = need if need < 2 * fb.cap else 2 * fb.cap
+    if newcap <= fb.cap:
+        newcap = fb.cap + HDR
+    nb = <uint8_t *>realloc(fb.buf, newcap)
+    if nb == NULL:
+        return R_NOMEM
+    fb.buf, fb.cap = nb, newcap
+    return 0
+
+
+cdef int _fb_fill(framebuf_t *fb, int fd, int flags) noexcept nogil:
+    """One recv into the free space: bytes received, 0 at EOF, -EAGAIN, C_EINTR or -errno."""
+    cdef ssize_t r = recv(fd, fb.buf + fb.end, fb.cap - fb.end, flags)
+    if r > 0:
+        fb.end += r
+        return <int>r
+    if r == 0:
+        return 0
+    if errno == EINTR:
+        return C_EINTR
+    return -EAGAIN if (errno == EAGAIN or errno == EWOULDBLOCK) else -errno
+
+
+cdef bytes _fb_front(const framebuf_t *fb, size_t n):
+    """The first n buffered bytes (for error messages)."""
+    n = min(n, _fb_avail(fb))
+    return (<char *>fb.buf + fb.start)[:n]
+
+
+cdef int _send_all(int fd, const uint8_t *buf, size_t n, int64_t deadline) noexcept nogil:
+    """Send n bytes (blocking via poll); 0, C_EINTR is retried, -ETIMEDOUT past ``deadline`` (ns, 0 none)."""
+    cdef ssize_t r
+    cdef short rev
+    cdef int w, ms
+    while n:
+        r = send(fd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if r > 0:
+            buf += r
+            n -= r
+            continue
+        if errno == EINTR:
+            continue
+        if errno != EAGAIN and errno != EWOULDBLOCK:
+            return -errno
+        ms = -1
+        if deadline:
+            ms = <int>((deadline - _now_ns()) // 1000000)
+            if ms <= 0:
+                return -110  # ETIMEDOUT
+        w = _wait(fd, POLLOUT, ms, &rev)
+        if w < 0 and w != C_EINTR:
+            return w
+    return 0
+
+
+cdef class WireServer:
+    """The provider's side of one data connection: ``serve`` runs the request loop in C.
+
+    Each REQUEST is received into one buffer (header and body, often in one recv), checked,
+    executed against the session's region table and answered with one send, with the GIL
+    released throughout.  ``shut`` (any thread) sends an ERROR frame and shuts the socket; a
+    lock keeps it from landing inside a COMPLETION.
+    """
+
+    cdef int fd
+    cdef framebuf_t rx
+    cdef uint8_t *out
+    cdef size_t out_cap
+    cdef PyThread_type_lock send_lock
+    cdef bint closed
+    cdef uint64_t counts[4]    # ops, batches, bytes_read, bytes_written
+    cdef uint64_t failed
+    cdef int64_t a, b
+    cdef public int64_t spin_ns
+
+    def __cinit__(self, int fd):
+        self.fd = fd
+        if _fb_init(&self.rx) < 0:
+            raise MemoryError()
+        self.out = <uint8_t *>malloc(INITIAL_BUFFER)
+        self.out_cap = INITIAL_BUFFER
+        self.send_lock = PyThread_allocate_lock()
+        if self.out == NULL or self.send_lock == NULL:
+            raise MemoryError()
+        self.closed = False
+        self.counts[0] = self.counts[1] = self.counts[2] = self.counts[3] = 0
+        self.failed = 0
+        self.spin_ns = 0
+
+    def __dealloc__(self):
+        free(self.out)
+        free(self.rx.buf)
+        if self.send_lock != NULL:
+            PyThread_free_lock(self.send_lock)
+
+    def counters(self):
+        """(ops, batches, bytes_read, bytes_written, failed batches) so far."""
+        return (rram_load_u64(&self.counts[0]), rram_load_u64(&self.counts[1]), rram_load_u64(&self.counts[2]),
+                rram_load_u64(&self.counts[3]), rram_load_u64(&self.failed))
+
+    def detail(self):
+        return self.a, self.b, 0
+
+    def header(self):
+        """The 32 header bytes at the front of the receive buffer (after R_BAD_HEADER)."""
+        return _fb_front(&self.rx, HDR)
+
+    def send_frame(self, const uint8_t[::1] frame):
+        """Send a whole frame unless the connection was shut; returns False if it was."""
+        cdef int rc = 0
+        with nogil:
+            PyThread_acquire_lock(self.send_lock, WAIT_LOCK)
+            if not self.closed:
+                rc = _send_all(self.fd, &frame[0], frame.shape[0], 0) if frame.shape[0] else 0
+            PyThread_release_lock(self.send_lock)
+        if rc < 0:
+            raise OSError(-rc, f"send failed (errno {-rc})")
+        return not self.closed
+
+    def shut(self, const uint8_t[::1] frame, double timeout):
+        """Send ``frame`` (an ERROR) within ``timeout`` seconds if possible, then shut the socket.
+        Idempotent; returns False if the connection was already shut or closed."""
+        cdef int64_t deadline = _now_ns() + <int64_t>(timeout * 1e9)
+        cdef bint was_closed
+        with nogil:
+            PyThread_acquire_lock(self.send_lock, WAIT_LOCK)
+            was_closed = self.closed
+            if not was_closed:
+                self.closed = True
+                _send_all(self.fd, &frame[0], frame.shape[0], deadline)
+                shutdown(self.fd, SHUT_RDWR)
+            PyThread_release_lock(self.send_lock)
+        return not was_closed
+
+    def mark_closed(self):
+        """Before the owner closes the fd: later ``shut``/``send_frame`` calls must not touch it."""
+        with nogil:
+            PyThread_acquire_lock(self.send_lock, WAIT_LOCK)
+            self.closed = True
+            PyThread_release_lock(self.send_lock)
+
+    def serve(self, RegionTable table):
+        """Answer REQUEST frames until the peer goes away or breaks the protocol.
+
+        Returns R_EOF (a = partial frame bytes left), R_SHUT, R_OS_ERROR (a = errno),
+        R_BAD_HEADER, R_BAD_PAYLOAD (a = payload bytes), R_READ_LIMIT (a = READ bytes) or R_NOMEM.
+        """
+        cdef int rc
+        with nogil:
+            rc = self._serve(table)
+        return rc
+
+    cdef int _serve(self, RegionTable table) noexcept nogil:
+        cdef framebuf_t *rx = &self.rx
+        cdef const header_t *h
+        cdef size_t avail, total
+        cdef int r
+        cdef short rev = 0
+        while True:
+            avail = _fb_avail(rx)
+            if avail >= HDR:
+                h = <const header_t *>(rx.buf + rx.start)
+                if (not _magic_ok(h) or h.type != T_REQUEST or h.count < 1 or h.count > MAX_OPS
+                        or h.payload_len > MAX_PAYLOAD):
+                    return R_BAD_HEADER
+                total = HDR + <size_t>h.count * sizeof(wire_op_t) + h.payload_len
+                if avail >= total:
+                    r = self._execute(table, h)
+                    if r < 0:
+                        return r
+                    _fb_consume(rx, total)
+                    continue
+                if _fb_room(rx, total) < 0:
+                    return R_NOMEM
+            elif _fb_room(rx, HDR) < 0:
+                return R_NOMEM
+            r = self._fill_spinning(rx)
+            if r > 0:
+                continue
+            if r == 0:
+                self.a = avail
+                return R_EOF
+            if r == C_EINTR:
+                continue
+            if r == -EAGAIN:
+                r = _wait(self.fd, POLLIN, -1, &rev)
+                if r >= 0 or r == C_EINTR:
+                    continue
+            self.a = -r
+            return R_OS_ERROR
+
+    cdef int _fill_spinning(self, framebuf_t *rx) noexcept nogil:
+        """recv, trying non-blocking for ``spin_ns`` before blocking."""
+        cdef int r
+        cdef int64_t end
+        if self.spin_ns > 0:
+            end = _now_ns() + self.spin_ns
+            while True:
+                r = _fb_fill(rx, self.fd, MSG_DONTWAIT)
+                if r != -EAGAIN or _now_ns() >= end:
+                    break
+            if r != -EAGAIN:
+                return r
+        return _fb_fill(rx, self.fd, 0)
+
+    cdef int _execute(self, RegionTable table, const header_t *h) noexcept nogil:
+        cdef const wire_op_t *d = <const wire_op_t *>(<const uint8_t *>h + HDR)
+        cdef uint32_t n = h.count, i
+        cdef const uint8_t *payload = <const uint8_t *>d + <size_t>n * sizeof(wire_op_t)
+        cdef uint64_t wtotal = 0, rtotal = 0, rbytes, wbytes
+        cdef Py_ssize_t done
+        cdef int status, rc
+        cdef uint8_t *nb
+        for i in range(n):
+            if d[i].opcode == OP_WRITE:
+                wtotal += d[i].length
+            elif d[i].opcode == OP_READ:
+                rtotal += d[i].length
+        if wtotal != h.payload_len:
+            self.a = h.payload_len
+            return R_BAD_PAYLOAD
+        if rtotal > MAX_PAYLOAD:
+            self.a = rtotal
+            return R_READ_LIMIT
+        if HDR + rtotal > self.out_cap:
+            nb = <uint8_t *>realloc(self.out, HDR + rtotal)
+            if nb == NULL:
+                return R_NOMEM
+            self.out, self.out_cap = nb, HDR + rtotal
+        status = _run_wire(table, d, n, payload, self.out + HDR, MAX_OP_LENGTH, &done, &rbytes, &wbytes)
+        rram_add_u64(&self.counts[0], done)
+        rram_add_u64(&self.counts[1], 1)
+        rram_add_u64(&self.counts[2], rbytes)
+        rram_add_u64(&self.counts[3], wbytes)
+        if status != WC_SUCCESS:
+            rram_add_u64(&self.failed, 1)
+        _put_header(self.out, T_COMPLETION, h.batch_id, <uint32_t>done, status, <uint32_t>rbytes)
+        PyThread_acquire_lock(self.send_lock, WAIT_LOCK)
+        if self.closed:
+            PyThread_release_lock(self.send_lock)
+            return R_SHUT
+        rc = _send_all(self.fd, self.out, HDR + rbytes, 0)
+        PyThread_release_lock(self.send_lock)
+        if rc < 0:
+            self.a = -rc
+            return R_OS_ERROR
+        return 0
+
+
+cdef class WireRequester:
+    """The requester's side of one data connection: post and poll in one C call each.
+
+    ``post`` checks the lkeys, encodes header + descriptors + WRITE data into one buffer and
+    sends it; while the socket is full it buffers incoming completions (bounded by what the
+    outstanding batches can legally return), so neither side blocks on the other.  ``poll``
+    parses completions straight from the receive buffer, scatters READ data and fills the
+    completion array; it spins ``spin_ns`` on a non-blocking recv before sleeping in poll().
+    """
+
+    cdef RegionTable local
+    cdef int fd
+    cdef framebuf_t rx
+    cdef uint8_t *sbuf
+    cdef size_t scap, soff, slen
+    cdef pending_t ring[MAX_RING]
+    cdef uint32_t head, count, max_outstanding, max_batch
+    cdef bint eof
+    cdef int64_t a, b, c
+    cdef public int64_t spin_ns
+
+    def __cinit__(self, RegionTable local, uint32_t max_outstanding, uint32_t max_batch):
+        if not 1 <= max_outstanding <= MAX_RING or not 1 <= max_batch <= MAX_OPS:
+            raise ValueError(f"max_outstanding 1..{MAX_RING}, max_batch 1..{MAX_OPS}")
+        self.local = local
+        self.fd = -1
+        if _fb_init(&self.rx) < 0:
+            raise MemoryError()
+        self.sbuf = <uint8_t *>malloc(INITIAL_BUFFER)
+        if self.sbuf == NULL:
+            raise MemoryError()
+        self.scap = INITIAL_BUFFER
+        self.soff = self.slen = 0
+        cdef int i
+        for i in range(MAX_RING):
+            self.ring[i].ops = NULL
+            self.ring[i].ops_cap = 0
+        self.head = self.count = 0
+        self.max_outstanding = max_outstanding
+        self.max_batch = max_batch
+        self.eof = False
+        self.spin_ns = 0
+
+    def __dealloc__(self):
+        cdef int i
+        free(self.sbuf)
+        free(self.rx.buf)
+        for i in range(MAX_RING):
+            free(self.ring[i].ops)
+
+    @property
+    def outstanding(self):
+        return self.count
+
+    def detail(self):
+        return self.a, self.b, self.c
+
+    def header(self):
+        return _fb_front(&self.rx, HDR)
+
+    def payload(self):
+        """The body of the frame at the front (after R_ERROR_FRAME)."""
+        return _fb_front(&self.rx, HDR + MAX_MESSAGE)[HDR:]
+
+    def attach(self, int fd):
+        """Start on a fresh connection (``fd`` non-blocking, HELLO done): nothing pending."""
+        self.detach()
+        self.fd = fd
+
+    def detach(self):
+        """Forget the connection and every outstanding batch (the owner closes the fd)."""
+        self.fd = -1
+        self.head = self.count = 0
+        self.rx.start = self.rx.end = 0
+        self.soff = self.slen = 0
+        self.eof = False
+
+    def post(self, object ops, uint64_t batch_id):
+        """Send a contiguous 1-D OP_DTYPE array as one batch: 0, or a negative R_* code.
+
+        Raises BufferError (nothing sent) for a non-contiguous array; a signal exception while
+        blocked leaves a partial frame on the wire: the caller must drop the connection.
+        """
+        cdef Py_buffer view
+        cdef int rc
+        if self.fd < 0:
+            self.a = 9  # EBADF
+            return R_OS_ERROR
+        PyObject_GetBuffer(ops, &view, PyBUF_C_CONTIGUOUS)
+        try:
+            if self.count >= self.max_outstanding:
+                return R_TOO_MANY
+            n = view.len // sizeof(op_t)
+            if n < 1 or n > self.max_batch:
+                self.a = n
+                return R_BAD_COUNT
+            with nogil:
+                rc = self._encode(<const op_t *>view.buf, n, batch_id)
+                if rc == 0:
+                    rc = self._send_frame()
+            while rc == C_EINTR:
+                PyErr_CheckSignals()
+                with nogil:
+                    rc = self._send_frame()
+            return rc
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _encode(self, const op_t *o, Py_ssize_t n, uint64_t batch_id) noexcept nogil:
+        """Check lkeys, build the REQUEST frame in ``sbuf`` and queue the batch as pending."""
+        cdef uint64_t w = 0, r = 0, nread = 0, need
+        cdef Py_ssize_t i, k = n
+        cdef wire_op_t *d
+        cdef uint8_t *p
+        cdef uint8_t *nb
+        cdef op_t *nops
+        cdef pending_t *slot
+        for i in range(n):
+            if o[i].opcode == OP_WRITE:
+                w += o[i].length
+            elif o[i].opcode == OP_READ:
+                r += o[i].length
+        if w > MAX_PAYLOAD or r > MAX_PAYLOAD:
+            self.a, self.b = w, r
+            return R_TOO_BIG
+        need = HDR + <uint64_t>n * sizeof(wire_op_t) + w
+        if need > self.scap:
+            nb = <uint8_t *>realloc(self.sbuf, need)
+            if nb == NULL:
+                return R_NOMEM
+            self.sbuf, self.scap = nb, need
+        slot = &self.ring[(self.head + self.count) % MAX_RING]
+        if <size_t>n > slot.ops_cap:
+            nops = <op_t *>realloc(slot.ops, n * sizeof(op_t))
+            if nops == NULL:
+                return R_NOMEM
+            slot.ops, slot.ops_cap = nops, n
+        d = <wire_op_t *>(self.sbuf + HDR)
+        w = 0
+        self.local._lock()
+        for i in range(n):
+            if not self.local._inside(o[i].lkey, o[i].local_addr, o[i].length):
+                k = i
+                break
+        p = <uint8_t *>(d + k)
+        for i in range(k):
+            d[i].remote_addr = o[i].remote_addr
+            d[i].length = o[i].length
+            d[i].rkey = o[i].rkey
+            d[i].opcode = o[i].opcode
+            memset(d[i].reserved, 0, 7)
+            if o[i].opcode == OP_WRITE:
+                memcpy(p, <const void *>o[i].local_addr, o[i].length)
+                p += o[i].length
+                w += o[i].length
+            elif o[i].opcode == OP_READ:
+                nread += o[i].length
+        self.local._unlock()
+        memcpy(slot.ops, o, k * sizeof(op_t))
+        slot.batch_id = batch_id
+        slot.sent = <uint32_t>k
+        slot.cut = k < n
+        slot.nread = nread
+        self.count += 1
+        self.soff = 0
+        self.slen = 0
+        if k:
+            _put_header(self.sbuf, T_REQUEST, batch_id, <uint32_t>k, 0, <uint32_t>w)
+            self.slen = HDR + <size_t>k * sizeof(wire_op_t) + w
+        return 0
+
+    cdef int _send_frame(self) noexcept nogil:
+        """Send sbuf[soff:slen]; while the socket is full, buffer what the provider sends."""
+        cdef ssize_t r
+        cdef short rev = 0
+        cdef int w
+        while self.soff < self.slen:
+            r = send(self.fd, self.sbuf + self.soff, self.slen - self.soff, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if r > 0:
+                self.soff += r
+                continue
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN and errno != EWOULDBLOCK:
+                self.a = errno
+                return R_OS_ERROR
+            w = _wait(self.fd, POLLOUT if self.eof else POLLIN | POLLOUT, -1, &rev)
+            if w == C_EINTR:
+                return C_EINTR
+            if w < 0:
+                self.a = -w
+                return R_OS_ERROR
+            if rev & POLLIN and not self.eof:
+                w = self._buffer_incoming()
+                if w < 0:
+                    return w
+        return 0
+
+    cdef int _buffer_incoming(self) noexcept nogil:
+        """Receive into the buffer without parsing, up to what the pending batches may return."""
+        cdef uint64_t bound = HDR + MAX_MESSAGE
+        cdef uint32_t i
+        cdef size_t avail = _fb_avail(&self.rx)
+        cdef int r
+        for i in range(self.count):
+            bound += HDR + self.ring[(self.head + i) % MAX_RING].nread
+        if avail >= bound:
+            self.a = avail
+            return R_OVERFLOW
+        if _fb_room(&self.rx, min(bound, avail + INITIAL_BUFFER)) < 0:
+            return R_NOMEM
+        r = _fb_fill(&self.rx, self.fd, MSG_DONTWAIT)
+        if r == 0:
+            self.eof = True
+        elif r < 0 and r != -EAGAIN and r != C_EINTR:
+            self.a = -r
+            return R_OS_ERROR
+        return 0
+
+    def poll(self, object out, double timeout):
+        """Fill ``out`` (contiguous COMPLETION_DTYPE) with up to len(out) completions; wait up to
+        ``timeout`` seconds (< 0: forever) for the first.  Returns n >= 0 or a negative R_* code."""
+        cdef Py_buffer view
+        cdef Py_ssize_t got = 0
+        cdef int64_t deadline = -1
+        if self.fd < 0:
+            self.a = 9
+            return R_OS_ERROR
+        if timeout >= 0:
+            deadline = _now_ns() + <int64_t>(timeout * 1e9)
+        PyObject_GetBuffer(out, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+        try:
+            while True:
+                with nogil:
+                    got = self._poll(<completion_t *>view.buf, view.len // sizeof(completion_t), deadline)
+                if got != C_EINTR:
+                    return got
+                PyErr_CheckSignals()
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef Py_ssize_t _poll(self, completion_t *out, Py_ssize_t cap, int64_t deadline) noexcept nogil:
+        cdef Py_ssize_t got = 0
+        cdef pending_t *p
+        cdef int r, ms
+        cdef int64_t now, spin_end = 0
+        cdef short rev = 0
+        while got < cap:
+            p = &self.ring[self.head]
+            if self.count and p.sent == 0:  # refused by the lkey check, never sent
+                out[got].batch_id = p.batch_id
+                out[got].status = WC_LOC_PROT_ERR
+                out[got].index = 0
+                self.head = (self.head + 1) % MAX_RING
+                self.count -= 1
+                got += 1
+                continue
+            r = self._next_completion(&out[got])
+            if r == 0:
+                got += 1
+                continue
+            if r < 0:
+                return r
+            if got:
+                break
+            r = _fb_fill(&self.rx, self.fd, MSG_DONTWAIT)
+            if r > 0:
+                continue
+            if r == 0:
+                self.eof = True
+                return R_EOF
+            if r != -EAGAIN and r != C_EINTR:
+                self.a = -r
+                return R_OS_ERROR
+            # nothing there yet: spin a little (a wake-up costs more than a short round trip)
+            now = _now_ns()
+            if deadline >= 0 and now >= deadline:
+                return 0
+            if spin_end == 0:
+                spin_end = now + self.spin_ns
+            if now < spin_end:
+                continue
+            ms = -1
+            if deadline >= 0:
+                ms = <int>((deadline - now + 999999) // 1000000)
+            r = _wait(self.fd, POLLIN, ms, &rev)
+            if r < 0:
+                if r == C_EINTR:
+                    return C_EINTR
+                self.a = -r
+                return R_OS_ERROR
+        return got
+
+    cdef int _next_completion(self, completion_t *c) noexcept nogil:
+        """Complete the head batch from the frame at the front: 0 done, C_NEED, or an R_* code."""
+        cdef framebuf_t *rx = &self.rx
+        cdef size_t avail = _fb_avail(rx), total
+        cdef const header_t *h
+        cdef pending_t *p = &self.ring[self.head]
+        cdef uint32_t done, i
+        cdef uint64_t rtotal = 0, off = 0
+        cdef const uint8_t *data
+        cdef int lstatus = WC_SUCCESS
+        if avail < HDR:
+            return C_NEED if _fb_room(rx, HDR) == 0 else R_NOMEM
+        h = <const header_t *>(rx.buf + rx.start)
+        if not _magic_ok(h) or h.type < T_HELLO_OK or h.type > T_ERROR:
+            return R_BAD_HEADER
+        if h.type == T_HELLO_OK:
+            return R_BAD_HEADER if h.payload_len else R_UNEXPECTED
+        if h.type == T_ERROR:
+            if h.payload_len > MAX_MESSAGE:
+                return R_BAD_HEADER
+            if avail < HDR + h.payload_len:
+                return C_NEED if _fb_room(rx, HDR + h.payload_len) == 0 else R_NOMEM
+            self.a = h.count
+            return R_ERROR_FRAME
+        if h.payload_len > MAX_PAYLOAD:
+            return R_BAD_HEADER
+        if self.count == 0 or h.batch_id != p.batch_id:
+            self.a, self.b, self.c = h.batch_id, p.batch_id, self.count != 0
+            return R_WRONG_BATCH
+        done = p.sent if h.status == WC_SUCCESS else h.count
+        if done > p.sent:
+            self.a, self.b, self.c = h.count, p.sent, p.batch_id
+            return R_BAD_INDEX
+        if h.payload_len > p.nread:  # more than the batch could return: refuse before buffering it
+            self.a, self.c = h.payload_len, p.batch_id
+            return R_BAD_PAYLOAD
+        total = HDR + h.payload_len
+        if avail < total:
+            return C_NEED if _fb_room(rx, total) == 0 else R_NOMEM
+        for i in range(done):
+            if p.ops[i].opcode == OP_READ:
+                rtotal += p.ops[i].length
+        if rtotal != h.payload_len:
+            self.a, self.c = h.payload_len, p.batch_id
+            return R_BAD_PAYLOAD
+        data = rx.buf + rx.start + HDR
+        self.local._lock()
+        for i in range(done):
+            if p.ops[i].opcode != OP_READ:
+                continue
+            if not self.local._inside(p.ops[i].lkey, p.ops[i].local_addr, p.ops[i].length):
+                lstatus = WC_LOC_PROT_ERR
+                break
+            memcpy(<void *>p.ops[i].local_addr, data + off, p.ops[i].length)
+            off += p.ops[i].length
+        self.local._unlock()
+        c.batch_id = p.batch_id
+        if lstatus != WC_SUCCESS:
+            c.status, c.index = lstatus, i
+        elif h.status == WC_SUCCESS and p.cut:
+            c.status, c.index = WC_LOC_PROT_ERR, p.sent
+        else:
+            c.status, c.index = h.status, h.count
+        _fb_consume(rx, total)
+        self.head = (self.head + 1) % MAX_RING
+        self.count -= 1
+        return 0

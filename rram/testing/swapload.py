@@ -291,7 +291,9 @@ def start_requester(config_path: str, name: str, size: int, sock: str, log_path:
             break
         time.sleep(0.05)
     stop_process(proc)
-    raise RuntimeError(f"requester {name} not ready (status {proc.poll()}); see {log_path}")
+    with open(log_path) as f:
+        tail = "".join(f.readlines()[-20:])
+    raise RuntimeError(f"requester {name} not ready (status {proc.poll()}); {log_path}:\n{tail}")
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> int | None:

@@ -5,21 +5,21 @@ and returns ``{"host", "port", "token"}``.  The requester dials, sends the token
 waits for HELLO_OK; the connection then belongs to that session and can only reach its
 regions.  A token stays valid while its session lives, so ``recover()`` re-dials with it; a
 new dial with a token replaces that token's previous connection.  One thread per data
-connection: receive a REQUEST into the decoder's buffer, one C call executes it (GIL
-released), one ``sendall`` returns the COMPLETION.
+connection: Python reads the HELLO, then one C call (``_memops.WireServer.serve``, GIL
+released) receives, checks, executes and answers every REQUEST until the peer leaves or
+breaks the protocol; Python then words the error from wire.py and sends the ERROR frame.
 
-Requester: ``post`` gathers descriptors and WRITE data into a send buffer in C and sends one
-frame; ``poll`` reads completions in the calling thread (no reader thread: a cross-thread
-wake-up costs more than the round trip) and scatters READ data in C.  Batches pipeline: the
-provider answers them in order.  Frames are described in wire.py.
+Requester: ``post`` is one C call that checks lkeys, encodes the frame and sends it; ``poll``
+is one C call that reads completions in the calling thread (no reader thread: a cross-thread
+wake-up costs more than the round trip), scatters READ data and fills the completion array.
+Batches pipeline: the provider answers them in order.  Frames are described in wire.py, whose
+pure-Python decoder remains the reference (fuzzed) and handles the HELLO exchange.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import math
+import os
 import secrets
-import select
 import socket
 import sys
 import threading
@@ -30,9 +30,8 @@ import numpy as np
 from .. import errors
 from . import wire
 from .base import (
+    COMPLETION_DTYPE,
     OP_DTYPE,
-    WC_LOC_PROT_ERR,
-    WC_SUCCESS,
     Endpoint,
     ProviderSession,
     ProviderTransport,
@@ -49,6 +48,10 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
+SHUT_TIMEOUT = 1.0
+#: how long ``poll`` spins on a non-blocking recv before sleeping; measured in
+#: bench/test_transport_latency.py (0 when requester and provider may share a CPU)
+DEFAULT_SPIN_US = 0
 
 
 def unavailable_reason() -> str | None:
@@ -56,11 +59,14 @@ def unavailable_reason() -> str | None:
         return f"rram._ext._memops is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`"
     if sys.byteorder != "little":
         return "the tcp data protocol is little-endian and this host is not"
+    mismatch = {k: v for k, v in _memops.WIRE_CONSTANTS.items() if _wire_value(k) != v}
+    if mismatch:
+        return f"rram._ext._memops was built for other wire constants {mismatch}; rebuild it"
     return None
 
 
 def _ops_bytes(ops: np.ndarray, max_batch: int) -> np.ndarray:
-    """The uint8 view of a checked 1-D OP_DTYPE batch."""
+    """The uint8 view of a checked 1-D OP_DTYPE batch (used by the loopback transport)."""
     if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
         raise errors.TransportError("ops must be a 1-D numpy array of OP_DTYPE")
     if not 1 <= len(ops) <= max_batch:
@@ -68,32 +74,66 @@ def _ops_bytes(ops: np.ndarray, max_batch: int) -> np.ndarray:
     return np.ascontiguousarray(ops).view(np.uint8)
 
 
+def _wire_value(name: str) -> int:
+    return wire.HEADER.size if name == "HEADER" else getattr(wire, name)
+
+
+def _recv_exact(sock: socket.socket, n: int, before: int = 0) -> bytearray | None:
+    """n bytes from ``sock``; None if it closed before the first byte of a frame."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got or before:
+                raise errors.ProtocolError(f"connection closed inside a frame ({before + got} bytes buffered)")
+            return None
+        got += k
+    return buf
+
+
+def _read_frame(sock: socket.socket, accept: frozenset):
+    """One whole frame as a wire event (HELLO exchange only), or None at a clean EOF."""
+    raw = _recv_exact(sock, wire.HEADER.size)
+    if raw is None:
+        return None
+    h = wire.parse_header(raw, 0, accept)
+    body = _recv_exact(sock, h.body_len, wire.HEADER.size) if h.body_len else bytearray()
+    return wire.parse_body(h, memoryview(body))
+
+
 # -- provider ---------------------------------------------------------------------------------
 
 
 class _Stats:
+    """Provider counters.  tcp: totals of closed connections and of errors caught in Python;
+    live connections count in C (``WireServer.counters``) and ``snapshot`` adds them in."""
+
     FIELDS = ("ops", "batches", "bytes_read", "bytes_written", "errors")
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._c = dict.fromkeys(self.FIELDS, 0)
+        self._c = [0] * len(self.FIELDS)
+
+    def add(self, counts) -> None:
+        """Add a tuple in FIELDS order."""
+        with self._lock:
+            self._c = [a + b for a, b in zip(self._c, counts)]
 
     def batch(self, ops: int, nread: int, nwritten: int, failed: bool) -> None:
-        with self._lock:
-            c = self._c
-            c["batches"] += 1
-            c["ops"] += ops
-            c["bytes_read"] += nread
-            c["bytes_written"] += nwritten
-            c["errors"] += failed
+        self.add((ops, 1, nread, nwritten, int(failed)))
 
     def error(self) -> None:
         with self._lock:
-            self._c["errors"] += 1
+            self._c[-1] += 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self, live=()) -> dict:
         with self._lock:
-            return dict(self._c)
+            total = list(self._c)
+        for counts in live:
+            total = [a + b for a, b in zip(total, counts)]
+        return dict(zip(self.FIELDS, total))
 
 
 class _DataConnection:
@@ -105,29 +145,12 @@ class _DataConnection:
         self.peer = peer
         self.session: _TcpSession | None = None
         self.token: bytes | None = None
-        self._send_lock = threading.Lock()
-        self._closed = False
-        self._out = bytearray(1 << 16)
-
-    def send(self, data) -> None:
-        with self._send_lock:
-            self.sock.sendall(data)
+        self.core = _memops.WireServer(sock.fileno())
+        self.core.spin_ns = int(os.environ.get("RRAM_TCP_SERVER_SPIN_US", "0")) * 1000
 
     def shut(self, code: int, message: str) -> None:
         """Tell the peer why, then close (callable from any thread, idempotent)."""
-        with self._send_lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self.sock.settimeout(1.0)
-                self.sock.sendall(wire.error(code, message))
-            except OSError:
-                pass
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.core.shut(wire.error(code, message), SHUT_TIMEOUT)
 
     def serve(self) -> None:
         try:
@@ -145,14 +168,12 @@ class _DataConnection:
             if self.session is not None:
                 self.session._detach(self)
             self.provider._forget(self)
-            with self._send_lock:
-                self._closed = True
+            self.core.mark_closed()
             self.sock.close()
 
     def _serve(self) -> None:
-        dec = wire.Decoder(wire.TO_PROVIDER)
         self.sock.settimeout(HELLO_TIMEOUT)
-        ev = self._next(dec)
+        ev = _read_frame(self.sock, wire.TO_PROVIDER)
         if ev is None:
             return
         if not isinstance(ev, wire.Hello):
@@ -165,47 +186,30 @@ class _DataConnection:
         self.session, self.token = session, ev.token
         session._attach(self)
         self.sock.settimeout(None)
-        self.send(wire.hello_ok())
-        while True:
-            ev = self._next(dec)
-            if ev is None:
-                return
-            if not isinstance(ev, wire.Request):
-                raise errors.ProtocolError("HELLO sent twice on one connection")
-            self._execute(ev)
+        if self.core.send_frame(wire.hello_ok()):
+            self._check(self.core.serve(session.table))
 
-    def _next(self, dec: wire.Decoder):
-        """The next event, receiving as needed; None when the peer closed cleanly."""
-        while True:
-            ev = dec.next_event()
-            if ev is not None:
-                return ev
-            n = self.sock.recv_into(dec.writable())
-            if n == 0:
-                if dec.buffered:
-                    raise errors.ProtocolError(f"connection closed inside a frame ({dec.buffered} bytes buffered)")
-                return None
-            dec.wrote(n)
-
-    def _execute(self, req: wire.Request) -> None:
-        table = self.session.table
-        while True:
-            out = self._out
-            status, index, nread, nwritten = _memops.execute_wire(
-                table, req.ops, req.count, req.payload, out, wire.HEADER.size, wire.MAX_OP_LENGTH
-            )
-            if status != _memops.MALFORMED_SHORT_OUTPUT:
-                break
-            if index > wire.MAX_PAYLOAD:
-                raise errors.ProtocolError(f"batch reads {index} bytes; the limit is {wire.MAX_PAYLOAD}")
-            self._out = bytearray(wire.HEADER.size + index)
-        if status == _memops.MALFORMED_PAYLOAD:
+    def _check(self, code: int) -> None:
+        """Turn how ``WireServer.serve`` ended into an exception (or nothing for a clean end)."""
+        a, _b, _c = self.core.detail()
+        if code == _memops.R_SHUT or (code == _memops.R_EOF and a == 0):
+            return
+        if code == _memops.R_EOF:
+            raise errors.ProtocolError(f"connection closed inside a frame ({a} bytes buffered)")
+        if code == _memops.R_OS_ERROR:
+            raise OSError(a, os.strerror(a))
+        if code == _memops.R_BAD_HEADER:
+            h = wire.parse_header(self.core.header(), 0, wire.TO_PROVIDER)  # raises with the reason
+            raise errors.ProtocolError("HELLO sent twice on one connection" if h.type == wire.HELLO
+                                       else f"unexpected {wire.TYPE_NAMES[h.type]} frame")
+        if code == _memops.R_BAD_PAYLOAD:
             raise errors.ProtocolError(
-                f"request payload of {len(req.payload)} bytes does not match the WRITE lengths of its operations"
-            )
-        self.provider._stats.batch(index, nread, nwritten, status != WC_SUCCESS)
-        wire.pack_header(out, wire.COMPLETION, req.batch_id, index, status, nread)
-        self.send(memoryview(out)[: wire.HEADER.size + nread])
+                f"request payload of {a} bytes does not match the WRITE lengths of its operations")
+        if code == _memops.R_READ_LIMIT:
+            raise errors.ProtocolError(f"batch reads {a} bytes; the limit is {wire.MAX_PAYLOAD}")
+        if code == _memops.R_NOMEM:
+            raise MemoryError("cannot grow a data connection buffer")
+        raise RuntimeError(f"unexpected result {code} from the data connection loop")
 
 
 class _TcpSession(ProviderSession):
@@ -302,8 +306,8 @@ class ProviderTransportImpl(ProviderTransport):
         return session
 
     def stats(self) -> dict:
-        out = self._stats.snapshot()
         with self._lock:
+            out = self._stats.snapshot(conn.core.counters() for conn in self._conns)
             out["connections"] = len(self._conns)
             out["regions"] = sum(len(s.table) for s in self._sessions.values())
         return out
@@ -348,8 +352,10 @@ class ProviderTransportImpl(ProviderTransport):
             threading.Thread(target=conn.serve, name=f"rram-tcp-data-{peer[1]}", daemon=True).start()
 
     def _forget(self, conn: _DataConnection) -> None:
-        with self._lock:
-            self._conns.discard(conn)
+        with self._lock:  # fold its counters in and drop it in one step: stats never see it twice
+            if conn in self._conns:
+                self._conns.discard(conn)
+                self._stats.add(conn.core.counters())
 
     def _add_token(self, token: bytes, session: _TcpSession) -> None:
         with self._lock:
@@ -375,17 +381,13 @@ class TcpEndpoint(Endpoint):
     max_batch = wire.MAX_OPS
     max_outstanding = 16
 
-    def __init__(self):
+    def __init__(self, spin_us: int = DEFAULT_SPIN_US):
         self._local = _memops.RegionTable()
+        self._core = _memops.WireRequester(self._local, self.max_outstanding, self.max_batch)
+        self._core.spin_ns = int(spin_us * 1000)
         self._params: tuple[str, int, bytes] | None = None
         self._sock: socket.socket | None = None
-        self._poller = select.poll()
-        self._dec = wire.Decoder(wire.TO_REQUESTER)
-        self._eof = False
         self._broken: str | None = "not connected"
-        # per posted batch: [batch_id, ops sent to the provider, their OP_DTYPE bytes, cut by lkey]
-        self._pending: collections.deque = collections.deque()
-        self._sendbuf = bytearray(1 << 16)
         self._closed = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -423,14 +425,9 @@ class TcpEndpoint(Endpoint):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(wire.hello(token))
-            dec = wire.Decoder(wire.TO_REQUESTER)
-            ev = None
-            while ev is None:
-                n = sock.recv_into(dec.writable())
-                if n == 0:
-                    raise errors.ConnectionLost(f"provider {host}:{port} closed the connection during HELLO")
-                dec.wrote(n)
-                ev = dec.next_event()
+            ev = _read_frame(sock, wire.TO_REQUESTER)
+            if ev is None:
+                raise errors.ConnectionLost(f"provider {host}:{port} closed the connection during HELLO")
             if isinstance(ev, wire.Error):
                 raise errors.ConnectionLost(f"provider {host}:{port} refused the connection ({ev.describe()})")
             if not isinstance(ev, wire.HelloOk):
@@ -442,29 +439,19 @@ class TcpEndpoint(Endpoint):
             sock.close()
             raise
         sock.setblocking(False)
-        self._sock, self._dec, self._eof, self._broken = sock, dec, False, None
-        self._poller.register(sock, select.POLLIN)
+        self._core.attach(sock.fileno())
+        self._sock, self._broken = sock, None
 
     def _disconnect(self, why: str) -> None:
         self._broken = why
-        self._pending.clear()
+        self._core.detach()
         if self._sock is not None:
-            try:
-                self._poller.unregister(self._sock)
-            except KeyError:
-                pass
             self._sock.close()
             self._sock = None
 
-    def _lost(self, why: str, cause: BaseException | None = None) -> errors.ConnectionLost:
+    def _lost(self, why: str, err: int | None = None) -> errors.ConnectionLost:
         self._disconnect(why)
-        err = errors.ConnectionLost(why, getattr(cause, "errno", None))
-        err.__cause__ = cause
-        return err
-
-    def _usable(self) -> None:
-        if self._broken is not None:
-            raise errors.ConnectionLost(f"tcp endpoint unusable ({self._broken}); call recover()")
+        return errors.ConnectionLost(why, err)
 
     def close(self) -> None:
         if self._closed:
@@ -489,112 +476,79 @@ class TcpEndpoint(Endpoint):
 
     @property
     def outstanding(self) -> int:
-        return len(self._pending)
+        return self._core.outstanding
 
     def post(self, ops: np.ndarray, batch_id: int) -> None:
-        self._usable()
-        if len(self._pending) >= self.max_outstanding:
-            raise errors.TransportError(f"{self.max_outstanding} batches already outstanding; poll first")
-        raw = _ops_bytes(ops, self.max_batch)
-        n = len(ops)
-        nwrite, nread = _memops.measure(raw, n)
-        if nwrite > wire.MAX_PAYLOAD or nread > wire.MAX_PAYLOAD:
-            raise errors.TransportError(
-                f"batch moves {nwrite} bytes out and {nread} in; the tcp limit is {wire.MAX_PAYLOAD} each way"
-            )
-        need = wire.HEADER.size + n * wire.WIRE_OP.itemsize + nwrite
-        if need > len(self._sendbuf):
-            self._sendbuf = bytearray(need)
-        sent, used = _memops.gather(self._local, raw, n, self._sendbuf, wire.HEADER.size)
-        if sent:
-            payload = used - sent * wire.WIRE_OP.itemsize
-            wire.pack_header(self._sendbuf, wire.REQUEST, batch_id, sent, 0, payload)
-            self._send(memoryview(self._sendbuf)[: wire.HEADER.size + used])
-        self._pending.append((batch_id, sent, raw[: sent * OP_DTYPE.itemsize].copy(), sent < n))
-
-    def _send(self, view: memoryview) -> None:
-        """Send all of ``view``; while the socket is full, take in completions so neither side
-        blocks on the other's full buffer."""
-        sock = self._sock
-        while len(view):
-            try:
-                view = view[sock.send(view):]
-            except BlockingIOError:
-                ready = select.select([sock], [sock], [], None)
-                if ready[0]:
-                    self._fill()
-            except OSError as exc:
-                raise self._lost(f"send to provider failed: {exc}", exc) from exc
-
-    def _fill(self) -> bool:
-        """Receive what is available into the decoder; False when nothing was."""
-        if self._eof:
-            return False
+        if self._broken is not None:
+            raise errors.ConnectionLost(f"tcp endpoint unusable ({self._broken}); call recover()")
+        if type(ops) is not np.ndarray or ops.dtype != OP_DTYPE or ops.ndim != 1:
+            raise errors.TransportError("ops must be a 1-D numpy array of OP_DTYPE")
         try:
-            n = self._sock.recv_into(self._dec.writable())
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise self._lost(f"receive from provider failed: {exc}", exc) from exc
-        if n == 0:
-            self._eof = True
-            return False
-        self._dec.wrote(n)
-        return True
+            rc = self._core.post(ops, batch_id)
+        except BufferError:  # not contiguous: nothing was sent
+            rc = self._core.post(np.ascontiguousarray(ops), batch_id)
+        except BaseException:  # a signal while blocked: a partial frame may be on the wire
+            self._disconnect("interrupted while sending a request")
+            raise
+        if rc:
+            raise self._post_error(rc)
+
+    def _post_error(self, rc: int) -> errors.TransportError:
+        a, b, _c = self._core.detail()
+        if rc == _memops.R_TOO_MANY:
+            return errors.TransportError(f"{self.max_outstanding} batches already outstanding; poll first")
+        if rc == _memops.R_BAD_COUNT:
+            return errors.TransportError(f"a batch holds 1..{self.max_batch} operations, got {a}")
+        if rc == _memops.R_TOO_BIG:
+            return errors.TransportError(
+                f"batch moves {a} bytes out and {b} in; the tcp limit is {wire.MAX_PAYLOAD} each way")
+        return self._failure(rc)
 
     def poll(self, out: np.ndarray, timeout: float | None = None) -> int:
-        self._usable()
-        if timeout is None and not self._pending:
-            raise errors.TransportError("poll() without a timeout and nothing outstanding would wait forever")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cap = len(out)
-        got = 0
-        while got < cap:
-            if self._pending and self._pending[0][1] == 0:  # failed the lkey check before sending
-                bid = self._pending.popleft()[0]
-                out[got] = (bid, WC_LOC_PROT_ERR, 0)
-                got += 1
-                continue
-            try:
-                ev = self._dec.next_event()
-            except errors.ProtocolError as exc:
-                raise self._lost(f"bad frame from provider: {exc}", exc) from exc
-            if ev is not None:
-                out[got] = self._complete(ev)
-                got += 1
-                continue
-            if got:
-                break
-            if self._fill():
-                continue
-            if self._eof:
-                raise self._lost("provider closed the data connection")
-            left = -1 if deadline is None else deadline - time.monotonic()
-            if deadline is not None and left <= 0:
-                return 0
-            self._poller.poll(-1 if deadline is None else math.ceil(left * 1000))
-        return got
+        if self._broken is not None:
+            raise errors.ConnectionLost(f"tcp endpoint unusable ({self._broken}); call recover()")
+        if type(out) is not np.ndarray or out.dtype != COMPLETION_DTYPE or out.ndim != 1:
+            raise errors.TransportError("out must be a 1-D numpy array of COMPLETION_DTYPE")
+        if timeout is None:
+            if not self._core.outstanding:
+                raise errors.TransportError("poll() without a timeout and nothing outstanding would wait forever")
+            timeout = -1.0
+        n = self._core.poll(out, timeout)
+        if n < 0:
+            raise self._failure(n)
+        return n
 
-    def _complete(self, ev) -> tuple[int, int, int]:
-        if isinstance(ev, wire.Error):
-            raise self._lost(f"provider closed the data connection ({ev.describe()})")
-        if not self._pending or self._pending[0][1] == 0 or ev.batch_id != self._pending[0][0]:
-            expected = self._pending[0][0] if self._pending else None
-            raise self._lost(f"completion for batch {ev.batch_id} while expecting {expected}")
-        bid, sent, raw, cut = self._pending[0]
-        status, index = ev.status, ev.index
-        done = sent if status == WC_SUCCESS else index
-        if done > sent:
-            raise self._lost(f"completion for batch {bid} names op {index} of {sent}")
-        self._pending.popleft()
-        lstatus, lindex = _memops.scatter(self._local, raw, done, ev.data)
-        if lstatus == _memops.MALFORMED_PAYLOAD:
-            raise self._lost(f"completion for batch {bid} carries {len(ev.data)} bytes, not its READ lengths")
-        if lstatus != WC_SUCCESS:
-            return bid, lstatus, lindex
-        if status == WC_SUCCESS and cut:
-            return bid, WC_LOC_PROT_ERR, sent
-        return bid, status, index
+    def _failure(self, rc: int) -> errors.TransportError:
+        """The connection is no longer usable: say why, from the C side's result code."""
+        core = self._core
+        a, b, c = core.detail()
+        if rc == _memops.R_OS_ERROR:
+            return self._lost(f"data connection to the provider failed: {os.strerror(a)}", a)
+        if rc == _memops.R_EOF:
+            return self._lost("provider closed the data connection")
+        if rc == _memops.R_BAD_HEADER:
+            try:
+                wire.parse_header(core.header(), 0, wire.TO_REQUESTER)
+                why = "unexpected header"
+            except errors.ProtocolError as exc:
+                why = str(exc)
+            return self._lost(f"bad frame from provider: {why}")
+        if rc == _memops.R_ERROR_FRAME:
+            ev = wire.Error(a, bytes(core.payload()).decode("utf-8", "replace"))
+            return self._lost(f"provider closed the data connection ({ev.describe()})")
+        if rc == _memops.R_UNEXPECTED:
+            return self._lost("bad frame from provider: HELLO_OK after the handshake")
+        if rc == _memops.R_WRONG_BATCH:
+            return self._lost(f"completion for batch {a} while expecting {b if c else None}")
+        if rc == _memops.R_BAD_INDEX:
+            return self._lost(f"completion for batch {c} names op {a} of {b}")
+        if rc == _memops.R_BAD_PAYLOAD:
+            return self._lost(f"completion for batch {c} carries {a} bytes, not its READ lengths")
+        if rc == _memops.R_OVERFLOW:
+            return self._lost(f"provider sent {a} bytes, more than the outstanding batches can return")
+        if rc == _memops.R_NOMEM:
+            return self._lost("out of memory for the data connection buffers")
+        return self._lost(f"data path failed with code {rc}")
 
 
 class RequesterTransportImpl(RequesterTransport):
