@@ -465,7 +465,23 @@ cdef enum:
     # post refused: a = WRITE bytes, b = READ bytes, one of them over MAX_PAYLOAD
     R_TOO_BIG = -32
 
-RESULT_CODES = {"R_OS_ERROR": R_OS_ERROR, "R_EOF": R_EOF, "R_BAD_HEADER": R_BAD_HEADER, "R_ERROR_FRAME": R_ERROR_FRAME, "R_UNEXPECTED": R_UNEXPECTED, "R_WRONG_BATCH": R_WRONG_BATCH, "R_BAD_INDEX": R_BAD_INDEX, "R_BAD_PAYLOAD": R_BAD_PAYLOAD, "R_READ_LIMIT": R_READ_LIMIT, "R_OVERFLOW": R_OVERFLOW, "R_SHUT": R_SHUT, "R_NOMEM": R_NOMEM, "R_TOO_MANY": R_TOO_MANY, "R_BAD_COUNT": R_BAD_COUNT, "R_TOO_BIG": R_TOO_BIG}
+RESULT_CODES = {
+    "R_OS_ERROR": R_OS_ERROR,
+    "R_EOF": R_EOF,
+    "R_BAD_HEADER": R_BAD_HEADER,
+    "R_ERROR_FRAME": R_ERROR_FRAME,
+    "R_UNEXPECTED": R_UNEXPECTED,
+    "R_WRONG_BATCH": R_WRONG_BATCH,
+    "R_BAD_INDEX": R_BAD_INDEX,
+    "R_BAD_PAYLOAD": R_BAD_PAYLOAD,
+    "R_READ_LIMIT": R_READ_LIMIT,
+    "R_OVERFLOW": R_OVERFLOW,
+    "R_SHUT": R_SHUT,
+    "R_NOMEM": R_NOMEM,
+    "R_TOO_MANY": R_TOO_MANY,
+    "R_BAD_COUNT": R_BAD_COUNT,
+    "R_TOO_BIG": R_TOO_BIG,
+}
 globals().update(RESULT_CODES)
 
 cdef enum:
@@ -902,7 +918,7 @@ cdef class WireRequester:
     def post(self, object ops, uint64_t batch_id):
         """Send a contiguous 1-D OP_DTYPE array as one batch: 0, or a negative R_* code.
 
-        Raises BufferError (nothing sent) for a non-contiguous array; a signal exception while
+        Raises BufferError or ValueError (nothing sent) for a non-contiguous array; a signal exception while
         blocked leaves a partial frame on the wire: the caller must drop the connection.
         """
         cdef Py_buffer view
@@ -1128,7 +1144,7 @@ cdef class WireRequester:
         if avail < HDR:
             return C_NEED if _fb_room(rx, HDR) == 0 else R_NOMEM
         h = <const header_t *>(rx.buf + rx.start)
-        if not _magic_ok(h) or h.type < T_HELLO_OK or h.type > T_ERROR:
+        if not _magic_ok(h) or (h.type != T_HELLO_OK and h.type != T_COMPLETION and h.type != T_ERROR):
             return R_BAD_HEADER
         if h.type == T_HELLO_OK:
             return R_BAD_HEADER if h.payload_len else R_UNEXPECTED
