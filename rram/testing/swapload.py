@@ -101,7 +101,7 @@ def run(mib: int, passes: int = 1, seed: int = 1, hold: bool = False) -> dict:
         check(first, min(CHUNK_PAGES, pages - first), passes - 1)
     times.append(round(time.monotonic() - t, 3))
     after = vmstat()
-    del mem
+    mem = None  # drop the view before unmapping
     m.close()
     return {"mib": mib, "pages": pages, "passes": passes, "bad_pages": bad, "first_bad_page": first_bad,
             "pass_seconds": times, "seconds": round(time.monotonic() - t0, 3),

@@ -241,13 +241,45 @@ class ProviderSession(abc.ABC):
         self.close()
 
 
+class RegionTableSession(ProviderSession):
+    """A session whose regions live in an ``rram._ext._memops.RegionTable`` (tcp, loopback).
+
+    Subclasses set ``table``, ``session_id`` and ``closed``.
+    """
+
+    def register(self, addr: int, length: int) -> int:
+        if self.closed:
+            raise errors.TransportError(f"session {self.session_id} is closed")
+        try:
+            return self.table.register(addr, length)
+        except (ValueError, OverflowError) as exc:
+            raise errors.TransportError(f"cannot register region: {exc}") from exc
+
+    def deregister(self, rkey: int) -> None:
+        if not self.table.deregister(rkey):
+            raise errors.NotFound(f"rkey {rkey:#x} is not registered in session {self.session_id}")
+
+
 class ProviderTransport(abc.ABC):
-    """Runs inside the provider process; owns listeners or the RDMA device."""
+    """Runs inside the provider process; owns listeners or the RDMA device.
+
+    Implementations create ``_lock`` (threading.Lock), ``_sessions`` (dict) and ``_closed``,
+    and build one session in ``_new_session``; ``open_session`` keeps ids unique.
+    """
 
     name: str = ""
 
+    def open_session(self, session_id: str) -> ProviderSession:
+        with self._lock:
+            if self._closed:
+                raise errors.TransportError(f"the {self.name} transport is closed")
+            if session_id in self._sessions:
+                raise errors.TransportError(f"session {session_id!r} is already open")
+            session = self._sessions[session_id] = self._new_session(session_id)
+        return session
+
     @abc.abstractmethod
-    def open_session(self, session_id: str) -> ProviderSession: ...
+    def _new_session(self, session_id: str) -> ProviderSession: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...

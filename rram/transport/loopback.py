@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .. import errors
-from .base import Endpoint, ProviderSession, ProviderTransport, RequesterTransport
+from .base import Endpoint, ProviderSession, ProviderTransport, RegionTableSession, RequesterTransport
 from .tcp import _ops_bytes, _Stats, unavailable_reason  # noqa: F401  (same extension, same checks)
 from .wire import MAX_OP_LENGTH
 
@@ -28,25 +28,13 @@ _registry_lock = threading.Lock()
 _registry: dict[str, _LoopbackSession] = {}
 
 
-class _LoopbackSession(ProviderSession):
+class _LoopbackSession(RegionTableSession):
     def __init__(self, provider: ProviderTransportImpl, session_id: str):
         self.provider = provider
         self.session_id = session_id
         self.table = _memops.RegionTable()
         self.ids: set[str] = set()
         self.closed = False
-
-    def register(self, addr: int, length: int) -> int:
-        if self.closed:
-            raise errors.TransportError(f"session {self.session_id} is closed")
-        try:
-            return self.table.register(addr, length)
-        except (ValueError, OverflowError) as exc:
-            raise errors.TransportError(f"cannot register region: {exc}") from exc
-
-    def deregister(self, rkey: int) -> None:
-        if not self.table.deregister(rkey):
-            raise errors.NotFound(f"rkey {rkey:#x} is not registered in session {self.session_id}")
 
     def accept(self, peer_params: dict) -> dict:
         if self.closed:
@@ -80,14 +68,8 @@ class ProviderTransportImpl(ProviderTransport):
         self._stats = _Stats()
         self._closed = False
 
-    def open_session(self, session_id: str) -> ProviderSession:
-        with self._lock:
-            if self._closed:
-                raise errors.TransportError("the loopback transport is closed")
-            if session_id in self._sessions:
-                raise errors.TransportError(f"session {session_id!r} is already open")
-            session = self._sessions[session_id] = _LoopbackSession(self, session_id)
-        return session
+    def _new_session(self, session_id: str) -> ProviderSession:
+        return _LoopbackSession(self, session_id)
 
     def _drop(self, session: _LoopbackSession) -> None:
         with self._lock:

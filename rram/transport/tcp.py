@@ -35,6 +35,7 @@ from .base import (
     Endpoint,
     ProviderSession,
     ProviderTransport,
+    RegionTableSession,
     RequesterTransport,
 )
 
@@ -215,7 +216,7 @@ class _DataConnection:
         raise RuntimeError(f"unexpected result {code} from the data connection loop")
 
 
-class _TcpSession(ProviderSession):
+class _TcpSession(RegionTableSession):
     def __init__(self, provider: ProviderTransportImpl, session_id: str):
         self.provider = provider
         self.session_id = session_id
@@ -224,18 +225,6 @@ class _TcpSession(ProviderSession):
         self.connections: dict[bytes, _DataConnection] = {}
         self.closed = False
         self._lock = threading.Lock()
-
-    def register(self, addr: int, length: int) -> int:
-        if self.closed:
-            raise errors.TransportError(f"session {self.session_id} is closed")
-        try:
-            return self.table.register(addr, length)
-        except (ValueError, OverflowError) as exc:
-            raise errors.TransportError(f"cannot register region: {exc}") from exc
-
-    def deregister(self, rkey: int) -> None:
-        if not self.table.deregister(rkey):
-            raise errors.NotFound(f"rkey {rkey:#x} is not registered in session {self.session_id}")
 
     def accept(self, peer_params: dict) -> dict:
         if self.closed:
@@ -300,14 +289,8 @@ class ProviderTransportImpl(ProviderTransport):
                                         daemon=True)
         self._thread.start()
 
-    def open_session(self, session_id: str) -> ProviderSession:
-        with self._lock:
-            if self._closed:
-                raise errors.TransportError("the tcp transport is closed")
-            if session_id in self._sessions:
-                raise errors.TransportError(f"session {session_id!r} is already open")
-            session = self._sessions[session_id] = _TcpSession(self, session_id)
-        return session
+    def _new_session(self, session_id: str) -> ProviderSession:
+        return _TcpSession(self, session_id)
 
     def stats(self) -> dict:
         with self._lock:

@@ -234,14 +234,8 @@ class ProviderTransportImpl(ProviderTransport):
         self._closed = False
         log.info("verbs provider on %s port %d, GID index %d", self.device.name, port_num, gid_index)
 
-    def open_session(self, session_id: str) -> ProviderSession:
-        with self._lock:
-            if self._closed:
-                raise errors.TransportError("the verbs transport is closed")
-            if session_id in self._sessions:
-                raise errors.TransportError(f"session {session_id!r} is already open")
-            session = self._sessions[session_id] = VerbsSession(self, session_id)
-        return session
+    def _new_session(self, session_id: str) -> ProviderSession:
+        return VerbsSession(self, session_id)
 
     def _drop(self, session: VerbsSession) -> None:
         with self._lock:
