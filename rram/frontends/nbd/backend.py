@@ -14,6 +14,7 @@ from ... import PAGE_SIZE, errors
 
 #: pages per store call when zeroing or invalidating large ranges (bounds temporary arrays)
 RANGE_CHUNK = 16384
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class Backend:
@@ -40,6 +41,22 @@ class Backend:
     def flush(self) -> None:
         """Return once every completed write is durable."""
         raise NotImplementedError
+
+    def read_pages(self, pages: np.ndarray, out) -> None:
+        """Fill ``out`` (len(pages) * 4096 bytes) with the 4 KiB blocks numbered ``pages``.
+
+        The server's batch path; backends with a batch store call override it.
+        """
+        view = memoryview(out).cast("B")
+        for i, page in enumerate(pages.tolist()):
+            self.read(page * PAGE_SIZE, PAGE_SIZE, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+
+    def write_pages(self, pages: np.ndarray, data) -> None:
+        """Store ``data`` (len(pages) * 4096 bytes) as the blocks ``pages``, in order (the last
+        write of a block repeated in the batch wins)."""
+        view = memoryview(data).cast("B")
+        for i, page in enumerate(pages.tolist()):
+            self.write(page * PAGE_SIZE, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
 
     def close(self) -> None:
         pass
@@ -147,6 +164,10 @@ class PageStoreBackend(Backend):
     # -- Backend --------------------------------------------------------------------------------
 
     def read(self, offset, length, out):
+        if length == PAGE_SIZE and offset % PAGE_SIZE == 0:  # the queue-depth-1 latency path
+            if self.store.get(self.pool, self.obj, offset // PAGE_SIZE, out) is None:
+                out[:PAGE_SIZE] = _ZERO_PAGE  # never written: zeros
+            return
         if length == 0:
             return
         first = offset // PAGE_SIZE
@@ -196,3 +217,17 @@ class PageStoreBackend(Backend):
 
     def flush(self):
         self.store.flush()
+
+    def read_pages(self, pages, out):
+        self.store.get_many(self.pool, self.obj, pages, out)  # absent pages come back zeroed
+
+    def write_pages(self, pages, data):
+        n = len(pages)
+        if n > 1:
+            # one put_many must not name a block twice: keep each block's last write
+            uniq, last_rev = np.unique(pages[::-1], return_index=True)
+            if len(uniq) < n:
+                keep = n - 1 - last_rev
+                data = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)[keep]
+                pages = pages[keep]
+        self.store.put_many(self.pool, self.obj, pages, data)
