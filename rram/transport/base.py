@@ -261,25 +261,25 @@ class RegionTableSession(ProviderSession):
 
 
 class ProviderTransport(abc.ABC):
-    """Runs inside the provider process; owns listeners or the RDMA device.
-
-    Implementations create ``_lock`` (threading.Lock), ``_sessions`` (dict) and ``_closed``,
-    and build one session in ``_new_session``; ``open_session`` keeps ids unique.
-    """
+    """Runs inside the provider process; owns listeners or the RDMA device."""
 
     name: str = ""
 
-    def open_session(self, session_id: str) -> ProviderSession:
+    @abc.abstractmethod
+    def open_session(self, session_id: str) -> ProviderSession: ...
+
+    def _add_session(self, session_id: str, make) -> ProviderSession:
+        """The body of most ``open_session``s: unique ids, refused once closed.
+
+        Uses the implementation's ``_lock``, ``_sessions`` (dict) and ``_closed``.
+        """
         with self._lock:
             if self._closed:
                 raise errors.TransportError(f"the {self.name} transport is closed")
             if session_id in self._sessions:
                 raise errors.TransportError(f"session {session_id!r} is already open")
-            session = self._sessions[session_id] = self._new_session(session_id)
+            session = self._sessions[session_id] = make()
         return session
-
-    @abc.abstractmethod
-    def _new_session(self, session_id: str) -> ProviderSession: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -68,8 +68,8 @@ class ProviderTransportImpl(ProviderTransport):
         self._stats = _Stats()
         self._closed = False
 
-    def _new_session(self, session_id: str) -> ProviderSession:
-        return _LoopbackSession(self, session_id)
+    def open_session(self, session_id: str) -> ProviderSession:
+        return self._add_session(session_id, lambda: _LoopbackSession(self, session_id))
 
     def _drop(self, session: _LoopbackSession) -> None:
         with self._lock:

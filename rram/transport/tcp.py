@@ -289,8 +289,8 @@ class ProviderTransportImpl(ProviderTransport):
                                         daemon=True)
         self._thread.start()
 
-    def _new_session(self, session_id: str) -> ProviderSession:
-        return _TcpSession(self, session_id)
+    def open_session(self, session_id: str) -> ProviderSession:
+        return self._add_session(session_id, lambda: _TcpSession(self, session_id))
 
     def stats(self) -> dict:
         with self._lock:

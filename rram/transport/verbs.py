@@ -234,8 +234,8 @@ class ProviderTransportImpl(ProviderTransport):
         self._closed = False
         log.info("verbs provider on %s port %d, GID index %d", self.device.name, port_num, gid_index)
 
-    def _new_session(self, session_id: str) -> ProviderSession:
-        return VerbsSession(self, session_id)
+    def open_session(self, session_id: str) -> ProviderSession:
+        return self._add_session(session_id, lambda: VerbsSession(self, session_id))
 
     def _drop(self, session: VerbsSession) -> None:
         with self._lock:
