@@ -6,6 +6,7 @@ the server maps StoreFullError to ENOSPC and any other failure to EIO.
 """
 from __future__ import annotations
 
+import abc
 import threading
 
 import numpy as np
@@ -17,30 +18,30 @@ RANGE_CHUNK = 16384
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-class Backend:
+class Backend(abc.ABC):
     """A byte range of ``size`` bytes.  Implementations must be safe to call from several threads."""
 
     size: int = 0
 
+    @abc.abstractmethod
     def read(self, offset: int, length: int, out: memoryview) -> None:
         """Fill ``out`` (exactly ``length`` writable bytes) with the export's bytes at ``offset``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, offset: int, data, fua: bool = False) -> None:
         """Store ``data`` at ``offset``; with ``fua``, return only once it is durable."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def trim(self, offset: int, length: int) -> None:
         """A hint that the range is unused; its contents are undefined afterwards."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def zero(self, offset: int, length: int, no_hole: bool = False) -> None:
         """Make the range read as zeros; ``no_hole`` asks for storage to stay allocated."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def flush(self) -> None:
         """Return once every completed write is durable."""
-        raise NotImplementedError
 
     def read_pages(self, pages: np.ndarray, out) -> None:
         """Fill ``out`` (len(pages) * 4096 bytes) with the 4 KiB blocks numbered ``pages``.
