@@ -57,6 +57,12 @@ def _cpus(role):
     return {0} if role == "requester" else {1}
 
 
+def _pin_process(pid: int, cpus) -> None:
+    """Pin every thread of ``pid`` (threads it starts later inherit the mask)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 @pytest.fixture(scope="module")
 def setup():
     req_cpus = _cpus("requester")
@@ -65,7 +71,7 @@ def setup():
         prov_cpus = _cpus("provider")
         if prov_cpus:
             for proc in cluster.procs.values():
-                os.sched_setaffinity(proc.pid, prov_cpus)
+                _pin_process(proc.pid, prov_cpus)
         if req_cpus:
             os.sched_setaffinity(0, req_cpus)
         try:
