@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import closing
 
 import numpy as np
 from rich.console import Console
@@ -114,18 +113,12 @@ def _print_counters(console, stats):
 
 
 def _provider_stats(cluster) -> dict:
-    out = {}
     try:
-        from .control.client import ProviderClient
-        cfg = cluster.config
-        for node in cfg.providers():
-            with closing(ProviderClient(node, cfg.secret_bytes(), "demo-status")) as client:
-                client.connect()
-                s = client.stats()
-                out[node.name] = {k: s[k] for k in ("capacity", "used", "leases") if k in s}
+        stats = cluster.provider_stats("demo-status")
     except (errors.RramError, OSError) as exc:
         log.warning("provider stats unavailable: %s", exc)
-    return out
+        return {}
+    return {name: {k: s[k] for k in ("capacity", "used", "leases")} for name, s in stats.items()}
 
 
 def main(args) -> int:

@@ -116,6 +116,17 @@ class LocalCluster:
         except OSError:
             return "(no log)"
 
+    def provider_stats(self, requester: str = "cluster-observer") -> dict[str, dict]:
+        """Each running provider's ``stats`` reply, by name (asked over an authenticated control connection)."""
+        from ..control.client import ProviderClient
+
+        out = {}
+        for name in self.providers:
+            with ProviderClient(self.config.node(name), self.config.secret_bytes(), requester) as client:
+                client.connect()
+                out[name] = client.stats()
+        return out
+
     def alive(self, name: str) -> bool:
         proc = self.procs.get(name)
         return proc is not None and proc.poll() is None

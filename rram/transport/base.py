@@ -260,6 +260,20 @@ class RegionTableSession(ProviderSession):
             raise errors.NotFound(f"rkey {rkey:#x} is not registered in session {self.session_id}")
 
 
+class RegionTableEndpoint(Endpoint):
+    """An endpoint whose local regions live in an ``rram._ext._memops.RegionTable`` ``_local``."""
+
+    def register_local(self, addr: int, length: int) -> int:
+        try:
+            return self._local.register(addr, length)
+        except (ValueError, OverflowError) as exc:
+            raise errors.TransportError(f"cannot register local buffer: {exc}") from exc
+
+    def deregister_local(self, lkey: int) -> None:
+        if not self._local.deregister(lkey):
+            raise errors.NotFound(f"lkey {lkey:#x} is not registered on this endpoint")
+
+
 class ProviderTransport(abc.ABC):
     """Runs inside the provider process; owns listeners or the RDMA device."""
 

@@ -15,7 +15,14 @@ import time
 import numpy as np
 
 from .. import errors
-from .base import Endpoint, ProviderSession, ProviderTransport, RegionTableSession, RequesterTransport
+from .base import (
+    Endpoint,
+    ProviderSession,
+    ProviderTransport,
+    RegionTableEndpoint,
+    RegionTableSession,
+    RequesterTransport,
+)
 from .tcp import _ops_bytes, _Stats, unavailable_reason  # noqa: F401  (same extension, same checks)
 from .wire import MAX_OP_LENGTH
 
@@ -91,7 +98,7 @@ class ProviderTransportImpl(ProviderTransport):
             session.close()
 
 
-class LoopbackEndpoint(Endpoint):
+class LoopbackEndpoint(RegionTableEndpoint):
     name = "loopback"
     max_batch = 4096
     max_outstanding = 16
@@ -123,16 +130,6 @@ class LoopbackEndpoint(Endpoint):
             self._session = _registry.get(self._conn_id)
         if self._session is None:
             raise errors.ConnectionLost(f"loopback session for {self._conn_id} no longer exists")
-
-    def register_local(self, addr: int, length: int) -> int:
-        try:
-            return self._local.register(addr, length)
-        except (ValueError, OverflowError) as exc:
-            raise errors.TransportError(f"cannot register local buffer: {exc}") from exc
-
-    def deregister_local(self, lkey: int) -> None:
-        if not self._local.deregister(lkey):
-            raise errors.NotFound(f"lkey {lkey:#x} is not registered on this endpoint")
 
     @property
     def outstanding(self) -> int:

@@ -35,6 +35,7 @@ from .base import (
     Endpoint,
     ProviderSession,
     ProviderTransport,
+    RegionTableEndpoint,
     RegionTableSession,
     RequesterTransport,
 )
@@ -363,7 +364,7 @@ class ProviderTransportImpl(ProviderTransport):
 # -- requester --------------------------------------------------------------------------------
 
 
-class TcpEndpoint(Endpoint):
+class TcpEndpoint(RegionTableEndpoint):
     name = "tcp"
     max_batch = wire.MAX_OPS
     max_outstanding = 16
@@ -448,16 +449,6 @@ class TcpEndpoint(Endpoint):
         self._local.clear()
 
     # -- local regions ------------------------------------------------------------------------
-
-    def register_local(self, addr: int, length: int) -> int:
-        try:
-            return self._local.register(addr, length)
-        except (ValueError, OverflowError) as exc:
-            raise errors.TransportError(f"cannot register local buffer: {exc}") from exc
-
-    def deregister_local(self, lkey: int) -> None:
-        if not self._local.deregister(lkey):
-            raise errors.NotFound(f"lkey {lkey:#x} is not registered on this endpoint")
 
     # -- data path ----------------------------------------------------------------------------
 

@@ -45,17 +45,7 @@ def _host_reason() -> str | None:
 
 
 def provider_stats(cluster) -> list[dict]:
-    from rram.control.client import ProviderClient
-
-    out = []
-    for name in cluster.providers:
-        client = ProviderClient(cluster.config.node(name), cluster.config.secret_bytes(), "swap-test-observer")
-        try:
-            client.connect()
-            out.append(client.stats())
-        finally:
-            client.close()
-    return out
+    return list(cluster.provider_stats("swap-test-observer").values())
 
 
 @pytest.fixture
