@@ -29,6 +29,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR, EAGAIN
 from libc.stdint cimport int32_t, int64_t, uint16_t
 from libc.stdlib cimport malloc, realloc, free
+from ops cimport completion_t, op_t
 from libc.string cimport memcpy, memmove, memcmp, memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -50,15 +51,6 @@ MALFORMED_SHORT_OUTPUT = -2
 #: READ data of the batch exceeds the caller's limit
 MALFORMED_READ_LIMIT = -3
 
-# mirrors OP_DTYPE in rram/transport/base.py (32 bytes)
-cdef packed struct op_t:
-    uint64_t local_addr
-    uint64_t remote_addr
-    uint32_t length
-    uint32_t lkey
-    uint32_t rkey
-    uint8_t opcode
-    uint8_t pad[3]
 
 # mirrors WIRE_OP in rram/transport/wire.py (24 bytes)
 cdef packed struct wire_op_t:
@@ -499,11 +491,6 @@ cdef packed struct header_t:
     uint32_t payload_len
     uint32_t reserved
 
-# mirrors COMPLETION_DTYPE in rram/transport/base.py (16 bytes)
-cdef packed struct completion_t:
-    uint64_t batch_id
-    int32_t status
-    uint32_t index
 
 cdef struct pending_t:
     uint64_t batch_id

@@ -20,6 +20,7 @@ from libc.string cimport memcpy, memset, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from libibverbs cimport *
+from ops cimport completion_t, op_t
 
 import errno as _errno
 import weakref
@@ -42,20 +43,6 @@ cdef extern from "poll.h" nogil:
     enum:
         POLLIN
 
-# mirrors rram.transport.base.OP_DTYPE and COMPLETION_DTYPE
-ctypedef struct op_t:
-    uint64_t local_addr
-    uint64_t remote_addr
-    uint32_t length
-    uint32_t lkey
-    uint32_t rkey
-    uint8_t opcode
-    uint8_t pad[3]
-
-ctypedef struct completion_t:
-    uint64_t batch_id
-    int32_t status
-    uint32_t index
 
 # one posted batch, until the completion of its last work request has been seen
 ctypedef struct batch_t:
