@@ -124,7 +124,10 @@ def main(args) -> int:
             metrics.close()
         if server is not None:
             server.close()
-        print(f"rram requester {name} stats {json.dumps(store.stats(), default=str)}", flush=True)
+        stats = store.stats()
+        if server is not None:
+            stats["nbd"] = dict(server.counters)
+        print(f"rram requester {name} stats {json.dumps(stats, default=str)}", flush=True)
         try:
             store.flush()
         except errors.RramError as exc:

@@ -53,8 +53,10 @@ class Backend(abc.ABC):
             self.read(page * PAGE_SIZE, PAGE_SIZE, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
 
     def write_pages(self, pages: np.ndarray, data) -> None:
-        """Store ``data`` (len(pages) * 4096 bytes) as the blocks ``pages``, in order (the last
-        write of a block repeated in the batch wins)."""
+        """Store ``data`` (len(pages) * 4096 bytes) as the blocks ``pages``.
+
+        The blocks are distinct: the server never puts two writes of one block in a run.
+        """
         view = memoryview(data).cast("B")
         for i, page in enumerate(pages.tolist()):
             self.write(page * PAGE_SIZE, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
@@ -223,12 +225,4 @@ class PageStoreBackend(Backend):
         self.store.get_many(self.pool, self.obj, pages, out)  # absent pages come back zeroed
 
     def write_pages(self, pages, data):
-        n = len(pages)
-        if n > 1:
-            # one put_many must not name a block twice: keep each block's last write
-            uniq, last_rev = np.unique(pages[::-1], return_index=True)
-            if len(uniq) < n:
-                keep = n - 1 - last_rev
-                data = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)[keep]
-                pages = pages[keep]
         self.store.put_many(self.pool, self.obj, pages, data)

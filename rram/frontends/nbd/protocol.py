@@ -339,6 +339,23 @@ class ServerConnection:
 
     # -- parsing --------------------------------------------------------------------------------
 
+    def take_run(self, run) -> int:
+        """Move the run of plain READs or WRITEs at the head of the buffer into ``run``.
+
+        ``run`` is a rram._ext._nbdwire.RequestRun: the C parser takes only requests that
+        need no reply from this module (valid, whole 4 KiB blocks, flags at most FUA), so
+        next_event() still sees, and answers, everything else.  Returns the requests taken.
+        """
+        if self._state != _TRANSMISSION or self._discard:
+            return 0
+        before = run.nreq
+        e = self.export
+        self._start = run.parse(self._buf, self._start, self._end, e.size, e.max_block, e.min_block)
+        taken = run.nreq - before
+        if taken:
+            self._need = REQUEST.size
+        return taken
+
     def next_event(self):
         """The next event, or NEED_DATA.  Raises StreamError when the connection must be dropped."""
         while True:

@@ -1,14 +1,16 @@
 """An NBD server: serves one Backend on a Unix socket and/or TCP, many connections at once.
 
-One thread per connection.  A connection parses every request already in its receive buffer
-before it blocks in recv, and serves runs of consecutive READs (or WRITEs) of whole 4 KiB
-blocks as one batch: one backend call (one store lock, one LZ4 batch) and one send for all
-their replies.  Any other command, or a READ/WRITE that is not block-aligned, first runs the
-batch queued before it, so a FLUSH follows the writes before it and a READ sees every earlier
-WRITE.  Buffers (receive, batch pages, replies) are allocated once per connection.  Several
-connections run in parallel (NBD_FLAG_CAN_MULTI_CONN: every connection sees the same backend,
-and FLUSH/FUA go to the shared store).  A client that breaks the protocol is disconnected;
-the others are not affected.
+One thread per connection.  Requests come in runs: a client with a deep queue sends many
+READs (or WRITEs) back to back, and the C parser (rram._ext._nbdwire.RequestRun) takes every
+consecutive plain READ or WRITE of whole 4 KiB blocks already in the receive buffer in one
+call.  A run is served with one backend call (one store lock, one LZ4 batch) and one send
+for all its replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
+flagged requests, protocol errors) goes through the sans-IO parser one request at a time,
+after the run before it, so a FLUSH follows the writes before it and a READ sees every
+earlier WRITE.  Buffers are allocated once per connection.  Several connections run in
+parallel (NBD_FLAG_CAN_MULTI_CONN: every connection sees the same backend, and FLUSH/FUA go
+to the shared store).  A client that breaks the protocol is disconnected; the others are
+not affected.
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ import threading
 import numpy as np
 
 from ... import PAGE_SIZE, errors
+from ..._ext._nbdwire import RequestRun
 from . import protocol as P
 from .backend import Backend
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0
-#: pages one batch may hold: bounds the batch buffers (1 MiB of data) and a reply's latency
+#: pages one run may hold: bounds the run's buffers (1 MiB of data) and a reply's latency
 MAX_BATCH_PAGES = 256
 _MCL_CURRENT = 1
 _MCL_FUTURE = 2
@@ -49,71 +52,6 @@ def _nbd_error(exc: BaseException) -> int:
     if isinstance(exc, errors.StoreFullError):
         return P.NBD_ENOSPC
     return P.NBD_EIO
-
-
-class _Batch:
-    """One connection's run of consecutive READs or WRITEs of whole, aligned 4 KiB blocks.
-
-    The buffers are allocated once per connection: block numbers (uint32), the pages (read
-    from or written to the store in one call), and the reply of a READ run (header + data for
-    each request, sent with one sendall).  ``reply`` is the single-request path's buffer.
-    """
-
-    def __init__(self, header_size: int):
-        self.header_size = header_size
-        self.pages = np.empty(MAX_BATCH_PAGES, dtype=np.uint32)
-        self.data = memoryview(bytearray(MAX_BATCH_PAGES * PAGE_SIZE))
-        self._replies = memoryview(bytearray(MAX_BATCH_PAGES * (header_size + PAGE_SIZE)))
-        self.reply = bytearray(header_size + PAGE_SIZE)
-        self.requests: list[P.Request] = []
-        self.command = -1
-        self.count = 0  # pages queued
-        self.fua = False
-
-    def accepts(self, req: P.Request) -> int | None:
-        """The command ``req`` would be batched as (READ, WRITE), or None for the one-by-one path."""
-        cmd = req.command
-        if cmd != P.NBD_CMD_READ and cmd != P.NBD_CMD_WRITE:
-            return None
-        if req.offset % PAGE_SIZE or req.length % PAGE_SIZE or req.length > MAX_BATCH_PAGES * PAGE_SIZE:
-            return None
-        return cmd
-
-    def add(self, req: P.Request, command: int) -> None:
-        """Queue ``req``; callers run the batch first when the command differs or room() is False."""
-        n = req.length // PAGE_SIZE
-        first, at = req.offset // PAGE_SIZE, self.count
-        if n == 1:
-            self.pages[at] = first
-        else:
-            self.pages[at:at + n] = np.arange(first, first + n, dtype=np.uint32)
-        if command == P.NBD_CMD_WRITE:
-            self.data[at * PAGE_SIZE:(at + n) * PAGE_SIZE] = req.data  # its view dies at the next recv
-            self.fua = self.fua or bool(req.flags & P.NBD_CMD_FLAG_FUA)
-        self.requests.append(req)
-        self.command = command
-        self.count += n
-
-    def room(self, req: P.Request) -> bool:
-        return self.count + req.length // PAGE_SIZE <= MAX_BATCH_PAGES
-
-    def pack_read_replies(self, conn: P.ServerConnection) -> memoryview:
-        """Each READ's reply header followed by its pages, back to back; the bytes to send."""
-        out, data, hsz = self._replies, self.data, self.header_size
-        pos = page = 0
-        for req in self.requests:
-            conn.pack_read_header(out[pos:], req)
-            n = req.length
-            out[pos + hsz:pos + hsz + n] = data[page:page + n]
-            pos += hsz + n
-            page += n
-        return out[:pos]
-
-    def clear(self) -> None:
-        self.requests.clear()
-        self.command = -1
-        self.count = 0
-        self.fua = False
 
 
 class NBDServer:
@@ -140,7 +78,8 @@ class NBDServer:
         self._clients: dict[socket.socket, threading.Thread] = {}
         self._accept_thread: threading.Thread | None = None
         self._closed = False
-        self.counters = {"connections": 0, "disconnected_bad_clients": 0, "requests": 0, "errors": 0}
+        self.counters = {"connections": 0, "disconnected_bad_clients": 0, "requests": 0, "errors": 0,
+                         "runs": 0, "run_requests": 0}
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -212,39 +151,33 @@ class NBDServer:
 
     def _serve(self, sock: socket.socket, peer) -> None:
         conn = P.ServerConnection(self.export)
-        batch: _Batch | None = None  # made at Ready, once the reply format is known
+        run: RequestRun | None = None  # made at Ready, once the reply format is known
+        reply = bytearray(0)  # the one-by-one READ path's buffer, grown on demand
         try:
             sock.settimeout(self.handshake_timeout)
             sock.sendall(conn.data_to_send())
             while True:
+                if run is not None and conn.take_run(run):
+                    reply = self._serve_run(conn, sock, run, reply)
+                    continue
                 event = conn.next_event()
                 out = conn.data_to_send()
                 if out:
                     sock.sendall(out)
                 if event is P.NEED_DATA:
-                    if batch is not None and batch.count:
-                        self._run_batch(conn, sock, batch)  # before recv: write data views the buffer
                     n = sock.recv_into(conn.get_buffer())
                     if n == 0:
                         log.debug("nbd client %s went away", peer)
                         return
                     conn.buffer_updated(n)
                 elif type(event) is P.Request:
-                    command = batch.accepts(event)
-                    if batch.count and (command != batch.command or not batch.room(event)):
-                        self._run_batch(conn, sock, batch)  # a run of one command type ends
-                    if command is None:
-                        batch.reply = self._handle(conn, sock, event, batch.reply)
-                    else:
-                        batch.add(event, command)
+                    reply = self._handle(conn, sock, event, reply)
                 elif isinstance(event, P.Ready):
                     sock.settimeout(None)  # an idle block device is normal
-                    batch = _Batch(conn.read_header_size)
+                    run = RequestRun(MAX_BATCH_PAGES, conn.structured)
                     log.info("nbd client %s: transmission (structured replies: %s)", peer,
                              event.structured_replies)
                 elif isinstance(event, P.Closed):
-                    if batch is not None and batch.count:
-                        self._run_batch(conn, sock, batch)  # requests before NBD_CMD_DISC are served
                     log.debug("nbd client %s: %s", peer, event.reason)
                     return
         except P.StreamError as exc:
@@ -257,44 +190,42 @@ class NBDServer:
                 self._clients.pop(sock, None)
             sock.close()
 
-    def _run_batch(self, conn: P.ServerConnection, sock: socket.socket, batch: _Batch) -> None:
-        """Serve the queued run of READs or WRITEs with one store call and one send."""
-        requests = batch.requests
-        if len(requests) == 1:  # nothing to amortise: the single-request path is the fastest
-            batch.reply = self._handle(conn, sock, requests[0], batch.reply)
-            batch.clear()
-            return
-        backend = self.backend
+    def _serve_run(self, conn: P.ServerConnection, sock: socket.socket, run: RequestRun,
+                   reply: bytearray) -> bytearray:
+        """Serve a parsed run of READs or WRITEs with one backend call and one send."""
+        if run.nreq == 1:  # nothing to amortise: the one-by-one path is the fastest
+            reply = self._handle(conn, sock, P.Request(*run.request(0)), reply)
+            run.clear()
+            return reply
+        n = run.npages
         try:
-            if batch.command == P.NBD_CMD_READ:
-                backend.read_pages(batch.pages[:batch.count], batch.data[:batch.count * PAGE_SIZE])
+            if run.command == P.NBD_CMD_READ:
+                self.backend.read_pages(run.pages[:n], run.data[:n * PAGE_SIZE])
+                out = run.read_replies()
             else:
-                backend.write_pages(batch.pages[:batch.count], batch.data[:batch.count * PAGE_SIZE])
-                if batch.fua:
-                    backend.flush()
+                self.backend.write_pages(run.pages[:n], run.data[:n * PAGE_SIZE])
+                if run.fua:
+                    self.backend.flush()
+                out = run.write_replies()
         except OSError as exc:
             if isinstance(exc, (BrokenPipeError, ConnectionError, socket.timeout)):
                 raise
-            self._batch_failed(conn, sock, batch, exc)
-            return
+            return self._run_failed(conn, sock, run, exc, reply)
         except Exception as exc:  # noqa: BLE001 - retried one by one, so each gets its own reply
-            self._batch_failed(conn, sock, batch, exc)
-            return
-        if batch.command == P.NBD_CMD_READ:
-            sock.sendall(batch.pack_read_replies(conn))
-        else:
-            for req in requests:
-                conn.reply_to(P.NBD_CMD_WRITE, req.handle)
-            sock.sendall(conn.data_to_send())
-        self.counters["requests"] += len(requests)
-        batch.clear()
+            return self._run_failed(conn, sock, run, exc, reply)
+        sock.sendall(out)
+        self.counters["requests"] += run.nreq
+        self.counters["runs"] += 1
+        self.counters["run_requests"] += run.nreq
+        run.clear()
+        return reply
 
-    def _batch_failed(self, conn, sock, batch: _Batch, exc: Exception) -> None:
-        log.debug("nbd batch of %d failed (%s); serving its requests one by one", batch.count, exc)
-        requests = list(batch.requests)
-        batch.clear()
-        for req in requests:
-            batch.reply = self._handle(conn, sock, req, batch.reply)
+    def _run_failed(self, conn, sock, run: RequestRun, exc: Exception, reply: bytearray) -> bytearray:
+        log.debug("nbd run of %d requests failed (%s); serving them one by one", run.nreq, exc)
+        for k in range(run.nreq):
+            reply = self._handle(conn, sock, P.Request(*run.request(k)), reply)
+        run.clear()
+        return reply
 
     def _handle(self, conn: P.ServerConnection, sock: socket.socket, req: P.Request, reply: bytearray) -> bytearray:
         self.counters["requests"] += 1
