@@ -16,12 +16,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 
 import pytest
 
 from rram.testing.cluster import LocalCluster
-from rram.testing.swapload import start_requester, stop_process
+from rram.testing.swapload import start_requester, stop_process, wait_for_path
 
 EXPORT = 256 << 20
 REGION = "64M"
@@ -55,10 +54,7 @@ def _nbdkit(tmp):
     sock = os.path.join(tmp, "nbdkit.sock")
     proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(EXPORT)], stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.05)
+        wait_for_path(sock, proc)
         _pin(proc.pid)
         yield f"nbd+unix:///?socket={sock}"
     finally:

@@ -8,6 +8,8 @@ Devices, one at a time (swap is machine-wide; the only one active gets every pag
 * rram: two tcp providers + `rram requester` (4 MiB local budget) -> nbdfuse -> loop -> swap
 * zram: /dev/zram0, lz4, in-kernel compressed RAM (the goal: rram <= 1.5x its time)
 * disk: a swap file on the root file system (the goal: rram >= 3x faster)
+* nbdkit: `nbdkit memory` (C, local RAM) -> nbdfuse -> loop -> swap: the floor of the FUSE
+  path itself, so that rram's own share of its time is visible
 Pinning: the workload runs on CPU 0; rram's user-space servers (providers, requester, nbdfuse)
 on CPU 1.  zram and disk do their work in the workload's context or the kernel's.
 """
@@ -22,7 +24,16 @@ import tempfile
 import pytest
 
 from rram.testing.cluster import LocalCluster
-from rram.testing.swapload import FuseLoopSwap, MemoryLimit, command, sh, start_requester, stop_process, swaps
+from rram.testing.swapload import (
+    FuseLoopSwap,
+    MemoryLimit,
+    command,
+    sh,
+    start_requester,
+    stop_process,
+    swaps,
+    wait_for_path,
+)
 
 WORKING_SET_MIB = 128
 PASSES = 2
@@ -112,7 +123,28 @@ def _rram():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("device", ["zram", "disk", "rram"])
+def _nbdkit():
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit is not installed")
+    tmp = tempfile.mkdtemp(prefix="rram-swap-nbdkit-")
+    sock = os.path.join(tmp, "nbdkit.sock")
+    server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(SWAP_SIZE)], stdin=subprocess.DEVNULL)
+    swap = None
+    try:
+        wait_for_path(sock, server)
+        _pin(server.pid)
+        swap = FuseLoopSwap(["--unix", sock], tmp)
+        _pin(swap._fuse.pid)
+        yield swap.loop
+    finally:
+        errors = swap.close() if swap is not None else []
+        if swap is None or not swap.active:
+            stop_process(server)
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not errors, errors
+
+
+@pytest.mark.parametrize("device", ["zram", "disk", "nbdkit", "rram"])
 def test_swap_bound_workload(benchmark, device):
     reason = _reason()
     if reason:
@@ -120,7 +152,7 @@ def test_swap_bound_workload(benchmark, device):
     limit = MemoryLimit.make(LIMIT)
     if limit is None:
         pytest.skip(f"no memory cgroup: {MemoryLimit.reason}")
-    setup = {"zram": _zram, "disk": _disk, "rram": _rram}[device]()
+    setup = {"zram": _zram, "disk": _disk, "nbdkit": _nbdkit, "rram": _rram}[device]()
     try:
         with limit:
             next(setup)
@@ -141,6 +173,8 @@ def test_swap_bound_workload(benchmark, device):
     if device == "rram" and {"zram", "disk"} <= _results.keys():
         t = {k: v["seconds"] for k, v in _results.items()}
         ratios = {"rram_over_zram": round(t["rram"] / t["zram"], 2), "disk_over_rram": round(t["disk"] / t["rram"], 2)}
+        if "nbdkit" in t:
+            ratios["rram_over_nbdkit_same_path"] = round(t["rram"] / t["nbdkit"], 2)
         benchmark.extra_info.update(ratios)
         print(f"swap-bound {WORKING_SET_MIB} MiB in {LIMIT >> 20} MiB, {PASSES} passes: seconds {t} {ratios} "
               f"(goals: rram_over_zram <= 1.5, disk_over_rram >= 3)")

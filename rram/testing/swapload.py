@@ -296,6 +296,15 @@ def start_requester(config_path: str, name: str, size: int, sock: str, log_path:
     raise RuntimeError(f"requester {name} not ready (status {proc.poll()}); {log_path}:\n{tail}")
 
 
+def wait_for_path(path: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT) -> None:
+    """Wait until ``proc`` (a server starting up) has created ``path``, e.g. its socket."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args[0]} did not create {path} (status {proc.poll()})")
+        time.sleep(0.05)
+
+
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> int | None:
     """SIGTERM, then SIGKILL after ``timeout``; idempotent."""
     if proc is None:
