@@ -5,9 +5,11 @@ the same size on distinct nodes; a page at offset X of the virtual slab lives at
 every replica.  Page locations therefore never name a node: re-replication and drain change
 this table, not the page map.
 
-Per-slab facts are kept in numpy arrays indexed by slab id (replica address, rkey, link index),
-so turning a batch of page locations into per-provider operation arrays is a handful of
-vectorised numpy calls, never a Python loop over pages.
+Per-slab facts are kept in numpy arrays indexed by slab id (replica address, rkey, link index).
+A batch's common case is one C call (``_storepath.Router``) that writes every operation
+straight into the per-link op arrays; the vectorised numpy code is the slow path for the rest
+(a page without a ready replica on a live link, a drain or repair in progress, a link failing
+mid-batch), with all the failure handling.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import errors
+from .._ext._storepath import Router
 from ..transport import OP_READ, OP_WRITE, completion_error, new_completions, new_ops
 from ..transport.base import WC_FATAL_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR, Endpoint, RemoteRegion
 from . import slab as L
@@ -90,11 +93,17 @@ class RemoteTier:
         self.io_timeout = 10.0
         self._ops = {}  # link index -> preallocated ops array
         self._comp = new_completions(64)
+        self._comp_batch = self._comp["batch_id"]  # field views: the fast path checks one completion
+        self._comp_status = self._comp["status"]
         one = new_ops(1)  # the single-op latency path: per-field views, set without numpy dispatch
         self._one = {"ops": one, **{name: one[name] for name in ("local_addr", "remote_addr", "length", "lkey", "rkey")}}
         one["opcode"] = OP_READ
         self._lock = threading.RLock()
         self.epoch = 0
+        # the C router over the tables above; bound again when links, tables or lkeys change
+        self._router = Router()
+        self._router_epoch = -1  # the epoch it was bound at; -1: stale
+        self._lkeys: dict[int, np.ndarray] = {}  # local arena addr -> lkey per link (-1: none)
 
     # -- links ---------------------------------------------------------------------------
 
@@ -102,6 +111,7 @@ class RemoteTier:
         link.index = len(self.links)
         self.links.append(link)
         self._ops[link.index] = new_ops(link.endpoint.max_batch)
+        self.invalidate_routes()
 
     def live_links(self) -> list[Link]:
         return [lk for lk in self.links if lk.alive and not lk.draining]
@@ -118,6 +128,7 @@ class RemoteTier:
             arr = np.full((old.shape[0], new), fill, dtype=old.dtype)
             arr[:, : old.shape[1]] = old
             setattr(self, name, arr)
+        self.invalidate_routes()
 
     def lease_slab(self, place) -> VirtualSlab:
         """Lease one virtual slab on up to ``replicas`` distinct live providers.
@@ -200,6 +211,27 @@ class RemoteTier:
 
     # -- I/O -----------------------------------------------------------------------------
 
+    def invalidate_routes(self) -> None:
+        """Links, their lkeys or the table arrays changed: bind the router again before its next use."""
+        self._router_epoch = -1
+
+    def router(self, local_base: int) -> tuple[Router, np.ndarray]:
+        """The C router, current with the links and tables, and the lkeys of the arena at ``local_base``.
+
+        Bound again whenever the epoch moved (a link died, joined or started draining) or
+        ``invalidate_routes`` was called; between those only table values change, in place.
+        """
+        if self._router_epoch != self.epoch:
+            self._router.bind(self.rep_link, self.rep_addr, self.rep_rkey, self.rep_ready.view(np.uint8),
+                              [lk.alive for lk in self.links], [self._ops[lk.index] for lk in self.links])
+            self._lkeys = {}
+            self._router_epoch = self.epoch
+        lkeys = self._lkeys.get(local_base)
+        if lkeys is None:
+            lkeys = np.array([lk.lkeys.get(local_base, -1) for lk in self.links] or [-1], dtype=np.int64)
+            self._lkeys[local_base] = lkeys
+        return self._router, lkeys
+
     def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
         """WRITE ``size`` bytes from local_addrs[i] to every live replica of remote_locs[i].
 
@@ -208,6 +240,14 @@ class RemoteTier:
         provider that fails meanwhile is marked dead and its slabs degraded (re-replication
         restores them); a page whose every replica failed raises TransportError.
         """
+        if not self._repair:  # during a repair the copy being moved is written too: slow path
+            router, lkeys = self.router(local_base)
+            batches = router.route(True, remote_locs, local_addrs, len(remote_locs), lkeys)
+            failed = None if batches is None else self.run_routed(batches)
+            if failed is not None:
+                if failed:  # every page had a live replica when routed: did one survive?
+                    self._require_held(remote_locs, failed)
+                return
         sizes = L.loc_size(remote_locs).astype(np.uint32)
         slabs = L.loc_slab(remote_locs).astype(np.intp)
         offs = L.loc_offset(remote_locs)
@@ -218,6 +258,11 @@ class RemoteTier:
         if self._repair:
             plans.append((self.mv_link[0, slabs], self.mv_addr[0, slabs] + offs, self.mv_rkey[0, slabs]))
         failed = self._run(OP_WRITE, plans, local_addrs, sizes, local_base)
+        self._require_held(remote_locs, failed)
+
+    def _require_held(self, remote_locs: np.ndarray, failed: set[int]) -> None:
+        """After a write: TransportError unless every page has a replica on a live link."""
+        slabs = L.loc_slab(remote_locs).astype(np.intp)
         alive = self._alive_mask()
         held = np.zeros(len(slabs), dtype=bool)
         for j in range(self.replicas):
@@ -231,6 +276,15 @@ class RemoteTier:
 
     def read(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
         """READ each page's stored bytes from one live, in-sync replica into local_addrs[i]."""
+        router, lkeys = self.router(local_base)
+        batches = router.route(False, remote_locs, local_addrs, len(remote_locs), lkeys)
+        failed = None if batches is None else self.run_routed(batches)
+        if failed is None or failed:  # unusual, or a link failed mid-batch: retry on the slow path
+            self._read_slow(remote_locs, local_addrs, local_base)
+
+    def _read_slow(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
+        """``read`` for any state of the links and tables: retries on another replica, reads the
+        copy a drain is moving away from, says which pages have no live replica."""
         sizes = L.loc_size(remote_locs).astype(np.uint32)
         slabs = L.loc_slab(remote_locs).astype(np.intp)
         offs = L.loc_offset(remote_locs)
@@ -301,6 +355,51 @@ class RemoteTier:
     def _alive_mask(self) -> np.ndarray:
         return np.array([lk.alive for lk in self.links] or [False], dtype=bool)
 
+    def run_routed(self, batches: list[tuple[int, int]]) -> set[int] | None:
+        """Post the batches the router wrote (one per link) and wait for every one of them.
+
+        Returns the links that failed as a whole (now marked dead; the caller redoes or checks
+        the I/O on the slow path), or None when nothing was posted because a link still has
+        batches outstanding (the slow path reaps them).  Raises the first error completion
+        (bad key, out of bounds...), like ``_run``.
+        """
+        links = self.links
+        for li, _count in batches:
+            if links[li].endpoint.outstanding:
+                return None
+        failed: set[int] = set()
+        errs: list[Exception] = []
+        posted = []
+        for li, count in batches:
+            link = links[li]
+            batch = link.next_batch
+            link.next_batch += 1
+            try:
+                link.endpoint.post(self._ops[li][:count], batch)
+            except errors.TransportError as exc:
+                self._link_failed(link, exc, failed)
+                continue
+            posted.append((link, batch))
+        for link, batch in posted:
+            self._wait(link, batch, failed, errs)
+        if errs:
+            raise errs[0]
+        return failed
+
+    def _wait(self, link: Link, batch: int, failed: set, errs: list) -> None:
+        """Reap the one batch posted on ``link``; anything but its lone success goes through ``_take``."""
+        try:
+            n = link.endpoint.poll(self._comp, self.io_timeout)
+        except errors.TransportError as exc:
+            self._link_failed(link, exc, failed)
+            return
+        if n == 1 and self._comp_batch[0] == batch and self._comp_status[0] == WC_SUCCESS:
+            return
+        pending = {link.index: {batch}}
+        self._take(link, n, pending, failed, errs)
+        while pending[link.index] and link.index not in failed:
+            self._reap(link, pending, failed, errs)
+
     def _run(self, opcode, plans, local_addrs, sizes, local_base) -> set[int]:
         """Post one batch per (link, chunk) of every plan, then wait for all of them.
 
@@ -352,6 +451,10 @@ class RemoteTier:
         except errors.TransportError as exc:
             self._link_failed(link, exc, failed)
             return
+        self._take(link, n, pending, failed, errs)
+
+    def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list) -> None:
+        """Account for the ``n`` completions a poll of ``link`` left in ``self._comp`` (0: it timed out)."""
         if n == 0:
             self._link_failed(link, errors.TransportError(f"no completion in {self.io_timeout}s"), failed)
             return

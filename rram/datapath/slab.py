@@ -43,6 +43,17 @@ SIZE_CLASSES = BLOCK_SIZE // 1024  # 64 classes of c*64 bytes
 _U = np.uint64
 
 
+def _check_layout() -> None:
+    """The C batch planner decodes locations itself: refuse one built for another layout."""
+    from .._ext import _storepath
+
+    if _storepath.LAYOUT != (SIZE_SHIFT, OFFSET_SHIFT, SLAB_SHIFT, GRANULE):
+        raise ImportError("rram._ext._storepath was built for another location layout; rebuild it")
+
+
+_check_layout()
+
+
 def make_location(slab: int, offset: int, size: int) -> int:
     """The stored location of ``size`` bytes at byte ``offset`` of ``slab``."""
     if not 1 <= slab <= MAX_SLAB_ID:

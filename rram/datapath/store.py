@@ -10,7 +10,9 @@ put:  compress (native LZ4, batch) -> slot in the local pool (size-class allocat
 get:  page map -> zero fill | decompress from the local pool | READ into staging, decompress.
 
 All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
-a local page); every step of a batch is one C call or a vectorised numpy call.
+a local page).  The common case of a batch is a few C calls (rram._ext._storepath plans it:
+classification, decompress sources, remote operations, free lists); the vectorised numpy code
+remains the slow path for the unusual cases (failed links, drains, degraded slabs).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 import numpy as np
 
 from .. import PAGE_SIZE, errors
+from .._ext._storepath import StorePath, pack_keys
 from ..memory import Arena
 from . import codec
 from . import keys as K
@@ -72,7 +75,7 @@ class PageStore:
         self.remote = remote
         self.remote_alloc = L.SlotAllocator(track_owners=False)
         self._choose = choose_targets or _most_free_first
-        self._copy = copy_batch or _copy_batch()
+        self._copy = copy_batch or _DEFAULT_COPY
         if remote is not None:
             for link in remote.links:
                 self._register_arenas(link)
@@ -85,10 +88,13 @@ class PageStore:
         self._sizes = np.zeros(b, dtype=np.uint32)
         self._locs = np.zeros(b, dtype=np.uint64)
         self._old = np.zeros(b, dtype=np.uint64)
-        self._owners = np.zeros(b, dtype=np.uint64)
         self._srcs = np.zeros(b, dtype=np.uint64)
         self._staging_addrs = self.staging.addr + np.arange(b, dtype=np.uint64) * PAGE_SIZE
         self._ok = np.zeros(b, dtype=np.uint8)
+        self._zero_locs = np.full(b, L.ZERO_LOCATION, dtype=np.uint64)
+        self._freed = np.zeros(b, dtype=np.uint64)
+        self._path = StorePath(self.local_base, n_local, self.staging.addr, b)  # C batch steps + their scratch
+        self._unswept = False  # remote slots were freed without looking for slabs left empty
         self._one_src = np.zeros(1, dtype=np.uint64)
         self._one_size = np.zeros(1, dtype=np.uint32)
         self._one_page = bytearray(PAGE_SIZE)
@@ -103,6 +109,7 @@ class PageStore:
     def _register_arenas(self, link) -> None:
         for arena in (self.local_arena, self.staging):
             link.lkeys[arena.addr] = link.endpoint.register_local(arena.addr, arena.length)
+        self.remote.invalidate_routes()
 
     # -- pools -----------------------------------------------------------------------------
 
@@ -128,13 +135,15 @@ class PageStore:
     def put_many(self, pool: int, obj: int, indexes, pages) -> None:
         """Store len(indexes) pages (one buffer of n*4096 bytes) under (pool, obj, index)."""
         src = np.frombuffer(pages, dtype=np.uint8) if not isinstance(pages, np.ndarray) else pages.reshape(-1)
-        keys = K.pack_many(pool, obj, indexes)
+        keys = _pack(pool, obj, indexes)
         n = len(keys)
         if src.nbytes != n * PAGE_SIZE:
             raise ValueError(f"{n} indexes need {n * PAGE_SIZE} bytes of pages, got {src.nbytes}")
         with self._lock:
             self._check_open()
             persistent = self._persistent(pool)
+            if n <= self.batch:
+                return self._put_batch(keys, src, persistent)
             for start in range(0, n, self.batch):
                 end = min(n, start + self.batch)
                 self._put_batch(keys[start:end], src[start * PAGE_SIZE : end * PAGE_SIZE], persistent)
@@ -144,29 +153,33 @@ class PageStore:
         self.counters["puts"] += n
         sizes = self._sizes[:n]
         stored = codec.compress_pages(src, n, self.staging.array, sizes)
-        zero = np.flatnonzero(sizes == 0)
-        if len(zero):
-            self._commit(keys[zero], np.full(len(zero), L.ZERO_LOCATION, dtype=np.uint64))
-        nz = np.flatnonzero(sizes)
-        if len(nz):
+        path = self._path
+        m = path.split_put(sizes, keys, n)
+        if m < n:
+            self._commit(path.zero_keys[: n - m], self._zero_locs[: n - m])
+        if m:
             try:
-                self._place(keys[nz], sizes[nz], self._staging_addrs[nz], persistent)
+                self._place(path.nz_keys[:m], path.nz_sizes[:m], path.nz_srcs[:m], persistent)
             except errors.StoreFullError:
                 self.counters["failed_puts"] += n
                 raise
         self.counters["succ_puts"] += n
-        self.counters["zero_pages_put"] += len(zero)
+        self.counters["zero_pages_put"] += n - m
         self.counters["bytes_in"] += n * PAGE_SIZE
         self.counters["bytes_stored_in"] += stored
 
     def _commit(self, keys: np.ndarray, locs: np.ndarray) -> None:
         """Point ``keys`` at ``locs`` (their pages are in place) and free what they replaced."""
-        old = np.zeros(len(keys), dtype=np.uint64)
+        n = len(keys)
+        old = self._old[:n] if n <= self.batch else np.zeros(n, dtype=np.uint64)
         self.map.store(keys, locs, old)
         self._free(old)
 
     def _place(self, keys, sizes, srcs, persistent) -> None:
         """Store the compressed images at ``srcs`` in local slots, committing as they land.
+
+        ``keys``, ``sizes`` and ``srcs`` may be the put's scratch arrays: nothing below
+        (remotify included) writes to them.
 
         When the local pool is full, remotify cold pages once (at least an eighth of the pool,
         so that it happens rarely and in large batches) and go on; what still does not fit
@@ -181,7 +194,7 @@ class PageStore:
             got = self.local.alloc(sizes[done:], locs[done:], keys[done:], m - done)
             if got:
                 part = slice(done, done + got)
-                self._copy(self._local_addrs(locs[part]), srcs[part], sizes[part], got)
+                self._copy_local(locs[part], srcs[part], sizes[part], got)
                 self._commit(keys[part], locs[part])
                 done += got
             if done == m or remotified or self.remote is None:
@@ -200,26 +213,39 @@ class PageStore:
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
 
+    def _copy_local(self, locs, srcs, sizes, n) -> None:
+        if self._copy is _DEFAULT_COPY:
+            self._path.copy_local(locs, srcs, sizes, n)  # addresses and copies in one call
+        else:
+            self._copy(self._local_addrs(locs), srcs, sizes, n)
+
     def _local_addrs(self, locs: np.ndarray) -> np.ndarray:
-        return self.local_base[L.loc_slab(locs).astype(np.intp)] + L.loc_offset(locs)
+        """Addresses of local slots (a new array)."""
+        out = np.empty(len(locs), dtype=np.uint64)
+        self._path.local_addrs(locs, len(locs), out)
+        return out
 
     def _is_local(self, locs: np.ndarray) -> np.ndarray:
         slab = L.loc_slab(locs)
         return (L.loc_kind(locs) == L.KIND_STORED) & (slab <= self.last_local_slab)
 
     def _free(self, locs: np.ndarray) -> None:
-        stored = L.loc_kind(locs) == L.KIND_STORED
-        if not stored.any():
-            return
-        local = stored & (L.loc_slab(locs) <= self.last_local_slab)
-        if local.any():
-            f = np.ascontiguousarray(locs[local])
-            self.local.free(f, len(f))
-        remote = stored & ~local
-        if remote.any():
-            f = np.ascontiguousarray(locs[remote])
-            self.remote_alloc.free(f, len(f))
-            self._release_empty_slabs()
+        """Free the slots of the stored locations among ``locs`` (uint64), local or remote."""
+        n = len(locs)
+        out = self._freed if n <= len(self._freed) else np.empty(n, dtype=np.uint64)
+        n_local, n_remote = self._path.split_free(locs, n, out)
+        if n_local:
+            self.local.free(out, n_local)
+        if n_remote:
+            freed = out[n_local : n_local + n_remote]
+            self.remote_alloc.free(freed, n_remote)
+            if n_remote > 8 or self._unswept:
+                self._release_empty_slabs()
+            else:  # a few pages: only their slabs can have emptied (a full sweep costs O(slabs))
+                for slab_id in {(loc >> L.SLAB_SHIFT) & L.SLAB_FIELD for loc in freed.tolist()}:
+                    if self.remote_alloc.slab_used_bytes(slab_id) == 0:
+                        self.remote_alloc.remove_slab(slab_id)
+                        self.remote.release_slab(slab_id)
 
     # -- remotify -------------------------------------------------------------------------
 
@@ -238,6 +264,7 @@ class PageStore:
                 log.info("cannot lease a remote slab: %s", exc)
                 if done:
                     self.remote_alloc.free(out[:done], done)
+                    self._unswept = True
                 return None
             self.remote_alloc.add_slab(vs.slab_id, vs.size)
         return out
@@ -262,6 +289,7 @@ class PageStore:
             if not moved_mask.all():  # overwritten meanwhile: the new copy stays local
                 stale = np.ascontiguousarray(rlocs[~moved_mask])
                 self.remote_alloc.free(stale, len(stale))
+                self._unswept = True
             moved += int(moved_mask.sum())
             freed += int(sizes[moved_mask].sum())
             if not moved_mask.any():
@@ -297,6 +325,7 @@ class PageStore:
         return len(dropped)
 
     def _release_empty_slabs(self) -> None:
+        self._unswept = False
         for slab_id in self.remote_alloc.empty_slabs():
             self.remote_alloc.remove_slab(slab_id)
             self.remote.release_slab(slab_id)
@@ -342,23 +371,45 @@ class PageStore:
         """
         dst = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
         dst = dst.reshape(-1)
-        keys = K.pack_many(pool, obj, indexes)
+        keys = _pack(pool, obj, indexes)
         n = len(keys)
         if dst.nbytes != n * PAGE_SIZE:
             raise ValueError(f"{n} indexes need {n * PAGE_SIZE} bytes of output, got {dst.nbytes}")
-        found = np.zeros(n, dtype=bool)
         with self._lock:
             self._check_open()
             self._persistent(pool)
+            if n <= self.batch:
+                return self._get_batch(keys, dst)
+            found = np.zeros(n, dtype=bool)
             for start in range(0, n, self.batch):
                 end = min(n, start + self.batch)
                 found[start:end] = self._get_batch(keys[start:end], dst[start * PAGE_SIZE : end * PAGE_SIZE])
         return found
 
     def _get_batch(self, keys: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """One batch: lookup, one C plan (decompress sources and remote READs), the READs, decompress."""
         n = len(keys)
         locs = self._locs[:n]
         self.map.lookup(keys, locs)
+        found = np.empty(n, dtype=bool)
+        remote, path = self.remote, self._path
+        router, lkeys = remote.router(self.staging.addr) if remote is not None else (None, None)
+        batches = path.plan_get(locs, n, found, router, lkeys)
+        # run_routed: set() when every READ landed; None (not posted) or the failed links otherwise
+        if batches is None or (batches and remote.run_routed(batches) != set()):
+            return self._get_batch_slow(locs, dst)  # unusual, or a link failed: reads that retry
+        c = self.counters
+        c["remote_gets"] += path.remote
+        c["local_gets"] += path.local
+        codec.decompress_pages(path.srcs, path.sizes, n, dst)
+        c["gets"] += n
+        c["succ_gets"] += path.found
+        c["failed_gets"] += n - path.found
+        return found
+
+    def _get_batch_slow(self, locs: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """``_get_batch`` in numpy over looked-up ``locs``, for any state of the remote tier."""
+        n = len(locs)
         kind = L.loc_kind(locs)
         found = kind != L.KIND_ABSENT
         stored = kind == L.KIND_STORED
@@ -461,6 +512,7 @@ class PageStore:
                     okb = ok.astype(bool)
                     self.local.free(np.ascontiguousarray(llocs[~okb]), int((~okb).sum()))
                     self.remote_alloc.free(np.ascontiguousarray(locs[okb]), int(okb.sum()))
+                    self._unswept = True
                     moved += int(okb.sum())
                     self.counters["pages_repatriated"] += int(okb.sum())
                 if moved >= max_pages:
@@ -583,6 +635,12 @@ class PageStore:
         self.close()
 
 
+def _pack(pool: int, obj: int, indexes) -> np.ndarray:
+    """Page keys: one C call for an integer array, keys.pack_many (and its errors) for the rest."""
+    keys = pack_keys(pool, obj, indexes)
+    return K.pack_many(pool, obj, indexes) if keys is None else keys
+
+
 def _most_free_first(candidates, n, chosen):
     """Default placement: spread slabs round-robin over the candidates, one per failure domain."""
     domains = {lk.failure_domain for lk in chosen if lk.failure_domain}
@@ -606,6 +664,9 @@ def _copy_batch():
                 ctypes.memmove(int(dst[i]), int(src[i]), int(lengths[i]))
 
     return copy_batch
+
+
+_DEFAULT_COPY = _copy_batch()
 
 
 def connect(config, *, name: str | None = None, transport: str | None = None, **overrides) -> PageStore:
