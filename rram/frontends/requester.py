@@ -40,7 +40,7 @@ import threading
 from .. import config as C
 from .. import errors
 from .nbd.backend import PageStoreBackend
-from .nbd.server import NBDServer, lock_all_memory
+from .nbd.server import DEFAULT_SPIN_US, NBDServer, lock_all_memory
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="serve NBD on this TCP address (port 0: any)")
     p.add_argument("--export-name", default="", metavar="NAME", help="NBD export name (default: empty)")
     p.add_argument("--no-mlock", action="store_true", help="do not mlockall (only when not backing swap)")
+    p.add_argument("--nbd-spin-us", type=float, default=DEFAULT_SPIN_US, metavar="US",
+                   help="poll a busy NBD connection this long before sleeping in recv (0: never; "
+                        f"default {DEFAULT_SPIN_US}): trades a little CPU for latency")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus /metrics (the page store's counters) on 127.0.0.1:PORT (0: any)")
 
@@ -95,7 +98,8 @@ def main(args) -> int:
     server = metrics = None
     try:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=0, size=size)
-        server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}")
+        server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}",
+                           spin_us=getattr(args, "nbd_spin_us", DEFAULT_SPIN_US))
         where = []
         if socket_path:
             where.append(f"socket={server.listen_unix(socket_path)}")

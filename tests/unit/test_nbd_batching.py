@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import pytest
 
+from rram import errors
 from rram.frontends.nbd import protocol as P
 from rram.frontends.nbd.backend import MemoryBackend, PageStoreBackend
 from rram.frontends.nbd.server import MAX_BATCH_PAGES, NBDServer
@@ -103,9 +104,9 @@ class Client:
         self.sock.close()
 
 
-@pytest.fixture
-def server(backend, tmp_path):
-    with NBDServer(backend, export_name="") as srv:
+@pytest.fixture(params=[0, 50], ids=["recv-blocks", "recv-polls"])
+def server(backend, tmp_path, request):
+    with NBDServer(backend, export_name="", spin_us=request.param) as srv:
         srv.listen_unix(str(tmp_path / "nbd.sock"))
         srv.start()
         yield srv, str(tmp_path / "nbd.sock")
@@ -256,3 +257,8 @@ def test_a_failed_batch_is_retried_request_by_request(tmp_path):
         finally:
             client.close()
         assert srv.counters["errors"] == 0
+
+
+def test_a_negative_spin_is_refused():
+    with pytest.raises(errors.ConfigError, match="spin"):
+        NBDServer(MemoryBackend(SIZE), spin_us=-1)

@@ -396,7 +396,6 @@ class ServerConnection:
         self.no_zeroes = bool(flags & NBD_FLAG_C_NO_ZEROES)
         self._state = _OPTIONS
         self._need = OPTION.size
-        return None
 
     # -- option haggling ------------------------------------------------------------------------
 
@@ -491,7 +490,6 @@ class ServerConnection:
 
     def _option_error(self, option: int, reply: int, message: str) -> None:
         self._option_reply(option, reply, message.encode()[:4096])
-        return None
 
     # -- transmission ---------------------------------------------------------------------------
 
