@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import time
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
