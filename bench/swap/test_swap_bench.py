@@ -15,6 +15,7 @@ on CPU 1.  zram and disk do their work in the workload's context or the kernel's
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,27 +99,35 @@ def _disk():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _fuse_swap(sock: str, tmp: str, server: subprocess.Popen):
+    """Swap on the NBD server at ``sock`` through nbdfuse and a loop device; stops ``server``
+    afterwards unless the device could not stop being swap (its pages would be lost)."""
+    swap = None
+    try:
+        swap = FuseLoopSwap(["--unix", sock], tmp)
+        _pin(swap._fuse.pid)
+        yield swap.loop
+    finally:
+        errors = swap.close() if swap is not None else []
+        if swap is None or not swap.active:
+            stop_process(server)
+        assert not errors, errors
+
+
 def _rram():
     tmp = tempfile.mkdtemp(prefix="rram-swap-")
-    requester = swap = None
     try:
         with LocalCluster(n_providers=2, capacity="256MiB", transport="tcp", workdir=tmp, slab_size="4MiB",
                           verbose=False, requester={"local_budget": "4MiB"}) as cluster:
             for proc in cluster.procs.values():
                 _pin(proc.pid)
             sock = os.path.join(tmp, "nbd.sock")
-            try:
-                requester, _ = start_requester(cluster.config_path, "req", SWAP_SIZE, sock,
-                                               os.path.join(tmp, "requester.log"))
-                _pin(requester.pid)
-                swap = FuseLoopSwap(["--unix", sock], tmp)
-                _pin(swap._fuse.pid)
-                yield swap.loop
-            finally:
-                errors = swap.close() if swap is not None else []
-                if swap is None or not swap.active:
-                    stop_process(requester)
-                assert not errors, errors
+            requester, _ = start_requester(cluster.config_path, "req", SWAP_SIZE, sock,
+                                           os.path.join(tmp, "requester.log"))
+            _pin(requester.pid)
+            with _fuse_swap(sock, tmp, requester) as loop:
+                yield loop
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -129,19 +138,17 @@ def _nbdkit():
     tmp = tempfile.mkdtemp(prefix="rram-swap-nbdkit-")
     sock = os.path.join(tmp, "nbdkit.sock")
     server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(SWAP_SIZE)], stdin=subprocess.DEVNULL)
-    swap = None
     try:
-        wait_for_path(sock, server)
-        _pin(server.pid)
-        swap = FuseLoopSwap(["--unix", sock], tmp)
-        _pin(swap._fuse.pid)
-        yield swap.loop
-    finally:
-        errors = swap.close() if swap is not None else []
-        if swap is None or not swap.active:
+        try:
+            wait_for_path(sock, server)
+        except BaseException:
             stop_process(server)
+            raise
+        _pin(server.pid)
+        with _fuse_swap(sock, tmp, server) as loop:
+            yield loop
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        assert not errors, errors
 
 
 @pytest.mark.parametrize("device", ["zram", "disk", "nbdkit", "rram"])
