@@ -79,13 +79,13 @@ def _memory_server():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _store_server():
+def _store_server(n_providers: int = 2):
     reason = transport.unavailable_reason("tcp")
     if reason:
         pytest.skip(reason)
     tmp = tempfile.mkdtemp(prefix="rram-nbd-")
     sock = os.path.join(tmp, "nbd.sock")
-    with LocalCluster(n_providers=2, capacity="48MiB", transport="tcp", workdir=tmp, slab_size="1MiB",
+    with LocalCluster(n_providers=n_providers, capacity="48MiB", transport="tcp", workdir=tmp, slab_size="1MiB",
                       verbose=False, requester={"local_budget": "2MiB"}) as cluster:
         log_path = os.path.join(tmp, "requester.log")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
@@ -247,3 +247,31 @@ def test_fio_nbd_engine_randwrite_verify(served):
     (job,) = result["jobs"]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 8 * MiB and job["read"]["io_bytes"] == 8 * MiB  # written, read back
+
+
+def test_a_provider_killed_during_writes_loses_no_acknowledged_page(image, tmp_path):
+    """Three providers, two replicas: SIGKILL one while nbdcopy writes; every byte reads back."""
+    need("nbdcopy")
+    src, digest = image
+    server = _store_server(n_providers=3)
+    served = next(server)
+    try:
+        run("nbdcopy", str(src), served.uri)  # the providers hold pages from here on
+        copier = subprocess.Popen(["nbdcopy", "--flush", "--requests=16", str(src), served.uri],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(0.05)  # the second copy is under way (it takes a few hundred ms)
+            mid_copy = copier.poll() is None
+            served.cluster.kill("p1", signal.SIGKILL)
+            out, _ = copier.communicate(timeout=CLIENT_TIMEOUT)
+        finally:
+            if copier.poll() is None:
+                copier.kill()
+                copier.communicate()
+        assert copier.returncode == 0, out
+        print(f"p1 killed {'during' if mid_copy else 'after'} the second copy")
+        back = tmp_path / "back.raw"
+        run("nbdcopy", served.uri, str(back))  # reads fail over to the surviving replicas
+        assert sha256_file(back) == digest
+    finally:
+        server.close()
