@@ -60,6 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus /metrics (the page store's counters) on 127.0.0.1:PORT (0: any)")
 
 
+def _stats(store, server: NBDServer | None) -> dict:
+    """The store's counters and the NBD server's (requests, runs, errors...) under "nbd"."""
+    stats = store.stats()
+    if server is not None:
+        stats["nbd"] = dict(server.counters)
+    return stats
+
+
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -112,7 +120,8 @@ def main(args) -> int:
         if getattr(args, "metrics_port", None) is not None:
             from ..metrics import serve_metrics
 
-            metrics = serve_metrics(args.metrics_port, "rram_requester", store.stats, labels={"requester": name})
+            metrics = serve_metrics(args.metrics_port, "rram_requester", lambda: _stats(store, server),
+                                    labels={"requester": name})
             where.append(f"metrics=127.0.0.1:{metrics.port}")
         print(f"rram requester {name} ready {' '.join(where)} size={size} export={export_name!r} "
               f"transport={getattr(store, 'transport', '?')}", flush=True)
@@ -128,10 +137,7 @@ def main(args) -> int:
             metrics.close()
         if server is not None:
             server.close()
-        stats = store.stats()
-        if server is not None:
-            stats["nbd"] = dict(server.counters)
-        print(f"rram requester {name} stats {json.dumps(stats, default=str)}", flush=True)
+        print(f"rram requester {name} stats {json.dumps(_stats(store, server), default=str)}", flush=True)
         try:
             store.flush()
         except errors.RramError as exc:

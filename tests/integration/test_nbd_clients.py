@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -56,6 +57,7 @@ class Served:
 
     def __init__(self, sock: str, tcp: tuple[str, int], kind: str, server=None, cluster=None):
         self.sock, self.tcp, self.kind, self.server, self.cluster = sock, tcp, kind, server, cluster
+        self.metrics: str | None = None  # host:port of the requester's Prometheus /metrics
 
     @property
     def uri(self) -> str:
@@ -92,12 +94,15 @@ def _store_server(n_providers: int = 2):
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "rram.frontends.requester", "--config", cluster.config_path, "--name", "req",
-                 "--export-size", str(SIZE), "--socket", sock, "--listen", "127.0.0.1:0", "--no-mlock"],
+                 "--export-size", str(SIZE), "--socket", sock, "--listen", "127.0.0.1:0", "--no-mlock",
+                 "--metrics-port", "0"],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
         try:
             line = _ready_line(proc, log_path)
             host, port = next(w for w in line.split() if w.startswith("listen=")).split("=", 1)[1].rsplit(":", 1)
-            yield Served(sock, (host, int(port)), "store", cluster=cluster)
+            served = Served(sock, (host, int(port)), "store", cluster=cluster)
+            served.metrics = next(w for w in line.split() if w.startswith("metrics=")).split("=", 1)[1]
+            yield served
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0, _tail(log_path)
         finally:
@@ -234,6 +239,20 @@ def test_qemu_io_beyond_the_end_is_refused(served):
     need("qemu-io")
     proc = run("qemu-io", "-f", "raw", "-c", f"read 0 {SIZE + 4096}", served.uri, check=False)
     assert "read failed" in proc.stdout + proc.stderr or "Input/output error" in proc.stdout + proc.stderr
+
+
+def test_requester_metrics_count_nbd_requests_and_store_gets(served, image):
+    if served.metrics is None:
+        pytest.skip("an in-process server has no requester metrics")
+    need("nbdcopy")
+    run("nbdcopy", served.uri, os.devnull)  # reads every block
+    with urllib.request.urlopen(f"http://{served.metrics}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("rram_requester_")}
+    assert values["rram_requester_nbd_requests"] > 0
+    assert values["rram_requester_nbd_errors"] == 0
+    assert values["rram_requester_gets"] >= SIZE // 4096
 
 
 def test_fio_nbd_engine_randwrite_verify(served):
