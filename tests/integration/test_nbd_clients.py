@@ -241,9 +241,8 @@ def test_qemu_io_beyond_the_end_is_refused(served):
     assert "read failed" in proc.stdout + proc.stderr or "Input/output error" in proc.stdout + proc.stderr
 
 
-def test_requester_metrics_count_nbd_requests_and_store_gets(served, image):
-    if served.metrics is None:
-        pytest.skip("an in-process server has no requester metrics")
+@pytest.mark.parametrize("served", ["store"], indirect=True)  # only `rram requester` has /metrics
+def test_requester_metrics_count_nbd_requests_and_store_gets(served):
     need("nbdcopy")
     run("nbdcopy", served.uri, os.devnull)  # reads every block
     with urllib.request.urlopen(f"http://{served.metrics}/metrics", timeout=10) as resp:
