@@ -11,10 +11,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,30 +18,11 @@ import pytest
 from rram import PAGE_SIZE
 from rram.datapath import codec
 from rram.datapath.connect import open_store
+from rram.testing import rawsocket
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages
 
 N = 16384
-RAW_SERVER = textwrap.dedent("""
-    import os, socket, sys
-    cpus = sys.argv[1]
-    if cpus:
-        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
-    ls = socket.create_server(("127.0.0.1", 0))
-    print(ls.getsockname()[1], flush=True)
-    conn, _ = ls.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    req, reply = bytearray(32), os.urandom(4096)
-    view = memoryview(req)
-    while True:
-        got = 0
-        while got < 32:
-            n = conn.recv_into(view[got:])
-            if n == 0:
-                sys.exit(0)
-            got += n
-        conn.sendall(reply)
-""")
 
 
 def _cpus(role):
@@ -142,26 +119,11 @@ def test_get_latency_remote_page(benchmark, setup):
 @pytest.mark.benchmark(group="4 KiB get latency")
 def test_get_latency_baseline_raw_socket(benchmark, setup):
     pin = setup[3]
-    cpus = _cpus("provider")
-    proc = subprocess.Popen([sys.executable, "-c", RAW_SERVER, ",".join(map(str, sorted(cpus or [])))],
-                            stdout=subprocess.PIPE, text=True)
+    proc, port = rawsocket.start(_cpus("provider"))
+    rtt = rawsocket.RoundTrip(port)
     try:
-        port = int(proc.stdout.readline())
-        s = socket.create_connection(("127.0.0.1", port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        req, buf = bytes(32), bytearray(PAGE_SIZE)
-        view = memoryview(buf)
-
-        def rtt():
-            s.sendall(req)
-            got = 0
-            while got < PAGE_SIZE:
-                got += s.recv_into(view[got:])
-
         benchmark.pedantic(rtt, rounds=3000, warmup_rounds=100)
         benchmark.extra_info["pinning"] = pin
-        s.close()
     finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        rtt.close()
+        rawsocket.stop(proc)

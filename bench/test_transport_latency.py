@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import zlib
 
 import numpy as np
 import pytest
+
+from rram.testing import rawsocket
 
 PAGE = 4096
 BATCH = 256
@@ -43,7 +44,7 @@ def _pin(role: str) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-# -- servers (run in a child process: `python bench/test_transport_latency.py tcp|raw`) -----------
+# -- the tcp server (runs in a child process: `python bench/test_transport_latency.py tcp`) --------
 
 
 def _serve_tcp() -> None:
@@ -57,24 +58,6 @@ def _serve_tcp() -> None:
                       "crc0": zlib.crc32(region[:PAGE])}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     pt.close()
-
-
-def _serve_raw() -> None:
-    lsock = socket.create_server(("127.0.0.1", 0))
-    print(json.dumps({"port": lsock.getsockname()[1]}), flush=True)
-    conn, _ = lsock.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    req = bytearray(32)
-    reply = np.random.default_rng(1).bytes(PAGE)
-    view = memoryview(req)
-    while True:
-        got = 0
-        while got < 32:
-            n = conn.recv_into(view[got:])
-            if n == 0:
-                return
-            got += n
-        conn.sendall(reply)
 
 
 def _start(kind: str):
@@ -139,24 +122,13 @@ def _record(benchmark, name: str) -> None:
 @pytest.mark.benchmark(group="4k-read-latency")
 def test_raw_socket_4k_request_response(benchmark):
     _pin("client")
-    proc, info = _start("raw")
-    sock = socket.create_connection(("127.0.0.1", info["port"]))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    req = bytes(32)
-    buf = bytearray(PAGE)
-    view = memoryview(buf)
-
-    def once():
-        sock.sendall(req)
-        got = 0
-        while got < PAGE:
-            got += sock.recv_into(view[got:])
-
+    proc, port = rawsocket.start(_cpus("server"))
+    rtt = rawsocket.RoundTrip(port)
     try:
-        benchmark.pedantic(once, rounds=3000, warmup_rounds=200)
+        benchmark.pedantic(rtt, rounds=3000, warmup_rounds=200)
     finally:
-        sock.close()
-        _stop(proc)
+        rtt.close()
+        rawsocket.stop(proc)
     _record(benchmark, "raw")
 
 
@@ -208,4 +180,4 @@ def test_raw_memcpy_batch_256(benchmark):
 
 if __name__ == "__main__":
     _pin("server")
-    {"tcp": _serve_tcp, "raw": _serve_raw}[sys.argv[1]]()
+    _serve_tcp()

@@ -134,11 +134,9 @@ class PageStore:
 
     def put_many(self, pool: int, obj: int, indexes, pages) -> None:
         """Store len(indexes) pages (one buffer of n*4096 bytes) under (pool, obj, index)."""
-        src = np.frombuffer(pages, dtype=np.uint8) if not isinstance(pages, np.ndarray) else pages.reshape(-1)
         keys = _pack(pool, obj, indexes)
         n = len(keys)
-        if src.nbytes != n * PAGE_SIZE:
-            raise ValueError(f"{n} indexes need {n * PAGE_SIZE} bytes of pages, got {src.nbytes}")
+        src = _page_bytes(pages, n, "pages")
         with self._lock:
             self._check_open()
             persistent = self._persistent(pool)
@@ -369,12 +367,9 @@ class PageStore:
 
         Missing pages are zero-filled.
         """
-        dst = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
-        dst = dst.reshape(-1)
         keys = _pack(pool, obj, indexes)
         n = len(keys)
-        if dst.nbytes != n * PAGE_SIZE:
-            raise ValueError(f"{n} indexes need {n * PAGE_SIZE} bytes of output, got {dst.nbytes}")
+        dst = _page_bytes(out, n, "output")
         with self._lock:
             self._check_open()
             self._persistent(pool)
@@ -633,6 +628,14 @@ class PageStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _page_bytes(buf, n: int, what: str) -> np.ndarray:
+    """``buf`` (any buffer of n pages) as a flat uint8 array, or ValueError naming ``what``."""
+    arr = buf.reshape(-1) if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
+    if arr.nbytes != n * PAGE_SIZE:
+        raise ValueError(f"{n} indexes need {n * PAGE_SIZE} bytes of {what}, got {arr.nbytes}")
+    return arr
 
 
 def _pack(pool: int, obj: int, indexes) -> np.ndarray:

@@ -6,6 +6,7 @@ is a direct method call instead of a socket.  Integration tests use real provide
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from dataclasses import dataclass
@@ -114,3 +115,21 @@ def make_store(providers: list[InProcessProvider], *, replicas: int = 1, slab_si
         ep.reconnect_params = client.connect_data
         remote.add_link(Link(index=-1, name=p.name, client=client, endpoint=ep))
     return PageStore(remote, local_budget=local_budget, batch=batch)
+
+
+@contextlib.contextmanager
+def export_backend(kind: str, size: int):
+    """An NBD backend for tests: ``"memory"`` (a bytearray) or ``"pagestore"`` (a persistent pool
+    of a store whose small local budget spills most pages to one in-process provider)."""
+    from ..frontends.nbd.backend import MemoryBackend, PageStoreBackend
+
+    if kind == "memory":
+        yield MemoryBackend(size)
+        return
+    provider = InProcessProvider("p0", 8 << 20)
+    store = make_store([provider], local_budget=128 << 10, slab_size=1 << 20)
+    try:
+        yield PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=size)
+    finally:
+        store.close()
+        provider.close()

@@ -341,11 +341,12 @@ class FuseLoopSwap:
         self._fuse = subprocess.Popen(["nbdfuse", self.file, *nbd_uri_args], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            deadline = time.monotonic() + READY_TIMEOUT
-            while not os.path.exists(self.file):
-                if self._fuse.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nbdfuse did not show {self.file}: {self._fuse.stderr.read()[-500:]}")
-                time.sleep(0.05)
+            try:
+                wait_for_path(self.file, self._fuse)
+            except RuntimeError as exc:
+                if self._fuse.poll() is not None:  # it exited: its stderr says why
+                    raise RuntimeError(f"{exc}: {self._fuse.stderr.read()[-500:]}") from None
+                raise
             self.loop = self._losetup()
             sh("mkswap", self.loop)
             sh("swapon", "-p", str(priority), self.loop)

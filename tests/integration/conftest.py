@@ -11,12 +11,17 @@ LEASE_GRACE = 1.0
 IO_TIMEOUT = 1.0
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """Two tcp providers with 8 MiB each, 1 MiB slabs, a 1 s lease grace and a 1 s I/O timeout."""
+def tcp_cluster(**options) -> LocalCluster:
+    """A LocalCluster of tcp provider processes; skips when the tcp transport is unavailable."""
     reason = transport.unavailable_reason("tcp")
     if reason:
         pytest.skip(reason)
-    with LocalCluster(n_providers=2, capacity="8MiB", transport="tcp", workdir=str(tmp_path),
-                      slab_size="1MiB", lease_grace=LEASE_GRACE, io_timeout=IO_TIMEOUT) as c:
+    return LocalCluster(transport="tcp", **options)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Two tcp providers with 8 MiB each, 1 MiB slabs, a 1 s lease grace and a 1 s I/O timeout."""
+    with tcp_cluster(n_providers=2, capacity="8MiB", workdir=str(tmp_path), slab_size="1MiB",
+                     lease_grace=LEASE_GRACE, io_timeout=IO_TIMEOUT) as c:
         yield c

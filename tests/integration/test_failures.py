@@ -10,11 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from rram import PAGE_SIZE, transport
+from rram import PAGE_SIZE
 from rram.control.client import ProviderClient
 from rram.datapath.connect import open_store
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages, page_checksums
+
+from .conftest import tcp_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +26,8 @@ CHUNK = 5000
 
 @pytest.fixture
 def cluster3(tmp_path):
-    reason = transport.unavailable_reason("tcp")
-    if reason:
-        pytest.skip(reason)
-    with LocalCluster(n_providers=3, capacity="384MiB", transport="tcp", replicas=2, workdir=str(tmp_path),
-                      slab_size="8MiB", lease_grace=2.0, **TIMING) as c:
+    with tcp_cluster(n_providers=3, capacity="384MiB", replicas=2, workdir=str(tmp_path), slab_size="8MiB",
+                     lease_grace=2.0, **TIMING) as c:
         yield c
 
 

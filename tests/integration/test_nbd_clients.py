@@ -23,10 +23,11 @@ import urllib.request
 import numpy as np
 import pytest
 
-from rram import transport
 from rram.frontends.nbd.backend import MemoryBackend
 from rram.frontends.nbd.server import NBDServer
-from rram.testing.cluster import _ROOT, LocalCluster
+from rram.testing.cluster import _ROOT
+
+from .conftest import tcp_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -82,12 +83,9 @@ def _memory_server():
 
 
 def _store_server(n_providers: int = 2):
-    reason = transport.unavailable_reason("tcp")
-    if reason:
-        pytest.skip(reason)
     tmp = tempfile.mkdtemp(prefix="rram-nbd-")
     sock = os.path.join(tmp, "nbd.sock")
-    with LocalCluster(n_providers=n_providers, capacity="48MiB", transport="tcp", workdir=tmp, slab_size="1MiB",
+    with tcp_cluster(n_providers=n_providers, capacity="48MiB", workdir=tmp, slab_size="1MiB",
                       verbose=False, requester={"local_budget": "2MiB"}) as cluster:
         log_path = os.path.join(tmp, "requester.log")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))

@@ -178,14 +178,14 @@ def test_capacity_is_never_exceeded_and_freed_space_is_reused(cluster):
         a.alloc_slab(4096)
     s = stats(cluster)
     assert (s["used"], s["free"], s["leases"]) == (8 * MiB, 0, 4)
-    assert len({(l.region.rkey) for l in leases + [last]}) == 4
+    assert len({lease.region.rkey for lease in leases + [last]}) == 4
     with pytest.raises(errors.NotFound):
         b.free_slab(leases[0])  # a lease belongs to its session
     a.free_slab(leases[0])
     with pytest.raises(errors.NotFound):
         a.free_slab(leases[0])
     again = b.alloc_slab(2 * MiB)
-    assert again.lease_id not in {l.lease_id for l in leases}
+    assert again.lease_id not in {lease.lease_id for lease in leases}
     s = stats(cluster)
     assert s["used"] == 8 * MiB and s["counters"]["allocs"] == 5 and s["counters"]["frees"] == 1
     per = {p["requester"]: p for p in s["per_session"]}

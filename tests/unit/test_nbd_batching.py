@@ -19,9 +19,9 @@ import pytest
 
 from rram import errors
 from rram.frontends.nbd import protocol as P
-from rram.frontends.nbd.backend import MemoryBackend, PageStoreBackend
+from rram.frontends.nbd.backend import MemoryBackend
 from rram.frontends.nbd.server import MAX_BATCH_PAGES, NBDServer
-from rram.testing.inproc import InProcessProvider, make_store
+from rram.testing.inproc import export_backend
 
 PAGE = 4096
 SIZE = 256 * PAGE
@@ -29,15 +29,8 @@ SIZE = 256 * PAGE
 
 @pytest.fixture(params=["memory", "pagestore"])
 def backend(request):
-    if request.param == "memory":
-        yield MemoryBackend(SIZE)
-        return
-    providers = [InProcessProvider("p0", 8 << 20)]
-    store = make_store(providers, local_budget=128 << 10, slab_size=1 << 20)
-    yield PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=SIZE)
-    store.close()
-    for p in providers:
-        p.close()
+    with export_backend(request.param, SIZE) as b:
+        yield b
 
 
 class Client:

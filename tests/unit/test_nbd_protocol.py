@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from rram import errors
 from rram.frontends.nbd import protocol as P
-from rram.frontends.nbd.backend import MemoryBackend, PageStoreBackend
-from rram.testing.inproc import InProcessProvider, make_store
+from rram.frontends.nbd.backend import PageStoreBackend
+from rram.testing.inproc import InProcessProvider, export_backend, make_store
 
 SIZE = 1 << 20
 OPT_HDR = struct.Struct(">QIII")
@@ -351,16 +351,8 @@ def test_fuzz_parser_raises_only_stream_errors(client_flags, chunks, step):
 
 @pytest.fixture(params=["memory", "pagestore"])
 def backend(request):
-    if request.param == "memory":
-        yield MemoryBackend(SIZE)
-        return
-    providers = [InProcessProvider("p0", 8 << 20)]
-    store = make_store(providers, local_budget=256 << 10, slab_size=1 << 20)
-    pool = store.create_pool(persistent=True)
-    yield PageStoreBackend(store, pool, obj=3, size=SIZE)
-    store.close()
-    for p in providers:
-        p.close()
+    with export_backend(request.param, SIZE) as b:
+        yield b
 
 
 def _read(b, offset, length) -> bytes:
