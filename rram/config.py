@@ -97,6 +97,7 @@ class RequesterConfig:
     local_budget: int = _f(64 << 20, "size")
     remotify_batch: int = _f(256, "int", minimum=1)
     repatriate_rate: int = _f(1000, "int")  # pages/s moved back home when local memory allows; 0 = never
+    #: deadline of one control request (heartbeat, lease, resume); capped at suspect_threshold
     heartbeat_timeout: float = _f(2.0, "float", positive=True)
 
 

@@ -28,7 +28,9 @@ def link_provider(cfg, node, rt, requester: str, secret: bytes) -> Link:
     """Authenticate to ``node``, open a data endpoint through its control connection."""
     from ..control.client import ProviderClient
 
-    client = ProviderClient(node, secret, requester)
+    from ..control.keeper import control_timeout
+
+    client = ProviderClient(node, secret, requester, timeout=control_timeout(cfg))
     try:
         client.connect()
         ep = rt.endpoint()
@@ -65,7 +67,10 @@ def open_store(config, *, name: str | None = None, transport_name: str | None = 
     if overrides:
         raise TypeError(f"unknown options: {', '.join(overrides)}")
     rt = transport.requester_transport(tname, **_requester_options(tname, cfg, requester))
-    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
+    # a replica that has not completed a batch within the suspect threshold is suspended (and
+    # resumed or declared dead by the keeper); reads hedge to another replica after half that
+    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE,
+                        io_timeout=cfg.suspect_threshold, read_timeout=cfg.suspect_threshold / 2)
     secret = cfg.secret_bytes()
     for node in cfg.providers():
         if node.name == requester:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,11 @@ class Link:
     next_batch: int = 1
     slabs_placed: int = 0
     incarnation: int | None = None  # the provider's start epoch, from its first heartbeat
+    #: out of use after a timeout or a broken connection, not (yet) dead: its copies are kept
+    #: and read again if it resumes; ``missed`` are the slabs whose writes skipped it meanwhile
+    suspended: bool = False
+    missed: set[int] = field(default_factory=set)
+    unfreed: list = field(default_factory=list)  # leases released while suspended: freed on resume
 
     def lkey_for(self, addr: int) -> int:
         return self.lkeys[addr]
@@ -69,7 +75,8 @@ class VirtualSlab:
 class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
-    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int, max_slabs: int = 1 << 16):
+    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int, max_slabs: int = 1 << 16,
+                 io_timeout: float = 10.0, read_timeout: float | None = None):
         self.slab_size = slab_size
         self.replicas = replicas
         self.links: list[Link] = []
@@ -88,9 +95,14 @@ class RemoteTier:
         self.mv_rkey = np.zeros((1, first_slab_id + 64), dtype=np.uint32)
         self.degraded: set[int] = set()  # slab ids with fewer than `replicas` live copies
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
-                         "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0}
+                         "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
+                         "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_hedges": 0}
         self._repair: dict[int, list] = {}  # slab id -> [replica slot, next offset, old replica]
-        self.io_timeout = 10.0
+        #: a batch not complete after this long suspends its link (writes, repair copies)
+        self.io_timeout = io_timeout
+        #: reads give up on a replica sooner and go to another one (hedged reads): a hung
+        #: provider costs a read this long, not the time it takes to declare it dead
+        self.read_timeout = io_timeout if read_timeout is None else read_timeout
         self._ops = {}  # link index -> preallocated ops array
         self._comp = new_completions(64)
         self._comp_batch = self._comp["batch_id"]  # field views: the fast path checks one completion
@@ -156,7 +168,7 @@ class RemoteTier:
                     continue
                 except (errors.ConnectionLost, errors.ProtocolError, OSError) as exc:
                     excluded.add(link.index)
-                    self.mark_dead(link.index, f"lease failed: {exc}")
+                    self.suspend(link.index, f"lease failed: {exc}")
                     continue
                 chosen.append(link)
                 leases.append(Replica(link.index, lease.lease_id, lease.region))
@@ -188,6 +200,8 @@ class RemoteTier:
         if rep is None:
             return
         link = self.links[rep.link]
+        if link.suspended:
+            link.unfreed.append(rep.lease)
         if not link.alive:
             return
         try:
@@ -243,10 +257,11 @@ class RemoteTier:
         if not self._repair:  # during a repair the copy being moved is written too: slow path
             router, lkeys = self.router(local_base)
             batches = router.route(True, remote_locs, local_addrs, len(remote_locs), lkeys)
-            failed = None if batches is None else self.run_routed(batches)
+            failed = None if batches is None else self.run_routed(batches, self.io_timeout)
             if failed is not None:
                 if failed:  # every page had a live replica when routed: did one survive?
                     self._require_held(remote_locs, failed)
+                self._note_missed(remote_locs)
                 return
         sizes = L.loc_size(remote_locs).astype(np.uint32)
         slabs = L.loc_slab(remote_locs).astype(np.intp)
@@ -259,6 +274,18 @@ class RemoteTier:
             plans.append((self.mv_link[0, slabs], self.mv_addr[0, slabs] + offs, self.mv_rkey[0, slabs]))
         failed = self._run(OP_WRITE, plans, local_addrs, sizes, local_base)
         self._require_held(remote_locs, failed)
+        self._note_missed(remote_locs)
+
+    def _note_missed(self, remote_locs: np.ndarray) -> None:
+        """After a write: the slabs it touched are stale on every suspended link holding a copy."""
+        suspended = [lk.index for lk in self.links if lk.suspended]
+        if not suspended:
+            return
+        slabs = np.unique(L.loc_slab(remote_locs).astype(np.intp))
+        for j in range(self.replicas):
+            link = self.rep_link[j, slabs]
+            for li in suspended:
+                self.links[li].missed.update(slabs[link == li].tolist())
 
     def _require_held(self, remote_locs: np.ndarray, failed: set[int]) -> None:
         """After a write: TransportError unless every page has a replica on a live link."""
@@ -295,12 +322,13 @@ class RemoteTier:
             addr = np.zeros(len(todo), dtype=np.uint64)
             rkey = np.zeros(len(todo), dtype=np.uint32)
             s = slabs[todo]
-            for j in range(self.replicas):
-                cand = self.rep_link[j, s]
-                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)] & self.rep_ready[j, s]
+            for k in range(self.replicas):
+                jj = (s + k) % self.replicas  # spread reads: each slab starts at its own replica
+                cand = self.rep_link[jj, s]
+                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)] & self.rep_ready[jj, s]
                 link[usable] = cand[usable]
-                addr[usable] = self.rep_addr[j, s[usable]] + offs[todo[usable]]
-                rkey[usable] = self.rep_rkey[j, s[usable]]
+                addr[usable] = self.rep_addr[jj[usable], s[usable]] + offs[todo[usable]]
+                rkey[usable] = self.rep_rkey[jj[usable], s[usable]]
             if self._repair:  # a slab being moved off a draining node reads from its old copy
                 cand = self.mv_link[0, s]
                 usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)]
@@ -321,7 +349,8 @@ class RemoteTier:
     def read_one(self, loc: int, dst_addr: int, local_base: int) -> None:
         """READ one page's stored bytes (the latency path: no vectorised set-up)."""
         slab = loc >> L.SLAB_SHIFT
-        for j in range(self.replicas):
+        for k in range(self.replicas):
+            j = (slab + k) % self.replicas  # spread reads: each slab starts at its own replica
             li = int(self.rep_link[j, slab])
             if li >= 0 and self.rep_ready[j, slab] and self.links[li].alive:
                 break
@@ -341,13 +370,15 @@ class RemoteTier:
         link.next_batch += 1
         try:
             ep.post(f["ops"], batch)
-            n = ep.poll(self._comp, self.io_timeout)
+            n = ep.poll(self._comp, self.read_timeout)
         except errors.TransportError as exc:
-            self.mark_dead(li, str(exc))
+            self.suspend(li, str(exc))
             return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
         c = self._comp[0]
         if n == 0 or c["status"] in LINK_FAILURE_STATUSES:
-            self.mark_dead(li, "no completion" if n == 0 else "link failure")
+            if n == 0:
+                self.counters["read_hedges"] += 1
+            self.suspend(li, f"no completion in {self.read_timeout:g}s" if n == 0 else "link failure")
             return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
         if c["status"] != WC_SUCCESS or int(c["batch_id"]) != batch:
             raise completion_error(int(c["status"]), int(c["batch_id"]), int(c["index"]), link.name)
@@ -355,8 +386,11 @@ class RemoteTier:
     def _alive_mask(self) -> np.ndarray:
         return np.array([lk.alive for lk in self.links] or [False], dtype=bool)
 
-    def run_routed(self, batches: list[tuple[int, int]]) -> set[int] | None:
+    def run_routed(self, batches: list[tuple[int, int]], timeout: float | None = None) -> set[int] | None:
         """Post the batches the router wrote (one per link) and wait for every one of them.
+
+        ``timeout``: how long a link may take before it is suspended; default ``read_timeout``
+        (the router's batches of a get are reads; ``write`` passes ``io_timeout``).
 
         Returns the links that failed as a whole (now marked dead; the caller redoes or checks
         the I/O on the slow path), or None when nothing was posted because a link still has
@@ -364,6 +398,7 @@ class RemoteTier:
         (bad key, out of bounds...), like ``_run``.
         """
         links = self.links
+        timeout = self.read_timeout if timeout is None else timeout
         for li, _count in batches:
             if links[li].endpoint.outstanding:
                 return None
@@ -381,24 +416,24 @@ class RemoteTier:
                 continue
             posted.append((link, batch))
         for link, batch in posted:
-            self._wait(link, batch, failed, errs)
+            self._wait(link, batch, failed, errs, timeout)
         if errs:
             raise errs[0]
         return failed
 
-    def _wait(self, link: Link, batch: int, failed: set, errs: list) -> None:
+    def _wait(self, link: Link, batch: int, failed: set, errs: list, timeout: float) -> None:
         """Reap the one batch posted on ``link``; anything but its lone success goes through ``_take``."""
         try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
+            n = link.endpoint.poll(self._comp, timeout)
         except errors.TransportError as exc:
             self._link_failed(link, exc, failed)
             return
         if n == 1 and self._comp_batch[0] == batch and self._comp_status[0] == WC_SUCCESS:
             return
         pending = {link.index: {batch}}
-        self._take(link, n, pending, failed, errs)
+        self._take(link, n, pending, failed, errs, timeout)
         while pending[link.index] and link.index not in failed:
-            self._reap(link, pending, failed, errs)
+            self._reap(link, pending, failed, errs, timeout)
 
     def _run(self, opcode, plans, local_addrs, sizes, local_base) -> set[int]:
         """Post one batch per (link, chunk) of every plan, then wait for all of them.
@@ -409,6 +444,7 @@ class RemoteTier:
         pending: dict[int, set[int]] = {}
         failed: set[int] = set()
         errs: list[Exception] = []
+        timeout = self.read_timeout if opcode == OP_READ else self.io_timeout
         for link_idx_arr, raddr, rkey in plans:
             for li in np.unique(link_idx_arr):
                 if li < 0 or li in failed or not self.links[int(li)].alive:
@@ -420,7 +456,7 @@ class RemoteTier:
                 for start in range(0, len(sel), ep.max_batch):
                     part = sel[start : start + ep.max_batch]
                     while ep.outstanding >= ep.max_outstanding and link.index not in failed:
-                        self._reap(link, pending, failed, errs)
+                        self._reap(link, pending, failed, errs, timeout)
                     if link.index in failed:
                         break
                     ops = self._ops[link.index][: len(part)]
@@ -440,23 +476,25 @@ class RemoteTier:
                     pending.setdefault(link.index, set()).add(batch)
         for li in list(pending):
             while pending.get(li) and li not in failed:
-                self._reap(self.links[li], pending, failed, errs)
+                self._reap(self.links[li], pending, failed, errs, timeout)
         if errs:
             raise errs[0]
         return failed
 
-    def _reap(self, link: Link, pending: dict, failed: set, errs: list) -> None:
+    def _reap(self, link: Link, pending: dict, failed: set, errs: list, timeout: float) -> None:
         try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
+            n = link.endpoint.poll(self._comp, timeout)
         except errors.TransportError as exc:
             self._link_failed(link, exc, failed)
             return
-        self._take(link, n, pending, failed, errs)
+        self._take(link, n, pending, failed, errs, timeout)
 
-    def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list) -> None:
+    def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list, timeout: float) -> None:
         """Account for the ``n`` completions a poll of ``link`` left in ``self._comp`` (0: it timed out)."""
         if n == 0:
-            self._link_failed(link, errors.TransportError(f"no completion in {self.io_timeout}s"), failed)
+            if timeout == self.read_timeout:
+                self.counters["read_hedges"] += 1
+            self._link_failed(link, errors.TransportError(f"no completion in {timeout:g}s"), failed)
             return
         for c in self._comp[:n]:
             pending.get(link.index, set()).discard(int(c["batch_id"]))
@@ -469,15 +507,63 @@ class RemoteTier:
 
     def _link_failed(self, link: Link, exc: Exception, failed: set) -> None:
         failed.add(link.index)
-        self.mark_dead(link.index, str(exc))
+        self.suspend(link.index, str(exc))
 
-    def mark_dead(self, index: int, why: str) -> None:
-        """Stop using a provider at once: its replicas no longer count, its slabs are degraded."""
+    def suspend(self, index: int, why: str) -> None:
+        """Stop I/O to a provider that timed out or whose connection broke, without giving up on it.
+
+        Its copies stay in the tables; reads go to other replicas, writes skip it and note
+        the slabs in ``missed``.  The keeper then either ``resume``s it (the copies it missed
+        are copied again, nothing else) or, when it stays silent, marks it dead.  Nothing
+        polls the endpoint meanwhile, so a late completion cannot land in a reused buffer;
+        ``recover()`` drops it before the link is used again.
+        """
         link = self.links[index]
         if not link.alive:
             return
+        log.warning("provider %s suspended (%s): no I/O to it until it resumes or is declared dead",
+                    link.name, why)
+        link.alive = False
+        link.suspended = True
+        self.epoch += 1
+        self.counters["providers_suspended"] += 1
+
+    def resume(self, index: int) -> int:
+        """A suspended provider is back with its leases (endpoint recovered): use it again.
+
+        The copies it holds of slabs written meanwhile are stale: they are not read until
+        ``repair_step`` has copied them again in place.  Returns how many.
+        """
+        link = self.links[index]
+        if not link.suspended:
+            return 0
+        stale = 0
+        for slab_id in link.missed:
+            vs = self.slabs.get(slab_id)
+            if vs is None:
+                continue
+            for j, rep in enumerate(vs.replicas):
+                if rep is not None and rep.link == index:
+                    self.rep_ready[j, slab_id] = False
+                    self.degraded.add(slab_id)
+                    stale += 1
+        link.missed.clear()
+        link.suspended = False
+        link.alive = True
+        self.epoch += 1
+        self.counters["providers_resumed"] += 1
+        log.info("provider %s resumed; %d of its slab copies missed writes and are copied again", link.name, stale)
+        return stale
+
+    def mark_dead(self, index: int, why: str) -> None:
+        """Stop using a provider for good: its replicas no longer count, its slabs are degraded."""
+        link = self.links[index]
+        if not link.alive and not link.suspended:
+            return
         log.warning("provider %s is dead (%s); its slabs are degraded", link.name, why)
         link.alive = False
+        link.suspended = False
+        link.missed.clear()
         self.epoch += 1
         self.counters["providers_lost"] += 1
         for vs in self.slabs.values():
@@ -492,10 +578,15 @@ class RemoteTier:
     # -- repair: re-replication and drain ------------------------------------------------
 
     def _needs_move(self, rep: Replica | None) -> bool:
+        """A copy to replace elsewhere: missing, on a dead link or on a draining one (not a suspended one)."""
         if rep is None:
             return True
         link = self.links[rep.link]
-        return not link.alive or link.draining
+        return (not link.alive and not link.suspended) or link.draining
+
+    def _waiting(self, vs: VirtualSlab) -> bool:
+        """A copy of ``vs`` sits on a suspended link: wait for it rather than call the slab lost."""
+        return any(rep is not None and self.links[rep.link].suspended for rep in vs.replicas)
 
     def _source(self, vs: VirtualSlab, skip: int, old: Replica | None) -> Replica | None:
         """A live, complete copy of ``vs`` to copy from: another replica, else the one being moved."""
@@ -527,8 +618,7 @@ class RemoteTier:
         the new replica too.  Returns the bytes copied; 0 when there is nothing to do now.
         """
         chunk = min(staging_len, 1 << 20)
-        while self.degraded:
-            slab_id = min(self.degraded)
+        for slab_id in sorted(self.degraded):
             vs = self.slabs.get(slab_id)
             if vs is None:
                 self.degraded.discard(slab_id)
@@ -542,11 +632,20 @@ class RemoteTier:
                 self.mv_link[0, slab_id] = -1
                 state = None
             if state is None:
+                # a copy that missed writes while its provider was suspended: copied again in place
+                j = next((j for j, rep in enumerate(vs.replicas) if rep is not None and self.links[rep.link].alive
+                          and not self.rep_ready[j, slab_id]), None)
+                if j is not None and self._source(vs, j, None) is not None:
+                    state = self._repair[slab_id] = [j, 0, None, "resync"]
+            if state is None:
                 j = next((j for j, rep in enumerate(vs.replicas) if self._needs_move(rep)), None)
                 if j is None:
-                    self.degraded.discard(slab_id)
+                    if not self._waiting(vs) and self.rep_ready[:, slab_id].sum() == len(vs.replicas):
+                        self.degraded.discard(slab_id)
                     continue
                 if self._source(vs, j, vs.replicas[j]) is None:
+                    if self._waiting(vs):
+                        continue  # the only good copy is on a suspended provider: wait for it
                     log.error("slab %d lost: no live replica left", slab_id)
                     self.counters["slabs_lost"] += 1
                     self.degraded.discard(slab_id)
@@ -572,10 +671,13 @@ class RemoteTier:
                     self.mv_link[0, slab_id] = old.link
                     self.mv_addr[0, slab_id] = old.region.addr
                     self.mv_rkey[0, slab_id] = old.region.rkey
-                state = self._repair[slab_id] = [j, 0, old]
-            j, off, old = state
+                state = self._repair[slab_id] = [j, 0, old, "copy"]
+            j, off, old, kind = state
             src = self._source(vs, j, old)
             if src is None:
+                if self._waiting(vs):
+                    self._repair.pop(slab_id)
+                    continue
                 log.error("slab %d lost during repair: no live copy left", slab_id)
                 self.counters["slabs_lost"] += 1
                 self._repair.pop(slab_id)
@@ -593,30 +695,42 @@ class RemoteTier:
                          np.array([staging_addr], np.uint64), np.array([n], np.uint32), staging_addr):
                 return 0
             state[1] = off + n
+            moved = old is not None and self.links[old.link].alive
+            what = "resynced" if kind == "resync" else "moved" if moved else "rereplicated"
             if state[1] >= vs.size:
                 self._repair.pop(slab_id)
                 self.rep_ready[j, slab_id] = True
                 self.mv_link[0, slab_id] = -1
-                moved = old is not None and self.links[old.link].alive
                 self._free_lease(old)
-                self.counters["slabs_moved" if moved else "slabs_rereplicated"] += 1
-                if not any(self._needs_move(rep) for rep in vs.replicas):
+                self.counters[f"slabs_{what}"] += 1
+                if not any(self._needs_move(rep) for rep in vs.replicas) and not self._waiting(vs) \
+                        and self.rep_ready[:, slab_id].all():
                     self.degraded.discard(slab_id)
-            self.counters["bytes_moved" if old is not None and self.links[old.link].alive
-                          else "bytes_rereplicated"] += n
+            self.counters[f"bytes_{what}"] += n
             return n
         return 0
 
-    def close(self) -> None:
-        for vs in list(self.slabs.values()):
-            for rep in vs.replicas:
-                self._free_lease(rep)
+    def close(self, timeout: float = 3.0) -> None:
+        """Hang up on every provider at once; each one's ``bye`` releases our leases there.
+
+        Links close concurrently and this returns after ``timeout`` at the latest: a hung
+        provider gets no ``bye`` and releases our leases after its lease_grace instead.
+        """
         self.slabs.clear()
-        for link in self.links:
+        threads = [threading.Thread(target=self._close_link, args=(link,), name=f"rram-close-{link.name}",
+                                    daemon=True) for link in self.links]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @staticmethod
+    def _close_link(link: Link) -> None:
+        try:
+            link.endpoint.close()
+        finally:
             try:
-                link.endpoint.close()
-            finally:
-                try:
-                    link.client.close()
-                except errors.RramError as exc:
-                    log.debug("closing %s: %s", link.name, exc)
+                link.client.close()
+            except (errors.RramError, OSError) as exc:
+                log.debug("closing %s: %s", link.name, exc)

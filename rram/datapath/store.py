@@ -549,6 +549,11 @@ class PageStore:
         with self._lock:
             self.remote.mark_dead(index, why)
 
+    def resume_provider(self, index: int) -> int:
+        """A suspended provider is back with its leases; returns its copies to bring up to date."""
+        with self._lock:
+            return self.remote.resume(index)
+
     def wants_repatriation(self) -> bool:
         """True while remote pages exist and over half of the local pool is free."""
         return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
@@ -599,7 +604,8 @@ class PageStore:
                 c["replicas"] = self.remote.replicas
                 c["remote_slabs"] = len(self.remote.slabs)
                 c["remote_leased_bytes"] = self.remote.leased_bytes()
-                c["providers"] = {lk.name: ("dead" if not lk.alive else "draining" if lk.draining else "alive")
+                c["providers"] = {lk.name: ("suspended" if lk.suspended else "dead" if not lk.alive
+                                            else "draining" if lk.draining else "alive")
                                   for lk in self.remote.links}
                 c["degraded_slabs"] = len(self.remote.degraded)
                 c["epoch"] = self.remote.epoch

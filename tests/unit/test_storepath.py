@@ -218,7 +218,7 @@ def test_router_is_bound_again_when_links_or_tables_change():
     assert router.route(False, far, addrs, 1, lkeys) is None
 
 
-def test_a_failing_link_mid_batch_falls_back_and_marks_it_dead():
+def test_a_failing_link_mid_batch_falls_back_and_suspends_it():
     tier = random_tier(3, replicas=2, nlinks=2, nslabs=1, max_batch=64)
     tier.rep_link[:, FIRST] = [0, 1]
     tier.rep_ready[:, FIRST] = True
@@ -231,11 +231,12 @@ def test_a_failing_link_mid_batch_falls_back_and_marks_it_dead():
     locs = np.array([L.make_location(FIRST, 64 * i, 64) for i in range(3)], dtype=np.uint64)
     addrs = np.full(3, BASE, dtype=np.uint64)
     tier.read(locs, addrs, BASE)
-    assert not tier.links[0].alive and tier.counters["providers_lost"] == 1
+    assert tier.links[0].suspended and tier.counters["providers_suspended"] == 1  # dead: the keeper's call
     assert [len(b) for b in tier.links[1].endpoint.posted] == [3], "the pages were read from the other replica"
     tier.links[1].endpoint.posted.clear()
     tier.write(locs, addrs, BASE)
     assert [len(b) for b in tier.links[1].endpoint.posted] == [3]
+    assert tier.links[0].missed == {FIRST}, "the suspended copy missed that write"
 
 
 # -- StorePath against the numpy classification ----------------------------------------------------

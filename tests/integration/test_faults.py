@@ -1,0 +1,154 @@
+"""Faults beyond kill -9, with real provider processes: hung nodes (SIGSTOP), network blips.
+
+Every test checks every page by checksum; stalls are measured on a verifying workload.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rram import PAGE_SIZE
+from rram.datapath.connect import open_store
+from rram.testing.faultproxy import ProviderProxy
+from rram.testing.pages import make_pages, page_checksums
+
+from .conftest import tcp_cluster
+from .test_failures import put_range, verify, wait_for
+
+pytestmark = pytest.mark.integration
+
+SUSPECT = 0.6
+TIMING = {"heartbeat_interval": 0.2, "suspect_threshold": SUSPECT, "dead_threshold": 2.0}
+#: scheduling noise on a shared 2-core host, on top of the bound under test
+SLACK = 0.5
+
+
+class Workload:
+    """Overwrites and reads back pages in a thread; records the longest single operation."""
+
+    def __init__(self, store, pool, data, n, chunk=500):
+        self.store, self.pool, self.data, self.n, self.chunk = store, pool, data, n, chunk
+        self.sums = page_checksums(data, n)
+        self.longest = 0.0
+        self.ops = 0
+        self.bad = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+
+    def _timed(self, fn):
+        t = time.monotonic()
+        fn()
+        self.longest = max(self.longest, time.monotonic() - t)
+        self.ops += 1
+
+    def _run(self):
+        rng = np.random.default_rng(1)
+        out = np.zeros(self.chunk * PAGE_SIZE, dtype=np.uint8)
+        try:
+            while not self._stop.is_set():
+                s = int(rng.integers(0, self.n - self.chunk))
+                idx = np.arange(s, s + self.chunk)
+                page = self.data[s * PAGE_SIZE : (s + self.chunk) * PAGE_SIZE]
+                self._timed(lambda: self.store.put_many(self.pool, 0, idx, page))
+                r = int(rng.integers(0, self.n - self.chunk))
+                ridx = np.arange(r, r + self.chunk)
+                self._timed(lambda: self.store.get_many(self.pool, 0, ridx, out))
+                self.bad += int((page_checksums(out, self.chunk) != self.sums[r : r + self.chunk]).sum())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def test_a_hung_provider_costs_at_most_the_suspect_threshold_and_is_rereplicated(tmp_path):
+    n = 30_000
+    data = make_pages(n, seed=21)
+    with tcp_cluster(n_providers=3, capacity="256MiB", replicas=2, workdir=str(tmp_path), slab_size="4MiB",
+                     lease_grace=5.0, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=2 << 20) as store:
+        pool = store.create_pool()
+        put_range(store, pool, data, 0, n)
+        with Workload(store, pool, data, n) as w:
+            time.sleep(0.5)
+            c.kill("p1", signal.SIGSTOP)
+            try:
+                wait_for(lambda: store.stats()["providers"]["p1"] == "dead", 10, "p1 declared dead")
+                wait_for(lambda: store.stats()["degraded_slabs"] == 0, 60, "re-replication while p1 hangs")
+                time.sleep(0.5)
+            finally:
+                c.kill("p1", signal.SIGCONT)
+        assert w.error is None, w.error
+        assert w.bad == 0 and w.ops > 10
+        assert w.longest <= SUSPECT + SLACK, f"longest stall {w.longest:.2f}s with a hung provider"
+        s = store.stats()
+        assert s["slabs_rereplicated"] > 0 and s["slabs_lost"] == 0
+        verify(store, pool, data, page_checksums(data, n), n)
+
+
+def test_a_requester_exits_within_5s_while_every_provider_hangs(tmp_path):
+    with tcp_cluster(n_providers=2, capacity="64MiB", replicas=2, workdir=str(tmp_path), slab_size="4MiB",
+                     **TIMING) as c:
+        store = open_store(c.config, name="req", local_budget=1 << 20)
+        pool = store.create_pool()
+        put_range(store, pool, make_pages(3000, seed=22), 0, 3000)
+        for name in c.providers:
+            c.kill(name, signal.SIGSTOP)
+        try:
+            time.sleep(0.3)  # let the probers get stuck in calls to the hung nodes
+            t = time.monotonic()
+            store.close()
+            took = time.monotonic() - t
+        finally:
+            for name in c.providers:
+                c.kill(name, signal.SIGCONT)
+        assert took < 5, f"close took {took:.1f}s"
+
+
+def test_a_one_second_blackhole_rereplicates_nothing_and_loses_nothing(tmp_path):
+    n = 20_000
+    data = make_pages(n, seed=23)
+    sums = page_checksums(data, n)
+    with tcp_cluster(n_providers=2, capacity="256MiB", replicas=2, workdir=str(tmp_path), slab_size="4MiB",
+                     lease_grace=5.0, **TIMING) as c, ProviderProxy(c.config, "p1", seed=2) as px, \
+            open_store(px.config, name="req", local_budget=2 << 20) as store:
+        pool = store.create_pool()
+        put_range(store, pool, data, 0, n)
+        with Workload(store, pool, data, n) as w:
+            time.sleep(0.3)
+            px.blackhole(1.0)
+            wait_for(lambda: store.stats()["providers"]["p1"] == "suspended", 3, "p1 suspended by the blip")
+            wait_for(lambda: store.stats()["providers_resumed"] >= 1, 5, "p1 resumed")
+            wait_for(lambda: store.stats()["degraded_slabs"] == 0, 30, "the copies that missed writes resynced")
+        assert w.error is None, w.error
+        assert w.bad == 0
+        s = store.stats()
+        assert s["providers"]["p1"] == "alive"
+        assert s["providers_lost"] == 0 and s["slabs_rereplicated"] == 0, s
+        assert 0 < s["slabs_resynced"] <= s["remote_slabs"]
+        # a blip that no write races copies nothing again
+        out = np.zeros(500 * PAGE_SIZE, dtype=np.uint8)
+        px.blackhole(1.0)
+        t = time.monotonic()
+        while time.monotonic() - t < 1.5:
+            assert store.get_many(pool, 0, np.arange(500), out).all()
+        wait_for(lambda: store.stats()["providers"]["p1"] == "alive", 5, "p1 back after a read-only blip")
+        s2 = store.stats()
+        assert s2["providers_suspended"] >= 2 and s2["slabs_resynced"] == s["slabs_resynced"], s2
+        assert s2["providers_lost"] == 0 and s2["slabs_rereplicated"] == 0
+        mine = [x for x in c.provider_stats()["p1"]["per_session"] if x["requester"] == "req"]
+        assert len(mine) == 1 and mine[0]["leases"] == s2["remote_slabs"], "same session, same leases"
+        verify(store, pool, data, sums, n)
+        # and p1's copies are good: with p0 gone, everything reads from p1 alone
+        c.kill("p0", signal.SIGKILL)
+        verify(store, pool, data, sums, n)
