@@ -290,14 +290,44 @@ def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> Cluster
     return cfg
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``safe_load`` that refuses a repeated mapping key: PyYAML keeps the last one silently,
+    so a second ``capacity:`` in a node would quietly win over the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the base class says what is wrong with it
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path) -> ClusterConfig:
     """Read and validate a cluster file; ``secret_file`` is relative to the file's directory."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on line {exc.first}); "
+                          "expected each key once") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
