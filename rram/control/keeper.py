@@ -66,6 +66,7 @@ class Keeper:
         self._thread: threading.Thread | None = None
         self._probers: list[threading.Thread] = []
         self._found: queue.SimpleQueue = queue.SimpleQueue()  # (kind, link, detail) from the probers
+        self._wake = threading.Event()  # set with every finding: the keeper acts on it at once
         self.counters = {"rounds": 0, "reconnects": 0, "resumes": 0, "repatriated": 0, "repair_bytes": 0}
         store.set_placement(self.place)
 
@@ -106,7 +107,7 @@ class Keeper:
         """Stop every thread; waits at most about one control timeout (a prober may be in a call:
         it is a daemon thread and ends at its socket's timeout)."""
         self._stop.set()
-        self._found.put(None)  # wake the keeper thread
+        self._wake.set()
         deadline = time.monotonic() + (self.call_timeout + 1.0 if timeout is None else timeout)
         for t in [self._thread, *self._probers]:
             if t is not None and t is not threading.current_thread():
@@ -126,12 +127,8 @@ class Keeper:
                 log.exception("keeper round crashed")
                 busy = False
             if not busy:  # sleep until the next round, or until a prober finds something
-                try:
-                    item = self._found.get(timeout=max(0.0, self.cfg.heartbeat_interval - (self.clock() - started)))
-                except queue.Empty:
-                    continue
-                if item is not None:
-                    self._found.put(item)
+                self._wake.wait(max(0.0, self.cfg.heartbeat_interval - (self.clock() - started)))
+            self._wake.clear()
 
     def step(self) -> bool:
         """One round; True when repair or repatriation still has work (run again soon)."""
@@ -155,12 +152,9 @@ class Keeper:
     def _apply_found(self) -> None:
         while True:
             try:
-                item = self._found.get_nowait()
+                kind, link, detail = self._found.get_nowait()
             except queue.Empty:
                 return
-            if item is None:
-                continue
-            kind, link, detail = item
             if kind == "linked":
                 if self._stop.is_set():
                     self._close_link(link)
@@ -203,6 +197,10 @@ class Keeper:
 
     # -- probers: all blocking I/O with one provider, in that provider's own thread -----------
 
+    def _post(self, finding: tuple) -> None:
+        self._found.put(finding)
+        self._wake.set()
+
     def _link_of(self, name: str):
         """The link in use (alive or suspended) for provider ``name``, or None."""
         for lk in reversed(self.store.remote.links):  # appended only: reading a snapshot is safe
@@ -233,7 +231,7 @@ class Keeper:
     def _heartbeat(self, link) -> None:
         try:
             reply = link.client.heartbeat(timeout=self.call_timeout)
-            self._found.put(("beat", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
+            self._post(("beat", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
         except errors.ConnectionLost as exc:
             if _timed_out(exc):  # silent: suspect, then dead by timing; resumed when it answers
                 log.debug("heartbeat to %s: %s", link.name, exc)
@@ -254,15 +252,15 @@ class Keeper:
             if link.suspended:
                 link.endpoint.recover()  # drops whatever was in flight when it was suspended
         except errors.NotFound as exc:
-            self._found.put(("lost", link, f"resume refused: {exc}"))
+            self._post(("lost", link, f"resume refused: {exc}"))
             return
         except (errors.RramError, OSError) as exc:
             if _refused(exc):
-                self._found.put(("lost", link, f"connection refused: {exc}"))
+                self._post(("lost", link, f"connection refused: {exc}"))
             else:
                 log.debug("provider %s not back yet: %s", link.name, exc)
             return
-        self._found.put(("resumed", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
+        self._post(("resumed", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
 
     def _try_link(self, node) -> None:
         try:
@@ -270,7 +268,7 @@ class Keeper:
         except (errors.RramError, OSError) as exc:
             log.debug("provider %s still unreachable: %s", node.name, exc)
             return
-        self._found.put(("linked", link, None))
+        self._post(("linked", link, None))
 
     def _free_unfreed(self, link) -> None:
         while link.unfreed and link.alive:

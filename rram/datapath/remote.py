@@ -96,7 +96,7 @@ class RemoteTier:
         self.degraded: set[int] = set()  # slab ids with fewer than `replicas` live copies
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
                          "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
-                         "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_hedges": 0}
+                         "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0}
         self._repair: dict[int, list] = {}  # slab id -> [replica slot, next offset, old replica]
         #: a batch not complete after this long suspends its link (writes, repair copies)
         self.io_timeout = io_timeout
@@ -307,6 +307,7 @@ class RemoteTier:
         batches = router.route(False, remote_locs, local_addrs, len(remote_locs), lkeys)
         failed = None if batches is None else self.run_routed(batches)
         if failed is None or failed:  # unusual, or a link failed mid-batch: retry on the slow path
+            self.counters["read_retries"] += bool(failed)
             self._read_slow(remote_locs, local_addrs, local_base)
 
     def _read_slow(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
@@ -343,6 +344,7 @@ class RemoteTier:
             failed = self._run(OP_READ, [(link, addr, rkey)], local_addrs[todo], sizes[todo], local_base)
             if not failed:
                 return
+            self.counters["read_retries"] += 1  # a replica failed or timed out: read elsewhere
             todo = todo[np.isin(link, list(failed))]
         raise errors.TransportError("reads kept failing on every replica")
 
@@ -373,12 +375,12 @@ class RemoteTier:
             n = ep.poll(self._comp, self.read_timeout)
         except errors.TransportError as exc:
             self.suspend(li, str(exc))
+            self.counters["read_retries"] += 1
             return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
         c = self._comp[0]
         if n == 0 or c["status"] in LINK_FAILURE_STATUSES:
-            if n == 0:
-                self.counters["read_hedges"] += 1
             self.suspend(li, f"no completion in {self.read_timeout:g}s" if n == 0 else "link failure")
+            self.counters["read_retries"] += 1
             return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
         if c["status"] != WC_SUCCESS or int(c["batch_id"]) != batch:
             raise completion_error(int(c["status"]), int(c["batch_id"]), int(c["index"]), link.name)
@@ -492,8 +494,6 @@ class RemoteTier:
     def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list, timeout: float) -> None:
         """Account for the ``n`` completions a poll of ``link`` left in ``self._comp`` (0: it timed out)."""
         if n == 0:
-            if timeout == self.read_timeout:
-                self.counters["read_hedges"] += 1
             self._link_failed(link, errors.TransportError(f"no completion in {timeout:g}s"), failed)
             return
         for c in self._comp[:n]:
