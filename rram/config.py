@@ -113,6 +113,8 @@ class ClusterConfig:
     dead_threshold: float = _f(5.0, "float", positive=True)
     lease_grace: float = _f(10.0, "float", positive=True)
     replicas: int = _f(2, "int", minimum=1)
+    #: copies a persistent write needs; below, it fails (ReplicationError) instead of weakening
+    min_replicas: int = _f(1, "int", minimum=1)
     nodes: list = field(default_factory=list, metadata={"kind": "nodes"})
     requester: RequesterConfig = field(default_factory=RequesterConfig, metadata={"kind": "requester"})
     #: the file this came from (for messages and relative paths); not part of the YAML
@@ -275,6 +277,8 @@ def _check(ctx: _Ctx, cfg: ClusterConfig) -> None:
     providers = len(cfg.providers())
     if cfg.nodes and cfg.replicas > providers:
         ctx.fail("replicas", f"at most the number of providers ({providers})", cfg.replicas)
+    if cfg.min_replicas > cfg.replicas:
+        ctx.fail("min_replicas", f"at most replicas ({cfg.replicas})", cfg.min_replicas)
 
 
 def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> ClusterConfig:

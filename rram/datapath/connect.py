@@ -69,8 +69,11 @@ def open_store(config, *, name: str | None = None, transport_name: str | None = 
     rt = transport.requester_transport(tname, **_requester_options(tname, cfg, requester))
     # a replica that has not completed a batch within the suspect threshold is suspended (and
     # resumed or declared dead by the keeper); reads hedge to another replica after half that
+    if replicas < cfg.min_replicas:
+        raise errors.ConfigError(f"{cfg.source}: replicas={replicas} is below min_replicas={cfg.min_replicas}")
     remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE,
-                        io_timeout=cfg.suspect_threshold, read_timeout=cfg.suspect_threshold / 2)
+                        io_timeout=cfg.suspect_threshold, read_timeout=cfg.suspect_threshold / 2,
+                        min_replicas=cfg.min_replicas)
     secret = cfg.secret_bytes()
     for node in cfg.providers():
         if node.name == requester:

@@ -76,9 +76,11 @@ class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
     def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int, max_slabs: int = 1 << 16,
-                 io_timeout: float = 10.0, read_timeout: float | None = None):
+                 io_timeout: float = 10.0, read_timeout: float | None = None, min_replicas: int = 1):
         self.slab_size = slab_size
         self.replicas = replicas
+        #: live copies a persistent write needs (callers pass ``min_copies``); fewer: ReplicationError
+        self.min_replicas = min_replicas
         self.links: list[Link] = []
         self.slabs: dict[int, VirtualSlab] = {}
         self._next_slab = first_slab_id
@@ -142,13 +144,14 @@ class RemoteTier:
             setattr(self, name, arr)
         self.invalidate_routes()
 
-    def lease_slab(self, place) -> VirtualSlab:
+    def lease_slab(self, place, min_copies: int = 1) -> VirtualSlab:
         """Lease one virtual slab on up to ``replicas`` distinct live providers.
 
         ``place(candidates, n, chosen) -> links`` is the placement policy (preference
         order).  A provider that is full or unreachable is skipped for the next one.  With
-        fewer live providers than ``replicas`` the slab starts degraded (re-replication
-        completes it when providers join); with none, StoreFullError.
+        fewer live providers than ``replicas`` the slab starts degraded (a WARNING;
+        re-replication completes it when providers join); with none, StoreFullError; with
+        fewer than ``min_copies``, ReplicationError (and nothing stays leased).
         """
         chosen: list[Link] = []
         leases: list[Replica] = []
@@ -174,14 +177,20 @@ class RemoteTier:
                 leases.append(Replica(link.index, lease.lease_id, lease.region))
         if not leases:
             raise errors.StoreFullError(f"no live provider has {self.slab_size} bytes free for a slab")
+        if len(leases) < min_copies:
+            for rep in leases:
+                self._free_lease(rep)
+            raise errors.ReplicationError(
+                f"only {len(leases)} live provider(s) could lease a slab, min_replicas is {min_copies}: "
+                "refusing a persistent write with fewer copies")
         slab_id = self._next_slab
         self._next_slab += 1
         vs = VirtualSlab(slab_id, self.slab_size, leases + [None] * (self.replicas - len(leases)), self.epoch)
         self._install(vs)
         if len(leases) < self.replicas:
             self.degraded.add(slab_id)
-            log.info("slab %d has %d of %d replicas until more providers are available",
-                     slab_id, len(leases), self.replicas)
+            log.warning("slab %d has %d of %d replicas until more providers are available",
+                        slab_id, len(leases), self.replicas)
         return vs
 
     def _install(self, vs: VirtualSlab) -> None:
@@ -246,14 +255,17 @@ class RemoteTier:
             self._lkeys[local_base] = lkeys
         return self._router, lkeys
 
-    def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
+    def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int, min_copies: int = 1) -> None:
         """WRITE ``size`` bytes from local_addrs[i] to every live replica of remote_locs[i].
 
         ``local_base`` is the start of the registered local arena the addresses lie in.
         Returns only when every live replica holds every page (acknowledged = durable).  A
-        provider that fails meanwhile is marked dead and its slabs degraded (re-replication
-        restores them); a page whose every replica failed raises TransportError.
+        provider that fails meanwhile is suspended (then resumed, or declared dead and its
+        slabs re-replicated); a page whose every replica failed raises TransportError, one
+        left with fewer than ``min_copies`` live copies (before or after) ReplicationError.
         """
+        if min_copies > 1:
+            self._require_copies(remote_locs, min_copies, "before")
         if not self._repair:  # during a repair the copy being moved is written too: slow path
             router, lkeys = self.router(local_base)
             batches = router.route(True, remote_locs, local_addrs, len(remote_locs), lkeys)
@@ -261,6 +273,7 @@ class RemoteTier:
             if failed is not None:
                 if failed:  # every page had a live replica when routed: did one survive?
                     self._require_held(remote_locs, failed)
+                    self._require_copies(remote_locs, min_copies, "after")
                 self._note_missed(remote_locs)
                 return
         sizes = L.loc_size(remote_locs).astype(np.uint32)
@@ -274,7 +287,22 @@ class RemoteTier:
             plans.append((self.mv_link[0, slabs], self.mv_addr[0, slabs] + offs, self.mv_rkey[0, slabs]))
         failed = self._run(OP_WRITE, plans, local_addrs, sizes, local_base)
         self._require_held(remote_locs, failed)
+        self._require_copies(remote_locs, min_copies, "after")
         self._note_missed(remote_locs)
+
+    def _require_copies(self, remote_locs: np.ndarray, min_copies: int, when: str) -> None:
+        """ReplicationError unless every page's slab has ``min_copies`` copies on live links."""
+        if min_copies <= 1:
+            return
+        slabs = np.unique(L.loc_slab(remote_locs).astype(np.intp))
+        alive = self._alive_mask()
+        link = self.rep_link[:, slabs]
+        copies = ((link >= 0) & alive[np.maximum(link, 0)]).sum(axis=0)
+        short = slabs[copies < min_copies]
+        if len(short):
+            raise errors.ReplicationError(
+                f"{len(short)} slab(s) have {int(copies.min())} live copies {when} the write, min_replicas is "
+                f"{min_copies} (providers out: {', '.join(lk.name for lk in self.links if not lk.alive) or 'none'})")
 
     def _note_missed(self, remote_locs: np.ndarray) -> None:
         """After a write: the slabs it touched are stale on every suspended link holding a copy."""

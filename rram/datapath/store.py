@@ -207,7 +207,12 @@ class PageStore:
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
                 )
-            self.remote.write(rlocs, srcs[rest], self.staging.addr)
+            try:
+                self.remote.write(rlocs, srcs[rest], self.staging.addr, self._min_copies(persistent))
+            except errors.ReplicationError:
+                self.remote_alloc.free(rlocs, len(rlocs))
+                self._unswept = True
+                raise
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
 
@@ -257,15 +262,21 @@ class PageStore:
             if done == m:
                 break
             try:
-                vs = self.remote.lease_slab(self._choose)
+                vs = self.remote.lease_slab(self._choose, self._min_copies(persistent))
             except (errors.StoreFullError, errors.CapacityError) as exc:
                 log.info("cannot lease a remote slab: %s", exc)
                 if done:
                     self.remote_alloc.free(out[:done], done)
                     self._unswept = True
+                if isinstance(exc, errors.ReplicationError):
+                    raise
                 return None
             self.remote_alloc.add_slab(vs.slab_id, vs.size)
         return out
+
+    def _min_copies(self, persistent: bool) -> int:
+        """Live copies a remote write of this kind needs: ephemeral pages may always have one."""
+        return self.remote.min_replicas if persistent else 1
 
     def _remotify(self, want_bytes: int) -> bool:
         """Move cold local pages (about ``want_bytes`` of them) to remote slabs. False when nothing moved."""
@@ -276,10 +287,19 @@ class PageStore:
             if got == 0:
                 break
             sizes = L.loc_size(locs).astype(np.uint32)
-            rlocs = self._remote_alloc(sizes, True)
+            rlocs = None
+            try:
+                rlocs = self._remote_alloc(sizes, True)
+                if rlocs is not None:
+                    self.remote.write(rlocs, self._local_addrs(locs), self.local_arena.addr, self._min_copies(True))
+            except errors.ReplicationError as exc:  # too few copies: persistent pages stay local
+                log.warning("not moving pages out: %s", exc)
+                if rlocs is not None:
+                    self.remote_alloc.free(rlocs, len(rlocs))
+                    self._unswept = True
+                rlocs = None
             if rlocs is None:  # remote tier full: ephemeral pages may go, persistent ones stay
                 return self._drop_ephemeral(locs, owners) > 0 or moved > 0
-            self.remote.write(rlocs, self._local_addrs(locs), self.local_arena.addr)
             ok = np.empty(got, dtype=np.uint8)
             self.map.cas(owners, locs, rlocs, ok)
             moved_mask = ok.astype(bool)

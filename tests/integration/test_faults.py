@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from rram import PAGE_SIZE
+from rram import PAGE_SIZE, errors
 from rram.datapath.connect import open_store
 from rram.testing.faultproxy import ProviderProxy
 from rram.testing.pages import make_pages, page_checksums
@@ -152,3 +152,34 @@ def test_a_one_second_blackhole_rereplicates_nothing_and_loses_nothing(tmp_path)
         # and p1's copies are good: with p0 gone, everything reads from p1 alone
         c.kill("p0", signal.SIGKILL)
         verify(store, pool, data, sums, n)
+
+
+def test_below_min_replicas_a_persistent_write_fails_clearly_and_nothing_is_lost(tmp_path, caplog):
+    n = 6000
+    data = make_pages(n, seed=24)
+    sums = page_checksums(data, n)
+    with tcp_cluster(n_providers=2, capacity="128MiB", replicas=2, workdir=str(tmp_path), slab_size="1MiB",
+                     min_replicas=2, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        eph = store.create_pool(persistent=False)
+        put_range(store, pool, data, 0, n)
+        c.kill("p1", signal.SIGKILL)
+        wait_for(lambda: store.stats()["providers"]["p1"] == "dead", 5, "p1 dead")
+        more = make_pages(n, seed=25)
+        with pytest.raises(errors.ReplicationError, match="min_replicas is 2"):
+            for s in range(0, n, 500):  # the local pool fills, then the pages need remote copies
+                store.put_many(pool, 1, np.arange(s, s + 500), more[s * PAGE_SIZE : (s + 500) * PAGE_SIZE])
+        store.put_many(eph, 0, np.arange(n), more)  # ephemeral pages may live with one copy
+        assert "has 1 of 2 replicas" in caplog.text and any(
+            r.levelname == "WARNING" and "1 of 2 replicas" in r.getMessage() for r in caplog.records)
+        assert store.stats()["degraded_slabs"] > 0
+        verify(store, pool, data, sums, n)  # every acknowledged page is still there
+
+
+def test_min_replicas_above_replicas_is_a_config_error(tmp_path):
+    from rram import config as C
+
+    with pytest.raises(errors.ConfigError, match="min_replicas: expected at most replicas"):
+        C.from_dict({"secret": "x", "replicas": 1, "min_replicas": 2,
+                     "nodes": [{"name": "p0", "address": "127.0.0.1", "port": 7001, "capacity": "1GiB"}]})
