@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 
 from .. import errors
-from .membership import DEAD, LEFT, Membership, NodeInfo
+from .membership import KNOWN, Membership, NodeInfo
 from .placement import Candidate, choose_targets
 from .ratelimit import TokenBucket
 
@@ -80,7 +80,7 @@ class Keeper:
                 cands.append(cand)
         known = {c.name for c in cands}
         for lk in candidates:  # linked but not heartbeated yet: offer with what the config says
-            if lk.name not in known and self.membership.state(lk.name) not in (DEAD, LEFT):
+            if lk.name not in known and self.membership.state(lk.name) == KNOWN:  # (not a suspect one)
                 cands.append(Candidate(lk.name, free=1 << 62, failure_domain=lk.failure_domain))
         if not cands:
             return []
@@ -203,7 +203,7 @@ class Keeper:
 
     def _link_of(self, name: str):
         """The link in use (alive or suspended) for provider ``name``, or None."""
-        for lk in reversed(self.store.remote.links):  # appended only: reading a snapshot is safe
+        for lk in reversed(list(self.store.remote.links)):  # appended only: a snapshot is safe
             if lk.name == name and (lk.alive or lk.suspended):
                 return lk
         return None

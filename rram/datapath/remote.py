@@ -542,9 +542,11 @@ class RemoteTier:
 
         Its copies stay in the tables; reads go to other replicas, writes skip it and note
         the slabs in ``missed``.  The keeper then either ``resume``s it (the copies it missed
-        are copied again, nothing else) or, when it stays silent, marks it dead.  Nothing
-        polls the endpoint meanwhile, so a late completion cannot land in a reused buffer;
-        ``recover()`` drops it before the link is used again.
+        are copied again, nothing else) or, when it stays silent, marks it dead.
+
+        Our buffers are deregistered from its endpoint at once: a READ answered late (verbs
+        DMAs it without our polling) must not land in a staging buffer that another batch
+        uses by then.  The store registers them again when the link resumes.
         """
         link = self.links[index]
         if not link.alive:
@@ -555,6 +557,13 @@ class RemoteTier:
         link.suspended = True
         self.epoch += 1
         self.counters["providers_suspended"] += 1
+        for lkey in link.lkeys.values():
+            try:
+                link.endpoint.deregister_local(lkey)
+            except (errors.RramError, OSError) as exc:
+                log.debug("deregistering local memory from %s: %s", link.name, exc)
+        link.lkeys.clear()
+        self.invalidate_routes()
 
     def resume(self, index: int) -> int:
         """A suspended provider is back with its leases (endpoint recovered): use it again.
@@ -685,8 +694,11 @@ class RemoteTier:
                 for lk in (place(cands, len(cands), holders) if cands else []):
                     try:
                         lease = lk.client.alloc_slab(vs.size)
-                    except (errors.CapacityError, errors.ConnectionLost, errors.ProtocolError, OSError) as exc:
+                    except (errors.CapacityError, errors.ProtocolError) as exc:
                         log.debug("repair target %s refused: %s", lk.name, exc)
+                        continue
+                    except (errors.ConnectionLost, OSError) as exc:
+                        self.suspend(lk.index, f"lease for a repair failed: {exc}")  # don't ask it again
                         continue
                     target = Replica(lk.index, lease.lease_id, lease.region)
                     break

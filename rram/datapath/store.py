@@ -572,7 +572,9 @@ class PageStore:
     def resume_provider(self, index: int) -> int:
         """A suspended provider is back with its leases; returns its copies to bring up to date."""
         with self._lock:
-            return self.remote.resume(index)
+            stale = self.remote.resume(index)
+            self._register_arenas(self.remote.links[index])  # suspend deregistered them
+            return stale
 
     def wants_repatriation(self) -> bool:
         """True while remote pages exist and over half of the local pool is free."""
