@@ -165,7 +165,7 @@ class Keeper:
             elif kind == "lost":
                 self.store.provider_failed(link.index, detail)
             elif kind == "resumed":
-                if link.suspended and detail.incarnation == link.incarnation:
+                if link.suspended and link.incarnation in (None, detail.incarnation):
                     self.store.resume_provider(link.index)
                     self.counters["resumes"] += 1
                 self._beat(link, detail)  # a restart behind our back: dead here
