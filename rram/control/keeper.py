@@ -104,11 +104,11 @@ class Keeper:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop every thread; waits at most about one control timeout (a prober may be in a call:
-        it is a daemon thread and ends at its socket's timeout)."""
+        """Stop every thread; waits at most one control timeout (a prober may be in a call to a
+        hung provider: it is a daemon thread and ends at its socket's timeout)."""
         self._stop.set()
         self._wake.set()
-        deadline = time.monotonic() + (self.call_timeout + 1.0 if timeout is None else timeout)
+        deadline = time.monotonic() + (self.call_timeout if timeout is None else timeout)
         for t in [self._thread, *self._probers]:
             if t is not None and t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))

@@ -750,7 +750,7 @@ class RemoteTier:
             return n
         return 0
 
-    def close(self, timeout: float = 3.0) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         """Hang up on every provider at once; each one's ``bye`` releases our leases there.
 
         Links close concurrently and this returns after ``timeout`` at the latest: a hung
