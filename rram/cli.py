@@ -77,7 +77,7 @@ def _status_table(cfg, results: dict) -> None:
     from .config import format_size
 
     table = Table(title=f"cluster {cfg.name}")
-    right = ("epoch", "capacity", "used", "free", "leases", "sessions", "read", "written", "uptime")
+    right = ("incarnation", "capacity", "used", "free", "leases", "sessions", "read", "written", "uptime")
     for col in ("node", "control", "state", "transport") + right:
         table.add_column(col, justify="right" if col in right else "left")
     problems, detail = [], []
@@ -88,7 +88,7 @@ def _status_table(cfg, results: dict) -> None:
             table.add_row(node.name, where, "[red]unreachable[/]", *[""] * 10)
             problems.append(f"{node.name}: {r['error']}")
             continue
-        table.add_row(node.name, where, r["state"], r["transport"], str(r["epoch"]), format_size(r["capacity"]),
+        table.add_row(node.name, where, r["state"], r["transport"], str(r["incarnation"]), format_size(r["capacity"]),
                       format_size(r["used"]), format_size(r["free"]), str(r["leases"]), str(r["sessions"]),
                       f"{r.get('bytes_read', 0) / 2**20:.1f}MiB", f"{r.get('bytes_written', 0) / 2**20:.1f}MiB",
                       f"{r['uptime']:.0f}s")
