@@ -6,6 +6,10 @@ Public surface::
     pool = store.create_pool(persistent=True)
     store.put(pool, obj, index, page)              # 4 KiB
     store.get(pool, obj, index)                    # bytes, or None on a miss
+
+Every module may import this package's constants (PAGE_SIZE, __version__): it loads nothing
+but rram.errors.  ``connect`` reaches the composition root (rram/cluster.py) only when called,
+so that importing a low module never drags in the layers above it.
 """
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ __version__ = "0.1.0"
 PAGE_SIZE = 4096
 
 
-def connect(config, **kwargs):
-    """Open a requester page store on the cluster described by ``config`` (a path or a Config)."""
-    from .datapath.store import connect as _connect
+def connect(config, **options):
+    """Open a requester page store on the cluster ``config`` (a path or a ClusterConfig);
+    ``options`` as for ``rram.cluster.open_store`` (name, transport, local_budget, ...)."""
+    from .cluster import open_store
 
-    return _connect(config, **kwargs)
+    return open_store(config, **options)
 
 
 def build_info() -> dict[str, str]:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import PAGE_SIZE, errors
-from .datapath.connect import open_store
+from .cluster import open_store
 from .testing.cluster import LocalCluster
 from .testing.pages import make_pages, page_checksums
 

@@ -670,9 +670,3 @@ def _copy_batch():
 
 
 _DEFAULT_COPY = _copy_batch()
-
-
-def connect(config, *, name: str | None = None, transport: str | None = None, **overrides) -> PageStore:
-    from .connect import open_store
-
-    return open_store(config, name=name, transport_name=transport, **overrides)
