@@ -7,16 +7,17 @@ Public surface::
     store.put(pool, obj, index, page)              # 4 KiB
     store.get(pool, obj, index)                    # bytes, or None on a miss
 
-Every module may import this package's constants (PAGE_SIZE, __version__): it loads nothing
-but rram.errors.  ``connect`` reaches the composition root (rram/cluster.py) only when called,
-so that importing a low module never drags in the layers above it.
+This package face sits on top of the house (docs/architecture.md): it hands on names defined
+below it, and no module of rram imports from it but the CLI (``__version__``).  ``connect``
+imports the composition root (rram/cluster.py) when called, not here, so that importing
+``rram.errors`` or ``rram.units`` loads nothing else.
 """
 from __future__ import annotations
 
 from .errors import RramError  # noqa: F401
+from .units import PAGE_SIZE  # noqa: F401
 
 __version__ = "0.1.0"
-PAGE_SIZE = 4096
 
 
 def connect(config, **options):

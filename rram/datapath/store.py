@@ -22,9 +22,10 @@ import time
 
 import numpy as np
 
-from .. import PAGE_SIZE, errors
+from .. import errors
 from .._ext._storepath import StorePath, pack_keys
 from ..memory import Arena
+from ..units import PAGE_SIZE
 from . import codec
 from . import keys as K
 from . import slab as L
