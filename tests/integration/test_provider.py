@@ -330,6 +330,7 @@ def test_status_cli(cluster):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert set(data) == {"p0", "p1"} and data["p1"]["used"] == 2 * MiB and data["p0"]["used"] == 0
+    assert data["p1"]["incarnation"] > 0 and "epoch" not in data["p1"]  # a restart marker, not an epoch
     out = run_cli("status", "--config", cluster.config_path)
     assert out.returncode == 0 and "p0" in out.stdout and "p1" in out.stdout and "8MiB" in out.stdout
     cluster.kill("p0")
