@@ -49,7 +49,7 @@ def layer_of(module: str):
 
 def _is_module(name: str, root: Path) -> bool:
     if name.startswith("rram._ext."):
-        return True  # compiled: rram/_ext/*.so, sources in ext/*.pyx
+        return name.count(".") == 2  # compiled: rram/_ext/*.so (sources in ext/*.pyx)
     rel = Path(*name.split("."))
     return (root / rel).with_suffix(".py").exists() or (root / rel / "__init__.py").exists()
 
