@@ -21,7 +21,7 @@ for arg in "$@"; do
 done
 
 # Debian packages: build deps, rdma-core + perftest + pyverbs, real NBD clients for tests,
-# Redis (the real application the swap benchmark drives; its service is never started).
+# Redis (the real application bench/app drives: it starts its own instance on a unix socket).
 PKGS="build-essential pkg-config liblz4-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
       ibverbs-utils perftest python3-pyverbs libnbd-bin nbdkit nbdfuse fuse3 qemu-utils fio iproute2 util-linux
       redis-server redis-tools"
