@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing.cluster import LocalCluster
 from rram.testing.faultproxy import ProviderProxy
 from rram.testing.pages import make_pages

@@ -65,8 +65,9 @@ class ProviderClient:
         return self.node.name
 
     @property
-    def epoch(self) -> int | None:
-        return None if self.welcome is None else self.welcome["epoch"]
+    def incarnation(self) -> int | None:
+        """The provider's restart marker (its start time) as of our last authentication."""
+        return None if self.welcome is None else self.welcome["incarnation"]
 
     @property
     def connected(self) -> bool:
@@ -153,7 +154,7 @@ class ProviderClient:
     def heartbeat(self, timeout: float | None = None) -> dict:
         """The provider's state; ``timeout`` (default: the client's) bounds this one request."""
         rep = self._call("heartbeat", _timeout=timeout)
-        return {k: rep[k] for k in ("epoch", "capacity", "free", "load", "state")}
+        return {k: rep[k] for k in ("incarnation", "capacity", "free", "load", "state")}
 
     def shutdown(self) -> str:
         """Ask a drained provider to exit."""
@@ -246,7 +247,8 @@ class ProviderClient:
         expected = auth.provider_proof(self.secret, challenge, nonce, self.requester)
         if not auth.verify(expected, welcome["proof"]):
             raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster secret")
-        log.debug("authenticated to %s (session %s, epoch %d)", self.node.name, welcome["session"], welcome["epoch"])
+        log.debug("authenticated to %s (session %s, incarnation %d)", self.node.name, welcome["session"],
+                  welcome["incarnation"])
         return welcome
 
     def _hangup(self) -> None:

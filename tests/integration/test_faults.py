@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rram import PAGE_SIZE, errors
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing.faultproxy import ProviderProxy
 from rram.testing.pages import make_pages, page_checksums
 

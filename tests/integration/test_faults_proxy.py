@@ -8,7 +8,7 @@ import pytest
 
 from rram import PAGE_SIZE, errors
 from rram.control.client import ProviderClient
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing.faultproxy import ProviderProxy
 from rram.testing.pages import make_pages, page_checksums
 
