@@ -77,7 +77,7 @@ def test_resume_after_a_blip(benchmark):
                 wait_for(lambda: store.stats()["degraded_slabs"] == 0, 60, "resync")
                 results["resume_s"] = time.monotonic() - healed
             s = store.stats()
-            assert w.error is None and w.bad == 0 and s["slabs_rereplicated"] == 0
+            assert w.error is None and w.bad == 0 and s["slabs_rereplicated"] <= s["slabs_leased_degraded"]
             results.update(slabs_resynced=s["slabs_resynced"], mb_resynced=s["bytes_resynced"] / 1e6,
                            longest_stall_s=w.longest)
 

@@ -98,7 +98,8 @@ class RemoteTier:
         self.degraded: set[int] = set()  # slab ids with fewer than `replicas` live copies
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
                          "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
-                         "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0}
+                         "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0,
+                         "slabs_leased_degraded": 0}
         self._repair: dict[int, list] = {}  # slab id -> [replica slot, next offset, old replica]
         #: a batch not complete after this long suspends its link (writes, repair copies)
         self.io_timeout = io_timeout
@@ -189,6 +190,7 @@ class RemoteTier:
         self._install(vs)
         if len(leases) < self.replicas:
             self.degraded.add(slab_id)
+            self.counters["slabs_leased_degraded"] += 1
             log.warning("slab %d has %d of %d replicas until more providers are available",
                         slab_id, len(leases), self.replicas)
         return vs

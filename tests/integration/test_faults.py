@@ -155,7 +155,8 @@ def test_a_one_second_blackhole_rereplicates_nothing_and_loses_nothing(tmp_path)
         assert w.bad == 0
         s = store.stats()
         assert s["providers"]["p1"] == "alive"
-        assert s["providers_lost"] == 0 and s["slabs_rereplicated"] == 0, s
+        # nothing re-replicated but slabs leased during the blip with one copy (they get their second)
+        assert s["providers_lost"] == 0 and s["slabs_rereplicated"] <= s["slabs_leased_degraded"], s
         assert 0 < s["slabs_resynced"] <= s["remote_slabs"]
         # a blip that no write races copies nothing again
         out = np.zeros(500 * PAGE_SIZE, dtype=np.uint8)
@@ -166,7 +167,7 @@ def test_a_one_second_blackhole_rereplicates_nothing_and_loses_nothing(tmp_path)
         wait_for(lambda: store.stats()["providers"]["p1"] == "alive", 5, "p1 back after a read-only blip")
         s2 = store.stats()
         assert s2["providers_suspended"] >= 2 and s2["slabs_resynced"] == s["slabs_resynced"], s2
-        assert s2["providers_lost"] == 0 and s2["slabs_rereplicated"] == 0
+        assert s2["providers_lost"] == 0 and s2["slabs_rereplicated"] == s["slabs_rereplicated"]
         mine = [x for x in c.provider_stats()["p1"]["per_session"] if x["requester"] == "req"]
         assert len(mine) == 1 and mine[0]["leases"] == s2["remote_slabs"], "same session, same leases"
         verify(store, pool, data, sums, n)
