@@ -1,4 +1,4 @@
-"""The `rram` command: provider, status, demo, requester, drain.
+"""The `rram` command: provider, status, demo, requester, drain, reclaim.
 
 Logging is configured here (rram/logsetup.py), never by the modules a subcommand runs.
 Subcommands written in other modules are imported when used, so the CLI works (and says
@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_lazy("rram.frontends.requester"))
+
+    p = sub.add_parser("reclaim", help="give memory of a provider back to its host (requesters drop "
+                       "ephemeral pages there, then move slabs away)")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("bytes", metavar="BYTES", help="how much, e.g. 64MiB")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    p.set_defaults(func=_lazy("rram.control.reclaim"))
 
     p = sub.add_parser("drain", help="move every lease off a provider, then stop leasing there")
     p.add_argument("--config", required=True, help="cluster file (YAML)")

@@ -154,7 +154,13 @@ class ProviderClient:
     def heartbeat(self, timeout: float | None = None) -> dict:
         """The provider's state; ``timeout`` (default: the client's) bounds this one request."""
         rep = self._call("heartbeat", _timeout=timeout)
-        return {k: rep[k] for k in ("incarnation", "capacity", "free", "load", "state")}
+        out = {k: rep[k] for k in ("incarnation", "capacity", "free", "load", "state")}
+        out["reclaim"] = rep.get("reclaim", 0)  # bytes the provider asks us to give back
+        return out
+
+    def reclaim(self, nbytes: int) -> dict:
+        """Ask the provider to give ``nbytes`` of its capacity back (``rram reclaim``)."""
+        return self._call("reclaim", bytes=int(nbytes))
 
     def shutdown(self) -> str:
         """Ask a drained provider to exit."""

@@ -12,6 +12,9 @@ heartbeated nodes one after another and waited ~5 s on each reconnect to a hung 
   session is dead at once (the kernel, or the provider, already told us);
 * an unlinked provider is linked (a new session), at most every two heartbeat intervals.
 
+A heartbeat reply may ask for memory back (``rram reclaim``): the store drops ephemeral pages
+there first, then moves slabs off it as in a drain.
+
 Probers only post what they found; the keeper thread applies it in order:
 
 1. heartbeats feed ``Membership``: silent for ``suspect_threshold`` -> suspect (no new slabs
@@ -171,6 +174,8 @@ class Keeper:
                 self._beat(link, detail)  # a restart behind our back: dead here
             elif kind == "beat":
                 self._beat(link, detail)
+            elif kind == "reclaim" and link.alive:
+                self.store.reclaim(link.index, detail)
 
     def _beat(self, link, info: NodeInfo) -> None:
         if not (link.alive or link.suspended):
@@ -232,6 +237,8 @@ class Keeper:
         try:
             reply = link.client.heartbeat(timeout=self.call_timeout)
             self._post(("beat", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
+            if reply["reclaim"] > 0:  # its host wants memory back: our share, in bytes
+                self._post(("reclaim", link, reply["reclaim"]))
         except errors.ConnectionLost as exc:
             if _timed_out(exc):  # silent: suspect, then dead by timing; resumed when it answers
                 log.debug("heartbeat to %s: %s", link.name, exc)

@@ -38,6 +38,7 @@ REQUESTS: dict[str, dict[str, tuple]] = {
     "heartbeat": {},
     "resume": {"session": _STR, "token": _STR},
     "drain": {},
+    "reclaim": {"bytes": _INT},
     "shutdown": {},
     "bye": {},
 }
@@ -54,6 +55,7 @@ REPLIES: dict[str, dict[str, tuple]] = {
     "heartbeat": {"incarnation": _INT, "capacity": _INT, "free": _INT, "load": _NUM, "state": _STR},
     "resume": {"session": _STR, "token": _STR, "leases": _LIST},
     "drain": {"state": _STR},
+    "reclaim": {"capacity": _INT, "excess": _INT},
     "shutdown": {"state": _STR},
     "bye": {"released": _INT},
 }

@@ -96,6 +96,7 @@ class RemoteTier:
         self.mv_addr = np.zeros((1, first_slab_id + 64), dtype=np.uint64)
         self.mv_rkey = np.zeros((1, first_slab_id + 64), dtype=np.uint32)
         self.degraded: set[int] = set()  # slab ids with fewer than `replicas` live copies
+        self.evicting: set[tuple[int, int]] = set()  # (slab id, link): copies a reclaim moves away
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
                          "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
                          "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0,
@@ -222,6 +223,8 @@ class RemoteTier:
 
     def release_slab(self, slab_id: int) -> None:
         vs = self.slabs.pop(slab_id)
+        if self.evicting:
+            self.evicting = {e for e in self.evicting if e[0] != slab_id}
         for rep in vs.replicas:
             self._free_lease(rep)
         self.rep_link[:, slab_id] = -1
@@ -616,12 +619,25 @@ class RemoteTier:
 
     # -- repair: re-replication and drain ------------------------------------------------
 
-    def _needs_move(self, rep: Replica | None) -> bool:
-        """A copy to replace elsewhere: missing, on a dead link or on a draining one (not a suspended one)."""
+    def _needs_move(self, rep: Replica | None, slab_id: int) -> bool:
+        """A copy to replace elsewhere: missing, on a dead link, on a draining one or evicted by a
+        reclaim (not one on a suspended link: it may come back)."""
         if rep is None:
             return True
         link = self.links[rep.link]
-        return (not link.alive and not link.suspended) or link.draining
+        return (not link.alive and not link.suspended) or link.draining or (slab_id, rep.link) in self.evicting
+
+    def evict(self, index: int, slab_ids) -> int:
+        """Move the copies of ``slab_ids`` off provider ``index`` (a reclaim); ``repair_step``
+        copies them elsewhere, then frees them there.  Returns how many were scheduled."""
+        n = 0
+        for slab_id in slab_ids:
+            vs = self.slabs.get(slab_id)
+            if vs is not None and any(r is not None and r.link == index for r in vs.replicas):
+                self.evicting.add((slab_id, index))
+                self.degraded.add(slab_id)
+                n += 1
+        return n
 
     def _waiting(self, vs: VirtualSlab) -> bool:
         """A copy of ``vs`` sits on a suspended link: wait for it rather than call the slab lost."""
@@ -677,7 +693,7 @@ class RemoteTier:
                 if j is not None and self._source(vs, j, None) is not None:
                     state = self._repair[slab_id] = [j, 0, None, "resync"]
             if state is None:
-                j = next((j for j, rep in enumerate(vs.replicas) if self._needs_move(rep)), None)
+                j = next((j for j, rep in enumerate(vs.replicas) if self._needs_move(rep, slab_id)), None)
                 if j is None:
                     if not self._waiting(vs) and self.rep_ready[:, slab_id].sum() == len(vs.replicas):
                         self.degraded.discard(slab_id)
@@ -745,7 +761,9 @@ class RemoteTier:
                 self.mv_link[0, slab_id] = -1
                 self._free_lease(old)
                 self.counters[f"slabs_{what}"] += 1
-                if not any(self._needs_move(rep) for rep in vs.replicas) and not self._waiting(vs) \
+                if old is not None:
+                    self.evicting.discard((slab_id, old.link))
+                if not any(self._needs_move(rep, slab_id) for rep in vs.replicas) and not self._waiting(vs) \
                         and self.rep_ready[:, slab_id].all():
                     self.degraded.discard(slab_id)
             self.counters[f"bytes_{what}"] += n

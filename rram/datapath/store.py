@@ -596,6 +596,50 @@ class PageStore:
                 dead.append(link.name)
         return dead
 
+    def reclaim(self, index: int, nbytes: int) -> int:
+        """Give ``nbytes`` back to provider link ``index`` (its host needs the memory).
+
+        Ephemeral pages in its slabs go first (tmem: they may be dropped; they simply miss
+        later) and slabs left empty are released; then whole slabs are moved off it as in a
+        drain, the emptiest first.  Bytes already being moved away count.  Returns the bytes
+        released or newly scheduled to move.
+        """
+        with self._lock:
+            remote = self.remote
+            pending = remote.slab_size * sum(1 for _s, li in remote.evicting if li == index)
+            want = nbytes - pending
+            if want <= 0:
+                return 0
+            mine = [vs.slab_id for vs in remote.slabs.values()
+                    if any(r is not None and r.link == index for r in vs.replicas)
+                    and (vs.slab_id, index) not in remote.evicting]
+            eph = np.array([not self._pools.get(p, True) for p in range(K.MAX_POOLS)], dtype=bool)
+            done = 0
+            for slab_id in mine if eph.any() else ():
+                keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), 0)
+                drop = eph[(keys >> np.uint64(56)).astype(np.intp)]
+                if drop.any():
+                    ok = np.zeros(int(drop.sum()), dtype=np.uint8)
+                    dl = np.ascontiguousarray(locs[drop])
+                    self.map.cas(np.ascontiguousarray(keys[drop]), dl, np.zeros(len(dl), dtype=np.uint64), ok)
+                    freed = np.ascontiguousarray(dl[ok.astype(bool)])
+                    self.remote_alloc.free(freed, len(freed))
+                    self.counters["ephemeral_dropped"] += len(freed)
+                if self.remote_alloc.slab_used_bytes(slab_id) == 0:
+                    self.remote_alloc.remove_slab(slab_id)
+                    remote.release_slab(slab_id)
+                    done += remote.slab_size
+                    if done >= want:
+                        return done
+            left = sorted((self.remote_alloc.slab_used_bytes(s), s) for s in mine if s in remote.slabs)
+            for _used, slab_id in left:
+                if done >= want:
+                    break
+                done += remote.slab_size * remote.evict(index, [slab_id])
+            log.info("giving %d bytes back to provider %s (%d already on their way)", done,
+                     remote.links[index].name, pending)
+            return done
+
     def drain(self, provider: str) -> int:
         """Start moving every slab off ``provider``; ``repair()`` does the copying."""
         with self._lock:

@@ -178,7 +178,7 @@ class ControlConnection:
         if kind == "stats":
             return {"stats": p.stats()}
         if kind == "heartbeat":
-            return p.heartbeat()
+            return p.heartbeat(self.session)
         if kind == "resume":
             self.session = p.resume(self.session, msg["session"], msg["token"], self)
             return {"session": self.session.id, "token": self.session.token,
@@ -186,6 +186,8 @@ class ControlConnection:
                                for s in self.session.slabs.values()]}
         if kind == "drain":
             return {"state": p.drain()}
+        if kind == "reclaim":
+            return p.reclaim(msg["bytes"])
         if kind == "shutdown":
             return {"state": p.request_shutdown()}
         if kind == "bye":

@@ -276,9 +276,29 @@ class Provider:
         self.stopping.set()
         return self.state
 
-    def heartbeat(self) -> dict:
-        return {"incarnation": self.incarnation, "capacity": self.pool.capacity, "free": self.pool.free,
-                "load": round(os.getloadavg()[0], 2), "state": self.state}
+    def reclaim(self, nbytes: int) -> dict:
+        """Give ``nbytes`` of memory back to the host (memory pressure).  Slabs are mapped only
+        while leased, so that means ``nbytes`` fewer leased bytes: the capacity drops to what is
+        leased now minus ``nbytes`` (no new leases past it), and every requester is asked, in its
+        heartbeats, for its share of the excess (ephemeral pages first, then slabs moved away)."""
+        if nbytes < 0:
+            raise Refused("bad_request", f"reclaim needs a byte count >= 0, got {nbytes}")
+        with self._lock:
+            self.pool.capacity = max(0, min(self.pool.capacity, self.pool.used) - nbytes)
+            excess = max(0, self.pool.used - self.pool.capacity)
+        log.warning("provider %s gives back %d bytes: capacity now %d, %d leased beyond it",
+                    self.node.name, nbytes, self.pool.capacity, excess)
+        return {"capacity": self.pool.capacity, "excess": excess}
+
+    def heartbeat(self, session: RequesterSession | None = None) -> dict:
+        """Our state; ``reclaim``: the bytes ``session`` should give back (its share of what is
+        leased beyond the capacity after a reclaim), rounded up to whole bytes."""
+        with self._lock:
+            used, excess = self.pool.used, max(0, self.pool.used - self.pool.capacity)
+            mine = session.used if session is not None else 0
+        share = -(-excess * mine // used) if excess and used else 0
+        return {"incarnation": self.incarnation, "capacity": self.pool.capacity, "free": max(0, self.pool.free),
+                "load": round(os.getloadavg()[0], 2), "state": self.state, "reclaim": share}
 
     def stats(self) -> dict:
         now = time.monotonic()

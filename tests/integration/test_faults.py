@@ -205,3 +205,55 @@ def test_min_replicas_above_replicas_is_a_config_error(tmp_path):
     with pytest.raises(errors.ConfigError, match="min_replicas: expected at most replicas"):
         C.from_dict({"secret": "x", "replicas": 1, "min_replicas": 2,
                      "nodes": [{"name": "p0", "address": "127.0.0.1", "port": 7001, "capacity": "1GiB"}]})
+
+
+def test_rram_reclaim_frees_the_bytes_asked_ephemeral_pages_miss_persistent_ones_stay(tmp_path):
+    import subprocess
+    import sys
+
+    n = 12_000
+    data = make_pages(n, seed=27)
+    sums = page_checksums(data, n)
+    eph_data = make_pages(n, seed=28)
+    with tcp_cluster(n_providers=3, capacity="128MiB", replicas=2, workdir=str(tmp_path), slab_size="2MiB",
+                     requester={"repatriate_rate": 0}, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=1 << 20) as store:
+        pool = store.create_pool()
+        eph = store.create_pool(persistent=False)
+        put_range(store, pool, data, 0, n)
+        put_range(store, eph, eph_data, 0, n)
+        used = {name: st["used"] for name, st in c.provider_stats().items()}
+        victim = max(used, key=used.get)
+        ask = used[victim] // 2
+        with Workload(store, pool, data, n) as w:
+            proc = subprocess.run([sys.executable, "-m", "rram", "reclaim", "--config", c.config_path, victim,
+                                   str(ask), "--timeout", "60"], capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        assert w.error is None, w.error
+        assert w.bad == 0
+        st = c.provider_stats()[victim]
+        assert st["used"] <= st["capacity"] <= used[victim] - ask + (8 << 20)  # the workload may have leased more
+        assert used[victim] - st["used"] >= ask - (8 << 20), (used[victim], st["used"], ask)
+        s = store.stats()
+        assert s["ephemeral_dropped"] > 0 and s["slabs_lost"] == 0
+        out = np.zeros(n * PAGE_SIZE, dtype=np.uint8)
+        found = store.get_many(eph, 0, np.arange(n), out)
+        assert 0 < found.sum() < n, "ephemeral pages on the reclaimed provider miss, the others stay"
+        assert np.array_equal(page_checksums(out, n)[found], page_checksums(eph_data, n)[found])
+        verify(store, pool, data, sums, n)
+
+
+def test_a_bad_reclaim_is_refused_and_the_provider_keeps_serving(tmp_path):
+    from rram.control.client import ProviderClient
+
+    with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path)) as c:
+        node = c.config.node("p0")
+        with ProviderClient(node, c.config.secret_bytes(), "admin") as admin:
+            admin.connect()
+            with pytest.raises(errors.ProtocolError, match="byte count >= 0"):
+                admin.reclaim(-1)
+        with ProviderClient(node, c.config.secret_bytes(), "admin") as admin:  # a refusal hangs the client up
+            admin.connect()
+            assert admin.reclaim(0) == {"capacity": 0, "excess": 0}  # nothing leased: nothing left to lease
+            assert admin.heartbeat()["reclaim"] == 0
+        assert c.alive("p0")
