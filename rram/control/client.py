@@ -158,6 +158,10 @@ class ProviderClient:
         out["reclaim"] = rep.get("reclaim", 0)  # bytes the provider asks us to give back
         return out
 
+    def report(self, degraded: int) -> None:
+        """Tell the provider how many of our slabs are degraded (shown by ``rram status``)."""
+        self._call("report", degraded=int(degraded))
+
     def reclaim(self, nbytes: int) -> dict:
         """Ask the provider to give ``nbytes`` of its capacity back (``rram reclaim``)."""
         return self._call("reclaim", bytes=int(nbytes))

@@ -239,6 +239,10 @@ class Keeper:
             self._post(("beat", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
             if reply["reclaim"] > 0:  # its host wants memory back: our share, in bytes
                 self._post(("reclaim", link, reply["reclaim"]))
+            degraded = len(self.store.remote.degraded)
+            if degraded != link.reported_degraded:  # for `rram status`, only when it changes
+                link.client.report(degraded)
+                link.reported_degraded = degraded
         except errors.ConnectionLost as exc:
             if _timed_out(exc):  # silent: suspect, then dead by timing; resumed when it answers
                 log.debug("heartbeat to %s: %s", link.name, exc)

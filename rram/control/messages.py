@@ -39,6 +39,7 @@ REQUESTS: dict[str, dict[str, tuple]] = {
     "resume": {"session": _STR, "token": _STR},
     "drain": {},
     "reclaim": {"bytes": _INT},
+    "report": {"degraded": _INT},
     "shutdown": {},
     "bye": {},
 }
@@ -56,6 +57,7 @@ REPLIES: dict[str, dict[str, tuple]] = {
     "resume": {"session": _STR, "token": _STR, "leases": _LIST},
     "drain": {"state": _STR},
     "reclaim": {"capacity": _INT, "excess": _INT},
+    "report": {},
     "shutdown": {"state": _STR},
     "bye": {"released": _INT},
 }

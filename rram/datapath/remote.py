@@ -52,6 +52,7 @@ class Link:
     suspended: bool = False
     missed: set[int] = field(default_factory=set)
     unfreed: list = field(default_factory=list)  # leases released while suspended: freed on resume
+    reported_degraded: int = 0  # the degraded-slab count this provider last heard from us
 
     def lkey_for(self, addr: int) -> int:
         return self.lkeys[addr]

@@ -188,6 +188,8 @@ class ControlConnection:
             return {"state": p.drain()}
         if kind == "reclaim":
             return p.reclaim(msg["bytes"])
+        if kind == "report":
+            return p.report(self.session, msg["degraded"])
         if kind == "shutdown":
             return {"state": p.request_shutdown()}
         if kind == "bye":

@@ -42,6 +42,7 @@ class RequesterSession:
     slabs: dict[int, Slab] = field(default_factory=dict)
     detached_at: float | None = None
     released: bool = False
+    degraded: int = 0  # the requester's slabs with fewer copies than it wants (its last report)
 
     @property
     def used(self) -> int:
@@ -290,6 +291,13 @@ class Provider:
                     self.node.name, nbytes, self.pool.capacity, excess)
         return {"capacity": self.pool.capacity, "excess": excess}
 
+    def report(self, session: RequesterSession | None, degraded: int) -> dict:
+        """A requester's state for ``rram status``: how many of its slabs are degraded."""
+        if session is None or degraded < 0:
+            raise Refused("bad_request", f"report needs a session and a count >= 0, got {degraded}")
+        session.degraded = degraded
+        return {}
+
     def heartbeat(self, session: RequesterSession | None = None) -> dict:
         """Our state; ``reclaim``: the bytes ``session`` should give back (its share of what is
         leased beyond the capacity after a reclaim), rounded up to whole bytes."""
@@ -304,7 +312,7 @@ class Provider:
         now = time.monotonic()
         with self._lock:
             per_session = [{"session": s.id, "requester": s.requester, "leases": len(s.slabs), "bytes": s.used,
-                            "connected": s.conn is not None,
+                            "connected": s.conn is not None, "degraded": s.degraded,
                             "detached_for": None if s.detached_at is None else round(now - s.detached_at, 3)}
                            for s in self._sessions.values()]
             counters = dict(self._counters)

@@ -17,7 +17,7 @@ from rram.testing.faultproxy import ProviderProxy
 from rram.testing.pages import make_pages, page_checksums
 
 from .conftest import tcp_cluster
-from .test_failures import put_range, verify, wait_for
+from .test_failures import provider_client, put_range, verify, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +197,17 @@ def test_below_min_replicas_a_persistent_write_fails_clearly_and_nothing_is_lost
             r.levelname == "WARNING" and "1 of 2 replicas" in r.getMessage() for r in caplog.records)
         assert store.stats()["degraded_slabs"] > 0
         verify(store, pool, data, sums, n)  # every acknowledged page is still there
+        # the requester reports its degraded slabs to its providers: `rram status` shows them
+        with provider_client(c, "p0") as admin:
+            wait_for(lambda: any(x["requester"] == "req" and x["degraded"] > 0
+                                 for x in admin.stats()["per_session"]), 5, "the report reaching p0")
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-m", "rram", "status", "--config", c.config_path],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1  # p1 is unreachable
+        assert "degraded" in proc.stdout and "degraded slabs" in proc.stdout, proc.stdout
 
 
 def test_min_replicas_above_replicas_is_a_config_error(tmp_path):
