@@ -68,3 +68,45 @@ def test_a_suspended_verbs_link_resumes_with_its_leases_and_resyncs_only_what_it
             assert 0 < s["slabs_resynced"] <= s["remote_slabs"]
             c.kill("p0", signal.SIGKILL)  # p1's copies alone must now hold every page
             verify(store, pool, data, N)
+
+
+@pytest.fixture
+def lossy_link():
+    """20 % loss and 50 ms delay on the requester's end of the veth pair (tc netem), removed after."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tc") is None:
+        pytest.skip("tc is not installed")
+    load = subprocess.run(["modprobe", "sch_netem"], capture_output=True, text=True)
+    if load.returncode:
+        pytest.skip(f"no netem in this kernel: {load.stderr.strip()}")
+    subprocess.run(["tc", "qdisc", "add", "dev", "veth1", "root", "netem", "delay", "50ms", "loss", "20%"],
+                   check=True)
+    try:
+        yield "veth1"
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "veth1", "root"], check=False)
+
+
+def test_twenty_percent_loss_and_50ms_delay_on_the_link_lose_nothing(rdma_devices, tmp_path, lossy_link):
+    """Every page written through a lossy, slow link reads back.  Reliable connections
+    retransmit (go-back-N, a 67 ms timer): a batch of 32 pages takes about a second here, so
+    the thresholds are wide; with one link for both providers there is no other copy to
+    hedge to."""
+    n = 400
+    with LocalCluster(n_providers=2, capacity="128MiB", transport="verbs", slab_size="4MiB", replicas=2,
+                      workdir=str(tmp_path), heartbeat_interval=1.0, suspect_threshold=120.0, dead_threshold=300.0,
+                      requester={"repatriate_rate": 0, "remotify_batch": 32}) as c:
+        cfg = C.load(c.config_path)
+        cfg.nodes.append(C.NodeConfig(name="req", address="127.0.0.1", port=free_port(), roles=["requester"],
+                                      rdma_device=rdma_devices[-1], gid_index=0))
+        data = make_pages(n, seed=42)
+        with rram.connect(cfg, name="req", local_budget=64 << 10) as store:
+            pool = store.create_pool()
+            for s in range(0, n, 100):
+                store.put_many(pool, 0, np.arange(s, s + 100), data[s * PAGE_SIZE : (s + 100) * PAGE_SIZE])
+            assert store.stats()["remote_pages"] > n // 2
+            verify(store, pool, data, n)
+            s = store.stats()
+            assert s["slabs_lost"] == 0 and s["providers_lost"] == 0 and s["providers_suspended"] == 0
