@@ -6,7 +6,8 @@
   crash) of one provider (r=2, suspect 0.6 s, dead 2 s): a hung node should cost at most
   the suspect threshold, a crash about nothing;
 * time to resume after a one-second blackhole of one provider (fault proxy): from the end of
-  the blip until the provider serves again with every copy it missed brought up to date.
+  the blip until the provider serves again with every copy it missed brought up to date;
+* reclaim MB/s: ``rram reclaim`` of half a provider's leased bytes (ephemeral pages go first).
 
 ``RRAM_BENCH_PAGES`` scales the working set (default 30 000 pages).
 """
@@ -83,3 +84,32 @@ def test_resume_after_a_blip(benchmark):
 
     benchmark.pedantic(round_, rounds=1, iterations=1)
     benchmark.extra_info.update({k: round(v, 3) for k, v in results.items()})
+
+
+@pytest.mark.benchmark(group="reclaim, MB/s")
+def test_reclaim_rate(benchmark):
+    """``rram reclaim`` of half of a provider's leased bytes while the requester idles:
+    ephemeral pages dropped first (half the pages here), then slabs moved as in a drain."""
+    from rram.control.reclaim import reclaim
+
+    data = make_pages(N, seed=33)
+    results = {}
+
+    def round_():
+        with LocalCluster(n_providers=3, capacity="1GiB", slab_size="8MiB", replicas=2, verbose=False,
+                          requester={"repatriate_rate": 0}, **TIMING) as c, \
+                open_store(c.config, name="req", local_budget=2 << 20) as store:
+            pool, eph = store.create_pool(), store.create_pool(persistent=False)
+            put_range(store, pool, data, 0, N)
+            put_range(store, eph, data, 0, N)
+            used = {name: st["used"] for name, st in c.provider_stats().items()}
+            victim = max(used, key=used.get)
+            t0 = time.monotonic()
+            stats = reclaim(c.config, victim, used[victim] // 2, timeout=300)
+            results.update(seconds=time.monotonic() - t0, freed_mb=(used[victim] - stats["used"]) / 1e6,
+                           ephemeral_dropped=store.stats()["ephemeral_dropped"])
+
+    benchmark.pedantic(round_, rounds=1, iterations=1)
+    benchmark.extra_info.update(freed_mb=round(results["freed_mb"], 1),
+                                mb_per_s=round(results["freed_mb"] / results["seconds"], 1),
+                                ephemeral_dropped=results["ephemeral_dropped"])
