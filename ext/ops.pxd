@@ -1,4 +1,4 @@
-# The C layout of a batch's operations and completions, shared by _memops and _verbs.
+# The C layout of a batch's operations and completions, shared by _regions, _tcpwire, _storepath and _verbs.
 # Mirrors rram.transport.base.OP_DTYPE (32 bytes) and COMPLETION_DTYPE (16 bytes).
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 

@@ -658,7 +658,7 @@ def _most_free_first(candidates, n, chosen):
 
 def _copy_batch():
     try:
-        from .._ext._memops import copy_batch
+        from .._ext._regions import copy_batch
     except ImportError:  # pragma: no cover - the extension is required by setup.py
         import ctypes
 
