@@ -69,7 +69,10 @@ class VirtualSlab:
 class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
-    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int, max_slabs: int = 1 << 16):
+    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB,
+                 max_slabs: int = 1 << 16):
+        if first_slab_id < L.FIRST_REMOTE_SLAB:  # below it, slab ids name local pool slabs
+            raise ValueError(f"remote slab ids start at {L.FIRST_REMOTE_SLAB} or above, not {first_slab_id}")
         self.slab_size = slab_size
         self.replicas = replicas
         self.links: list[Link] = []

@@ -223,10 +223,6 @@ class PageStore:
         self._path.local_addrs(locs, len(locs), out)
         return out
 
-    def _is_local(self, locs: np.ndarray) -> np.ndarray:
-        slab = L.loc_slab(locs)
-        return (L.loc_kind(locs) == L.KIND_STORED) & (slab <= self.last_local_slab)
-
     def _free(self, locs: np.ndarray) -> None:
         """Free the slots of the stored locations among ``locs`` (uint64), local or remote."""
         n = len(locs)

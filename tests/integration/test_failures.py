@@ -12,6 +12,8 @@ import pytest
 
 from rram import PAGE_SIZE
 from rram.control.client import ProviderClient
+from rram.datapath import keys as K
+from rram.datapath import slab as L
 from rram.datapath.connect import open_store
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages, page_checksums
@@ -171,8 +173,7 @@ def test_pages_are_repatriated_when_local_memory_frees_up(tmp_path):
             remote = store.stats()["remote_pages"]
             assert remote > n // 2
             # free most of the local pool: the keeper starts bringing pages home, rate-limited
-            local_keys = [i for i in range(n) if store.map.get((pool << 56) | i) >> 37 < 4096
-                          and store.map.get((pool << 56) | i) & 3 == 2]
+            local_keys = [i for i in range(n) if L.is_local(store.map.get(K.pack(pool, 0, i)))]
             store.invalidate_pages(pool, 0, local_keys)
             wait_for(lambda: store.stats()["pages_repatriated"] > 1000, 20, "repatriation")
             s = store.stats()

@@ -17,7 +17,7 @@ from rram.datapath.remote import Link, RemoteTier
 from rram.testing.inproc import InProcessProvider, make_store
 from rram.testing.pages import make_pages, page_checksums
 
-FIRST = 64  # first remote slab id of the tiers below
+FIRST = L.FIRST_REMOTE_SLAB  # first remote slab id of the tiers below
 BASE = 1 << 40  # the local arena the tests' addresses pretend to lie in
 
 
