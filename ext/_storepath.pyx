@@ -14,8 +14,8 @@ each of those steps is one C call over the batch, with no Python object per page
 
 Hot paths in C, policy in Python: these functions only handle the common case.  Anything
 unusual (a page without a ready replica on a live link, more pages for a link than its
-``max_batch``, a key out of range...) makes them answer None or -1, and the numpy code in
-store.py / remote.py runs instead with all its failure handling.  The location layout is
+``max_batch``, a key out of range...) makes them answer None or -1, and the failover path
+(rram/datapath/failover.py) runs instead with all its failure handling.  The location layout is
 ext/location.pxd.
 """
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -140,7 +140,7 @@ cdef class Router:
     ``bind`` points it at the RemoteTier's tables (indexed [replica slot, slab id]), a live
     flag per link and each link's op array; the tier binds again whenever links or tables
     change.  ``route`` writes the batch's operations (page order within a link) and returns
-    ``[(link index, count), ...]`` of the links it filled, or None for the slow path.
+    ``[(link index, count), ...]`` of the links it filled, or None for the failover path.
     """
     cdef int nrep
     cdef Py_ssize_t width
@@ -282,7 +282,7 @@ cdef class Router:
 
     def route(self, bint write, const uint64_t[:] locs, const uint64_t[:] addrs, Py_ssize_t n, lkeys):
         """Operations for pages locs[:n] <-> local addresses addrs[:n]; ``lkeys``: int64 per link
-        (-1: none for this arena).  Returns [(link, count), ...] or None (take the slow path)."""
+        (-1: none for this arena).  Returns [(link, count), ...] or None (take the failover path)."""
         cdef Py_ssize_t i
         cdef int rc = 0
         cdef const int64_t *lk
@@ -355,7 +355,7 @@ cdef class StorePath:
         """Fill srcs[:n] / sizes[:n] for decompress_pages, found_out[:n] (bool) and, through
         ``router``, the READs of remote pages into staging (``lkeys``: the staging arena's).
 
-        Returns the router's batches ([] when nothing is remote), or None for the slow path.
+        Returns the router's batches ([] when nothing is remote), or None for the failover path.
         """
         cdef Py_ssize_t i, nf = 0, nl = 0, nr = 0
         cdef uint64_t loc, slab, kind
