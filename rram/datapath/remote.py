@@ -274,10 +274,8 @@ class RemoteTier:
 
     def _wait(self, link: Link, batch: int, failed: set, errs: list) -> None:
         """Reap the one batch posted on ``link``; anything but its lone success goes through ``_take``."""
-        try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
-        except errors.TransportError as exc:
-            self._link_failed(link, exc, failed)
+        n = self._poll(link, failed)
+        if n is None:
             return
         if n == 1 and self._comp_batch[0] == batch and self._comp_status[0] == WC_SUCCESS:
             return
@@ -332,12 +330,17 @@ class RemoteTier:
         return failed
 
     def _reap(self, link: Link, pending: dict, failed: set, errs: list) -> None:
+        n = self._poll(link, failed)
+        if n is not None:
+            self._take(link, n, pending, failed, errs)
+
+    def _poll(self, link: Link, failed: set) -> int | None:
+        """One poll of ``link`` into ``self._comp``: the completions, or None when the link failed (marked dead)."""
         try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
+            return link.endpoint.poll(self._comp, self.io_timeout)
         except errors.TransportError as exc:
             self._link_failed(link, exc, failed)
-            return
-        self._take(link, n, pending, failed, errs)
+            return None
 
     def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list) -> None:
         """Account for the ``n`` completions a poll of ``link`` left in ``self._comp`` (0: it timed out)."""
