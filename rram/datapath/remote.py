@@ -14,7 +14,6 @@ paths above it: fastpath.py (the common case, in C) and failover.py (every other
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,8 +67,7 @@ class VirtualSlab:
 class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
-    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB,
-                 max_slabs: int = 1 << 16):
+    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB):
         if first_slab_id < L.FIRST_REMOTE_SLAB:  # below it, slab ids name local pool slabs
             raise ValueError(f"remote slab ids start at {L.FIRST_REMOTE_SLAB} or above, not {first_slab_id}")
         self.slab_size = slab_size
@@ -78,7 +76,6 @@ class RemoteTier:
         self.slabs: dict[int, VirtualSlab] = {}
         self._next_slab = first_slab_id
         self.first_slab_id = first_slab_id
-        self._cap = max_slabs
         # per replica slot j: arrays indexed by slab id
         self.rep_addr = np.zeros((replicas, first_slab_id + 64), dtype=np.uint64)
         self.rep_rkey = np.zeros((replicas, first_slab_id + 64), dtype=np.uint32)
@@ -97,7 +94,6 @@ class RemoteTier:
         self._comp = new_completions(64)
         self._comp_batch = self._comp["batch_id"]  # field views: the fast path checks one completion
         self._comp_status = self._comp["status"]
-        self._lock = threading.RLock()
         # the C router over the tables above, bound again when links, tables or lkeys change:
         # route_generation moves on every such change, the router remembers the one it saw
         self.route_generation = 0
