@@ -38,7 +38,8 @@ class FastPath:
         self._comp = new_completions(1)
         one = new_ops(1)  # the single READ of the latency path: per-field views, set without numpy dispatch
         one["opcode"] = OP_READ
-        self._one = {"ops": one, **{name: one[name] for name in ("local_addr", "remote_addr", "length", "lkey", "rkey")}}
+        fields = ("local_addr", "remote_addr", "length", "lkey", "rkey")
+        self._one = {"ops": one, **{name: one[name] for name in fields}}
         self._one_src = np.zeros(1, dtype=np.uint64)
         self._one_size = np.zeros(1, dtype=np.uint32)
 

@@ -27,9 +27,10 @@ import time
 
 import numpy as np
 
-from .. import PAGE_SIZE, errors
+from .. import errors
 from .._ext._storepath import StorePath, pack_keys
 from ..memory import Arena
+from ..units import PAGE_SIZE
 from . import codec
 from . import keys as K
 from . import slab as L
@@ -616,8 +617,3 @@ def _round_robin(candidates, n, chosen):
         lk.slabs_placed += 1
     return picks
 
-
-def connect(config, *, name: str | None = None, transport: str | None = None, **overrides) -> PageStore:
-    from .connect import open_store
-
-    return open_store(config, name=name, transport_name=transport, **overrides)
