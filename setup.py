@@ -6,7 +6,7 @@ library leaves a working package that falls back (codec -> python-lz4) or report
 transport as unavailable (verbs).
 
 Environment:
-  RRAM_ONLY=_codec,_slab   build only these extensions (development; the table is rram/extensions.py)
+  RRAM_ONLY=_codec,_slab   build only these extensions (development; the table is rram/_ext/native.py)
   RRAM_REQUIRE=all|_verbs,...   fail instead of skipping when these cannot be built
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # the table lives in the package so that rram.build_info reports exactly what is built here
-NATIVE = runpy.run_path(os.path.join(HERE, "rram", "extensions.py"))["NATIVE"]
+NATIVE = runpy.run_path(os.path.join(HERE, "rram", "_ext", "native.py"))["NATIVE"]
 
 
 def say(msg: str) -> None:

@@ -32,7 +32,7 @@ def build_info() -> dict[str, str]:
     """Which compiled extensions are present, and the reason for each one that is not."""
     import importlib
 
-    from .extensions import NATIVE
+    from ._ext.native import NATIVE
 
     info = {}
     for name in (nat.name for nat in NATIVE):

@@ -1,10 +1,9 @@
 """What the two software transports share: tcp (one-sided ops emulated by the provider's data
 server) and loopback (the same executor called in-process).
 
-Both check keys and bounds against ``rram._ext._regions.RegionTable`` in C (GIL released):
-loopback copies with its ``execute_direct``, tcp runs the data protocol of ``rram._ext._tcpwire``.
-So both are usable exactly when those extensions are built for this wire format, and both count
-a provider's work the same way.
+Both run the C executors over ``rram._ext._regions`` region tables (bounds and key checks, GIL
+released; tcp's wire protocol is ``rram._ext._tcpwire``), so both are usable exactly when those
+extensions are built for this wire format, and both count a provider's work the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from . import wire
 from .base import OP_DTYPE
 
 try:
-    from .._ext import _regions, _tcpwire  # noqa: F401  (_regions: present is what matters here)
+    from .._ext import _regions, _tcpwire  # noqa: F401 - both must be built
 except ImportError as exc:  # pragma: no cover - setup.py builds them unconditionally
     _tcpwire = None
     _IMPORT_ERROR = exc

@@ -1,10 +1,10 @@
-"""The extension table (rram/extensions.py) is what setup.py builds and build_info reports."""
+"""The extension table (rram/_ext/native.py) is what setup.py builds and build_info reports."""
 from __future__ import annotations
 
 import pathlib
 
 import rram
-from rram.extensions import NATIVE
+from rram._ext.native import NATIVE
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
