@@ -22,9 +22,6 @@ from .transport import choose, requester_transport
 
 log = logging.getLogger(__name__)
 
-#: remote virtual slab ids start here; local pool slabs use 1..REMOTE_SLAB_BASE-1
-REMOTE_SLAB_BASE = 4096
-
 
 def _requester_options(tname: str, cfg, name: str) -> dict:
     """Options of the requester-side transport; verbs takes device settings from our own node entry."""
@@ -77,9 +74,8 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     rt = requester_transport(tname, **_requester_options(tname, cfg, requester))
     # a replica that has not completed a batch within the suspect threshold is suspended (and
     # resumed or declared dead by the keeper); reads hedge to another replica after half that
-    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE,
-                        io_timeout=cfg.suspect_threshold, read_timeout=cfg.suspect_threshold / 2,
-                        min_replicas=cfg.min_replicas)
+    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, io_timeout=cfg.suspect_threshold,
+                        read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas)
     secret = cfg.secret_bytes()
     timeout = control_timeout(cfg)
     for node in cfg.providers():

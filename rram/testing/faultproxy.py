@@ -120,7 +120,8 @@ class _Pipe:
                     self.sent_at = max(self.sent_at, time.monotonic()) + len(data) / bw
                     time.sleep(max(0.0, self.sent_at - time.monotonic()))
                 self.dst.sendall(data)
-            self.dst.shutdown(socket.SHUT_WR)  # pass the FIN on
+            if not self.proxy.faults.half_open:  # a peer that vanished sends no FIN
+                self.dst.shutdown(socket.SHUT_WR)  # pass the FIN on
         except OSError:
             pass
 

@@ -8,7 +8,9 @@ from rram.datapath import slab as L
 from rram.datapath.remote import Link, RemoteTier, Replica, VirtualSlab
 from rram.transport.base import RemoteRegion
 
-from .test_storepath import BASE, FIRST, RecordingEndpoint, StubClient
+from rram.datapath.fastpath import FastPath
+
+from .test_storepath import BASE, FIRST, RecordingEndpoint, StubClient, remote_io
 
 NSLABS = 8
 
@@ -42,12 +44,13 @@ def test_reads_start_at_each_slab_s_own_replica(path):
     ls = locs()
     addrs = np.full(len(ls), BASE, dtype=np.uint64)
     if path == "router":
-        tier.read(ls, addrs, BASE)
+        remote_io(tier, "read", ls, addrs)
     elif path == "slow":
-        tier._read_slow(ls, addrs, BASE)
+        remote_io(tier, "read", ls, addrs, fast=False)
     else:
+        fast = FastPath(tier, None, None, BASE)
         for loc in ls.tolist():
-            tier.read_one(loc, BASE, BASE)
+            assert fast._read_one(loc, BASE)
     assert reads_per_link(tier) == [32, 32]
 
 
@@ -57,9 +60,9 @@ def test_writes_skip_a_suspended_link_and_only_its_missed_slabs_resync_on_resume
     addrs = np.full(len(ls), BASE, dtype=np.uint64)
     tier.suspend(1, "test")
     assert tier.links[1].lkeys == {} and not tier.links[1].alive
-    tier.write(ls, addrs, BASE)
+    remote_io(tier, "write", ls, addrs)
     assert reads_per_link(tier) == [3, 0] and tier.links[1].missed == {FIRST, FIRST + 1, FIRST + 2}
-    tier.read(ls, addrs, BASE)
+    remote_io(tier, "read", ls, addrs)
     assert reads_per_link(tier) == [3, 0], "reads stay off the suspended copy"
     assert tier.degraded == set(), "suspension alone re-replicates nothing"
     tier.links[1].lkeys[BASE] = 101  # what the store's resume_provider registers again
