@@ -56,7 +56,7 @@ def _nbdkit(tmp):
     try:
         wait_for_path(sock, proc)
         _pin(proc.pid)
-        yield f"nbd+unix:///?socket={sock}"
+        yield f"nbd+unix:///?socket={sock}", proc.pid
     finally:
         stop_process(proc)
 
@@ -70,7 +70,7 @@ def _rram(tmp):
         proc, _ = start_requester(cluster.config_path, "req", EXPORT, sock, os.path.join(tmp, "requester.log"))
         try:
             _pin(proc.pid)
-            yield f"nbd+unix:///?socket={sock}"
+            yield f"nbd+unix:///?socket={sock}", proc.pid
         finally:
             assert stop_process(proc) == 0
 
@@ -85,9 +85,9 @@ def server(request):
     tmp = tempfile.mkdtemp(prefix="rram-fio-")
     gen = (_nbdkit if request.param == "nbdkit" else _rram)(tmp)
     try:
-        uri = next(gen)
+        uri, pid = next(gen)
         _fill(uri)
-        yield request.param, uri
+        yield request.param, uri, pid  # pid: the server process (test_nbd_cpu_bench.py reads its CPU time)
     finally:
         gen.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +96,7 @@ def server(request):
 @pytest.mark.parametrize("iodepth", [1, 32])
 @pytest.mark.parametrize("rw", ["randread", "randwrite"])
 def test_fio_4k(benchmark, server, rw, iodepth):
-    kind, uri = server
+    kind, uri, _ = server
     args = [f"--rw={rw}", f"--iodepth={iodepth}", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=1",
             "--randrepeat=1", "--norandommap", "--buffer_compress_percentage=50", "--refill_buffers"]
     job = benchmark.pedantic(_fio, args=(uri, *args), rounds=1, iterations=1)
