@@ -548,8 +548,9 @@ class PageStore:
 
     def wants_repatriation(self) -> bool:
         """True while remote pages exist and over half of the local pool is free."""
-        return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
-                and self.local.free_bytes > self.local.capacity_bytes // 2)
+        with self._lock:  # the C request path changes the local pool without the GIL
+            return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
+                    and self.local.free_bytes > self.local.capacity_bytes // 2)
 
     def drain(self, provider: str) -> int:
         """Start moving every slab off ``provider``; ``repair()`` does the copying."""
