@@ -17,15 +17,7 @@ from cpython.pythread cimport PyThread_allocate_lock, PyThread_free_lock
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from ops cimport op_t
-
-cdef enum:
-    OP_READ = 0
-    OP_WRITE = 1
-    WC_SUCCESS = 0
-    WC_LOC_PROT_ERR = 4
-    WC_REM_INV_REQ_ERR = 9
-    WC_REM_ACCESS_ERR = 10
+from ops cimport OP_WRITE, WC_LOC_PROT_ERR, WC_SUCCESS, op_t
 
 MAX_SLOTS = SLOT_COUNT
 
@@ -147,11 +139,8 @@ def execute_direct(RegionTable remote, RegionTable local, const uint8_t[::1] ops
             if not local._inside(o[i].lkey, o[i].local_addr, o[i].length):
                 status = WC_LOC_PROT_ERR
                 break
-            if (o[i].opcode != OP_READ and o[i].opcode != OP_WRITE) or o[i].length == 0 or o[i].length > max_len:
-                status = WC_REM_INV_REQ_ERR
-                break
-            if not remote._inside(o[i].rkey, o[i].remote_addr, o[i].length):
-                status = WC_REM_ACCESS_ERR
+            status = remote._check_remote(o[i].opcode, o[i].remote_addr, o[i].length, o[i].rkey, max_len)
+            if status != WC_SUCCESS:
                 break
             if o[i].opcode == OP_WRITE:
                 memcpy(<void *>o[i].remote_addr, <const void *>o[i].local_addr, o[i].length)

@@ -28,12 +28,10 @@ import numpy as np
 from location cimport (
     KIND_ABSENT, KIND_MASK, KIND_STORED, location_layout, loc_offset, loc_size, loc_slab,
 )
-from ops cimport op_t
+from ops cimport OP_READ, OP_WRITE, op_t
 
 cdef enum:
     PAGE = 4096
-    OP_READ = 0
-    OP_WRITE = 1
 
 #: the layout this module was built with (rram/datapath/slab.py checks it against _slab's)
 LAYOUT = location_layout()

@@ -25,16 +25,10 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp, memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from ops cimport completion_t, op_t
+from ops cimport (
+    OP_READ, OP_WRITE, WC_LOC_PROT_ERR, WC_SUCCESS, completion_t, op_t,
+)
 from rram._ext._regions cimport RegionTable
-
-cdef enum:
-    OP_READ = 0
-    OP_WRITE = 1
-    WC_SUCCESS = 0
-    WC_LOC_PROT_ERR = 4
-    WC_REM_INV_REQ_ERR = 9
-    WC_REM_ACCESS_ERR = 10
 
 
 # mirrors WIRE_OP in rram/transport/wire.py (24 bytes)
@@ -56,11 +50,8 @@ cdef int _run_wire(RegionTable table, const wire_op_t *d, Py_ssize_t n, const ui
     cdef uint64_t woff = 0, roff = 0
     table._lock()
     for i in range(n):
-        if (d[i].opcode != OP_READ and d[i].opcode != OP_WRITE) or d[i].length == 0 or d[i].length > max_len:
-            status = WC_REM_INV_REQ_ERR
-            break
-        if not table._inside(d[i].rkey, d[i].remote_addr, d[i].length):
-            status = WC_REM_ACCESS_ERR
+        status = table._check_remote(d[i].opcode, d[i].remote_addr, d[i].length, d[i].rkey, max_len)
+        if status != WC_SUCCESS:
             break
         if d[i].opcode == OP_WRITE:
             memcpy(<void *>d[i].remote_addr, src + woff, d[i].length)
@@ -490,6 +481,7 @@ cdef class WireServer:
         cdef Py_ssize_t done
         cdef int status, rc
         cdef uint8_t *nb
+        # the requester's _encode tallies its op_t array the same way; these are wire descriptors
         for i in range(n):
             if d[i].opcode == OP_WRITE:
                 wtotal += d[i].length

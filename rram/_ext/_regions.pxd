@@ -1,7 +1,9 @@
 # The region table, declared for the modules that check keys in C (_regions, _tcpwire).
 # The key checks are inline here so that _tcpwire's per-op lookups stay plain C, not vtable calls.
 from cpython.pythread cimport PyThread_type_lock, PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from ops cimport OP_READ, OP_WRITE, WC_REM_ACCESS_ERR, WC_REM_INV_REQ_ERR, WC_SUCCESS
 
 cdef enum:
     SLOT_BITS = 13
@@ -39,3 +41,12 @@ cdef class RegionTable:
         cdef const region_t *r = self._find(key)
         return (r != NULL and addr >= r.base and length <= r.length
                 and addr - r.base <= r.length - length)
+
+    cdef inline int _check_remote(self, uint8_t opcode, uint64_t addr, uint32_t length, uint32_t rkey,
+                                  uint32_t max_len) noexcept nogil:
+        """The provider's checks of one op on this table: WC_SUCCESS, or the status that fails it."""
+        if (opcode != OP_READ and opcode != OP_WRITE) or length == 0 or length > max_len:
+            return WC_REM_INV_REQ_ERR
+        if not self._inside(rkey, addr, length):
+            return WC_REM_ACCESS_ERR
+        return WC_SUCCESS

@@ -11,7 +11,7 @@ else comes here, the whole batch at once:
   reached at least one live replica of every page;
 * a link with batches still outstanding, or a batch larger than a link's ``max_batch``.
 
-``PageStore`` decides which path runs (``_get_locs``, ``_write_remote``, ``_read_remote``);
+``PageStore`` decides which path runs (``_get_locs``, ``_remote_io``);
 setting ``store.fast_path = False`` sends every batch here, which the tests use to run the
 same checks over both paths.
 """

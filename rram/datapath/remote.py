@@ -14,7 +14,6 @@ paths above it: fastpath.py (the common case, in C) and failover.py (every other
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,8 +67,7 @@ class VirtualSlab:
 class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
-    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB,
-                 max_slabs: int = 1 << 16):
+    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB):
         if first_slab_id < L.FIRST_REMOTE_SLAB:  # below it, slab ids name local pool slabs
             raise ValueError(f"remote slab ids start at {L.FIRST_REMOTE_SLAB} or above, not {first_slab_id}")
         self.slab_size = slab_size
@@ -78,7 +76,6 @@ class RemoteTier:
         self.slabs: dict[int, VirtualSlab] = {}
         self._next_slab = first_slab_id
         self.first_slab_id = first_slab_id
-        self._cap = max_slabs
         # per replica slot j: arrays indexed by slab id
         self.rep_addr = np.zeros((replicas, first_slab_id + 64), dtype=np.uint64)
         self.rep_rkey = np.zeros((replicas, first_slab_id + 64), dtype=np.uint32)
@@ -97,7 +94,6 @@ class RemoteTier:
         self._comp = new_completions(64)
         self._comp_batch = self._comp["batch_id"]  # field views: the fast path checks one completion
         self._comp_status = self._comp["status"]
-        self._lock = threading.RLock()
         # the C router over the tables above, bound again when links, tables or lkeys change:
         # route_generation moves on every such change, the router remembers the one it saw
         self.route_generation = 0
@@ -274,10 +270,8 @@ class RemoteTier:
 
     def _wait(self, link: Link, batch: int, failed: set, errs: list) -> None:
         """Reap the one batch posted on ``link``; anything but its lone success goes through ``_take``."""
-        try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
-        except errors.TransportError as exc:
-            self._link_failed(link, exc, failed)
+        n = self._poll(link, failed)
+        if n is None:
             return
         if n == 1 and self._comp_batch[0] == batch and self._comp_status[0] == WC_SUCCESS:
             return
@@ -332,12 +326,17 @@ class RemoteTier:
         return failed
 
     def _reap(self, link: Link, pending: dict, failed: set, errs: list) -> None:
+        n = self._poll(link, failed)
+        if n is not None:
+            self._take(link, n, pending, failed, errs)
+
+    def _poll(self, link: Link, failed: set) -> int | None:
+        """One poll of ``link`` into ``self._comp``: the completions, or None when the link failed (marked dead)."""
         try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
+            return link.endpoint.poll(self._comp, self.io_timeout)
         except errors.TransportError as exc:
             self._link_failed(link, exc, failed)
-            return
-        self._take(link, n, pending, failed, errs)
+            return None
 
     def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list) -> None:
         """Account for the ``n`` completions a poll of ``link`` left in ``self._comp`` (0: it timed out)."""

@@ -16,13 +16,12 @@ Single pages (the NBD server's one-block requests) have a C path over the same t
 ``requests`` (ext/_reqpath.pyx: a local read or write without the GIL, or a code saying the
 Python path must serve it).  It shares the store's lock, a StoreLock that C takes too.
 
-Two paths carry a batch's I/O, and one method each decides which runs: ``_get_locs`` (a get),
-``_write_remote`` (a put or remotify reaching the remote tier) and ``_read_remote``
-(repatriation).  The fast path (fastpath.py: a few C calls) completes the common case or says
-it cannot; the failover path (failover.py: vectorised numpy) then does the whole batch, for
-dead links, drains and repairs in progress and links failing mid-batch.  ``fast_path = False``
-sends everything to the failover path (the tests run both); the ``fast_*``/``failover_*``
-counters say which ran.
+Two paths carry a batch's I/O, and one method each decides which runs: ``_get_locs`` for a
+get, ``_remote_io`` for the remote WRITEs of a put or remotify (and repatriation's READs).
+The fast path (fastpath.py: a few C calls) completes the common case or says it cannot; the
+failover path (failover.py: vectorised numpy) then does the whole batch, for dead links, drains
+and repairs in progress and links failing mid-batch.  ``fast_path = False`` sends everything
+to the failover path (the tests run both); the ``fast_*``/``failover_*`` counters say which ran.
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ import time
 
 import numpy as np
 
-from .. import PAGE_SIZE, errors
+from .. import errors
 from .._ext._storepath import StorePath, pack_keys
 
 try:  # the C request path needs the native codec (liblz4); without it every request takes Python
@@ -40,6 +39,7 @@ try:  # the C request path needs the native codec (liblz4); without it every req
 except ImportError:  # pragma: no cover - a build without liblz4
     RequestPath, StoreLock, RETIRED_CAPACITY = None, threading.RLock, 0
 from ..memory import Arena
+from ..units import PAGE_SIZE
 from . import codec
 from . import keys as K
 from . import slab as L
@@ -230,7 +230,7 @@ class PageStore:
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
                 )
-            self._write_remote(rlocs, srcs[rest], self.staging.addr)
+            self._remote_io(True, rlocs, srcs[rest], self.staging.addr)
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
 
@@ -292,7 +292,7 @@ class PageStore:
             rlocs = self._remote_alloc(sizes, True)
             if rlocs is None:  # remote tier full: ephemeral pages may go, persistent ones stay
                 return self._drop_ephemeral(locs, owners) > 0 or moved > 0
-            self._write_remote(rlocs, self._local_addrs(locs), self.local_arena.addr)
+            self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr)
             ok = np.empty(got, dtype=np.uint8)
             self.map.cas(owners, locs, rlocs, ok)
             moved_mask = ok.astype(bool)
@@ -407,21 +407,16 @@ class PageStore:
         c["remote_gets"] += nremote
         return found
 
-    def _write_remote(self, rlocs: np.ndarray, addrs: np.ndarray, base: int) -> None:
-        """WRITE the pages at ``addrs`` (in the arena at ``base``) to every replica of ``rlocs``."""
-        if self.fast_path and self._fast.write(rlocs, addrs, base):
-            self.counters["fast_remote_writes"] += 1
+    def _remote_io(self, write: bool, rlocs: np.ndarray, addrs: np.ndarray, base: int) -> None:
+        """WRITE the pages at ``addrs`` (in the arena at ``base``) to every replica of ``rlocs``,
+        or READ their stored bytes into ``addrs``."""
+        fast, failover = (self._fast.write, self._failover.write) if write else (self._fast.read, self._failover.read)
+        what = "remote_writes" if write else "remote_reads"
+        if self.fast_path and fast(rlocs, addrs, base):
+            self.counters["fast_" + what] += 1
             return
-        self.counters["failover_remote_writes"] += 1
-        self._failover.write(rlocs, addrs, base)
-
-    def _read_remote(self, rlocs: np.ndarray, addrs: np.ndarray, base: int) -> None:
-        """READ the stored bytes of ``rlocs`` into ``addrs`` (in the arena at ``base``)."""
-        if self.fast_path and self._fast.read(rlocs, addrs, base):
-            self.counters["fast_remote_reads"] += 1
-            return
-        self.counters["failover_remote_reads"] += 1
-        self._failover.read(rlocs, addrs, base)
+        self.counters["failover_" + what] += 1
+        failover(rlocs, addrs, base)
 
     # -- invalidate -----------------------------------------------------------------------
 
@@ -492,7 +487,7 @@ class PageStore:
                         return moved
                     n = len(keys)
                     stage = self._staging_addrs[:n]
-                    self._read_remote(locs, stage, self.staging.addr)
+                    self._remote_io(False, locs, stage, self.staging.addr)
                     llocs = np.zeros(n, dtype=np.uint64)
                     got = self.local.alloc(sizes, llocs, keys, n)
                     if got < n:
@@ -665,7 +660,3 @@ def _round_robin(candidates, n, chosen):
     return picks
 
 
-def connect(config, *, name: str | None = None, transport: str | None = None, **overrides) -> PageStore:
-    from .connect import open_store
-
-    return open_store(config, name=name, transport_name=transport, **overrides)

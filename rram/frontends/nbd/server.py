@@ -25,8 +25,9 @@ import socket
 import threading
 import time
 
-from ... import PAGE_SIZE, errors
+from ... import errors
 from ..._ext._nbdwire import RequestRun
+from ...units import PAGE_SIZE
 
 try:  # built with the native codec only
     from ..._ext._nbdserve import LOOP_DECLINED, LOOP_EOF, LOOP_IDLE, LOOP_RUN, serve_loop
