@@ -7,7 +7,8 @@ process decides how much CPU swapping onto rram takes from the machine.  Measure
 utime + stime of the server (``/proc/<pid>/stat``) across one fio run, divided by the requests
 fio completed.  rram: `rram requester` on two tcp provider processes with a 4 MiB local budget
 (nearly every page remote; the providers' CPU is not counted: they are other machines in a
-deployment).  Baseline in the same run: `nbdkit memory`.  fio's nbd engine at iodepth 1, pinned
+deployment), and the same with ``--no-nbd-c-path`` (every request on the Python path: what the C
+path saves).  Baseline in the same run: `nbdkit memory`.  fio's nbd engine at iodepth 1, pinned
 as in test_nbd_fio_bench.py.  Clock ticks are 10 ms, so a run needs tens of thousands of requests
 for the figure to mean anything; the IOPS figure is wall-clock and noisy on a shared machine.
 """
@@ -17,11 +18,12 @@ import os
 
 import pytest
 
-from test_nbd_fio_bench import _fio, server  # noqa: F401 - the same fixtures and fio invocation
+from test_nbd_fio_bench import _fio, _serve  # the same servers and fio invocation
 
 RUNTIME = 5
 _TICK = os.sysconf("SC_CLK_TCK")
 _cpu: dict[tuple[str, str], float] = {}
+_iops: dict[tuple[str, str], float] = {}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -30,8 +32,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
+@pytest.fixture(scope="module", params=["nbdkit", "rram", "rram-py"])
+def server(request):
+    yield from _serve(request.param)
+
+
 @pytest.mark.parametrize("rw", ["randread", "randwrite"])
-def test_cpu_per_request(benchmark, server, rw):  # noqa: F811
+def test_cpu_per_request(benchmark, server, rw):
     kind, uri, pid = server
     args = [f"--rw={rw}", "--iodepth=1", "--time_based", f"--runtime={RUNTIME}", "--randrepeat=1",
             "--norandommap", "--buffer_compress_percentage=50", "--refill_buffers"]
@@ -44,9 +51,11 @@ def test_cpu_per_request(benchmark, server, rw):  # noqa: F811
     _cpu[(kind, rw)] = us
     benchmark.extra_info.update(server=kind, rw=rw, requests=ios, iops=round(side["iops"]),
                                 cpu_us_per_request=round(us, 1))
-    line = f"{kind:6} {rw:9} qd1 {side['iops']:8.0f} IOPS  {us:6.1f} us CPU/request ({ios} requests)"
+    line = f"{kind:7} {rw:9} qd1 {side['iops']:8.0f} IOPS  {us:6.1f} us CPU/request ({ios} requests)"
     base = _cpu.get(("nbdkit", rw))
-    if kind == "rram" and base:
-        benchmark.extra_info["rram_over_nbdkit_cpu"] = round(us / base, 2)
-        line += f"  rram/nbdkit CPU {us / base:.2f}x"
+    _iops[(kind, rw)] = side["iops"]
+    if kind.startswith("rram") and base:
+        ratio = side["iops"] / _iops[("nbdkit", rw)]
+        benchmark.extra_info.update(rram_over_nbdkit_cpu=round(us / base, 2), rram_over_nbdkit_iops=round(ratio, 2))
+        line += f"  /nbdkit: CPU {us / base:.2f}x, IOPS {ratio:.2f}x"
     print("\n" + line)

@@ -242,7 +242,7 @@ cdef class RequestPath:
         self.store_lock.unlock()
         return rc
 
-    # -- Python entry points (tests, and the store's own single-page calls) --------------------
+    # -- Python entry points (tests and diagnosis; the NBD server calls the C methods) ----------
 
     def read(self, uint64_t key, uint8_t[::1] out):
         """read_page into ``out`` (4096 writable bytes); the REQ_* outcome."""
