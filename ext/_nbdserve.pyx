@@ -1,9 +1,9 @@
 # cython: language_level=3
-"""An NBD connection's common case in C: receive, parse, serve one block, reply, repeat.
+"""An NBD connection's common case in C: receive, parse, serve one request, reply, repeat.
 
-The kernel's swap I/O is mostly single 4 KiB READs and WRITEs, one at a time.  ``serve_loop``
-runs the connection while that lasts, without the GIL and without a Python object per request:
-recv (polling for a while first, then sleeping), parse with _nbdwire.RequestRun, serve the block
+The kernel's swap I/O is mostly single READs and WRITEs of a few 4 KiB blocks (most often one),
+one at a time.  ``serve_loop`` runs the connection while that lasts, without the GIL and without a Python object per request:
+recv (polling for a while first, then sleeping), parse with _nbdwire.RequestRun, serve the blocks
 through the store's RequestPath (ext/_reqpath.pyx), pack the reply and send it.  It returns to
 the Python server (rram/frontends/nbd/server.py) as soon as something needs Python: a run of
 several requests (one batched store call), a request the request path declined (a remote page,
@@ -41,7 +41,7 @@ cdef enum:
 
 # why serve_loop returned
 cdef enum:
-    RUN = 0         # ``run`` holds requests for the batch path (several, or one of several blocks)
+    RUN = 0         # ``run`` holds several requests, for the batch path
     DECLINED = 1    # ``run`` holds one request the request path declined: serve it in Python
     PARSER = 2      # the buffer's head is for the Python parser (another command, an error, ...)
     EOF = 3         # the peer closed the connection
@@ -77,22 +77,27 @@ cdef int send_all(int fd, const uint8_t *buf, size_t n) noexcept nogil:
 
 
 cdef int serve_one(RequestRun run, RequestPath path, uint64_t key_base, int fd, int *err) noexcept nogil:
-    """Serve the run's one request of one block and send its reply: REQ_DONE, or the request
-    path's reason not to (nothing changed or sent).  ``err``: the send's errno, 0 when sent."""
-    cdef int rc
+    """Serve the run's one request (its blocks in order) and send its reply: REQ_DONE, or the
+    request path's reason not to, with nothing sent.  A WRITE declined at block k has stored
+    blocks 0..k-1 already; the Python path then stores the whole request again, the same bytes,
+    before anything is acknowledged.  ``err``: the send's errno, 0 when sent."""
+    cdef int rc = REQ_DONE, i
     cdef Py_ssize_t hsz
-    cdef uint64_t key = key_base | run._pages[0]
     err[0] = 0
     if run.command == CMD_READ:
         hsz = run._read_header(&run._out[0], 0)
-        rc = path.read_page(key, &run._out[hsz])
-        if rc == REQ_DONE:
-            err[0] = send_all(fd, &run._out[0], hsz + PAGE)
+        for i in range(run.npages):
+            rc = path.read_page(key_base | run._pages[i], &run._out[hsz + i * PAGE])
+            if rc != REQ_DONE:
+                return rc
+        err[0] = send_all(fd, &run._out[0], hsz + run.npages * PAGE)
     else:
-        rc = path.write_page(key, &run._data[0])
-        if rc == REQ_DONE:
-            run._simple_reply(&run._out[0], run._handles[0])
-            err[0] = send_all(fd, &run._out[0], 16)
+        for i in range(run.npages):
+            rc = path.write_page(key_base | run._pages[i], &run._data[i * PAGE])
+            if rc != REQ_DONE:
+                return rc
+        run._simple_reply(&run._out[0], run._handles[0])
+        err[0] = send_all(fd, &run._out[0], 16)
     return rc
 
 
@@ -113,9 +118,10 @@ cdef bint wants_more(const uint8_t *head, Py_ssize_t have, Py_ssize_t room, uint
 def serve_loop(RequestRun run, RequestPath path, uint64_t key_base, int fd, uint8_t[::1] buf,
                Py_ssize_t start, Py_ssize_t end, uint64_t export_size, uint32_t max_block, uint32_t min_block,
                int64_t spin_ns, bint block):
-    """Serve single-block requests from ``buf[start:end]`` and the socket ``fd`` (blocking) until
+    """Serve single requests from ``buf[start:end]`` and the socket ``fd`` (blocking) until
     something needs Python.  Returns (start, end, why, served, declined): the buffer's new bounds
     (data may have moved to the front), LOOP_*, and how many requests C served and declined.
+    A request is served here when the parser takes it alone (whole 4 KiB blocks, no flag but FUA).
 
     It polls the socket for ``spin_ns`` before waiting for a request; before the first such wait
     it returns LOOP_IDLE instead, unless ``block``, so the server's counters are never more than
@@ -132,7 +138,7 @@ def serve_loop(RequestRun run, RequestPath path, uint64_t key_base, int fd, uint
     with nogil:
         while True:
             start = run._parse(b, start, end, export_size, max_block, min_block)
-            if run.nreq == 1 and run.npages == 1:
+            if run.nreq == 1:
                 rc = serve_one(run, path, key_base, fd, &err)
                 if err:
                     break

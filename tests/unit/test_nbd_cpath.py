@@ -62,6 +62,13 @@ def _request(client: Client, op: tuple, handle: int) -> tuple[int, bytes]:
     elif kind == "read":
         client.sock.sendall(client.request(P.NBD_CMD_READ, handle, offset, PAGE))
         lengths = {handle: PAGE}
+    elif kind == "read3":  # three blocks in one request
+        client.sock.sendall(client.request(P.NBD_CMD_READ, handle, offset, 3 * PAGE))
+        lengths = {handle: 3 * PAGE}
+    elif kind == "write2":  # two blocks in one request
+        data = rng.randbytes(PAGE) + bytes([seed & 0xFF]) * PAGE
+        client.sock.sendall(client.request(P.NBD_CMD_WRITE, handle, offset, 2 * PAGE, data))
+        lengths = {}
     elif kind == "unaligned_write":
         data = rng.randbytes(extra % PAGE + 1)
         client.sock.sendall(client.request(P.NBD_CMD_WRITE, handle, offset + 7, len(data), data))
@@ -74,7 +81,8 @@ def _request(client: Client, op: tuple, handle: int) -> tuple[int, bytes]:
     return error, data
 
 
-_ops = st.lists(st.tuples(st.sampled_from(["write", "write", "read", "read", "zero_write", "unaligned_write", "trim"]),
+_ops = st.lists(st.tuples(st.sampled_from(["write", "write", "read", "read", "read3", "write2", "zero_write",
+                                           "unaligned_write", "trim"]),
                           st.integers(0, SIZE // PAGE - 3), st.integers(0, 1 << 30), st.integers(0, 1 << 20)),
                 min_size=1, max_size=150)
 

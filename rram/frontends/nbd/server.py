@@ -3,11 +3,12 @@
 One thread per connection.  Requests come in runs: a client with a deep queue sends many
 READs (or WRITEs) back to back, and the C parser (rram._ext._nbdwire.RequestRun) takes every
 consecutive plain READ or WRITE of whole 4 KiB blocks already in the receive buffer in one
-call.  While requests come as single READs or WRITEs of one block (the kernel's swap I/O,
-mostly) and the backend offers a request path, the connection runs in C (rram._ext._nbdserve:
+call.  While requests come one at a time (the kernel's swap I/O, mostly: READs and WRITEs
+of a block or a few) and the backend offers a request path, the connection runs in C (rram._ext._nbdserve:
 recv, parse, the store's tables, the reply packed and sent, no GIL) and comes back here for
-anything else; a request that path declines is served on the Python path.  A longer run is served with one backend call (one store lock, one LZ4 batch) and one send
-for all its replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
+anything else; a request that path declines is served on the Python path.  A longer run is
+served with one backend call (one store lock, one LZ4 batch) and one send for all its
+replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
 flagged requests, protocol errors) goes through the sans-IO parser one request at a time,
 after the run before it, so a FLUSH follows the writes before it and a READ sees every
 earlier WRITE.  Buffers are allocated once per connection.  Several connections run in
@@ -80,7 +81,7 @@ class NBDServer:
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, spin_us: float = DEFAULT_SPIN_US,
                  c_requests: bool = True):
         self.backend = backend
-        # (RequestPath, key of block 0): single-block requests in C; None: all in Python
+        # (RequestPath, key of block 0): single requests in C; None: all in Python
         self._c_path = backend.request_path() if c_requests and serve_loop is not None else None
         self.export = P.Export(name=export_name, size=backend.size, description=description,
                                min_block=min_block, max_block=max_block)
