@@ -7,8 +7,9 @@ this table, not the page map.
 
 Per-slab facts are kept in numpy arrays indexed by slab id (replica address, rkey, link index).
 This module owns those tables and the engine that posts batches and reaps completions
-(``run_routed`` for what the C router wrote, ``run_plans`` for numpy plans), marks failed links
-dead, and repairs degraded slabs.  Which operations a get or put posts is decided by the two
+(``run_routed`` for what the C router wrote, ``run_plans`` for numpy plans), suspends links
+that fail or time out (the keeper resumes them or declares them dead), and repairs degraded
+slabs (re-replication, drain and reclaim moves, resync of copies that missed writes).  Which operations a get or put posts is decided by the two
 paths above it: fastpath.py (the common case, in C) and failover.py (every other case).
 """
 from __future__ import annotations
