@@ -86,6 +86,7 @@ class NodeConfig:
     rdma_device: str | None = _f(None, "str", optional=True)
     gid_index: int = _f(0, "int")
     metrics_port: int | None = _f(None, "port", optional=True)
+    metrics_address: str = _f("127.0.0.1", "str")  # /metrics has no authentication: loopback unless told
 
     @property
     def is_provider(self) -> bool:
@@ -98,6 +99,20 @@ class RequesterConfig:
     remotify_batch: int = _f(256, "int", minimum=1)
     repatriate_rate: int = _f(1000, "int")  # pages/s moved back home when local memory allows; 0 = never
     heartbeat_timeout: float = _f(2.0, "float", positive=True)
+
+
+@dataclass
+class LimitsConfig:
+    """What any peer can make one provider hold (README "Security model"): connections are
+    refused over these caps with a logged reason, and the buffers of all data connections
+    together come out of ``io_budget``."""
+
+    max_connections: int = _f(256, "int", minimum=1)  # control + data, in total
+    max_connections_per_peer: int = _f(64, "int", minimum=1)  # from one IP address
+    max_handshakes: int = _f(64, "int", minimum=1)  # connections not yet authenticated
+    max_sessions_per_requester: int = _f(8, "int", minimum=1)
+    max_data_connections: int = _f(8, "int", minimum=1)  # per session: tcp tokens, verbs QPs
+    io_budget: int = _f(256 << 20, "size")  # data-connection buffers, all connections together
 
 
 @dataclass
@@ -114,6 +129,7 @@ class ClusterConfig:
     replicas: int = _f(2, "int", minimum=1)
     nodes: list = field(default_factory=list, metadata={"kind": "nodes"})
     requester: RequesterConfig = field(default_factory=RequesterConfig, metadata={"kind": "requester"})
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"kind": "limits"})
     #: the file this came from (for messages and relative paths); not part of the YAML
     source: str = field(default="<dict>", compare=False, repr=False, metadata={"kind": "internal"})
 
@@ -144,10 +160,12 @@ class ClusterConfig:
 
     def transport_options(self, transport_name: str, node: NodeConfig) -> dict:
         """Keyword options of ``rram.transport.provider_transport(transport_name, ...)`` for ``node``."""
+        per_session = self.limits.max_data_connections
         if transport_name == "tcp":
-            return {"host": node.address, "port": node.data_port}
+            return {"host": node.address, "port": node.data_port, "io_budget": self.limits.io_budget,
+                    "max_session_connections": per_session}
         if transport_name == "verbs":
-            return {"device": node.rdma_device, "gid_index": node.gid_index}
+            return {"device": node.rdma_device, "gid_index": node.gid_index, "max_session_connections": per_session}
         if transport_name == "loopback":
             return {}
         raise ConfigError(f"{self.source}: no options for transport {transport_name!r}; "
@@ -235,6 +253,8 @@ def _build(ctx: _Ctx, cls, path: str, data, extra=None):
             kwargs[name] = _nodes(ctx, key, data[name])
         elif kind == "requester":
             kwargs[name] = _build(ctx, RequesterConfig, key, data[name] or {})
+        elif kind == "limits":
+            kwargs[name] = _build(ctx, LimitsConfig, key, data[name] or {})
         else:
             kwargs[name] = _value(ctx, key, f, data[name])
     return cls(**kwargs)
@@ -314,7 +334,7 @@ def to_dict(cfg) -> dict:
             continue
         if kind == "nodes":
             value = [to_dict(n) for n in value]
-        elif kind == "requester":
+        elif kind in ("requester", "limits"):
             value = to_dict(value)
         elif kind == "size":
             value = format_size(value)

@@ -18,6 +18,10 @@ from ..errors import ProtocolError
 
 VERSION = 1
 MAX_FRAME = 1 << 20
+#: what a provider accepts from a peer that has not authenticated yet (hello, auth are < 1 KiB)
+MAX_HANDSHAKE_FRAME = 4 << 10
+#: what a provider accepts in one request afterwards (requests are small; replies may be larger)
+MAX_REQUEST_FRAME = 64 << 10
 LENGTH = struct.Struct(">I")
 
 _INT = (int,)
@@ -68,6 +72,7 @@ ERROR_CODES = {
     "not_found": "no such lease or session",
     "transport": "the data transport failed",
     "shutdown": "the provider is shutting down",
+    "limit": "a per-requester cap of the provider (limits in the cluster file) is reached",
     "internal": "the provider hit an unexpected error",
 }
 

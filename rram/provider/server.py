@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .. import config as C
 from .. import errors, transport
+from ..transport.admission import Admission, Busy, Caps
 from .connection import ControlConnection, Refused
 from .slabs import Slab, SlabPool
 
@@ -60,6 +61,8 @@ class Provider:
         self.secret = cfg.secret_bytes()
         self.requested_transport = transport_name or cfg.transport
         self.io_timeout = io_timeout
+        lim = cfg.limits
+        self.admission = Admission(Caps(lim.max_connections, lim.max_connections_per_peer, lim.max_handshakes))
         self.epoch = time.time_ns() // 1_000_000  # changes at every start: requesters see a restart
         self.state = "serving"
         self.pool = SlabPool(self.node.capacity, mlock=self.node.mlock, hugepages=self.node.hugepages)
@@ -82,7 +85,10 @@ class Provider:
     def start(self) -> None:
         tname, why = transport.choose(self.requested_transport)
         log.info("transport %s (%s)", tname, why)
-        self.pt = transport.provider_transport(tname, **self.cfg.transport_options(tname, self.node))
+        options = self.cfg.transport_options(tname, self.node)
+        if tname == "tcp":  # its data listener shares the connection caps and deadlines
+            options.update(admission=self.admission, io_timeout=self.io_timeout)
+        self.pt = transport.provider_transport(tname, **options)
         self.transport_name, self.transport_reason = tname, why
         try:
             self._listener = socket.create_server((self.node.address, self.node.port))
@@ -130,11 +136,17 @@ class Provider:
                 log.warning("control accept failed", exc_info=True)
                 time.sleep(0.1)
                 continue
+            try:
+                ticket = self.admission.admit(peer[0], "control")
+            except Busy as exc:
+                _refuse(sock, exc)
+                continue
             _keepalive(sock)
-            conn = ControlConnection(self, sock, peer, self.io_timeout)
+            conn = ControlConnection(self, sock, peer, self.io_timeout, ticket)
             with self._lock:
                 if self._stop.is_set():
                     sock.close()
+                    ticket.close()
                     return
                 self._conns.add(conn)
                 self._counters["connections"] += 1
@@ -167,6 +179,11 @@ class Provider:
     def new_session(self, requester: str, conn: ControlConnection) -> RequesterSession:
         if self._stop.is_set():
             raise Refused("shutdown", f"provider {self.node.name} is shutting down")
+        cap = self.cfg.limits.max_sessions_per_requester
+        with self._lock:  # detached sessions count too: they hold leases until the grace ends
+            if sum(1 for s in self._sessions.values() if s.requester == requester) >= cap:
+                raise Refused("limit", f"requester {requester!r} already has {cap} sessions here "
+                                       f"(limits.max_sessions_per_requester)")
         sid = secrets.token_hex(8)
         ts = self.pt.open_session(f"{requester}/{sid}")
         s = RequesterSession(sid, requester, secrets.token_hex(16), ts, conn)
@@ -294,10 +311,33 @@ class Provider:
                "uptime": round(now - self._started, 3), "capacity": self.pool.capacity,
                "used": self.pool.used, "free": self.pool.free, "leases": self.pool.count,
                "sessions": len(per_session), "control_connections": conns, "per_session": per_session,
-               "counters": counters, "transport_stats": tstats}
+               "counters": counters, "transport_stats": tstats, "admission": self.admission.stats()}
         for key in ("ops", "batches", "bytes_read", "bytes_written"):
             out[key] = tstats.get(key, 0)
         return out
+
+
+def _refuse(sock: socket.socket, exc: Exception) -> None:
+    """Say why (if the socket takes it at once) and close, without a thread or a wait."""
+    from ..control import messages as M
+
+    try:
+        sock.send(M.encode(M.error_reply(0, "limit", str(exc))), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _bound_malloc() -> None:
+    """Serve every buffer above 128 KiB from its own mapping, so one freed after a big batch goes
+    back to the kernel at once: the provider's RSS follows its I/O budget (glibc otherwise
+    raises this threshold as buffers are freed and keeps them in per-thread arenas)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        log.info("mallopt unavailable: freed I/O buffers may stay in the heap")
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -310,6 +350,8 @@ def _keepalive(sock: socket.socket) -> None:
 
 def main(args) -> int:
     """``rram provider``: run until SIGTERM/SIGINT."""
+    _bound_malloc()
+    threading.stack_size(256 << 10)  # a thread per connection: keep their stacks small
     try:
         cfg = C.load(args.config)
         provider = Provider(cfg, args.name, args.transport, io_timeout=args.io_timeout)
@@ -330,7 +372,7 @@ def main(args) -> int:
         from ..metrics import serve_metrics
 
         metrics = serve_metrics(provider.node.metrics_port, "rram_provider", provider.stats,
-                                host=provider.node.address, labels={"node": provider.node.name})
+                                host=provider.node.metrics_address, labels={"node": provider.node.name})
     host, port = provider.address
     print(f"rram provider {provider.node.name} ready control={host}:{port} transport={provider.transport_name}",
           flush=True)

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import errors
 from . import wire
+from .admission import Admission, Busy, Ticket
 from .base import (
     COMPLETION_DTYPE,
     OP_DTYPE,
@@ -49,6 +50,8 @@ except ImportError as exc:  # pragma: no cover - setup.py builds it unconditiona
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+#: data-connection buffers of a provider, all connections together (see IoBudget)
+DEFAULT_IO_BUDGET = 256 << 20
 CONNECT_TIMEOUT = 10.0
 SHUT_TIMEOUT = 1.0
 #: how long the requester's ``poll`` spins on a non-blocking recv before sleeping in poll():
@@ -83,13 +86,23 @@ def _wire_value(name: str) -> int:
     return wire.HEADER.size if name == "HEADER" else getattr(wire, name)
 
 
-def _recv_exact(sock: socket.socket, n: int, before: int = 0) -> bytearray | None:
-    """n bytes from ``sock``; None if it closed before the first byte of a frame."""
+def _recv_exact(sock: socket.socket, n: int, before: int = 0, deadline: float | None = None) -> bytearray | None:
+    """n bytes from ``sock``; None if it closed before the first byte of a frame.  With a
+    ``deadline`` (time.monotonic()), the whole read must end by then: a peer cannot keep a
+    connection in its handshake by dripping bytes."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:])
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.ProtocolError(f"handshake not finished in time ({before + got} bytes received)")
+            sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:])
+        except socket.timeout:
+            raise errors.ProtocolError(f"handshake not finished in time ({before + got} bytes received)") from None
         if k == 0:
             if got or before:
                 raise errors.ProtocolError(f"connection closed inside a frame ({before + got} bytes buffered)")
@@ -98,13 +111,13 @@ def _recv_exact(sock: socket.socket, n: int, before: int = 0) -> bytearray | Non
     return buf
 
 
-def _read_frame(sock: socket.socket, accept: frozenset):
+def _read_frame(sock: socket.socket, accept: frozenset, deadline: float | None = None):
     """One whole frame as a wire event (HELLO exchange only), or None at a clean EOF."""
-    raw = _recv_exact(sock, wire.HEADER.size)
+    raw = _recv_exact(sock, wire.HEADER.size, 0, deadline)
     if raw is None:
         return None
     h = wire.parse_header(raw, 0, accept)
-    body = _recv_exact(sock, h.body_len, wire.HEADER.size) if h.body_len else bytearray()
+    body = _recv_exact(sock, h.body_len, wire.HEADER.size, deadline) if h.body_len else bytearray()
     return wire.parse_body(h, memoryview(body))
 
 
@@ -144,14 +157,16 @@ class _Stats:
 class _DataConnection:
     """One accepted data socket, served by its own thread."""
 
-    def __init__(self, provider: ProviderTransportImpl, sock: socket.socket, peer):
+    def __init__(self, provider: ProviderTransportImpl, sock: socket.socket, peer, ticket: Ticket):
         self.provider = provider
         self.sock = sock
         self.peer = peer
+        self.ticket = ticket
         self.session: _TcpSession | None = None
         self.token: bytes | None = None
-        self.core = _memops.WireServer(sock.fileno())
+        self.core = _memops.WireServer(sock.fileno(), provider.budget)  # BufferError: budget taken
         self.core.spin_ns = int(provider.spin_us * 1000)
+        self.core.frame_timeout_ns = self.core.send_timeout_ns = int(provider.io_timeout * 1e9)
 
     def shut(self, code: int, message: str) -> None:
         """Tell the peer why, then close (callable from any thread, idempotent)."""
@@ -164,6 +179,10 @@ class _DataConnection:
             log.info("data connection from %s: %s", self.peer, exc)
             self.provider._stats.error()
             self.shut(wire.E_BAD_FRAME, str(exc))
+        except Busy as exc:
+            log.warning("data connection from %s: %s; dropping it", self.peer, exc)
+            self.provider._stats.error()
+            self.shut(wire.E_BUSY, str(exc))
         except OSError as exc:
             log.debug("data connection from %s dropped: %s", self.peer, exc)
         except Exception:  # keep the provider serving whatever one connection does
@@ -174,11 +193,12 @@ class _DataConnection:
                 self.session._detach(self)
             self.provider._forget(self)
             self.core.mark_closed()
+            self.core.release()
             self.sock.close()
+            self.ticket.close()
 
     def _serve(self) -> None:
-        self.sock.settimeout(HELLO_TIMEOUT)
-        ev = _read_frame(self.sock, wire.TO_PROVIDER)
+        ev = _read_frame(self.sock, wire.TO_PROVIDER, time.monotonic() + self.provider.io_timeout)
         if ev is None:
             return
         if not isinstance(ev, wire.Hello):
@@ -189,6 +209,7 @@ class _DataConnection:
             self.shut(wire.E_BAD_TOKEN, "unknown or expired session token")
             return
         self.session, self.token = session, ev.token
+        self.ticket.authenticated()
         session._attach(self)
         self.sock.settimeout(None)
         if self.core.send_frame(wire.hello_ok()):
@@ -214,6 +235,13 @@ class _DataConnection:
             raise errors.ProtocolError(f"batch reads {a} bytes; the limit is {wire.MAX_PAYLOAD}")
         if code == _memops.R_NOMEM:
             raise MemoryError("cannot grow a data connection buffer")
+        if code == _memops.R_BUDGET:
+            budget = self.provider.budget
+            raise Busy(f"a frame needing a {a}-byte buffer does not fit the provider's I/O budget "
+                       f"({budget.available} of {budget.total} bytes free)")
+        if code == _memops.R_TIMEOUT:
+            raise errors.ProtocolError(f"frame not finished within {self.provider.io_timeout:g}s "
+                                       f"({a} bytes received)")
         raise RuntimeError(f"unexpected result {code} from the data connection loop")
 
 
@@ -231,7 +259,11 @@ class _TcpSession(RegionTableSession):
         if self.closed:
             raise errors.TransportError(f"session {self.session_id} is closed")
         token = secrets.token_bytes(wire.TOKEN_SIZE)
+        cap = self.provider.max_session_connections
         with self._lock:
+            if len(self.tokens) >= cap:  # each token is a connection that may fill a buffer
+                raise errors.CapacityError(f"session {self.session_id} already has {cap} data connections "
+                                           f"(limits.max_data_connections)")
             self.tokens.add(token)
         self.provider._add_token(token, self)
         host, port = self.provider.address
@@ -270,11 +302,21 @@ class ProviderTransportImpl(ProviderTransport):
 
     name = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: float = DEFAULT_PROVIDER_SPIN_US):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: float = DEFAULT_PROVIDER_SPIN_US, *,
+                 admission: Admission | None = None, io_budget: int = DEFAULT_IO_BUDGET,
+                 io_timeout: float = HELLO_TIMEOUT, max_session_connections: int = 8):
+        """``admission`` caps connections (the provider shares its own); ``io_budget`` bounds the
+        buffers of every data connection together; ``io_timeout`` is the deadline for a whole
+        HELLO, for a started frame and for a reply to leave; a session mints at most
+        ``max_session_connections`` tokens (one connection each)."""
         reason = unavailable_reason()
         if reason:
             raise errors.TransportUnavailable(reason)
         self.spin_us = spin_us
+        self.admission = admission or Admission()
+        self.budget = _memops.IoBudget(io_budget)
+        self.io_timeout = io_timeout
+        self.max_session_connections = max_session_connections
         try:
             self._listener = socket.create_server((host, port), reuse_port=False)
         except OSError as exc:
@@ -297,6 +339,7 @@ class ProviderTransportImpl(ProviderTransport):
         with self._lock:
             out = self._stats.snapshot(conn.core.counters() for conn in self._conns)
             out["connections"] = len(self._conns)
+            out["io_budget"], out["io_budget_free"] = self.budget.total, self.budget.available
             out["regions"] = sum(len(s.table) for s in self._sessions.values())
         return out
 
@@ -330,8 +373,19 @@ class ProviderTransportImpl(ProviderTransport):
                 log.warning("data listener accept failed", exc_info=True)
                 time.sleep(0.1)
                 continue
+            try:
+                ticket = self.admission.admit(peer[0], "data")
+            except Busy as exc:
+                _refuse(sock, wire.error(wire.E_BUSY, str(exc)))
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _DataConnection(self, sock, peer)
+            try:
+                conn = _DataConnection(self, sock, peer, ticket)
+            except BufferError as exc:
+                ticket.close()
+                self.admission.refuse(peer[0], "data", str(exc))
+                _refuse(sock, wire.error(wire.E_BUSY, f"provider busy: {exc}"))
+                continue
             with self._lock:
                 if self._closed:
                     sock.close()
@@ -359,6 +413,15 @@ class ProviderTransportImpl(ProviderTransport):
                 self._tokens.pop(token, None)
             if self._sessions.get(session.session_id) is session:
                 del self._sessions[session.session_id]
+
+
+def _refuse(sock: socket.socket, frame: bytes) -> None:
+    """Say why (if the socket takes it at once) and close: the accept loop never waits on a peer."""
+    try:
+        sock.send(frame, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
 
 
 # -- requester --------------------------------------------------------------------------------

@@ -70,8 +70,9 @@ E_BAD_FRAME = 1  # framing broken: the connection is closed
 E_BAD_TOKEN = 2  # HELLO named no live session
 E_SESSION_CLOSED = 3  # the provider closed the session
 E_SHUTDOWN = 4  # the provider is shutting down
+E_BUSY = 5  # a cap or the provider's I/O budget refused the connection or the frame
 ERROR_NAMES = {E_BAD_FRAME: "bad frame", E_BAD_TOKEN: "bad token", E_SESSION_CLOSED: "session closed",
-               E_SHUTDOWN: "provider shutting down"}
+               E_SHUTDOWN: "provider shutting down", E_BUSY: "provider busy"}
 
 HEADER = struct.Struct("<4sBBHQIiII")
 assert HEADER.size == 32

@@ -111,7 +111,8 @@ def test_provider_must_prove_the_secret_too(cluster):
 
 
 @pytest.mark.parametrize("data,match", [
-    (struct.pack(">I", 0x7FFFFFFF), "exceeds the 1048576-byte limit"),
+    (struct.pack(">I", 0x7FFFFFFF), "exceeds the 4096-byte limit"),
+    (struct.pack(">I", M.MAX_HANDSHAKE_FRAME + 1), "exceeds the 4096-byte limit"),  # before auth: a few KiB
     (struct.pack(">I", 9) + b"{not json", "not valid JSON"),
     (M.encode({"v": 9, "type": "hello", "id": 1}), "unsupported protocol version 9"),
     (M.encode({"v": 1, "type": "reboot", "id": 1}), "unknown request type 'reboot'"),
