@@ -118,8 +118,16 @@ class LimitsConfig:
 @dataclass
 class ClusterConfig:
     name: str = _f("rram", "str")
+    #: the master key (providers and whoever issues keys hold it; see rram/control/auth.py)
     secret: str | None = _f(None, "str", optional=True)
     secret_file: str | None = _f(None, "str", optional=True)
+    #: where ``rram keys add`` writes NAME.key and where a requester or operator finds its own
+    keys_dir: str = _f("keys", "str")
+    #: bytes each requester may lease on one provider (name -> size); others: default_quota
+    quotas: dict = field(default_factory=dict, metadata={"kind": "quotas"})
+    default_quota: int | None = _f(None, "size", optional=True)
+    #: name -> highest revoked generation: those keys are refused and their sessions cut
+    revoked: dict = field(default_factory=dict, metadata={"kind": "revoked"})
     transport: str = _f("auto", "choice", choices=TRANSPORTS)
     slab_size: int = _f(64 << 20, "size")
     heartbeat_interval: float = _f(1.0, "float", positive=True)
@@ -157,6 +165,28 @@ class ClusterConfig:
         if not data:
             raise ConfigError(f"{self.source}: secret_file: {self.secret_file} is empty")
         return data
+
+    def quota(self, requester: str) -> int | None:
+        return self.quotas.get(requester, self.default_quota)
+
+    def is_revoked(self, name: str, generation: int) -> bool:
+        return generation <= self.revoked.get(name, 0)
+
+    def key_path(self, name: str) -> str:
+        return os.path.join(self.keys_dir, f"{name}.key")
+
+    def credential(self, name: str, role: str):
+        """``name``'s credential: its key file in ``keys_dir`` if there is one (the role is the
+        file's), else derived as ``role`` from the master key where this host holds it."""
+        from .control import auth
+
+        path = self.key_path(name)
+        if os.path.exists(path):
+            return load_credential(path)
+        if self.secret is None and (self.secret_file is None or not os.path.exists(self.secret_file)):
+            raise ConfigError(f"{self.source}: no key for {name!r}: {path} does not exist and this host "
+                              f"has no master key (create one with `rram keys add {name} --role {role}`)")
+        return auth.derive(self.secret_bytes(), name, role, self.revoked.get(name, 0) + 1)
 
     def transport_options(self, transport_name: str, node: NodeConfig) -> dict:
         """Keyword options of ``rram.transport.provider_transport(transport_name, ...)`` for ``node``."""
@@ -222,6 +252,21 @@ def _value(ctx: _Ctx, path: str, f: dataclasses.Field, raw):
         if raw not in choices:
             ctx.fail(path, f"one of {', '.join(choices)}", raw)
         return raw
+    if kind in ("quotas", "revoked"):
+        if not isinstance(raw, dict) or any(not isinstance(k, str) or not k for k in raw):
+            ctx.fail(path, "a mapping from identity names", raw)
+        out = {}
+        for k, v in raw.items():
+            if kind == "quotas":
+                try:
+                    out[k] = parse_size(v)
+                except ValueError as exc:
+                    ctx.fail(f"{path}.{k}", str(exc).removeprefix("expected "), show_got=False)
+            elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                ctx.fail(f"{path}.{k}", "the highest revoked generation (an integer >= 1)", v)
+            else:
+                out[k] = v
+        return out
     if kind == "roles":
         if isinstance(raw, str):
             raw = [raw]
@@ -251,6 +296,8 @@ def _build(ctx: _Ctx, cls, path: str, data, extra=None):
         kind = f.metadata["kind"]
         if kind == "nodes":
             kwargs[name] = _nodes(ctx, key, data[name])
+        elif kind in ("quotas", "revoked"):
+            kwargs[name] = _value(ctx, key, f, data[name] or {})
         elif kind == "requester":
             kwargs[name] = _build(ctx, RequesterConfig, key, data[name] or {})
         elif kind == "limits":
@@ -305,6 +352,8 @@ def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> Cluster
         cfg.replicas = max(1, min(DEFAULT_REPLICAS, len(cfg.providers())))
     if cfg.secret_file is not None and base_dir is not None:
         cfg.secret_file = os.path.abspath(os.path.join(base_dir, cfg.secret_file))
+    if base_dir is not None:
+        cfg.keys_dir = os.path.abspath(os.path.join(base_dir, cfg.keys_dir))
     _check(ctx, cfg)
     return cfg
 
@@ -340,6 +389,10 @@ def to_dict(cfg) -> dict:
             value = format_size(value)
         elif kind == "roles":
             value = list(value)
+        elif kind == "quotas":
+            value = {k: format_size(v) for k, v in value.items()}
+        elif kind == "revoked":
+            value = dict(value)
         out[f.name] = value
     return out
 
@@ -347,3 +400,51 @@ def to_dict(cfg) -> dict:
 def dump(cfg: ClusterConfig) -> str:
     """YAML text that ``from_dict(yaml.safe_load(text))`` turns back into an equal config."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# -- key files ------------------------------------------------------------------------------------
+# One identity's credential: YAML {name, role, generation, key (hex)}, mode 0600 (rram keys add).
+
+
+def load_credential(path):
+    """The Credential in key file ``path``; ConfigError naming the file and key otherwise."""
+    from .control import auth
+    from .errors import ProtocolError
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read key file: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    ctx = _Ctx(path)
+    if not isinstance(data, dict):
+        ctx.fail("top level", "a mapping with name, role, generation and key", data, show_got=False)
+    unknown = sorted(set(data) - {"name", "role", "generation", "key"})
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown key; expected one of name, role, generation, key")
+    for k in ("name", "role", "generation", "key"):
+        if k not in data:
+            ctx.fail(k, "a value (this key is required)", show_got=False)
+    try:
+        auth.check_identity(data["name"], data["role"], data["generation"])
+    except ProtocolError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        key = bytes.fromhex(data["key"])
+    except (TypeError, ValueError):
+        ctx.fail("key", f"{auth.KEY_SIZE} bytes in hex", show_got=False)
+    if len(key) != auth.KEY_SIZE:
+        ctx.fail("key", f"{auth.KEY_SIZE} bytes in hex", show_got=False)
+    return auth.Credential(data["name"], data["role"], data["generation"], key)
+
+
+def write_credential(path, cred) -> None:
+    """Write ``cred`` to a new file only its owner can read (never over an existing one)."""
+    text = yaml.safe_dump({"name": cred.name, "role": cred.role, "generation": cred.generation,
+                           "key": cred.key.hex()}, sort_keys=False)
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

@@ -1,6 +1,6 @@
 """The requester's control connection to one provider (blocking, thread-safe).
 
-    client = ProviderClient(node, cfg.secret_bytes(), requester="host-1")
+    client = ProviderClient(node, cfg.credential("host-1", "requester"))
     client.connect()                                   # hello/auth, both sides proven
     lease = client.alloc_slab(64 << 20)                # Lease(lease_id, RemoteRegion)
     ep.connect(client.connect_data(ep.local_params()))
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _ERRORS = {
     "auth": errors.AuthError,
+    "forbidden": errors.Forbidden,
     "capacity": errors.CapacityError,
     "draining": errors.CapacityError,
     "not_found": errors.NotFound,
@@ -45,10 +46,10 @@ class Lease:
 
 
 class ProviderClient:
-    def __init__(self, node, secret: bytes, requester: str, timeout: float = 5.0):
+    def __init__(self, node, credential: auth.Credential, timeout: float = 5.0):
         self.node = node
-        self.secret = secret.encode() if isinstance(secret, str) else bytes(secret)
-        self.requester = requester
+        self.credential = credential
+        self.requester = credential.name
         self.timeout = timeout
         #: filled in by connect(): what the provider said about itself
         self.welcome: dict | None = None
@@ -146,6 +147,13 @@ class ProviderClient:
     def drain(self) -> str:
         return self._call("drain")["state"]
 
+    def undrain(self) -> str:
+        return self._call("undrain")["state"]
+
+    def reload(self) -> int:
+        """Ask the provider to re-read its cluster file (revocations, quotas); sessions it cut."""
+        return self._call("reload")["cut"]
+
     # -- internals ------------------------------------------------------------------------------
 
     def _call(self, kind: str, **fields) -> dict:
@@ -216,13 +224,14 @@ class ProviderClient:
             raise
 
     def _authenticate(self) -> dict:
-        nonce = auth.new_nonce()
-        challenge = self._call_locked("hello", requester=self.requester, nonce=nonce)["challenge"]
-        mac = auth.requester_mac(self.secret, challenge, nonce, self.requester)
+        nonce, cred = auth.new_nonce(), self.credential
+        challenge = self._call_locked("hello", requester=cred.name, role=cred.role, generation=cred.generation,
+                                      nonce=nonce)["challenge"]
+        mac = auth.requester_mac(cred.key, challenge, nonce, cred.name)
         welcome = self._call_locked("auth", mac=mac)
-        expected = auth.provider_proof(self.secret, challenge, nonce, self.requester)
+        expected = auth.provider_proof(cred.key, challenge, nonce, cred.name)
         if not auth.verify(expected, welcome["proof"]):
-            raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster secret")
+            raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster's keys")
         log.debug("authenticated to %s (session %s, epoch %d)", self.node.name, welcome["session"], welcome["epoch"])
         return welcome
 

@@ -33,7 +33,7 @@ _BOOL = (bool,)
 
 #: request type -> {field: allowed types}; every field is required, no others are allowed
 REQUESTS: dict[str, dict[str, tuple]] = {
-    "hello": {"requester": _STR, "nonce": _STR},
+    "hello": {"requester": _STR, "role": _STR, "generation": _INT, "nonce": _STR},
     "auth": {"mac": _STR},
     "alloc_slab": {"size": _INT},
     "free_slab": {"lease": _INT},
@@ -42,7 +42,9 @@ REQUESTS: dict[str, dict[str, tuple]] = {
     "heartbeat": {},
     "resume": {"session": _STR, "token": _STR},
     "drain": {},
+    "undrain": {},
     "shutdown": {},
+    "reload": {},
     "bye": {},
 }
 
@@ -58,7 +60,9 @@ REPLIES: dict[str, dict[str, tuple]] = {
     "heartbeat": {"epoch": _INT, "capacity": _INT, "free": _INT, "load": _NUM, "state": _STR},
     "resume": {"session": _STR, "token": _STR, "leases": _LIST},
     "drain": {"state": _STR},
+    "undrain": {"state": _STR},
     "shutdown": {"state": _STR},
+    "reload": {"cut": _INT},
     "bye": {"released": _INT},
 }
 
@@ -66,6 +70,7 @@ REPLIES: dict[str, dict[str, tuple]] = {
 ERROR_CODES = {
     "bad_request": "the frame or a field did not follow the protocol",
     "auth": "authentication failed",
+    "forbidden": "the caller's role may not make this request",
     "state": "the request is not allowed in this state of the connection",
     "capacity": "the provider cannot lease that much without exceeding its capacity",
     "draining": "the provider is draining and leases nothing new",

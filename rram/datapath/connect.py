@@ -24,11 +24,11 @@ def _requester_options(tname: str, cfg, name: str) -> dict:
     return {} if node is None else {"device": node.rdma_device, "gid_index": node.gid_index}
 
 
-def link_provider(cfg, node, rt, requester: str, secret: bytes) -> Link:
+def link_provider(cfg, node, rt, credential) -> Link:
     """Authenticate to ``node``, open a data endpoint through its control connection."""
     from ..control.client import ProviderClient
 
-    client = ProviderClient(node, secret, requester)
+    client = ProviderClient(node, credential)
     try:
         client.connect()
         ep = rt.endpoint()
@@ -66,12 +66,12 @@ def open_store(config, *, name: str | None = None, transport_name: str | None = 
         raise TypeError(f"unknown options: {', '.join(overrides)}")
     rt = transport.requester_transport(tname, **_requester_options(tname, cfg, requester))
     remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
-    secret = cfg.secret_bytes()
+    credential = cfg.credential(requester, "requester")
     for node in cfg.providers():
         if node.name == requester:
             continue  # symmetric topology: never place our pages on ourselves
         try:
-            remote.add_link(link_provider(cfg, node, rt, requester, secret))
+            remote.add_link(link_provider(cfg, node, rt, credential))
         except errors.AuthError:
             remote.close()
             raise
@@ -87,6 +87,6 @@ def open_store(config, *, name: str | None = None, transport_name: str | None = 
     if run_keeper:
         from ..control.keeper import Keeper
 
-        store.keeper = Keeper(store, cfg, lambda node: link_provider(cfg, node, rt, requester, secret),
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(cfg, node, rt, credential),
                               requester=requester).start()
     return store

@@ -158,25 +158,28 @@ class ControlConnection:
         if hello["type"] != "hello":
             raise errors.ProtocolError(f"expected hello first, got {hello['type']}")
         auth.check_nonce(hello["nonce"], "hello nonce")
-        requester = hello["requester"]
-        if not 0 < len(requester) <= 200:
-            raise errors.ProtocolError("hello requester name must be 1..200 characters")
+        requester, role, generation = hello["requester"], hello["role"], hello["generation"]
+        auth.check_identity(requester, role, generation)
+        # the key is derived even for a revoked identity, so that the answer takes the same time
+        key = auth.derive(p.master, requester, role, generation).key
         server_nonce = auth.new_nonce()
         self.send(M.reply(hello["id"], challenge=server_nonce))
         msg = self._recv(handshake=True)
         if msg["type"] != "auth":
             raise errors.ProtocolError(f"expected auth after hello, got {msg['type']}")
-        expected = auth.requester_mac(p.secret, server_nonce, hello["nonce"], requester)
+        expected = auth.requester_mac(key, server_nonce, hello["nonce"], requester)
         if not auth.verify(expected, msg["mac"]):
-            raise errors.AuthError(f"authentication failed for requester {requester!r}: wrong cluster secret")
-        self.session = p.new_session(requester, self)
+            raise errors.AuthError(f"authentication failed for {role} {requester!r}: wrong key")
+        if p.cfg.is_revoked(requester, generation):
+            raise errors.AuthError(f"the key of {role} {requester!r} (generation {generation}) is revoked")
+        self.session = p.new_session(requester, role, generation, self)
         self.ticket.authenticated()
         self._dec.max_frame = M.MAX_REQUEST_FRAME
-        proof = auth.provider_proof(p.secret, server_nonce, hello["nonce"], requester)
+        proof = auth.provider_proof(key, server_nonce, hello["nonce"], requester)
         self.send(M.reply(msg["id"], node=p.node.name, epoch=p.epoch, transport=p.transport_name,
                           capacity=p.pool.capacity, session=self.session.id, token=self.session.token,
                           proof=proof))
-        log.info("requester %r authenticated from %s (session %s)", requester, self.peer, self.session.id)
+        log.info("%s %r authenticated from %s (session %s)", role, requester, self.peer, self.session.id)
 
     def _requests(self) -> None:
         while True:
@@ -198,6 +201,10 @@ class ControlConnection:
         p = self.provider
         if kind in ("hello", "auth"):
             raise Refused("state", f"{kind} is only allowed at the start of a connection")
+        role = self.session.role  # a session exists from auth until bye, which ends the loop
+        if kind not in auth.ROLES[role]:
+            raise Refused("forbidden", f"{role} {self.session.requester} may not {kind}: its key's role "
+                                       "does not allow it")
         if kind == "alloc_slab":
             slab = p.alloc(self.session, msg["size"])
             return {"lease": slab.lease_id, "addr": slab.arena.addr, "length": slab.length, "rkey": slab.rkey}
@@ -205,8 +212,8 @@ class ControlConnection:
             return {"freed": p.free(self.session, msg["lease"])}
         if kind == "connect":
             return {"params": p.accept(self.session, msg["params"])}
-        if kind == "stats":
-            return {"stats": p.stats()}
+        if kind == "stats":  # operators see everyone; a requester only its own sessions
+            return {"stats": p.stats(None if role == "operator" else self.session.requester)}
         if kind == "heartbeat":
             return p.heartbeat()
         if kind == "resume":
@@ -216,6 +223,10 @@ class ControlConnection:
                                for s in self.session.slabs.values()]}
         if kind == "drain":
             return {"state": p.drain()}
+        if kind == "undrain":
+            return {"state": p.undrain()}
+        if kind == "reload":
+            return {"cut": p.reload()}
         if kind == "shutdown":
             return {"state": p.request_shutdown()}
         if kind == "bye":

@@ -37,6 +37,8 @@ COUNTERS = ("connections", "auth_failures", "protocol_errors", "requests", "allo
 class RequesterSession:
     id: str
     requester: str
+    role: str
+    generation: int
     token: str
     transport_session: object
     conn: ControlConnection | None = None
@@ -58,7 +60,7 @@ class Provider:
         self.node = cfg.node(name)
         if not self.node.is_provider:
             raise errors.ConfigError(f"{cfg.source}: node {name!r} does not have the provider role")
-        self.secret = cfg.secret_bytes()
+        self.master = cfg.secret_bytes()  # every identity key derives from it (control/auth.py)
         self.requested_transport = transport_name or cfg.transport
         self.io_timeout = io_timeout
         lim = cfg.limits
@@ -176,7 +178,7 @@ class Provider:
         with self._lock:
             self._conns.discard(conn)
 
-    def new_session(self, requester: str, conn: ControlConnection) -> RequesterSession:
+    def new_session(self, requester: str, role: str, generation: int, conn: ControlConnection) -> RequesterSession:
         if self._stop.is_set():
             raise Refused("shutdown", f"provider {self.node.name} is shutting down")
         cap = self.cfg.limits.max_sessions_per_requester
@@ -186,7 +188,7 @@ class Provider:
                                        f"(limits.max_sessions_per_requester)")
         sid = secrets.token_hex(8)
         ts = self.pt.open_session(f"{requester}/{sid}")
-        s = RequesterSession(sid, requester, secrets.token_hex(16), ts, conn)
+        s = RequesterSession(sid, requester, role, generation, secrets.token_hex(16), ts, conn)
         with self._lock:
             self._sessions[sid] = s
             self._counters["sessions_opened"] += 1
@@ -212,8 +214,8 @@ class Provider:
             if old is None or old.released or not auth.verify(old.token, token):
                 raise errors.NotFound(f"no session {sid!r} to resume here (expired after "
                                       f"lease_grace={self.cfg.lease_grace:g}s, or provider restarted)")
-            if old.requester != fresh.requester:
-                raise Refused("auth", f"session {sid} belongs to requester {old.requester!r}")
+            if (old.requester, old.role) != (fresh.requester, fresh.role):
+                raise Refused("auth", f"session {sid} belongs to {old.role} {old.requester!r}")
             if fresh.slabs:
                 raise Refused("state", "resume must come before any lease on a new connection")
             previous = old.conn
@@ -248,6 +250,13 @@ class Provider:
     def alloc(self, s: RequesterSession, size: int) -> Slab:
         if self.state != "serving":
             raise Refused("draining", f"provider {self.node.name} is {self.state}: no new leases")
+        quota = self.cfg.quota(s.requester)
+        if quota is not None:
+            with self._lock:
+                held = sum(x.used for x in self._sessions.values() if x.requester == s.requester)
+            if held + size > quota:  # a racing alloc may pass too: a quota is checked, not reserved
+                raise errors.CapacityError(f"requester {s.requester!r} would hold {held + size} bytes here, "
+                                           f"over its quota of {quota}")
         slab = self.pool.allocate(size)
         try:
             with self._lock:
@@ -284,6 +293,26 @@ class Provider:
         log.warning("provider %s draining: no new leases", self.node.name)
         return self.state
 
+    def undrain(self) -> str:
+        if self.state == "draining":
+            self.state = "serving"
+            log.warning("provider %s undrained: leasing again", self.node.name)
+        return self.state
+
+    def reload(self) -> int:
+        """Re-read the cluster file: quotas and revocations apply at once; sessions of revoked
+        keys are cut (their leases freed).  Nodes, ports and limits need a restart."""
+        cfg = C.load(self.cfg.source)
+        self.cfg.quotas, self.cfg.default_quota, self.cfg.revoked = cfg.quotas, cfg.default_quota, cfg.revoked
+        with self._lock:
+            cut = [s for s in self._sessions.values() if cfg.is_revoked(s.requester, s.generation)]
+        for s in cut:
+            if s.conn is not None:
+                s.conn.shut("auth", f"the key of {s.role} {s.requester!r} (generation {s.generation}) was revoked")
+            self.release(s, "key revoked")
+            log.warning("cut session %s of %s %r: its key was revoked", s.id, s.role, s.requester)
+        return len(cut)
+
     def request_shutdown(self) -> str:
         """Exit once drained (``rram drain`` asks for this); refused while leases remain."""
         if self.pool.count:
@@ -296,13 +325,14 @@ class Provider:
         return {"epoch": self.epoch, "capacity": self.pool.capacity, "free": self.pool.free,
                 "load": round(os.getloadavg()[0], 2), "state": self.state}
 
-    def stats(self) -> dict:
+    def stats(self, requester: str | None = None) -> dict:
+        """Everything, or (``requester``) only that requester's own sessions."""
         now = time.monotonic()
         with self._lock:
-            per_session = [{"session": s.id, "requester": s.requester, "leases": len(s.slabs), "bytes": s.used,
-                            "connected": s.conn is not None,
+            per_session = [{"session": s.id, "requester": s.requester, "role": s.role, "leases": len(s.slabs),
+                            "bytes": s.used, "connected": s.conn is not None,
                             "detached_for": None if s.detached_at is None else round(now - s.detached_at, 3)}
-                           for s in self._sessions.values()]
+                           for s in self._sessions.values() if requester in (None, s.requester)]
             counters = dict(self._counters)
             conns = len(self._conns)
         tstats = self.pt.stats() if hasattr(self.pt, "stats") else {}
