@@ -78,6 +78,13 @@ def derive(master: bytes, name: str, role: str, generation: int = 1) -> Credenti
     return Credential(name, role, generation, hmac.new(master, msg, hashlib.sha256).digest())
 
 
+def session_secret(key: bytes, server_nonce: str, client_nonce: str) -> bytes:
+    """What both ends of one authenticated handshake can compute and nobody else: the secret
+    that data connections of the session prove (tcp: wire.hello_mac).  Never sent."""
+    msg = b"rram-session\0" + _nonce(server_nonce, "nonce") + _nonce(client_nonce, "nonce")
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
 def new_master_key() -> bytes:
     return secrets.token_bytes(KEY_SIZE)
 

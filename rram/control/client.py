@@ -55,6 +55,7 @@ class ProviderClient:
         self.welcome: dict | None = None
         self.session: str | None = None
         self.token: str | None = None
+        self._handshake_secret = self._session_secret = b""
         self._sock: socket.socket | None = None
         self._dec: M.Decoder | None = None
         self._ids = itertools.count(1)
@@ -83,6 +84,7 @@ class ProviderClient:
         with self._lock:
             self._dial()
             self.session, self.token = self.welcome["session"], self.welcome["token"]
+            self._session_secret = self._handshake_secret  # kept across resume: same session
             return self.welcome
 
     def resume(self) -> list[Lease]:
@@ -130,8 +132,10 @@ class ProviderClient:
         self._call("free_slab", lease=lease_id)
 
     def connect_data(self, params: dict) -> dict:
-        """Pass an endpoint's ``local_params()`` to the provider's transport session; its reply."""
-        return self._call("connect", params=params)["params"]
+        """Pass an endpoint's ``local_params()`` to the provider's transport session; its reply,
+        plus the session's secret (derived here, never sent) for the endpoint to prove."""
+        reply = self._call("connect", params=params)["params"]
+        return {**reply, "session_secret": self._session_secret.hex()}
 
     def stats(self) -> dict:
         return self._call("stats")["stats"]
@@ -232,6 +236,7 @@ class ProviderClient:
         expected = auth.provider_proof(cred.key, challenge, nonce, cred.name)
         if not auth.verify(expected, welcome["proof"]):
             raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster's keys")
+        self._handshake_secret = auth.session_secret(cred.key, challenge, nonce)
         log.debug("authenticated to %s (session %s, epoch %d)", self.node.name, welcome["session"], welcome["epoch"])
         return welcome
 

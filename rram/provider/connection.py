@@ -172,7 +172,8 @@ class ControlConnection:
             raise errors.AuthError(f"authentication failed for {role} {requester!r}: wrong key")
         if p.cfg.is_revoked(requester, generation):
             raise errors.AuthError(f"the key of {role} {requester!r} (generation {generation}) is revoked")
-        self.session = p.new_session(requester, role, generation, self)
+        self.session = p.new_session(requester, role, generation, self,
+                                     auth.session_secret(key, server_nonce, hello["nonce"]))
         self.ticket.authenticated()
         self._dec.max_frame = M.MAX_REQUEST_FRAME
         proof = auth.provider_proof(key, server_nonce, hello["nonce"], requester)

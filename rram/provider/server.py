@@ -178,7 +178,8 @@ class Provider:
         with self._lock:
             self._conns.discard(conn)
 
-    def new_session(self, requester: str, role: str, generation: int, conn: ControlConnection) -> RequesterSession:
+    def new_session(self, requester: str, role: str, generation: int, conn: ControlConnection,
+                    secret: bytes) -> RequesterSession:
         if self._stop.is_set():
             raise Refused("shutdown", f"provider {self.node.name} is shutting down")
         cap = self.cfg.limits.max_sessions_per_requester
@@ -187,7 +188,7 @@ class Provider:
                 raise Refused("limit", f"requester {requester!r} already has {cap} sessions here "
                                        f"(limits.max_sessions_per_requester)")
         sid = secrets.token_hex(8)
-        ts = self.pt.open_session(f"{requester}/{sid}")
+        ts = self.pt.open_session(f"{requester}/{sid}", secret)
         s = RequesterSession(sid, requester, role, generation, secrets.token_hex(16), ts, conn)
         with self._lock:
             self._sessions[sid] = s

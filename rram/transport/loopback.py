@@ -75,7 +75,7 @@ class ProviderTransportImpl(ProviderTransport):
         self._stats = _Stats()
         self._closed = False
 
-    def open_session(self, session_id: str) -> ProviderSession:
+    def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # in-process: unused
         return self._add_session(session_id, lambda: _LoopbackSession(self, session_id))
 
     def _drop(self, session: _LoopbackSession) -> None:

@@ -1,10 +1,12 @@
 """One-sided READ/WRITE emulated over TCP.
 
 Provider: one data listener; ``session.accept({})`` mints a random token bound to the session
-and returns ``{"host", "port", "token"}``.  The requester dials, sends the token (HELLO) and
-waits for HELLO_OK; the connection then belongs to that session and can only reach its
-regions.  A token stays valid while its session lives, so ``recover()`` re-dials with it; a
-new dial with a token replaces that token's previous connection.  One thread per data
+and returns ``{"host", "port", "token"}``.  The requester dials, gets a CHALLENGE, answers
+with the token and a MAC of the challenge keyed with the session's secret (HELLO), and checks
+the provider's MAC in HELLO_OK (wire.py); the connection then belongs to that session and can
+only reach its regions.  A sniffed token is useless without the secret, and a replayed HELLO
+fails the fresh challenge.  A token stays valid while its session lives, so ``recover()``
+re-dials with it; a new proven dial with a token replaces that token's previous connection.  One thread per data
 connection: Python reads the HELLO, then one C call (``_memops.WireServer.serve``, GIL
 released) receives, checks, executes and answers every REQUEST until the peer leaves or
 breaks the protocol; Python then words the error from wire.py and sends the ERROR frame.
@@ -17,6 +19,7 @@ pure-Python decoder remains the reference (fuzzed) and handles the HELLO exchang
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import secrets
@@ -198,21 +201,27 @@ class _DataConnection:
             self.ticket.close()
 
     def _serve(self) -> None:
-        ev = _read_frame(self.sock, wire.TO_PROVIDER, time.monotonic() + self.provider.io_timeout)
+        deadline = time.monotonic() + self.provider.io_timeout  # for the whole handshake
+        nonce = secrets.token_bytes(wire.NONCE_SIZE)
+        if not self.core.send_frame(wire.challenge(nonce)):
+            return
+        ev = _read_frame(self.sock, wire.TO_PROVIDER, deadline)
         if ev is None:
             return
         if not isinstance(ev, wire.Hello):
             raise errors.ProtocolError(f"expected HELLO first, got {type(ev).__name__.upper()}")
         session = self.provider._session_for(ev.token)
-        if session is None:
+        if session is None or not hmac.compare_digest(ev.mac, wire.hello_mac(session.secret, nonce, ev.token)):
             self.provider._stats.error()
-            self.shut(wire.E_BAD_TOKEN, "unknown or expired session token")
+            log.warning("data connection from %s: %s", self.peer, "unknown token" if session is None else
+                        f"HELLO for session {session.session_id} not proven with its secret (sniffed token?)")
+            self.shut(wire.E_BAD_TOKEN, "unknown or expired session token, or a HELLO not proven with its secret")
             return
         self.session, self.token = session, ev.token
         self.ticket.authenticated()
         session._attach(self)
         self.sock.settimeout(None)
-        if self.core.send_frame(wire.hello_ok()):
+        if self.core.send_frame(wire.hello_ok(wire.hello_ok_mac(session.secret, nonce, ev.token))):
             self._check(self.core.serve(session.table))
 
     def _check(self, code: int) -> None:
@@ -246,9 +255,11 @@ class _DataConnection:
 
 
 class _TcpSession(RegionTableSession):
-    def __init__(self, provider: ProviderTransportImpl, session_id: str):
+    def __init__(self, provider: ProviderTransportImpl, session_id: str, secret: bytes | None):
         self.provider = provider
         self.session_id = session_id
+        self._share_secret = secret is None  # made up here: accept() hands it over (in-process use)
+        self.secret = secret if secret is not None else secrets.token_bytes(32)
         self.table = _memops.RegionTable()
         self.tokens: set[bytes] = set()
         self.connections: dict[bytes, _DataConnection] = {}
@@ -267,7 +278,10 @@ class _TcpSession(RegionTableSession):
             self.tokens.add(token)
         self.provider._add_token(token, self)
         host, port = self.provider.address
-        return {"host": host, "port": port, "token": token.hex()}
+        params = {"host": host, "port": port, "token": token.hex()}
+        if self._share_secret:
+            params["session_secret"] = self.secret.hex()
+        return params
 
     def _attach(self, conn: _DataConnection) -> None:
         with self._lock:
@@ -332,8 +346,8 @@ class ProviderTransportImpl(ProviderTransport):
                                         daemon=True)
         self._thread.start()
 
-    def open_session(self, session_id: str) -> ProviderSession:
-        return self._add_session(session_id, lambda: _TcpSession(self, session_id))
+    def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:
+        return self._add_session(session_id, lambda: _TcpSession(self, session_id, secret))
 
     def stats(self) -> dict:
         with self._lock:
@@ -415,6 +429,26 @@ class ProviderTransportImpl(ProviderTransport):
                 del self._sessions[session.session_id]
 
 
+def handshake(sock: socket.socket, token: bytes, secret: bytes, where: str = "provider") -> None:
+    """The requester's side of the data handshake on a connected socket (CHALLENGE, HELLO,
+    HELLO_OK); raises ConnectionLost if the provider refuses, AuthError if it cannot prove
+    itself."""
+    nonce = None
+    ev = _read_frame(sock, wire.TO_REQUESTER)
+    if isinstance(ev, wire.Challenge):
+        nonce = ev.nonce
+        sock.sendall(wire.hello(token, wire.hello_mac(secret, nonce, token)))
+        ev = _read_frame(sock, wire.TO_REQUESTER)
+    if ev is None:
+        raise errors.ConnectionLost(f"provider {where} closed the connection during HELLO")
+    if isinstance(ev, wire.Error):
+        raise errors.ConnectionLost(f"provider {where} refused the connection ({ev.describe()})")
+    if not isinstance(ev, wire.HelloOk) or nonce is None:
+        raise errors.ProtocolError(f"expected CHALLENGE then HELLO_OK, got {type(ev).__name__}")
+    if not hmac.compare_digest(ev.mac, wire.hello_ok_mac(secret, nonce, token)):
+        raise errors.AuthError(f"data port {where} did not prove it holds the session's secret")
+
+
 def _refuse(sock: socket.socket, frame: bytes) -> None:
     """Say why (if the socket takes it at once) and close: the accept loop never waits on a peer."""
     try:
@@ -436,7 +470,7 @@ class TcpEndpoint(RegionTableEndpoint):
         self._local = _memops.RegionTable()
         self._core = _memops.WireRequester(self._local, self.max_outstanding, self.max_batch)
         self._core.spin_ns = int(spin_us * 1000)
-        self._params: tuple[str, int, bytes] | None = None
+        self._params: tuple[str, int, bytes, bytes] | None = None
         self._sock: socket.socket | None = None
         self._broken: str | None = "not connected"
         self._closed = False
@@ -450,13 +484,15 @@ class TcpEndpoint(RegionTableEndpoint):
         try:
             host, port = str(remote_params["host"]), int(remote_params["port"])
             token = bytes.fromhex(remote_params["token"])
+            secret = bytes.fromhex(remote_params["session_secret"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise errors.ProtocolError(f"tcp connect parameters need host, port and a hex token: {exc}") from exc
+            raise errors.ProtocolError(f"tcp connect parameters need host, port, a hex token and the "
+                                       f"session_secret (the control client adds it): {exc}") from exc
         if len(token) != wire.TOKEN_SIZE:
             raise errors.ProtocolError(f"tcp token must be {wire.TOKEN_SIZE} bytes, got {len(token)}")
         if self._closed:
             raise errors.TransportError("endpoint is closed")
-        self._params = (host, port, token)
+        self._params = (host, port, token, secret)
         self._dial()
 
     def recover(self) -> None:
@@ -468,21 +504,14 @@ class TcpEndpoint(RegionTableEndpoint):
 
     def _dial(self) -> None:
         self._disconnect("reconnecting")
-        host, port, token = self._params
+        host, port, token, secret = self._params
         try:
             sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             raise errors.ConnectionLost(f"cannot reach provider data port {host}:{port}: {exc}", exc.errno) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(wire.hello(token))
-            ev = _read_frame(sock, wire.TO_REQUESTER)
-            if ev is None:
-                raise errors.ConnectionLost(f"provider {host}:{port} closed the connection during HELLO")
-            if isinstance(ev, wire.Error):
-                raise errors.ConnectionLost(f"provider {host}:{port} refused the connection ({ev.describe()})")
-            if not isinstance(ev, wire.HelloOk):
-                raise errors.ProtocolError(f"expected HELLO_OK, got {type(ev).__name__}")
+            handshake(sock, token, secret, f"{host}:{port}")
         except OSError as exc:
             sock.close()
             raise errors.ConnectionLost(f"data connection to {host}:{port} failed: {exc}", exc.errno) from exc
@@ -569,8 +598,8 @@ class TcpEndpoint(RegionTableEndpoint):
             return self._lost("provider closed the data connection")
         if rc == _memops.R_BAD_HEADER:
             try:
-                wire.parse_header(core.header(), 0, wire.TO_REQUESTER)
-                why = "unexpected header"
+                h = wire.parse_header(core.header(), 0, wire.TO_REQUESTER)
+                why = f"unexpected {wire.TYPE_NAMES[h.type]} frame after the handshake"
             except errors.ProtocolError as exc:
                 why = str(exc)
             return self._lost(f"bad frame from provider: {why}")

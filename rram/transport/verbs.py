@@ -291,7 +291,7 @@ class ProviderTransportImpl(ProviderTransport):
         self._closed = False
         log.info("verbs provider on %s port %d, GID index %d", self.device.name, port_num, gid_index)
 
-    def open_session(self, session_id: str) -> ProviderSession:
+    def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # QPs are not dialled
         return self._add_session(session_id, lambda: VerbsSession(self, session_id))
 
     def _drop(self, session: VerbsSession) -> None:

@@ -5,7 +5,7 @@ Every frame starts with one 32-byte header (little-endian)::
     offset size field
      0     4    magic        b"RRMD"
      4     1    version      1
-     5     1    type         HELLO 1, HELLO_OK 2, REQUEST 3, COMPLETION 4, ERROR 5
+     5     1    type         HELLO 1, HELLO_OK 2, REQUEST 3, COMPLETION 4, ERROR 5, CHALLENGE 6
      6     2    flags        0 (reserved)
      8     8    batch_id     REQUEST / COMPLETION: the requester's batch id; else 0
     16     4    count        REQUEST: operations (1..MAX_OPS); COMPLETION: index of the first
@@ -16,8 +16,9 @@ Every frame starts with one 32-byte header (little-endian)::
 
 Bodies::
 
-    HELLO       payload = session token (TOKEN_SIZE bytes)          requester -> provider
-    HELLO_OK    empty                                               provider -> requester
+    CHALLENGE   payload = a fresh nonce (NONCE_SIZE bytes)           provider -> requester, first
+    HELLO       payload = session token (TOKEN_SIZE) + hello_mac     requester -> provider
+    HELLO_OK    payload = hello_ok_mac (MAC_SIZE)                    provider -> requester
     REQUEST     count x WIRE_OP descriptors, then the WRITE data of the batch concatenated in
                 op order (payload_len = sum of the WRITE lengths)
     COMPLETION  payload = the READ data of the executed ops, concatenated in op order
@@ -31,6 +32,11 @@ One WIRE_OP descriptor (24 bytes)::
     16  1  opcode        0 READ, 1 WRITE
     17  7  reserved
 
+The handshake binds a connection to its session: both MACs are keyed with the session's
+secret, which each side derived from the control handshake (never sent), and cover the
+provider's fresh nonce, so a sniffed token or a replayed HELLO is refused, and a requester
+knows it reached the provider that holds its session.
+
 A bad key or range is an error COMPLETION (the connection stays usable); broken framing
 (wrong magic/version/type, lengths over the limits) is a ``ProtocolError``: the receiver sends
 an ERROR frame and closes.  The decoder checks every length against the limits *before*
@@ -38,6 +44,8 @@ buffering for it, so hostile headers cannot make it allocate.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 
@@ -53,17 +61,21 @@ HELLO_OK = 2
 REQUEST = 3
 COMPLETION = 4
 ERROR = 5
-TYPE_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", REQUEST: "REQUEST", COMPLETION: "COMPLETION", ERROR: "ERROR"}
+CHALLENGE = 6
+TYPE_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", REQUEST: "REQUEST", COMPLETION: "COMPLETION", ERROR: "ERROR",
+              CHALLENGE: "CHALLENGE"}
 
 #: frames each side may receive
 TO_PROVIDER = frozenset({HELLO, REQUEST})
-TO_REQUESTER = frozenset({HELLO_OK, COMPLETION, ERROR})
+TO_REQUESTER = frozenset({CHALLENGE, HELLO_OK, COMPLETION, ERROR})
 
 MAX_OPS = 4096
 MAX_OP_LENGTH = 1 << 20
 MAX_PAYLOAD = 64 << 20
 MAX_MESSAGE = 4096
 TOKEN_SIZE = 32
+NONCE_SIZE = 32
+MAC_SIZE = 32
 
 # ERROR codes
 E_BAD_FRAME = 1  # framing broken: the connection is closed
@@ -99,13 +111,19 @@ class Header:
 
 
 @dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+
+
+@dataclass(frozen=True)
 class Hello:
     token: bytes
+    mac: bytes
 
 
 @dataclass(frozen=True)
 class HelloOk:
-    pass
+    mac: bytes
 
 
 @dataclass(frozen=True)
@@ -154,8 +172,15 @@ def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQU
         if payload_len > MAX_PAYLOAD:
             raise ProtocolError(f"completion payload of {payload_len} bytes exceeds the limit of {MAX_PAYLOAD}")
     elif ftype == HELLO:
-        if payload_len != TOKEN_SIZE:
-            raise ProtocolError(f"hello carries a {payload_len}-byte token, expected {TOKEN_SIZE}")
+        if payload_len != TOKEN_SIZE + MAC_SIZE:
+            raise ProtocolError(f"hello carries {payload_len} bytes, expected a {TOKEN_SIZE}-byte token and a "
+                                f"{MAC_SIZE}-byte MAC")
+    elif ftype == CHALLENGE:
+        if payload_len != NONCE_SIZE:
+            raise ProtocolError(f"challenge carries {payload_len} bytes, expected a {NONCE_SIZE}-byte nonce")
+    elif ftype == HELLO_OK:
+        if payload_len != MAC_SIZE:
+            raise ProtocolError(f"hello_ok carries {payload_len} bytes, expected a {MAC_SIZE}-byte MAC")
     elif ftype == ERROR:
         if payload_len > MAX_MESSAGE:
             raise ProtocolError(f"error message of {payload_len} bytes exceeds the limit of {MAX_MESSAGE}")
@@ -172,10 +197,12 @@ def parse_body(h: Header, body: memoryview):
     if h.type == COMPLETION:
         return Completion(h.batch_id, h.status, h.count, body)
     if h.type == HELLO:
-        return Hello(bytes(body))
+        return Hello(bytes(body[:TOKEN_SIZE]), bytes(body[TOKEN_SIZE:]))
     if h.type == ERROR:
         return Error(h.count, bytes(body).decode("utf-8", "replace"))
-    return HelloOk()
+    if h.type == CHALLENGE:
+        return Challenge(bytes(body))
+    return HelloOk(bytes(body))
 
 
 # -- encoders -----------------------------------------------------------------------------------
@@ -190,14 +217,32 @@ def header(ftype: int, batch_id: int = 0, count: int = 0, status: int = 0, paylo
     return HEADER.pack(MAGIC, VERSION, ftype, 0, batch_id, count, status, payload_len, 0)
 
 
-def hello(token: bytes) -> bytes:
-    if len(token) != TOKEN_SIZE:
-        raise ValueError(f"token must be {TOKEN_SIZE} bytes")
-    return header(HELLO, payload_len=TOKEN_SIZE) + token
+def hello_mac(secret: bytes, nonce: bytes, token: bytes) -> bytes:
+    """The requester's proof that it holds the session's secret, for this connection only."""
+    return hmac.new(secret, b"rram-data-hello\0" + nonce + token, hashlib.sha256).digest()
 
 
-def hello_ok() -> bytes:
-    return header(HELLO_OK)
+def hello_ok_mac(secret: bytes, nonce: bytes, token: bytes) -> bytes:
+    """The provider's proof, back (a distinct label: neither MAC can be reflected as the other)."""
+    return hmac.new(secret, b"rram-data-hello-ok\0" + nonce + token, hashlib.sha256).digest()
+
+
+def challenge(nonce: bytes) -> bytes:
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+    return header(CHALLENGE, payload_len=NONCE_SIZE) + nonce
+
+
+def hello(token: bytes, mac: bytes) -> bytes:
+    if len(token) != TOKEN_SIZE or len(mac) != MAC_SIZE:
+        raise ValueError(f"token and MAC must be {TOKEN_SIZE} and {MAC_SIZE} bytes")
+    return header(HELLO, payload_len=TOKEN_SIZE + MAC_SIZE) + token + mac
+
+
+def hello_ok(mac: bytes) -> bytes:
+    if len(mac) != MAC_SIZE:
+        raise ValueError(f"MAC must be {MAC_SIZE} bytes")
+    return header(HELLO_OK, payload_len=MAC_SIZE) + mac
 
 
 def error(code: int, message: str) -> bytes:

@@ -15,6 +15,7 @@ from rram import errors, transport
 from rram.control import auth
 from rram.control import messages as M
 from rram.control.client import ProviderClient
+from rram.transport import tcp
 from rram.testing.cluster import _ROOT
 
 from .conftest import tcp_cluster
@@ -183,3 +184,30 @@ def test_hello_with_a_bad_role_is_a_protocol_error(cluster):
         s.sendall(M.encode(M.request("hello", 1, requester="x", role="root", generation=1, nonce=auth.new_nonce())))
         rep = M.Decoder("reply").feed(s.recv(4096))[0]
     assert rep["error"]["code"] == "bad_request" and "role must be one of" in rep["error"]["message"]
+
+
+def test_a_sniffed_data_token_is_refused_by_a_real_provider(cluster):
+    import socket
+
+    rt = transport.requester_transport("tcp")
+    alice = cluster.client("p0", "alice")
+    lease = alice.alloc_slab(MiB)
+    ep = rt.endpoint()
+    params = alice.connect_data(ep.local_params())
+    ep.connect(params)
+    # an eavesdropper saw the connect reply (token, host, port) but not the session secret,
+    # which never crosses the wire; bob's own session secret does not prove alice's token either
+    bob = cluster.client("p0", "bob")
+    for secret in (bytes(32), bytes.fromhex(bob.connect_data({})["session_secret"])):
+        with socket.create_connection((params["host"], params["port"]), timeout=5) as s:
+            with pytest.raises(errors.ConnectionLost, match="not proven with its secret"):
+                tcp.handshake(s, bytes.fromhex(params["token"]), secret)
+    buf = np.frombuffer(os.urandom(4096), np.uint8).copy()
+    lkey = ep.register_local(buf.ctypes.data, buf.nbytes)
+    ops = transport.new_ops(1)
+    ops[0] = (buf.ctypes.data, lease.region.addr, 4096, lkey, lease.region.rkey, transport.OP_WRITE, 0)
+    ep.post(ops, 1)  # alice's connection was not replaced
+    comp = transport.new_completions(1)
+    assert ep.poll(comp, 5.0) == 1 and comp[0]["status"] == 0
+    for x in (ep, alice, bob):
+        x.close()

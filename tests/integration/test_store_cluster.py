@@ -10,7 +10,7 @@ from rram import PAGE_SIZE
 from rram.control.client import ProviderClient
 from rram.datapath.connect import open_store
 from rram.testing.pages import make_pages, page_checksums
-from rram.transport import wire
+from rram.transport import tcp, wire
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +92,7 @@ def test_bad_data_frames_to_a_real_provider_get_an_error_and_others_go_on(cluste
             bad.connect()
             params = bad.connect_data({})
             sock = socket.create_connection((params["host"], params["port"]), timeout=5)
-            sock.sendall(wire.hello(bytes.fromhex(params["token"])))
+            tcp.handshake(sock, bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"]))
             sock.sendall(garbage)
             sock.shutdown(socket.SHUT_WR)
             events, closed = _events(sock)
@@ -113,7 +113,7 @@ def test_bad_key_and_out_of_bounds_from_a_real_provider(cluster):
         lease = c.alloc_slab(1 << 20)
         params = c.connect_data({})
         sock = socket.create_connection((params["host"], params["port"]), timeout=5)
-        sock.sendall(wire.hello(bytes.fromhex(params["token"])))
+        tcp.handshake(sock, bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"]))
         region = lease.region
         cases = [(region.addr, 4096, region.rkey ^ 0x5A5A),            # bad key
                  (region.addr + region.length - 100, 4096, region.rkey),  # past the end

@@ -27,10 +27,14 @@ def provider():
     pt.close()
 
 
-def dial(session, token: bytes | None = None) -> socket.socket:
+def dial(session, token: bytes | None = None, secret: bytes | None = None) -> socket.socket:
     params = session.accept({})
     sock = socket.create_connection((params["host"], params["port"]), timeout=5)
-    sock.sendall(wire.hello(token if token is not None else bytes.fromhex(params["token"])))
+    challenge = read_event(sock)
+    assert isinstance(challenge, wire.Challenge)
+    token = token if token is not None else bytes.fromhex(params["token"])
+    secret = secret if secret is not None else bytes.fromhex(params["session_secret"])
+    sock.sendall(wire.hello(token, wire.hello_mac(secret, challenge.nonce, token)))
     return sock
 
 
@@ -123,8 +127,36 @@ def test_garbage_hello_token(provider):
     expect_error(sock, wire.E_BAD_TOKEN, "unknown or expired session token")
     sock = socket.create_connection(pt.address, timeout=5)
     sock.sendall(b"hello there, this is not a frame at all")
+    assert isinstance(read_event(sock), wire.Challenge)
     expect_error(sock, wire.E_BAD_FRAME, "bad magic")
     assert_good_client_works(session, region, rkey)
+
+
+def test_a_sniffed_token_or_a_replayed_hello_is_refused(provider):
+    pt, session, region, rkey = provider
+    params = session.accept({})
+    token, secret = bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"])
+    owner = socket.create_connection(pt.address, timeout=5)
+    nonce = read_event(owner).nonce
+    hello = wire.hello(token, wire.hello_mac(secret, nonce, token))
+    owner.sendall(hello)
+    assert isinstance(read_event(owner), wire.HelloOk)
+    # an eavesdropper has the token (and this HELLO) but not the secret
+    thief = socket.create_connection(pt.address, timeout=5)
+    assert isinstance(read_event(thief), wire.Challenge)
+    thief.sendall(hello)  # replayed: the MAC is for another challenge
+    expect_error(thief, wire.E_BAD_TOKEN, "not proven with its secret")
+    thief = socket.create_connection(pt.address, timeout=5)
+    nonce = read_event(thief).nonce
+    thief.sendall(wire.hello(token, wire.hello_mac(b"guess" * 8, nonce, token)))
+    expect_error(thief, wire.E_BAD_TOKEN, "not proven with its secret")
+    # the owner's connection was not replaced: it still serves
+    ops = np.zeros(1, wire.WIRE_OP)
+    ops["remote_addr"], ops["length"], ops["rkey"] = region.ctypes.data, 8, rkey
+    owner.sendall(wire.request(5, ops))
+    ev = read_event(owner)
+    assert isinstance(ev, wire.Completion) and ev.status == 0 and ev.batch_id == 5
+    owner.close()
 
 
 @pytest.mark.parametrize("offset,length,rkey_delta,status", [
