@@ -175,19 +175,6 @@ class ClusterConfig:
     def key_path(self, name: str) -> str:
         return os.path.join(self.keys_dir, f"{name}.key")
 
-    def credential(self, name: str, role: str):
-        """``name``'s credential: its key file in ``keys_dir`` if there is one (the role is the
-        file's), else derived as ``role`` from the master key where this host holds it."""
-        from .control import auth
-
-        path = self.key_path(name)
-        if os.path.exists(path):
-            return load_credential(path)
-        if self.secret is None and (self.secret_file is None or not os.path.exists(self.secret_file)):
-            raise ConfigError(f"{self.source}: no key for {name!r}: {path} does not exist and this host "
-                              f"has no master key (create one with `rram keys add {name} --role {role}`)")
-        return auth.derive(self.secret_bytes(), name, role, self.revoked.get(name, 0) + 1)
-
     def transport_options(self, transport_name: str, node: NodeConfig) -> dict:
         """Keyword options of ``rram.transport.provider_transport(transport_name, ...)`` for ``node``."""
         per_session = self.limits.max_data_connections
@@ -401,50 +388,3 @@ def dump(cfg: ClusterConfig) -> str:
     """YAML text that ``from_dict(yaml.safe_load(text))`` turns back into an equal config."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
-
-# -- key files ------------------------------------------------------------------------------------
-# One identity's credential: YAML {name, role, generation, key (hex)}, mode 0600 (rram keys add).
-
-
-def load_credential(path):
-    """The Credential in key file ``path``; ConfigError naming the file and key otherwise."""
-    from .control import auth
-    from .errors import ProtocolError
-
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read key file: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    ctx = _Ctx(path)
-    if not isinstance(data, dict):
-        ctx.fail("top level", "a mapping with name, role, generation and key", data, show_got=False)
-    unknown = sorted(set(data) - {"name", "role", "generation", "key"})
-    if unknown:
-        raise ConfigError(f"{path}: {unknown[0]}: unknown key; expected one of name, role, generation, key")
-    for k in ("name", "role", "generation", "key"):
-        if k not in data:
-            ctx.fail(k, "a value (this key is required)", show_got=False)
-    try:
-        auth.check_identity(data["name"], data["role"], data["generation"])
-    except ProtocolError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    try:
-        key = bytes.fromhex(data["key"])
-    except (TypeError, ValueError):
-        ctx.fail("key", f"{auth.KEY_SIZE} bytes in hex", show_got=False)
-    if len(key) != auth.KEY_SIZE:
-        ctx.fail("key", f"{auth.KEY_SIZE} bytes in hex", show_got=False)
-    return auth.Credential(data["name"], data["role"], data["generation"], key)
-
-
-def write_credential(path, cred) -> None:
-    """Write ``cred`` to a new file only its owner can read (never over an existing one)."""
-    text = yaml.safe_dump({"name": cred.name, "role": cred.role, "generation": cred.generation,
-                           "key": cred.key.hex()}, sort_keys=False)
-    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)

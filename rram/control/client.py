@@ -1,6 +1,6 @@
 """The requester's control connection to one provider (blocking, thread-safe).
 
-    client = ProviderClient(node, cfg.credential("host-1", "requester"))
+    client = ProviderClient(node, keys.credential(cfg, "host-1", "requester"))
     client.connect()                                   # hello/auth, both sides proven
     lease = client.alloc_slab(64 << 20)                # Lease(lease_id, RemoteRegion)
     ep.connect(client.connect_data(ep.local_params()))
@@ -67,8 +67,9 @@ class ProviderClient:
         return self.node.name
 
     @property
-    def epoch(self) -> int | None:
-        return None if self.welcome is None else self.welcome["epoch"]
+    def incarnation(self) -> int | None:
+        """The provider's restart marker (its start time) as of our last authentication."""
+        return None if self.welcome is None else self.welcome["incarnation"]
 
     @property
     def connected(self) -> bool:
@@ -142,7 +143,7 @@ class ProviderClient:
 
     def heartbeat(self) -> dict:
         rep = self._call("heartbeat")
-        return {k: rep[k] for k in ("epoch", "capacity", "free", "load", "state")}
+        return {k: rep[k] for k in ("incarnation", "capacity", "free", "load", "state")}
 
     def shutdown(self) -> str:
         """Ask a drained provider to exit."""
@@ -237,7 +238,8 @@ class ProviderClient:
         if not auth.verify(expected, welcome["proof"]):
             raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster's keys")
         self._handshake_secret = auth.session_secret(cred.key, challenge, nonce)
-        log.debug("authenticated to %s (session %s, epoch %d)", self.node.name, welcome["session"], welcome["epoch"])
+        log.debug("authenticated to %s (session %s, incarnation %d)", self.node.name, welcome["session"],
+                  welcome["incarnation"])
         return welcome
 
     def _hangup(self) -> None:

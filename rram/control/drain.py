@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from .. import config as C
 from .. import errors
+from . import keys
 from .client import ProviderClient
 
 
@@ -21,7 +22,7 @@ def drain(cfg, node_name: str, *, timeout: float = 3600.0, poll: float = 0.5, ex
           progress: Progress | None = None, operator: str = "operator") -> dict:
     """Drain ``node_name``; returns its final stats. Raises RramError on timeout."""
     node = cfg.node(node_name)
-    with ProviderClient(node, cfg.credential(operator, "operator")) as client:
+    with ProviderClient(node, keys.credential(cfg, operator, "operator")) as client:
         client.connect()
         client.drain()
         start = client.stats()["used"]

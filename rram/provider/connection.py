@@ -177,7 +177,7 @@ class ControlConnection:
         self.ticket.authenticated()
         self._dec.max_frame = M.MAX_REQUEST_FRAME
         proof = auth.provider_proof(key, server_nonce, hello["nonce"], requester)
-        self.send(M.reply(msg["id"], node=p.node.name, epoch=p.epoch, transport=p.transport_name,
+        self.send(M.reply(msg["id"], node=p.node.name, incarnation=p.incarnation, transport=p.transport_name,
                           capacity=p.pool.capacity, session=self.session.id, token=self.session.token,
                           proof=proof))
         log.info("%s %r authenticated from %s (session %s)", role, requester, self.peer, self.session.id)

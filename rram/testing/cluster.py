@@ -119,7 +119,9 @@ class LocalCluster:
 
     def credential(self, name: str, role: str = "requester"):
         """A key for ``name`` in ``role``, derived from the cluster's master key (the harness holds it)."""
-        return self.config.credential(name, role)
+        from ..control import keys
+
+        return keys.credential(self.config, name, role)
 
     def client(self, node: str, name: str, role: str = "requester", **kwargs):
         """A connected ProviderClient to provider ``node`` as ``name`` in ``role``."""
@@ -167,7 +169,7 @@ class LocalCluster:
         return None
 
     def restart(self, name: str) -> subprocess.Popen:
-        """Stop ``name`` (if running) and start it again on the same ports: a new epoch, no leases."""
+        """Stop ``name`` (if running) and start it again on the same ports: a new incarnation, no leases."""
         if self.alive(name):
             self.kill(name, signal.SIGTERM)
         return self.start(name)

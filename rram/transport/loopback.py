@@ -3,7 +3,8 @@
 ``session.accept({})`` returns ``{"loopback_id": ...}``, a random id in a module registry;
 the endpoint looks the session up by it.  ``post`` runs the batch at once through the same
 C executor checks as the tcp provider (lkey, rkey, bounds, length; GIL released) and queues
-the completion; ``poll`` hands queued completions back in order.
+the completion; ``poll`` hands queued completions back in order.  What it shares with tcp (the
+availability check, the batch check, the provider counters) lives in emulated.py.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from .base import (
     RegionTableSession,
     RequesterTransport,
 )
-from .tcp import _ops_bytes, _Stats, unavailable_reason  # noqa: F401  (same extension, same checks)
+from .emulated import ProviderStats, ops_bytes, unavailable_reason
 from .wire import MAX_OP_LENGTH
 
 try:
-    from .._ext import _memops
+    from .._ext import _regions
 except ImportError:  # pragma: no cover - unavailable_reason() says why
-    _memops = None
+    _regions = None
 
 _registry_lock = threading.Lock()
 _registry: dict[str, _LoopbackSession] = {}
@@ -39,7 +40,7 @@ class _LoopbackSession(RegionTableSession):
     def __init__(self, provider: ProviderTransportImpl, session_id: str):
         self.provider = provider
         self.session_id = session_id
-        self.table = _memops.RegionTable()
+        self.table = _regions.RegionTable()
         self.ids: set[str] = set()
         self.closed = False
 
@@ -72,7 +73,7 @@ class ProviderTransportImpl(ProviderTransport):
             raise errors.TransportUnavailable(reason)
         self._lock = threading.Lock()
         self._sessions: dict[str, _LoopbackSession] = {}
-        self._stats = _Stats()
+        self._stats = ProviderStats()
         self._closed = False
 
     def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # in-process: unused
@@ -104,7 +105,7 @@ class LoopbackEndpoint(RegionTableEndpoint):
     max_outstanding = 16
 
     def __init__(self):
-        self._local = _memops.RegionTable()
+        self._local = _regions.RegionTable()
         self._conn_id: str | None = None
         self._session: _LoopbackSession | None = None
         self._done: collections.deque = collections.deque()
@@ -142,8 +143,8 @@ class LoopbackEndpoint(RegionTableEndpoint):
             raise errors.ConnectionLost("loopback endpoint is not connected (session closed?); call recover()")
         if len(self._done) >= self.max_outstanding:
             raise errors.TransportError(f"{self.max_outstanding} batches already outstanding; poll first")
-        raw = _ops_bytes(ops, self.max_batch)
-        status, index, nread, nwritten = _memops.execute_direct(session.table, self._local, raw, len(ops),
+        raw = ops_bytes(ops, self.max_batch)
+        status, index, nread, nwritten = _regions.execute_direct(session.table, self._local, raw, len(ops),
                                                                  MAX_OP_LENGTH)
         session.provider._stats.batch(index, nread, nwritten, status != 0)
         self._done.append((batch_id, status, index))

@@ -7,7 +7,7 @@ the provider's MAC in HELLO_OK (wire.py); the connection then belongs to that se
 only reach its regions.  A sniffed token is useless without the secret, and a replayed HELLO
 fails the fresh challenge.  A token stays valid while its session lives, so ``recover()``
 re-dials with it; a new proven dial with a token replaces that token's previous connection.  One thread per data
-connection: Python reads the HELLO, then one C call (``_memops.WireServer.serve``, GIL
+connection: Python reads the HELLO, then one C call (``_tcpwire.WireServer.serve``, GIL
 released) receives, checks, executes and answers every REQUEST until the peer leaves or
 breaks the protocol; Python then words the error from wire.py and sends the ERROR frame.
 
@@ -24,7 +24,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 
@@ -43,12 +42,12 @@ from .base import (
     RegionTableSession,
     RequesterTransport,
 )
+from .emulated import ProviderStats, unavailable_reason
 
 try:
-    from .._ext import _memops
-except ImportError as exc:  # pragma: no cover - setup.py builds it unconditionally
-    _memops = None
-    _IMPORT_ERROR = exc
+    from .._ext import _regions, _tcpwire
+except ImportError:  # pragma: no cover - unavailable_reason() says why
+    _regions = _tcpwire = None
 
 log = logging.getLogger(__name__)
 
@@ -63,30 +62,6 @@ DEFAULT_SPIN_US = 20
 #: the provider's connection loop does not spin by default: 20 us brings the split case to
 #: 9 us but costs the donor a busy CPU and makes a same-CPU pair 3-6x slower
 DEFAULT_PROVIDER_SPIN_US = 0
-
-
-def unavailable_reason() -> str | None:
-    if _memops is None:
-        return f"rram._ext._memops is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`"
-    if sys.byteorder != "little":
-        return "the tcp data protocol is little-endian and this host is not"
-    mismatch = {k: v for k, v in _memops.WIRE_CONSTANTS.items() if _wire_value(k) != v}
-    if mismatch:
-        return f"rram._ext._memops was built for other wire constants {mismatch}; rebuild it"
-    return None
-
-
-def _ops_bytes(ops: np.ndarray, max_batch: int) -> np.ndarray:
-    """The uint8 view of a checked 1-D OP_DTYPE batch (used by the loopback transport)."""
-    if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
-        raise errors.TransportError("ops must be a 1-D numpy array of OP_DTYPE")
-    if not 1 <= len(ops) <= max_batch:
-        raise errors.TransportError(f"a batch holds 1..{max_batch} operations, got {len(ops)}")
-    return np.ascontiguousarray(ops).view(np.uint8)
-
-
-def _wire_value(name: str) -> int:
-    return wire.HEADER.size if name == "HEADER" else getattr(wire, name)
 
 
 def _recv_exact(sock: socket.socket, n: int, before: int = 0, deadline: float | None = None) -> bytearray | None:
@@ -127,36 +102,6 @@ def _read_frame(sock: socket.socket, accept: frozenset, deadline: float | None =
 # -- provider ---------------------------------------------------------------------------------
 
 
-class _Stats:
-    """Provider counters.  tcp: totals of closed connections and of errors caught in Python;
-    live connections count in C (``WireServer.counters``) and ``snapshot`` adds them in."""
-
-    FIELDS = ("ops", "batches", "bytes_read", "bytes_written", "errors")
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._c = [0] * len(self.FIELDS)
-
-    def add(self, counts) -> None:
-        """Add a tuple in FIELDS order."""
-        with self._lock:
-            self._c = [a + b for a, b in zip(self._c, counts)]
-
-    def batch(self, ops: int, nread: int, nwritten: int, failed: bool) -> None:
-        self.add((ops, 1, nread, nwritten, int(failed)))
-
-    def error(self) -> None:
-        with self._lock:
-            self._c[-1] += 1
-
-    def snapshot(self, live=()) -> dict:
-        with self._lock:
-            total = list(self._c)
-        for counts in live:
-            total = [a + b for a, b in zip(total, counts)]
-        return dict(zip(self.FIELDS, total))
-
-
 class _DataConnection:
     """One accepted data socket, served by its own thread."""
 
@@ -167,7 +112,7 @@ class _DataConnection:
         self.ticket = ticket
         self.session: _TcpSession | None = None
         self.token: bytes | None = None
-        self.core = _memops.WireServer(sock.fileno(), provider.budget)  # BufferError: budget taken
+        self.core = _tcpwire.WireServer(sock.fileno(), provider.budget)  # BufferError: budget taken
         self.core.spin_ns = int(provider.spin_us * 1000)
         self.core.frame_timeout_ns = self.core.send_timeout_ns = int(provider.io_timeout * 1e9)
 
@@ -227,28 +172,28 @@ class _DataConnection:
     def _check(self, code: int) -> None:
         """Turn how ``WireServer.serve`` ended into an exception (or nothing for a clean end)."""
         a, _b, _c = self.core.detail()
-        if code == _memops.R_SHUT or (code == _memops.R_EOF and a == 0):
+        if code == _tcpwire.R_SHUT or (code == _tcpwire.R_EOF and a == 0):
             return
-        if code == _memops.R_EOF:
+        if code == _tcpwire.R_EOF:
             raise errors.ProtocolError(f"connection closed inside a frame ({a} bytes buffered)")
-        if code == _memops.R_OS_ERROR:
+        if code == _tcpwire.R_OS_ERROR:
             raise OSError(a, os.strerror(a))
-        if code == _memops.R_BAD_HEADER:
+        if code == _tcpwire.R_BAD_HEADER:
             h = wire.parse_header(self.core.header(), 0, wire.TO_PROVIDER)  # raises with the reason
             raise errors.ProtocolError("HELLO sent twice on one connection" if h.type == wire.HELLO
                                        else f"unexpected {wire.TYPE_NAMES[h.type]} frame")
-        if code == _memops.R_BAD_PAYLOAD:
+        if code == _tcpwire.R_BAD_PAYLOAD:
             raise errors.ProtocolError(
                 f"request payload of {a} bytes does not match the WRITE lengths of its operations")
-        if code == _memops.R_READ_LIMIT:
+        if code == _tcpwire.R_READ_LIMIT:
             raise errors.ProtocolError(f"batch reads {a} bytes; the limit is {wire.MAX_PAYLOAD}")
-        if code == _memops.R_NOMEM:
+        if code == _tcpwire.R_NOMEM:
             raise MemoryError("cannot grow a data connection buffer")
-        if code == _memops.R_BUDGET:
+        if code == _tcpwire.R_BUDGET:
             budget = self.provider.budget
             raise Busy(f"a frame needing a {a}-byte buffer does not fit the provider's I/O budget "
                        f"({budget.available} of {budget.total} bytes free)")
-        if code == _memops.R_TIMEOUT:
+        if code == _tcpwire.R_TIMEOUT:
             raise errors.ProtocolError(f"frame not finished within {self.provider.io_timeout:g}s "
                                        f"({a} bytes received)")
         raise RuntimeError(f"unexpected result {code} from the data connection loop")
@@ -260,7 +205,7 @@ class _TcpSession(RegionTableSession):
         self.session_id = session_id
         self._share_secret = secret is None  # made up here: accept() hands it over (in-process use)
         self.secret = secret if secret is not None else secrets.token_bytes(32)
-        self.table = _memops.RegionTable()
+        self.table = _regions.RegionTable()
         self.tokens: set[bytes] = set()
         self.connections: dict[bytes, _DataConnection] = {}
         self.closed = False
@@ -328,7 +273,7 @@ class ProviderTransportImpl(ProviderTransport):
             raise errors.TransportUnavailable(reason)
         self.spin_us = spin_us
         self.admission = admission or Admission()
-        self.budget = _memops.IoBudget(io_budget)
+        self.budget = _tcpwire.IoBudget(io_budget)
         self.io_timeout = io_timeout
         self.max_session_connections = max_session_connections
         try:
@@ -340,7 +285,7 @@ class ProviderTransportImpl(ProviderTransport):
         self._sessions: dict[str, _TcpSession] = {}
         self._tokens: dict[bytes, _TcpSession] = {}
         self._conns: set[_DataConnection] = set()
-        self._stats = _Stats()
+        self._stats = ProviderStats()
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name=f"rram-tcp-listen-{self.address[1]}",
                                         daemon=True)
@@ -467,8 +412,8 @@ class TcpEndpoint(RegionTableEndpoint):
     max_outstanding = 16
 
     def __init__(self, spin_us: float = DEFAULT_SPIN_US):
-        self._local = _memops.RegionTable()
-        self._core = _memops.WireRequester(self._local, self.max_outstanding, self.max_batch)
+        self._local = _regions.RegionTable()
+        self._core = _tcpwire.WireRequester(self._local, self.max_outstanding, self.max_batch)
         self._core.spin_ns = int(spin_us * 1000)
         self._params: tuple[str, int, bytes, bytes] | None = None
         self._sock: socket.socket | None = None
@@ -565,11 +510,11 @@ class TcpEndpoint(RegionTableEndpoint):
 
     def _post_error(self, rc: int) -> errors.TransportError:
         a, b, _c = self._core.detail()
-        if rc == _memops.R_TOO_MANY:
+        if rc == _tcpwire.R_TOO_MANY:
             return errors.TransportError(f"{self.max_outstanding} batches already outstanding; poll first")
-        if rc == _memops.R_BAD_COUNT:
+        if rc == _tcpwire.R_BAD_COUNT:
             return errors.TransportError(f"a batch holds 1..{self.max_batch} operations, got {a}")
-        if rc == _memops.R_TOO_BIG:
+        if rc == _tcpwire.R_TOO_BIG:
             return errors.TransportError(
                 f"batch moves {a} bytes out and {b} in; the tcp limit is {wire.MAX_PAYLOAD} each way")
         return self._failure(rc)
@@ -592,31 +537,31 @@ class TcpEndpoint(RegionTableEndpoint):
         """The connection is no longer usable: say why, from the C side's result code."""
         core = self._core
         a, b, c = core.detail()
-        if rc == _memops.R_OS_ERROR:
+        if rc == _tcpwire.R_OS_ERROR:
             return self._lost(f"data connection to the provider failed: {os.strerror(a)}", a)
-        if rc == _memops.R_EOF:
+        if rc == _tcpwire.R_EOF:
             return self._lost("provider closed the data connection")
-        if rc == _memops.R_BAD_HEADER:
+        if rc == _tcpwire.R_BAD_HEADER:
             try:
                 h = wire.parse_header(core.header(), 0, wire.TO_REQUESTER)
                 why = f"unexpected {wire.TYPE_NAMES[h.type]} frame after the handshake"
             except errors.ProtocolError as exc:
                 why = str(exc)
             return self._lost(f"bad frame from provider: {why}")
-        if rc == _memops.R_ERROR_FRAME:
+        if rc == _tcpwire.R_ERROR_FRAME:
             ev = wire.Error(a, bytes(core.payload()).decode("utf-8", "replace"))
             return self._lost(f"provider closed the data connection ({ev.describe()})")
-        if rc == _memops.R_UNEXPECTED:
+        if rc == _tcpwire.R_UNEXPECTED:
             return self._lost("bad frame from provider: HELLO_OK after the handshake")
-        if rc == _memops.R_WRONG_BATCH:
+        if rc == _tcpwire.R_WRONG_BATCH:
             return self._lost(f"completion for batch {a} while expecting {b if c else None}")
-        if rc == _memops.R_BAD_INDEX:
+        if rc == _tcpwire.R_BAD_INDEX:
             return self._lost(f"completion for batch {c} names op {a} of {b}")
-        if rc == _memops.R_BAD_PAYLOAD:
+        if rc == _tcpwire.R_BAD_PAYLOAD:
             return self._lost(f"completion for batch {c} carries {a} bytes, not its READ lengths")
-        if rc == _memops.R_OVERFLOW:
+        if rc == _tcpwire.R_OVERFLOW:
             return self._lost(f"provider sent {a} bytes, more than the outstanding batches can return")
-        if rc == _memops.R_NOMEM:
+        if rc == _tcpwire.R_NOMEM:
             return self._lost("out of memory for the data connection buffers")
         return self._lost(f"data path failed with code {rc}")
 

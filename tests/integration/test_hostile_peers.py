@@ -159,8 +159,7 @@ def test_slow_drip_flood_is_bounded_and_the_provider_keeps_serving(provider):
     with open(provider.log_path("p0")) as f:
         log = f.read()
     assert "refused a control connection from 127.0.0.2: 16 connections from 127.0.0.2" in log
-    assert "more refused in the last second" in log  # the log is rate-limited, not flooded
-    assert log.count("refused a ") < 20
+    assert log.count("refused a ") < 20  # rate-limited: hundreds refused, a line a second at most
 
 
 def test_one_peer_cannot_take_every_slot_from_an_honest_requester(provider):

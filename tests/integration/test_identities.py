@@ -14,6 +14,7 @@ from rram import config as C
 from rram import errors, transport
 from rram.control import auth
 from rram.control import messages as M
+from rram.control import keys
 from rram.control.client import ProviderClient
 from rram.transport import tcp
 from rram.testing.cluster import _ROOT
@@ -150,7 +151,7 @@ def test_keys_command_issues_a_key_file_that_works_alone(cluster, tmp_path):
     assert rc.returncode == 0, rc.stderr
     path = cluster.config.key_path("carol")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    cred = C.load_credential(path)
+    cred = keys.load(path)
     assert (cred.name, cred.role, cred.generation) == ("carol", "requester", 1)
     with ProviderClient(cluster.config.node("p0"), cred) as c:
         c.connect()
@@ -170,10 +171,10 @@ def test_bad_key_files_are_named_in_the_error(tmp_path):
     p = tmp_path / "x.key"
     p.write_text("name: x\nrole: boss\ngeneration: 1\nkey: '00'\n")
     with pytest.raises(errors.ConfigError, match=r"x.key: role must be one of requester, operator, provider"):
-        C.load_credential(p)
+        keys.load(p)
     p.write_text("name: x\nrole: operator\ngeneration: 1\nkey: zz\n")
     with pytest.raises(errors.ConfigError, match=r"x.key: key: expected 32 bytes in hex"):
-        C.load_credential(p)
+        keys.load(p)
 
 
 def test_hello_with_a_bad_role_is_a_protocol_error(cluster):
