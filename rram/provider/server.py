@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .. import config as C
 from .. import errors, transport
+from ..control import messages as M
 from ..transport.admission import Admission, Busy, Caps
 from .connection import ControlConnection, Refused
 from .slabs import Slab, SlabPool
@@ -351,8 +352,6 @@ class Provider:
 
 def _refuse(sock: socket.socket, exc: Exception) -> None:
     """Say why (if the socket takes it at once) and close, without a thread or a wait."""
-    from ..control import messages as M
-
     try:
         sock.send(M.encode(M.error_reply(0, "limit", str(exc))), socket.MSG_DONTWAIT)
     except OSError:
