@@ -300,3 +300,34 @@ def test_a_stalled_reader_is_dropped_after_the_send_deadline(provider):
     r.round_trip(9)  # the same session's other connection never noticed
     s.close()
     r.close()
+
+
+def test_lease_expiry_is_not_stalled_by_a_requester_that_stopped_reading(tmp_path):
+    # a long send deadline: only the cancel on shut can free the provider's blocked reply in time
+    with tcp_cluster(n_providers=1, capacity="64MiB", workdir=str(tmp_path), slab_size="1MiB", replicas=1,
+                     lease_grace=1.0, io_timeout=30.0, limits=LIMITS) as cluster:
+        stalled, other = Requester(cluster, "stalled"), Requester(cluster, "other")
+        p = stalled.client.connect_data({})
+        s = socket.create_connection((p["host"], p["port"]))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
+        descs = np.zeros(64, wire.WIRE_OP)
+        descs["remote_addr"], descs["length"] = stalled.lease.region.addr, 16 << 10
+        descs["rkey"] = stalled.lease.region.rkey
+        s.setblocking(False)
+        for _ in range(400):
+            try:
+                s.send(wire.request(1, descs))
+            except BlockingIOError:
+                break
+        time.sleep(0.5)  # the provider is blocked replying to a peer that does not read
+        for r in (stalled, other):  # both vanish without bye: their leases wait out the grace
+            r.client._hangup()
+        t0 = time.monotonic()
+        with cluster.client("p0", "admin", "operator") as admin:
+            wait_for(lambda: admin.stats()["used"] == 0, 6.0)
+        assert time.monotonic() - t0 < 1.0 + 5.0  # grace + reaper tick, not the 30 s send deadline
+        s.close()
+        for r in (stalled, other):
+            r.ep.close()
+            r.client.close()
