@@ -12,12 +12,11 @@ import pytest
 
 from rram import config as C
 from rram import errors, transport
-from rram.control import auth
+from rram.control import auth, keys
 from rram.control import messages as M
-from rram.control import keys
 from rram.control.client import ProviderClient
-from rram.transport import tcp
 from rram.testing.cluster import _ROOT
+from rram.transport import tcp
 
 from .conftest import tcp_cluster
 
@@ -59,7 +58,8 @@ def test_a_requester_key_cannot_drain_shutdown_reload_or_list_others(cluster):
 def test_names_and_roles_are_proven_not_asserted(cluster):
     alice = cluster.credential("alice")
     # alice's key presented under another name, or as an operator, does not verify
-    for forged in (auth.Credential("bob", "requester", 1, alice.key), auth.Credential("alice", "operator", 1, alice.key),
+    for forged in (auth.Credential("bob", "requester", 1, alice.key),
+                   auth.Credential("alice", "operator", 1, alice.key),
                    auth.Credential("alice", "requester", 2, alice.key)):
         c = ProviderClient(cluster.config.node("p0"), forged)
         with pytest.raises(errors.AuthError, match="wrong key"):
