@@ -212,3 +212,15 @@ def test_a_sniffed_data_token_is_refused_by_a_real_provider(cluster):
     assert ep.poll(comp, 5.0) == 1 and comp[0]["status"] == 0
     for x in (ep, alice, bob):
         x.close()
+
+
+def test_sessions_per_requester_are_capped(cluster):
+    cap = cluster.config.limits.max_sessions_per_requester
+    held = [cluster.client("p0", "alice") for _ in range(cap)]
+    with pytest.raises(errors.RramError, match="already has 8 sessions here"):
+        cluster.client("p0", "alice")
+    other = cluster.client("p0", "bob")  # a cap per requester, not per provider
+    held[0].close()  # bye ends a session at once: room again
+    again = cluster.client("p0", "alice")
+    for c in held[1:] + [other, again]:
+        c.close()
