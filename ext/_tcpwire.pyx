@@ -96,6 +96,42 @@ cdef extern from *:
     void rram_add_u64(uint64_t *p, uint64_t v) nogil
     uint64_t rram_load_u64(const uint64_t *p) nogil
 
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_MD:
+        pass
+    const EVP_MD *EVP_sha256()
+
+cdef extern from "openssl/hmac.h" nogil:
+    unsigned char *HMAC(const EVP_MD *evp_md, const void *key, int key_len, const unsigned char *d, size_t n,
+                        unsigned char *md, unsigned int *md_len)
+
+cdef extern from "openssl/crypto.h" nogil:
+    int CRYPTO_memcmp(const void *a, const void *b, size_t n)
+
+cdef enum:
+    FLAG_MAC = 1        # header flags: a MAC_TRAILER-byte MAC follows the REQUEST payload
+    MAC_TRAILER = 16
+    FRAME_KEY = 32
+
+
+cdef inline void _frame_mac(const uint8_t *key, const uint8_t *frame, size_t n, uint8_t *out) noexcept nogil:
+    """HMAC-SHA256(key, header | descriptors), truncated: what wire.request_mac computes."""
+    cdef unsigned char md[32]
+    cdef unsigned int mdlen = 32
+    HMAC(EVP_sha256(), key, FRAME_KEY, frame, n, md, &mdlen)
+    memcpy(out, md, MAC_TRAILER)
+
+
+def frame_mac(const uint8_t[::1] key, const uint8_t[::1] frame):
+    """The MAC both ends compute over a REQUEST's header and descriptors (tests, benchmarks)."""
+    cdef uint8_t out[MAC_TRAILER]
+    if key.shape[0] != FRAME_KEY or frame.shape[0] == 0:
+        raise ValueError(f"a {FRAME_KEY}-byte key and a non-empty frame")
+    with nogil:
+        _frame_mac(&key[0], &frame[0], frame.shape[0], out)
+    return (<char *>out)[:MAC_TRAILER]
+
+
 cdef extern from *:
     """
     /* the provider-wide I/O budget: every serving thread takes and gives bytes concurrently */
@@ -166,6 +202,8 @@ cdef enum:
     R_BUDGET = -22
     # provider: a started frame (a = bytes buffered) did not finish within frame_timeout_ns
     R_TIMEOUT = -23
+    # provider: request a (its sequence number b) lacks the MAC, or the MAC does not verify
+    R_BAD_MAC = -24
     # post refused before anything was sent: max_outstanding batches in flight
     R_TOO_MANY = -30
     # post refused: a = number of ops, outside 1..max_batch
@@ -188,6 +226,7 @@ RESULT_CODES = {
     "R_NOMEM": R_NOMEM,
     "R_BUDGET": R_BUDGET,
     "R_TIMEOUT": R_TIMEOUT,
+    "R_BAD_MAC": R_BAD_MAC,
     "R_TOO_MANY": R_TOO_MANY,
     "R_BAD_COUNT": R_BAD_COUNT,
     "R_TOO_BIG": R_TOO_BIG,
@@ -438,6 +477,9 @@ cdef class WireServer:
     cdef uint64_t failed
     cdef int64_t a, b
     cdef IoBudget budget_obj
+    cdef uint8_t key[32]       # set_frame_key: every REQUEST must carry a MAC under it
+    cdef bint keyed
+    cdef uint32_t seq          # the sequence number the next REQUEST must carry
     cdef public int64_t spin_ns
     cdef public int64_t frame_timeout_ns
     cdef public int64_t send_timeout_ns
@@ -491,6 +533,14 @@ cdef class WireServer:
 
     cdef inline int64_t _send_deadline(self) noexcept nogil:
         return _now_ns() + self.send_timeout_ns if self.send_timeout_ns > 0 else 0
+
+    def set_frame_key(self, const uint8_t[::1] key):
+        """From now on every REQUEST must carry its sequence number (header ``reserved``, from
+        0) and a MAC under ``key`` (32 bytes) over its header and descriptors."""
+        if key.shape[0] != FRAME_KEY:
+            raise ValueError(f"frame key must be {FRAME_KEY} bytes")
+        memcpy(self.key, &key[0], FRAME_KEY)
+        self.keyed, self.seq = True, 0
 
     def counters(self):
         """(ops, batches, bytes_read, bytes_written, failed batches) so far."""
@@ -567,6 +617,11 @@ cdef class WireServer:
                         or h.payload_len > MAX_PAYLOAD):
                     return R_BAD_HEADER
                 total = HDR + <size_t>h.count * sizeof(wire_op_t) + h.payload_len
+                if self.keyed:
+                    if not (h.flags & FLAG_MAC):
+                        self.a, self.b = self.seq, h.reserved
+                        return R_BAD_MAC
+                    total += MAC_TRAILER
                 if avail >= total:
                     r = self._execute(table, h)
                     if r < 0:
@@ -636,6 +691,7 @@ cdef class WireServer:
         cdef Py_ssize_t done
         cdef int status, rc
         cdef uint8_t *nb
+        cdef uint8_t mac[MAC_TRAILER]
         # the requester's _encode tallies its op_t array the same way; these are wire descriptors
         for i in range(n):
             if d[i].opcode == OP_WRITE:
@@ -648,6 +704,12 @@ cdef class WireServer:
         if rtotal > MAX_PAYLOAD:
             self.a = rtotal
             return R_READ_LIMIT
+        if self.keyed:  # before anything runs: altered, replayed, reordered or unsigned frames stop here
+            _frame_mac(self.key, <const uint8_t *>h, HDR + <size_t>n * sizeof(wire_op_t), mac)
+            if h.reserved != self.seq or CRYPTO_memcmp(mac, payload + h.payload_len, MAC_TRAILER) != 0:
+                self.a, self.b = self.seq, h.reserved
+                return R_BAD_MAC
+            self.seq += 1
         if HDR + rtotal > self.out_cap:
             if self.rx.budget != NULL and not rram_budget_take(self.rx.budget, HDR + rtotal - self.out_cap):
                 self.a = HDR + rtotal
@@ -702,6 +764,9 @@ cdef class WireRequester:
     cdef uint32_t head, count, max_outstanding, max_batch
     cdef bint eof
     cdef int64_t a, b, c
+    cdef uint8_t key[32]       # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
+    cdef bint keyed
+    cdef uint32_t seq
     cdef public int64_t spin_ns
 
     def __cinit__(self, RegionTable local, uint32_t max_outstanding, uint32_t max_batch):
@@ -752,6 +817,13 @@ cdef class WireRequester:
         self.detach()
         self.fd = fd
 
+    def set_frame_key(self, const uint8_t[::1] key):
+        """Sign every REQUEST from now on (after ``attach``: each connection has its own key)."""
+        if key.shape[0] != FRAME_KEY:
+            raise ValueError(f"frame key must be {FRAME_KEY} bytes")
+        memcpy(self.key, &key[0], FRAME_KEY)
+        self.keyed, self.seq = True, 0
+
     def detach(self):
         """Forget the connection and every outstanding batch (the owner closes the fd)."""
         self.fd = -1
@@ -759,6 +831,7 @@ cdef class WireRequester:
         self.rx.start = self.rx.end = 0
         self.soff = self.slen = 0
         self.eof = False
+        self.keyed = False
 
     def post(self, object ops, uint64_t batch_id):
         """Send a contiguous 1-D OP_DTYPE array as one batch: 0, or a negative R_* code.
@@ -808,7 +881,7 @@ cdef class WireRequester:
         if w > MAX_PAYLOAD or r > MAX_PAYLOAD:
             self.a, self.b = w, r
             return R_TOO_BIG
-        need = HDR + <uint64_t>n * sizeof(wire_op_t) + w
+        need = HDR + <uint64_t>n * sizeof(wire_op_t) + w + MAC_TRAILER
         if need > self.scap:
             nb = <uint8_t *>realloc(self.sbuf, need)
             if nb == NULL:
@@ -852,6 +925,12 @@ cdef class WireRequester:
         if k:
             _put_header(self.sbuf, T_REQUEST, batch_id, <uint32_t>k, 0, <uint32_t>w)
             self.slen = HDR + <size_t>k * sizeof(wire_op_t) + w
+            if self.keyed:
+                (<header_t *>self.sbuf).flags = FLAG_MAC
+                (<header_t *>self.sbuf).reserved = self.seq
+                self.seq += 1
+                _frame_mac(self.key, self.sbuf, HDR + <size_t>k * sizeof(wire_op_t), self.sbuf + self.slen)
+                self.slen += MAC_TRAILER
         return 0
 
     cdef int _send_frame(self) noexcept nogil:

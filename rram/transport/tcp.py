@@ -166,12 +166,13 @@ class _DataConnection:
         self.ticket.authenticated()
         session._attach(self)
         self.sock.settimeout(None)
+        self.core.set_frame_key(wire.frame_key(session.secret, nonce, ev.token))
         if self.core.send_frame(wire.hello_ok(wire.hello_ok_mac(session.secret, nonce, ev.token))):
             self._check(self.core.serve(session.table))
 
     def _check(self, code: int) -> None:
         """Turn how ``WireServer.serve`` ended into an exception (or nothing for a clean end)."""
-        a, _b, _c = self.core.detail()
+        a, b, _c = self.core.detail()
         if code == _tcpwire.R_SHUT or (code == _tcpwire.R_EOF and a == 0):
             return
         if code == _tcpwire.R_EOF:
@@ -193,6 +194,9 @@ class _DataConnection:
             budget = self.provider.budget
             raise Busy(f"a frame needing a {a}-byte buffer does not fit the provider's I/O budget "
                        f"({budget.available} of {budget.total} bytes free)")
+        if code == _tcpwire.R_BAD_MAC:
+            raise errors.ProtocolError(f"request {a} on this connection: missing or bad MAC, or sequence number {b} "
+                                       "(altered, replayed, reordered or not signed with the connection's key)")
         if code == _tcpwire.R_TIMEOUT:
             raise errors.ProtocolError(f"frame not finished within {self.provider.io_timeout:g}s "
                                        f"({a} bytes received)")
@@ -374,10 +378,10 @@ class ProviderTransportImpl(ProviderTransport):
                 del self._sessions[session.session_id]
 
 
-def handshake(sock: socket.socket, token: bytes, secret: bytes, where: str = "provider") -> None:
+def handshake(sock: socket.socket, token: bytes, secret: bytes, where: str = "provider") -> bytes:
     """The requester's side of the data handshake on a connected socket (CHALLENGE, HELLO,
-    HELLO_OK); raises ConnectionLost if the provider refuses, AuthError if it cannot prove
-    itself."""
+    HELLO_OK); returns the connection's frame key.  Raises ConnectionLost if the provider
+    refuses, AuthError if it cannot prove itself."""
     nonce = None
     ev = _read_frame(sock, wire.TO_REQUESTER)
     if isinstance(ev, wire.Challenge):
@@ -392,6 +396,7 @@ def handshake(sock: socket.socket, token: bytes, secret: bytes, where: str = "pr
         raise errors.ProtocolError(f"expected CHALLENGE then HELLO_OK, got {type(ev).__name__}")
     if not hmac.compare_digest(ev.mac, wire.hello_ok_mac(secret, nonce, token)):
         raise errors.AuthError(f"data port {where} did not prove it holds the session's secret")
+    return wire.frame_key(secret, nonce, token)
 
 
 def _refuse(sock: socket.socket, frame: bytes) -> None:
@@ -456,7 +461,7 @@ class TcpEndpoint(RegionTableEndpoint):
             raise errors.ConnectionLost(f"cannot reach provider data port {host}:{port}: {exc}", exc.errno) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handshake(sock, token, secret, f"{host}:{port}")
+            key = handshake(sock, token, secret, f"{host}:{port}")
         except OSError as exc:
             sock.close()
             raise errors.ConnectionLost(f"data connection to {host}:{port} failed: {exc}", exc.errno) from exc
@@ -465,6 +470,7 @@ class TcpEndpoint(RegionTableEndpoint):
             raise
         sock.setblocking(False)
         self._core.attach(sock.fileno())
+        self._core.set_frame_key(key)
         self._sock, self._broken = sock, None
 
     def _disconnect(self, why: str) -> None:

@@ -6,13 +6,13 @@ Every frame starts with one 32-byte header (little-endian)::
      0     4    magic        b"RRMD"
      4     1    version      1
      5     1    type         HELLO 1, HELLO_OK 2, REQUEST 3, COMPLETION 4, ERROR 5, CHALLENGE 6
-     6     2    flags        0 (reserved)
+     6     2    flags        REQUEST: FLAG_MAC (1) once the handshake set a frame key; else 0
      8     8    batch_id     REQUEST / COMPLETION: the requester's batch id; else 0
     16     4    count        REQUEST: operations (1..MAX_OPS); COMPLETION: index of the first
                              failing op (n on success); ERROR: error code; else 0
     20     4    status       COMPLETION: ibv_wc_status (signed); else 0
     24     4    payload_len  bytes after the header and the op descriptors
-    28     4    reserved     0
+    28     4    seq          REQUEST with FLAG_MAC: its number on the connection (0, 1, ...); else 0
 
 Bodies::
 
@@ -20,7 +20,8 @@ Bodies::
     HELLO       payload = session token (TOKEN_SIZE) + hello_mac     requester -> provider
     HELLO_OK    payload = hello_ok_mac (MAC_SIZE)                    provider -> requester
     REQUEST     count x WIRE_OP descriptors, then the WRITE data of the batch concatenated in
-                op order (payload_len = sum of the WRITE lengths)
+                op order (payload_len = sum of the WRITE lengths), then with FLAG_MAC a
+                MAC_TRAILER-byte request_mac over the header and descriptors
     COMPLETION  payload = the READ data of the executed ops, concatenated in op order
     ERROR       payload = UTF-8 message (<= MAX_MESSAGE); the sender closes the connection
 
@@ -35,7 +36,10 @@ One WIRE_OP descriptor (24 bytes)::
 The handshake binds a connection to its session: both MACs are keyed with the session's
 secret, which each side derived from the control handshake (never sent), and cover the
 provider's fresh nonce, so a sniffed token or a replayed HELLO is refused, and a requester
-knows it reached the provider that holds its session.
+knows it reached the provider that holds its session.  Both then derive the connection's
+frame key (``frame_key``): every REQUEST carries its sequence number and a MAC of its header
+and descriptors, so an on-path attacker cannot alter where a batch reads or writes, nor
+replay, reorder or inject one.  (WRITE data and completions are not covered yet.)
 
 A bad key or range is an error COMPLETION (the connection stays usable); broken framing
 (wrong magic/version/type, lengths over the limits) is a ``ProtocolError``: the receiver sends
@@ -76,6 +80,8 @@ MAX_MESSAGE = 4096
 TOKEN_SIZE = 32
 NONCE_SIZE = 32
 MAC_SIZE = 32
+FLAG_MAC = 1
+MAC_TRAILER = 16
 
 # ERROR codes
 E_BAD_FRAME = 1  # framing broken: the connection is closed
@@ -102,12 +108,14 @@ class Header:
     count: int
     status: int
     payload_len: int
+    flags: int = 0
+    seq: int = 0
 
     @property
     def body_len(self) -> int:
         """Bytes that follow the header."""
         ops = self.count * WIRE_OP.itemsize if self.type == REQUEST else 0
-        return ops + self.payload_len
+        return ops + self.payload_len + (MAC_TRAILER if self.flags & FLAG_MAC else 0)
 
 
 @dataclass(frozen=True)
@@ -155,7 +163,7 @@ class Error:
 
 def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQUESTER) -> Header:
     """Decode and check one header at ``buf[offset:offset+32]``; raises ProtocolError."""
-    magic, version, ftype, _flags, batch_id, count, status, payload_len, _res = HEADER.unpack_from(buf, offset)
+    magic, version, ftype, flags, batch_id, count, status, payload_len, seq = HEADER.unpack_from(buf, offset)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r} (not an rram data connection?)")
     if version != VERSION:
@@ -186,14 +194,16 @@ def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQU
             raise ProtocolError(f"error message of {payload_len} bytes exceeds the limit of {MAX_MESSAGE}")
     elif payload_len:
         raise ProtocolError(f"{TYPE_NAMES[ftype]} frame with a {payload_len}-byte payload, expected none")
-    return Header(ftype, batch_id, count, status, payload_len)
+    if flags & ~FLAG_MAC or (flags and ftype != REQUEST):
+        raise ProtocolError(f"{TYPE_NAMES[ftype]} frame with unknown flags {flags:#x}")
+    return Header(ftype, batch_id, count, status, payload_len, flags, seq)
 
 
 def parse_body(h: Header, body: memoryview):
     """The event for a checked header and its ``h.body_len`` bytes of body."""
     if h.type == REQUEST:
         split = h.count * WIRE_OP.itemsize
-        return Request(h.batch_id, h.count, body[:split], body[split:])
+        return Request(h.batch_id, h.count, body[:split], body[split : split + h.payload_len])
     if h.type == COMPLETION:
         return Completion(h.batch_id, h.status, h.count, body)
     if h.type == HELLO:
@@ -227,6 +237,15 @@ def hello_ok_mac(secret: bytes, nonce: bytes, token: bytes) -> bytes:
     return hmac.new(secret, b"rram-data-hello-ok\0" + nonce + token, hashlib.sha256).digest()
 
 
+def frame_key(secret: bytes, nonce: bytes, token: bytes) -> bytes:
+    """The key that signs this connection's REQUEST frames (both ends derive it after HELLO)."""
+    return hmac.new(secret, b"rram-data-frames\0" + nonce + token, hashlib.sha256).digest()
+
+
+def request_mac(key: bytes, header_and_descriptors: bytes) -> bytes:
+    return hmac.new(key, header_and_descriptors, hashlib.sha256).digest()[:MAC_TRAILER]
+
+
 def challenge(nonce: bytes) -> bytes:
     if len(nonce) != NONCE_SIZE:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
@@ -250,10 +269,14 @@ def error(code: int, message: str) -> bytes:
     return header(ERROR, count=code, payload_len=len(data)) + data
 
 
-def request(batch_id: int, ops: np.ndarray, payload: bytes = b"") -> bytes:
-    """A REQUEST frame from a ``WIRE_OP`` array (tests and tools; the endpoint builds frames in C)."""
+def request(batch_id: int, ops: np.ndarray, payload: bytes = b"", key: bytes | None = None, seq: int = 0) -> bytes:
+    """A REQUEST frame from a ``WIRE_OP`` array, signed as request ``seq`` when a frame ``key``
+    is given (tests and tools; the endpoint builds frames in C)."""
     descs = np.ascontiguousarray(ops, dtype=WIRE_OP)
-    return header(REQUEST, batch_id, len(descs), payload_len=len(payload)) + descs.tobytes() + bytes(payload)
+    if key is None:
+        return header(REQUEST, batch_id, len(descs), payload_len=len(payload)) + descs.tobytes() + bytes(payload)
+    head = HEADER.pack(MAGIC, VERSION, REQUEST, FLAG_MAC, batch_id, len(descs), 0, len(payload), seq)
+    return head + descs.tobytes() + bytes(payload) + request_mac(key, head + descs.tobytes())
 
 
 def completion(batch_id: int, status: int, index: int, data: bytes = b"") -> bytes:

@@ -202,18 +202,18 @@ def test_capacity_bypass_with_many_tokens_and_big_batches_is_refused(provider):
     descs = np.zeros(64, wire.WIRE_OP)
     descs["remote_addr"], descs["length"], descs["rkey"], descs["opcode"] = region.addr, MiB, region.rkey, 1
     page = np.full(MiB, 0x5A, np.uint8).tobytes()
-    frame = wire.request(1, descs, page * 64)
-    socks = []
+    socks, frames = [], []
     for p in params[1:]:
         s = socket.create_connection((p["host"], p["port"]))
-        tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
+        key = tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
         socks.append(s)
+        frames.append(wire.request(1, descs, page * 64, key))
     results = [None] * len(socks)
     peaks = []
 
     def attack(i, s):
         try:
-            s.sendall(frame)
+            s.sendall(frames[i])
             results[i] = s.recv(4096)
         except OSError as exc:
             results[i] = exc
@@ -256,15 +256,14 @@ def test_a_requester_that_stops_reading_is_dropped_and_sigterm_does_not_hang(pro
     # READ batches whose completions nobody reads: the provider's replies fill the socket
     s = socket.create_connection((r.params["host"], r.params["port"]))
     p = r.client.connect_data({})
-    tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
+    key = tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     descs = np.zeros(64, wire.WIRE_OP)
     descs["remote_addr"], descs["length"], descs["rkey"] = r.lease.region.addr, 16 << 10, r.lease.region.rkey
     s.setblocking(False)
-    frame = wire.request(1, descs)
-    for _ in range(400):
+    for i in range(400):
         try:
-            s.send(frame)
+            s.send(wire.request(1, descs, key=key, seq=i))
         except BlockingIOError:
             break
     time.sleep(0.5)  # the provider is now blocked sending a completion nobody reads
@@ -284,13 +283,13 @@ def test_a_stalled_reader_is_dropped_after_the_send_deadline(provider):
     s = socket.create_connection((r.params["host"], r.params["port"]))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     p = r.client.connect_data({})
-    tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
+    key = tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
     descs = np.zeros(64, wire.WIRE_OP)
     descs["remote_addr"], descs["length"], descs["rkey"] = r.lease.region.addr, 16 << 10, r.lease.region.rkey
     s.setblocking(False)
-    for _ in range(400):
+    for i in range(400):
         try:
-            s.send(wire.request(1, descs))
+            s.send(wire.request(1, descs, key=key, seq=i))
         except BlockingIOError:
             break
     deadline = time.monotonic() + IO_TIMEOUT + 3
@@ -310,14 +309,14 @@ def test_lease_expiry_is_not_stalled_by_a_requester_that_stopped_reading(tmp_pat
         p = stalled.client.connect_data({})
         s = socket.create_connection((p["host"], p["port"]))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
+        key = tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
         descs = np.zeros(64, wire.WIRE_OP)
         descs["remote_addr"], descs["length"] = stalled.lease.region.addr, 16 << 10
         descs["rkey"] = stalled.lease.region.rkey
         s.setblocking(False)
-        for _ in range(400):
+        for i in range(400):
             try:
-                s.send(wire.request(1, descs))
+                s.send(wire.request(1, descs, key=key, seq=i))
             except BlockingIOError:
                 break
         time.sleep(0.5)  # the provider is blocked replying to a peer that does not read

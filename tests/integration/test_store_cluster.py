@@ -113,7 +113,7 @@ def test_bad_key_and_out_of_bounds_from_a_real_provider(cluster):
         lease = c.alloc_slab(1 << 20)
         params = c.connect_data({})
         sock = socket.create_connection((params["host"], params["port"]), timeout=5)
-        tcp.handshake(sock, bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"]))
+        key = tcp.handshake(sock, bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"]))
         region = lease.region
         cases = [(region.addr, 4096, region.rkey ^ 0x5A5A),            # bad key
                  (region.addr + region.length - 100, 4096, region.rkey),  # past the end
@@ -121,7 +121,7 @@ def test_bad_key_and_out_of_bounds_from_a_real_provider(cluster):
         for batch, (addr, length, rkey) in enumerate(cases, 1):
             ops = np.zeros(1, dtype=wire.WIRE_OP)
             ops[0]["remote_addr"], ops[0]["length"], ops[0]["rkey"], ops[0]["opcode"] = addr, length, rkey, 0
-            sock.sendall(wire.header(wire.REQUEST, batch_id=batch, count=1) + ops.tobytes())
+            sock.sendall(wire.request(batch, ops, key=key, seq=batch - 1))
         dec = wire.Decoder(wire.TO_REQUESTER)
         got = []
         while len(got) < len(cases):

@@ -148,3 +148,18 @@ def test_fuzz_truncated_and_mutated_frames(frame, data):
 def test_fuzz_header_counts_and_lengths(ftype, count, payload_len):
     hdr = wire.HEADER.pack(wire.MAGIC, wire.VERSION, ftype, 0, 1, count, 0, payload_len, 0)
     feed_checked(hdr + bytes(64), 37)
+
+
+def test_signed_requests_parse_and_the_c_mac_matches_the_reference():
+    from rram._ext import _tcpwire
+
+    key, ops = bytes(range(32)), sample_ops(3)
+    frame = wire.request(9, ops, b"w" * 10, key=key, seq=41)
+    h = wire.parse_header(frame, 0, wire.TO_PROVIDER)
+    assert (h.flags, h.seq, h.body_len) == (wire.FLAG_MAC, 41, 3 * 24 + 10 + wire.MAC_TRAILER)
+    ev = decode_all(frame, wire.TO_PROVIDER)[0]
+    assert ev[4] == b"w" * 10  # the payload ends before the MAC
+    signed = frame[: wire.HEADER.size + 3 * 24]
+    assert frame[-wire.MAC_TRAILER :] == wire.request_mac(key, signed) == _tcpwire.frame_mac(key, signed)
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        wire.parse_header(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.COMPLETION, 1, 0, 0, 0, 0, 0))
