@@ -14,6 +14,7 @@ import socket
 
 from . import config as C
 from . import errors
+from .control import keys
 from .control.client import ProviderClient
 from .control.keeper import Keeper, control_timeout
 from .datapath.remote import Link, RemoteTier
@@ -44,10 +45,10 @@ def link(client, rt, name: str, failure_domain: str | None = None) -> Link:
     return Link(index=-1, name=name, client=client, endpoint=ep, failure_domain=failure_domain)
 
 
-def link_provider(node, rt, requester: str, secret: bytes, timeout: float = 5.0) -> Link:
-    """Authenticate to provider ``node`` (a NodeConfig) and link it; ``timeout`` bounds each
-    control request (``control_timeout(cfg)`` in a store)."""
-    client = ProviderClient(node, secret, requester, timeout=timeout)
+def link_provider(node, rt, credential, timeout: float = 5.0) -> Link:
+    """Authenticate to provider ``node`` (a NodeConfig) with ``credential`` and link it;
+    ``timeout`` bounds each control request (``control_timeout(cfg)`` in a store)."""
+    client = ProviderClient(node, credential, timeout=timeout)
     try:
         client.connect()
         return link(client, rt, node.name, node.failure_domain)
@@ -76,13 +77,13 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     # resumed or declared dead by the keeper); reads hedge to another replica after half that
     remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, io_timeout=cfg.suspect_threshold,
                         read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas)
-    secret = cfg.secret_bytes()
+    credential = keys.credential(cfg, requester, "requester")
     timeout = control_timeout(cfg)
     for node in cfg.providers():
         if node.name == requester:
             continue  # symmetric topology: never place our pages on ourselves
         try:
-            remote.add_link(link_provider(node, rt, requester, secret, timeout))
+            remote.add_link(link_provider(node, rt, credential, timeout))
         except errors.AuthError:
             remote.close()
             raise
@@ -97,6 +98,6 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     store.transport_reason = why
     store.requester = requester
     if keeper:
-        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, requester, secret, timeout),
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, credential, timeout),
                               requester=requester).start()
     return store

@@ -259,11 +259,11 @@ def test_a_bad_reclaim_is_refused_and_the_provider_keeps_serving(tmp_path):
 
     with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path)) as c:
         node = c.config.node("p0")
-        with ProviderClient(node, c.config.secret_bytes(), "admin") as admin:
+        with ProviderClient(node, c.credential("admin", "operator")) as admin:
             admin.connect()
             with pytest.raises(errors.ProtocolError, match="byte count >= 0"):
                 admin.reclaim(-1)
-        with ProviderClient(node, c.config.secret_bytes(), "admin") as admin:  # a refusal hangs the client up
+        with ProviderClient(node, c.credential("admin", "operator")) as admin:  # a refusal hangs the client up
             admin.connect()
             assert admin.reclaim(0) == {"capacity": 0, "excess": 0}  # nothing leased: nothing left to lease
             assert admin.heartbeat()["reclaim"] == 0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rram import PAGE_SIZE, errors
+from rram.control import keys
 from rram.control.client import ProviderClient
 from rram.cluster import open_store
 from rram.testing.faultproxy import ProviderProxy
@@ -31,7 +32,7 @@ def px(one):
 
 
 def client(px, timeout=5.0):
-    c = ProviderClient(px.config.node("p0"), px.config.secret_bytes(), "proxy-test", timeout=timeout)
+    c = ProviderClient(px.config.node("p0"), keys.credential(px.config, "proxy-test", "operator"), timeout=timeout)
     c.connect()
     return c
 
