@@ -203,45 +203,47 @@ def test_capacity_bypass_with_many_tokens_and_big_batches_is_refused(provider):
     descs["remote_addr"], descs["length"], descs["rkey"], descs["opcode"] = region.addr, MiB, region.rkey, 1
     page = np.full(MiB, 0x5A, np.uint8).tobytes()
     socks, frames = [], []
-    for p in params[1:]:
-        s = socket.create_connection((p["host"], p["port"]))
-        key = tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
-        socks.append(s)
-        frames.append(wire.request(1, descs, page * 64, key))
-    results = [None] * len(socks)
-    peaks = []
+    try:
+        for p in params[1:]:
+            s = socket.create_connection((p["host"], p["port"]))
+            key = tcp.handshake(s, bytes.fromhex(p["token"]), bytes.fromhex(p["session_secret"]))
+            socks.append(s)
+            frames.append(wire.request(1, descs, page * 64, key))
+        results = [None] * len(socks)
+        peaks = []
 
-    def attack(i, s):
-        try:
-            s.sendall(frames[i])
-            results[i] = s.recv(4096)
-        except OSError as exc:
-            results[i] = exc
+        def attack(i, s):
+            try:
+                s.sendall(frames[i])
+                results[i] = s.recv(4096)
+            except OSError as exc:
+                results[i] = exc
 
-    def watch(stop):  # samples at least once even if the attack is over within one period
-        peaks.append(rss(pid))
-        while not stop.wait(0.05):
+        def watch(stop):  # samples at least once even if the attack is over within one period
             peaks.append(rss(pid))
-        peaks.append(rss(pid))
+            while not stop.wait(0.05):
+                peaks.append(rss(pid))
+            peaks.append(rss(pid))
 
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch, args=(stop,))
-    watcher.start()
-    attackers = [threading.Thread(target=attack, args=(i, s)) for i, s in enumerate(socks)]
-    for t in attackers:
-        t.start()
-    for t in attackers:
-        t.join(30)
-    stop.set()
-    watcher.join()
-    done = [wire.parse_header(res) for res in results if isinstance(res, bytes) and len(res) >= 32]
-    done = [h for h in done if h.type == wire.COMPLETION and h.status == 0]
-    assert 1 <= len(done) < len(socks), results  # three 64 MiB frames at once do not fit a 96 MiB budget
-    assert max(peaks) < 64 * MiB + 96 * MiB + FIXED_OVERHEAD
-    with open(provider.log_path("p0")) as f:  # the refused peers were cut mid-send: the log says why
-        assert "does not fit the provider's I/O budget" in f.read()
-    for s in socks:
-        s.close()
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=(stop,))
+        watcher.start()
+        attackers = [threading.Thread(target=attack, args=(i, s)) for i, s in enumerate(socks)]
+        for t in attackers:
+            t.start()
+        for t in attackers:
+            t.join(30)
+        stop.set()
+        watcher.join()
+        done = [wire.parse_header(res) for res in results if isinstance(res, bytes) and len(res) >= 32]
+        done = [h for h in done if h.type == wire.COMPLETION and h.status == 0]
+        assert 1 <= len(done) < len(socks), results  # three 64 MiB frames at once do not fit a 96 MiB budget
+        assert max(peaks) < 64 * MiB + 96 * MiB + FIXED_OVERHEAD
+        with open(provider.log_path("p0")) as f:  # the refused peers were cut mid-send: the log says why
+            assert "does not fit the provider's I/O budget" in f.read()
+    finally:  # a failed assertion must not leave the sockets to a later test's garbage collection
+        for s in socks:
+            s.close()
     # the honest path on the same session still works, and the budget came back
     r.round_trip(3)
 
