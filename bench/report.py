@@ -165,11 +165,27 @@ def run_suites(out: str, runs: int, quick: bool, suites=SUITES) -> list[dict]:
                                       f"--benchmark-json={path}", "-p", "no:cacheprovider", "-q", "-rs"],
                                      cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
             seconds = time.monotonic() - t0
+            _keep_cdf_data_only(path)
             log.append({"run": run, "suite": suite, "rc": rc, "seconds": round(seconds, 1)})
             print(f"bench-report: run {run}/{runs} {suite}: exit {rc} in {seconds:.0f}s", flush=True)
     with open(os.path.join(raw, "runs.json"), "w") as f:
         json.dump({"quick": quick, "pin": os.environ.get("RRAM_BENCH_PIN", "split"), "suites": log}, f, indent=1)
     return log
+
+
+def _keep_cdf_data_only(path: str) -> None:
+    """Drop the per-round timings that no plot uses (some benchmarks run 100 000 rounds), so
+    that raw/ stays small enough to keep with the report."""
+    if not os.path.exists(path):
+        return
+    wanted = {key for _, _, series in CDFS for _, key in series}
+    with open(path) as f:
+        doc = json.load(f)
+    for b in doc.get("benchmarks", []):
+        if b["fullname"].rsplit("/", 1)[-1] not in wanted:
+            b["stats"].pop("data", None)
+    with open(path, "w") as f:
+        json.dump(doc, f)
 
 
 def load(out: str) -> list[dict[str, dict]]:
