@@ -134,7 +134,8 @@ NOT_MEASURED = """\
 ## Not measured by this run
 
 * **RDMA verbs against perftest** (latency and throughput at the same queue depth) and **swap
-  through the kernel's NBD client** (rram over verbs vs zram vs an O_DIRECT disk): these need
+  through the kernel's NBD client** (rram over verbs vs nbdkit on the same path vs zram vs an
+  O_DIRECT disk): these need
   the soft-RoCE guest, `scripts/bench-vm.sh`.  It emulates both the CPU (TCG) and the RDMA
   device, so only its ratios mean anything, and this report has none of its numbers.
 * **A real application swapping** (an application people run, driven by its own load generator,
