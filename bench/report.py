@@ -135,9 +135,9 @@ NOT_MEASURED = """\
 
 * **RDMA verbs against perftest** (latency and throughput at the same queue depth) and **swap
   through the kernel's NBD client** (rram over verbs vs nbdkit on the same path vs zram vs an
-  O_DIRECT disk): these need
-  the soft-RoCE guest, `scripts/bench-vm.sh`.  It emulates both the CPU (TCG) and the RDMA
-  device, so only its ratios mean anything, and this report has none of its numbers.
+  O_DIRECT disk): these need the soft-RoCE guest, `scripts/bench-vm.sh`.  It emulates both the
+  CPU (TCG) and the RDMA device, so only its ratios mean anything, and this report has none of
+  its numbers.
 * **A real application swapping** (an application people run, driven by its own load generator,
   in a memory cgroup at about half its dataset, swap on zram / a disk file / nbdkit / rram):
   no benchmark in bench/ does this yet (issue 10).  No claim here says how rram feels under one.
