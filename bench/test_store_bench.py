@@ -19,9 +19,10 @@ import os
 import numpy as np
 import pytest
 
-from rram import PAGE_SIZE
 from figures import scaled
+from rram import PAGE_SIZE
 from rram.datapath import codec
+from rram.datapath import keys as K
 from rram.datapath import slab as L
 from rram.datapath.connect import open_store
 from rram.testing import rawsocket
@@ -121,8 +122,8 @@ def test_get_baseline_codec_only(benchmark, setup):
 def remote_reads(setup):
     """Remote pages to read one at a time, and the compressed bytes each READ moves."""
     store, pool = setup[0], setup[1]
-    idx = [i for i in range(0, N, 7)][:LAT_PAGES]
-    locs = np.array([store.map.get((pool << 56) | i) for i in idx], dtype=np.uint64)
+    idx = list(range(0, N, 7))[:LAT_PAGES]
+    locs = np.array([store.map.get(int(k)) for k in K.pack_many(pool, 0, np.array(idx))], dtype=np.uint64)
     remote = L.loc_slab(locs) >= store.remote.first_slab_id
     assert remote.any(), "no remote page to read"
     return [i for i, r in zip(idx, remote) if r], [int(x) for x in L.loc_size(locs[remote])]
