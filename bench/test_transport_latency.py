@@ -5,8 +5,8 @@
 
 The baseline is the least a Python request/response over loopback TCP can cost: a 32-byte
 request answered with 4 KiB by ``recv_into`` + ``sendall`` (rram.testing.rawsocket), its
-client waiting as the tcp READ it is compared with does: spinning first, or sleeping.  The tcp READ adds framing, the
-region checks and the copies.  Medians and their ratio land in ``extra_info``.  The tcp READ
+client waiting as the tcp READ it is compared with does: spinning first, or sleeping.  The
+tcp READ adds framing, the region checks and the copies.  Medians and their ratio land in ``extra_info``.  The tcp READ
 runs with the requester's default busy-poll (``tcp.DEFAULT_SPIN_US``) and without it.
 """
 from __future__ import annotations
