@@ -69,8 +69,8 @@ PAIRS = (
     Pair("NBD 4 KiB write+read beyond the local budget, p50 / memory backend",
          "test_nbd_bench.py::test_write_read_4k[pagestore]", "test_nbd_bench.py::test_write_read_4k[memory]", "time"),
     *(Pair(f"fio nbd {rw} qd{qd}, IOPS / nbdkit memory",
-           f"test_nbd_fio_bench.py::test_fio_4k[rram-{rw}-{qd}]", f"test_nbd_fio_bench.py::test_fio_4k[nbdkit-{rw}-{qd}]",
-           "rate", 1.0, f"fio {rw} qd{qd} vs nbdkit")
+           f"test_nbd_fio_bench.py::test_fio_4k[rram-{rw}-{qd}]",
+           f"test_nbd_fio_bench.py::test_fio_4k[nbdkit-{rw}-{qd}]", "rate", 1.0, f"fio {rw} qd{qd} vs nbdkit")
       for rw in ("randread", "randwrite") for qd in (1, 32)),
     Pair("write path r=2 / r=1, pages/s", "test_control_bench.py::test_put_many_by_replicas[2]",
          "test_control_bench.py::test_put_many_by_replicas[1]", "rate", 0.6, "write path r=2 vs r=1"),
@@ -257,7 +257,8 @@ def machine(pin: str) -> list[str]:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return [f"* machine: {model}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}",
+    return [f"* machine: {model}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
+            f"Python {platform.python_version()}",
             f"* pinning: RRAM_BENCH_PIN={pin}: {PIN_MODES.get(pin, pin)} (fio: fio on CPU 0, servers on CPU 1)",
             f"* commit: {git('rev-parse', '--short=12', 'HEAD')}{dirty} ({git('log', '-1', '--format=%s')[:80]})",
             f"* date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
