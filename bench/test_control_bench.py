@@ -21,7 +21,7 @@ import pytest
 
 from figures import scaled
 from rram import PAGE_SIZE
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages, page_checksums
 

@@ -35,10 +35,10 @@ import numpy as np
 import pytest
 
 from figures import scaled
+from rram.cluster import open_store
 from rram.datapath import codec
 from rram.datapath import keys as K
 from rram.datapath import slab as L
-from rram.datapath.connect import open_store
 from rram.datapath.pagemap import PageMap
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages, page_checksums

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from figures import scaled
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.frontends.nbd import protocol as P
 from rram.frontends.nbd.backend import MemoryBackend, PageStoreBackend
 from rram.frontends.nbd.server import NBDServer

@@ -22,9 +22,9 @@ import pytest
 from figures import scaled
 from rram import PAGE_SIZE
 from rram.datapath import codec
+from rram.cluster import open_store
 from rram.datapath import keys as K
 from rram.datapath import slab as L
-from rram.datapath.connect import open_store
 from rram.testing import rawsocket
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages
