@@ -1,7 +1,7 @@
 """Run the host benchmark suites several times and write bench/report/: a Markdown page with
 PNG plots, every figure beside its baseline from the same run, ratios as medians over runs.
 
-    scripts/bench-report.sh                 # 3 runs of every host suite (about 15-20 min here)
+    scripts/bench-report.sh                 # 3 runs of every host suite (sized for about 10 min on 2 CPUs, at most 25)
     scripts/bench-report.sh --quick         # 1 run, small sizes: proves it works, figures mean nothing
     .venv/bin/python bench/report.py --render-only DIR   # redraw DIR/README.md from DIR/raw/*.json
 

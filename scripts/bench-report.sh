@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark report: runs every host suite in bench/ 3 times (pytest-benchmark JSON) and
-# writes bench/report/README.md with PNG plots (bench/report.py).  About 15-20 minutes on a
-# 2-CPU machine; run it on a machine that is otherwise idle, or its figures are noise.
+# writes bench/report/README.md with PNG plots (bench/report.py).  Sized for about 10 minutes
+# on a 2-CPU machine (at most 25); run it on a machine that is otherwise idle, or its figures
+# are noise.
 #
 #   scripts/bench-report.sh             the full report, into bench/report/
 #   scripts/bench-report.sh --quick     small sizes, 1 run, into a temp dir: checks that it works
