@@ -120,11 +120,11 @@ FIO_CDF = ("latency_fio_qd1.png", "fio nbd, 4 KiB at queue depth 1: completion l
 
 #: throughput bars: file, title, unit, [(group label, [(bar label, benchmark)])]
 BARS = (
-    ("throughput_store.png", "page store vs what LZ4 alone allows on this core", "pages/s",
-     [("put", [("rram put_many", "test_store_bench.py::test_put_many_remote"),
-               ("LZ4 compress alone", "test_store_bench.py::test_put_baseline_codec_only")]),
-      ("get", [("rram get_many", "test_store_bench.py::test_get_many_remote"),
-               ("LZ4 decompress alone", "test_store_bench.py::test_get_baseline_codec_only")])]),
+    ("throughput_store.png", "batched put_many / get_many vs LZ4 compress / decompress alone, one core", "pages/s",
+     [("put", [("rram", "test_store_bench.py::test_put_many_remote"),
+               ("LZ4 alone", "test_store_bench.py::test_put_baseline_codec_only")]),
+      ("get", [("rram", "test_store_bench.py::test_get_many_remote"),
+               ("LZ4 alone", "test_store_bench.py::test_get_baseline_codec_only")])]),
     ("throughput_fio.png", "fio nbd 4 KiB random I/O: rram vs nbdkit memory", "IOPS",
      [(f"{rw} qd{qd}", [("rram", f"test_nbd_fio_bench.py::test_fio_4k[rram-{rw}-{qd}]"),
                         ("nbdkit memory", f"test_nbd_fio_bench.py::test_fio_4k[nbdkit-{rw}-{qd}]")])
