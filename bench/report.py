@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ("test_codec_bench.py", "test_store_bench.py", "test_transport_latency.py", "test_nbd_bench.py",
           "test_nbd_fio_bench.py", "test_control_bench.py", "test_metadata_bench.py", "test_placement_bench.py")
 BUDGET_S = 25 * 60  # the whole full report, on the 2-CPU machine it is sized for
+SUITE_TIMEOUT_S = 600  # a test that hangs fails (pytest-timeout) instead of holding the report
 PIN_MODES = {"split": "requester / clients on CPU 0, providers / servers on CPU 1",
              "same": "everything on CPU 0", "none": "not pinned"}
 
@@ -164,7 +165,8 @@ def run_suites(out: str, runs: int, quick: bool, suites=SUITES) -> list[dict]:
             t0 = time.monotonic()
             with open(os.path.join(raw, f"run{run}-{name}.log"), "w") as f:
                 rc = subprocess.call([sys.executable, "-m", "pytest", f"bench/{suite}", "--benchmark-only",
-                                      f"--benchmark-json={path}", "-p", "no:cacheprovider", "-q", "-rs"],
+                                      f"--benchmark-json={path}", "-p", "no:cacheprovider", "-q", "-rs",
+                                      f"--timeout={SUITE_TIMEOUT_S}"],
                                      cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
             seconds = time.monotonic() - t0
             _keep_cdf_data_only(path)
