@@ -35,6 +35,7 @@ EXPORT_PAGES = 16384  # 64 MiB of the mix: about 30 MiB compressed against a 4 M
 LOCAL_BUDGET = 4 << 20
 FILL_RUN = 64  # pages a WRITE while filling
 ROUNDS = scaled(2000, 300)
+_REPLY_OK = struct.Struct(">IQ")  # a simple reply's error and handle, after its magic
 _medians: dict[str, float] = {}
 
 
@@ -64,6 +65,17 @@ def _write(sock, offset: int, data) -> None:
     sock.sendall(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, 1, offset, len(data)) + bytes(data))
     reply = _recv(sock, 16)
     assert struct.unpack_from(">I", reply, 4)[0] == 0, "WRITE failed"
+
+
+def _read_back_all(sock, expected) -> None:
+    """Every acknowledged write reads back: the whole export, FILL_RUN pages a READ."""
+    for first in range(0, EXPORT_PAGES, FILL_RUN):
+        sock.sendall(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, 3, first * PAGE, FILL_RUN * PAGE))
+        reply = _recv(sock, 16 + FILL_RUN * PAGE)
+        assert _REPLY_OK.unpack_from(reply, 4) == (0, 3), "NBD error"
+        got = page_checksums(memoryview(reply)[16:], FILL_RUN)
+        bad = np.flatnonzero(got != expected[first:first + FILL_RUN])
+        assert not len(bad), f"pages {(first + bad).tolist()[:8]} read back wrong"
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +136,14 @@ def test_write_read_4k(benchmark, served, pages):
         sock.sendall(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_WRITE, 1, w, PAGE) + src
                      + P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_READ, 2, r * PAGE, PAGE))
         reply = _recv(sock, 16 + 16 + PAGE)
+        assert _REPLY_OK.unpack_from(reply, 4) == (0, 1) and _REPLY_OK.unpack_from(reply, 20) == (0, 2), "NBD error"
         expected[writes[i]] = zlib.crc32(src)
         assert zlib.crc32(reply[32:]) == expected[r], f"page {r} read back wrong"
 
     benchmark.pedantic(round_trip, rounds=ROUNDS, warmup_rounds=100)
     _medians[kind] = benchmark.stats.stats.median
     benchmark.extra_info["median_us"] = round(_medians[kind] * 1e6, 1)
+    _read_back_all(sock, expected)
     if store is not None:
         remote = store.stats()["remote_gets"] - before
         benchmark.extra_info["remote_gets"] = remote
