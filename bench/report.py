@@ -479,11 +479,13 @@ def _extras(runs: list[dict]) -> list[str]:
     if mbs is not None:
         notes.append(f"* drain: {mbs} MB/s ({last('test_control_bench.py::test_drain', 'drained_mb')} MB moved)")
     key = "test_metadata_bench.py::test_store_all_in_bytes_per_page"
-    held = {f: last(key, f) for f in ("stored", "local", "remote", "pages", "heap_bytes")}
+    held = {f: last(key, f) for f in ("stored", "local", "remote", "pages", "heap_bytes", "pagemap_counted_bytes",
+                                      "whole_fill_bytes_per_page")}
     if held["stored"]:
-        notes.append(f"* all-in metadata: {held['heap_bytes']:,} heap bytes for {held['stored']:,} stored pages "
-                     f"({held['local']:,} local, {held['remote']:,} remote; {held['pages']:,} pages in the map "
-                     "with zero pages)")
+        notes.append(f"* all-in metadata: {held['local']:,} local and {held['remote']:,} remote pages stored "
+                     f"({held['pages']:,} in the map with zero pages); the page map counts "
+                     f"{held['pagemap_counted_bytes'] / held['stored']:.1f} B a stored page of it; over the whole fill, "
+                     f"first-use buffers included: {held['whole_fill_bytes_per_page']} B a stored page")
     remote = last("test_nbd_bench.py::test_write_read_4k[pagestore]", "remote_gets")
     if remote is not None:
         notes.append(f"* NBD round trips: {remote:,} READs went to a provider in the last run")
