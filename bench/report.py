@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: swap for the whole machine, as root: only with --swap, on a machine nobody else is using
+SWAP_SUITES = ("app/test_redis_swap_bench.py", "swap/test_swap_bench.py")
 SUITES = ("test_codec_bench.py", "test_store_bench.py", "test_transport_latency.py", "test_nbd_bench.py",
           "test_nbd_fio_bench.py", "test_control_bench.py", "test_metadata_bench.py", "test_placement_bench.py")
 BUDGET_S = 25 * 60  # the whole full report, on the 2-CPU machine it is sized for
@@ -74,6 +76,12 @@ PAIRS = (
            f"test_nbd_fio_bench.py::test_fio_4k[rram-{rw}-{qd}]",
            f"test_nbd_fio_bench.py::test_fio_4k[nbdkit-{rw}-{qd}]", "rate", 1.0, f"fio {rw} qd{qd} vs nbdkit")
       for rw in ("randread", "randwrite") for qd in (1, 32)),
+    Pair("Redis GETs with swap on rram / on nbdkit memory (same nbdfuse + loop path), ops/s",
+         "test_redis_swap_bench.py::test_redis_gets_with_swap_on[rram]",
+         "test_redis_swap_bench.py::test_redis_gets_with_swap_on[nbdkit]", "rate", 1.0, "Redis GETs, swap vs nbdkit"),
+    Pair("swap-bound workload on rram / on nbdkit memory (same path), seconds",
+         "test_swap_bench.py::test_swap_bound_workload[rram]", "test_swap_bench.py::test_swap_bound_workload[nbdkit]",
+         "time", 1.1, "swap-bound workload vs nbdkit"),
     Pair("write path r=2 / r=1, pages/s", "test_control_bench.py::test_put_many_by_replicas[2]",
          "test_control_bench.py::test_put_many_by_replicas[1]", "rate", 0.6, "write path r=2 vs r=1"),
     Pair("native codec compress / python-lz4, pages/s", "test_codec_bench.py::test_compress[native]",
@@ -140,12 +148,11 @@ NOT_MEASURED = """\
   O_DIRECT disk): these need the soft-RoCE guest, `scripts/bench-vm.sh`.  It emulates both the
   CPU (TCG) and the RDMA device, so only its ratios mean anything, and this report has none of
   its numbers.
-* **A real application swapping** (an application people run, driven by its own load generator,
-  in a memory cgroup at about half its dataset, swap on zram / a disk file / nbdkit / rram):
-  no benchmark in bench/ does this yet (issue 10).  No claim here says how rram feels under one.
-* **The swap-bound workload on this host** (`bench/swap`, nbdfuse + loop): it turns on swap for
-  the whole machine and needs root, so the report leaves it out; run it alone with
-  `.venv/bin/pytest bench/swap -p no:cacheprovider -s` on a machine nobody else is using.
+* **A real application swapping** (`bench/app`: Redis in a memory cgroup at about half its
+  dataset, redis-benchmark GETs, swap on zram / a disk file / nbdkit / rram through nbdfuse +
+  loop) and **the swap-bound workload** (`bench/swap`): both turn on swap for the whole machine
+  and need root, so the report runs them only when asked (`scripts/bench-report.sh --swap`, on
+  a machine nobody else is using); below, they are measured only if that was asked.
 """
 
 
@@ -160,7 +167,7 @@ def run_suites(out: str, runs: int, quick: bool, suites=SUITES) -> list[dict]:
     log = []
     for run in range(1, runs + 1):
         for suite in suites:
-            name = suite.removesuffix(".py")
+            name = os.path.basename(suite).removesuffix(".py")
             path = os.path.join(raw, f"run{run}-{name}.json")
             t0 = time.monotonic()
             with open(os.path.join(raw, f"run{run}-{name}.log"), "w") as f:
@@ -170,7 +177,7 @@ def run_suites(out: str, runs: int, quick: bool, suites=SUITES) -> list[dict]:
                                      cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
             seconds = time.monotonic() - t0
             _keep_cdf_data_only(path)
-            log.append({"run": run, "suite": suite, "rc": rc, "seconds": round(seconds, 1)})
+            log.append({"run": run, "suite": os.path.basename(suite), "rc": rc, "seconds": round(seconds, 1)})
             print(f"bench-report: run {run}/{runs} {suite}: exit {rc} in {seconds:.0f}s", flush=True)
     with open(os.path.join(raw, "runs.json"), "w") as f:
         json.dump({"quick": quick, "pin": os.environ.get("RRAM_BENCH_PIN", "split"), "suites": log}, f, indent=1)
@@ -213,7 +220,7 @@ def load(out: str) -> list[dict[str, dict]]:
 
 def _rate(b: dict) -> float:
     info = b.get("extra_info", {})
-    for key in ("pages_per_s", "iops"):
+    for key in ("pages_per_s", "iops", "ops_per_s"):
         if key in info:
             return float(info[key])
     return 1.0 / b["stats"]["median"]
@@ -444,6 +451,8 @@ def render(out: str) -> str:
     else:
         lines += [f"{FIO_CDF[1]}: not measured (fio with its nbd engine and nbdkit are needed).", ""]
 
+    lines += _app_section(out, runs)
+
     lines += ["## Throughput", ""]
     for fname, title, unit, groups in BARS:
         data = [(g, [(label, [_rate(r[key]) for r in runs if key in r]) for label, key in bars]) for g, bars in groups]
@@ -459,6 +468,32 @@ def render(out: str) -> str:
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(page)
     return page
+
+
+APP = "test_redis_swap_bench.py::test_redis_gets_with_swap_on[{}]"
+DEVICES = ("zram", "disk", "nbdkit", "rram")
+
+
+def _app_section(out: str, runs: list[dict]) -> list[str]:
+    """Redis GETs per swap device: a table of medians over runs and a bar plot of ops/s."""
+    lines = ["## A real application: Redis GETs with swap on each device", ""]
+    have = [d for d in DEVICES if any(APP.format(d) in r for r in runs)]
+    if not have:
+        return lines + ["Not measured by this run (`scripts/bench-report.sh --swap` runs `bench/app`).", ""]
+
+    def med(device, field):
+        vals = [r[APP.format(device)]["extra_info"][field] for r in runs if APP.format(device) in r]
+        return statistics.median(vals) if vals else None
+
+    lines += ["| swap device | GET ops/s | p50 ms | p99 ms | serving CPU µs/GET |", "| --- | --- | --- | --- | --- |"]
+    for d in have:
+        lines.append(f"| {d} | {_fmt(med(d, 'ops_per_s'))} | {med(d, 'p50_ms')} | {med(d, 'p99_ms')} | "
+                     f"{med(d, 'server_cpu_us_per_get')} |")
+    bars = [(d, [("ops/s", [_rate(r[APP.format(d)]) for r in runs if APP.format(d) in r])]) for d in have]
+    if plot_bars(out, "app_redis.png", "Redis GETs over random keys, dataset twice its memory cgroup", "GET ops/s",
+                 bars):
+        lines += ["", "![Redis GETs per swap device](app_redis.png)"]
+    return lines + [""]
 
 
 def _extras(runs: list[dict]) -> list[str]:
@@ -497,7 +532,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 run: check that it works")
     ap.add_argument("--runs", type=int, default=None, help="runs of each suite (default 3; --quick: 1)")
     ap.add_argument("--out", default=None, help="output directory (default bench/report; --quick: a temp dir)")
-    ap.add_argument("--suite", action="append", choices=SUITES, help="only this suite (repeatable)")
+    ap.add_argument("--suite", action="append", choices=SUITES + SWAP_SUITES, help="only this suite (repeatable)")
+    ap.add_argument("--swap", action="store_true",
+                    help=f"also {' and '.join(SWAP_SUITES)}: root, swap for the whole machine (not in the 25 min)")
     ap.add_argument("--render-only", metavar="DIR", help="redraw DIR/README.md from DIR/raw without running")
     args = ap.parse_args(argv)
     if args.render_only:
@@ -515,7 +552,8 @@ def main(argv=None) -> int:
     if os.path.isdir(raw):
         for fn in os.listdir(raw):
             os.remove(os.path.join(raw, fn))
-    log = run_suites(out, runs, args.quick, tuple(args.suite or SUITES))
+    suites = tuple(args.suite or SUITES) + (SWAP_SUITES if args.swap else ())
+    log = run_suites(out, runs, args.quick, suites)
     render(out)
     print(f"bench-report: wrote {os.path.join(out, 'README.md')}")
     return 1 if any(e["rc"] not in (0,) for e in log) else 0

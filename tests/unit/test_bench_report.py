@@ -38,6 +38,11 @@ def test_render_from_raw_json(tmp_path):
     for run, (a, b) in enumerate([(40e-6, 20e-6), (24e-6, 20e-6), (28e-6, 20e-6)], start=1):
         doc = {"benchmarks": [_bench(store, a, data=[a] * 5), _bench(spin, b, data=[b] * 5)]}
         (raw / f"run{run}-test_store_bench.json").write_text(json.dumps(doc))
+    app = "test_redis_swap_bench.py::test_redis_gets_with_swap_on[{}]"
+    doc = {"benchmarks": [_bench(app.format(d), 1.0, ops_per_s=ops, p50_ms=p50, p99_ms=p99, server_cpu_us_per_get=cpu)
+                          for d, ops, p50, p99, cpu in [("nbdkit", 6400, 7.0, 14.0, 25.0),
+                                                        ("rram", 3200, 14.0, 30.0, 127.0)]]}
+    (raw / "run1-test_redis_swap_bench.json").write_text(json.dumps(doc))
     (raw / "runs.json").write_text(json.dumps({"quick": False, "pin": "split", "suites": [
         {"run": 1, "suite": "test_store_bench.py", "rc": 0, "seconds": 3.0}]}))
 
@@ -51,3 +56,5 @@ def test_render_from_raw_json(tmp_path):
     for png in ("headline.png", "latency_store_get.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "latency_nbd.png" not in page  # no data: said in words, not drawn
+    assert "| Redis GETs with swap on rram / on nbdkit memory (same nbdfuse + loop path), ops/s | 0.50 |" in page
+    assert "| rram | 3,200 | 14.0 | 30.0 | 127.0 |" in page and (tmp_path / "app_redis.png").exists()
