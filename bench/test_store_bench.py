@@ -21,8 +21,8 @@ import pytest
 
 from figures import scaled
 from rram import PAGE_SIZE
-from rram.datapath import codec
 from rram.cluster import open_store
+from rram.datapath import codec
 from rram.datapath import keys as K
 from rram.datapath import slab as L
 from rram.testing import rawsocket
@@ -123,10 +123,10 @@ def remote_reads(setup):
     """Remote pages to read one at a time, and the compressed bytes each READ moves."""
     store, pool = setup[0], setup[1]
     idx = list(range(0, N, 7))[:LAT_PAGES]
-    locs = np.array([store.map.get(int(k)) for k in K.pack_many(pool, 0, np.array(idx))], dtype=np.uint64)
-    remote = L.loc_slab(locs) >= store.remote.first_slab_id
-    assert remote.any(), "no remote page to read"
-    return [i for i, r in zip(idx, remote) if r], [int(x) for x in L.loc_size(locs[remote])]
+    locs = [store.map.get(K.pack(pool, 0, i)) for i in idx]
+    remote = [(i, loc) for i, loc in zip(idx, locs) if L.is_remote(loc)]
+    assert remote, "no remote page to read"
+    return [i for i, _ in remote], [L.loc_size(loc) for _, loc in remote]
 
 
 def _latency(benchmark, name: str, fn, pin: str) -> None:
