@@ -556,7 +556,7 @@ def main(argv=None) -> int:
     log = run_suites(out, runs, args.quick, suites)
     render(out)
     print(f"bench-report: wrote {os.path.join(out, 'README.md')}")
-    return 1 if any(e["rc"] not in (0,) for e in log) else 0
+    return 1 if any(e["rc"] != 0 for e in log) else 0
 
 
 if __name__ == "__main__":
