@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: swap for the whole machine, as root: only with --swap, on a machine nobody else is using
 SWAP_SUITES = ("app/test_redis_swap_bench.py", "swap/test_swap_bench.py")
 SUITES = ("test_codec_bench.py", "test_store_bench.py", "test_transport_latency.py", "test_nbd_bench.py",
-          "test_nbd_fio_bench.py", "test_control_bench.py", "test_metadata_bench.py", "test_placement_bench.py")
+          "test_nbd_fio_bench.py", "test_nbd_cpu_bench.py", "test_control_bench.py", "test_metadata_bench.py",
+          "test_placement_bench.py", "test_frame_mac_bench.py")
 BUDGET_S = 25 * 60  # the whole full report, on the 2-CPU machine it is sized for
 SUITE_TIMEOUT_S = 600  # a test that hangs fails (pytest-timeout) instead of holding the report
 PIN_MODES = {"split": "requester / clients on CPU 0, providers / servers on CPU 1",
@@ -76,6 +77,14 @@ PAIRS = (
            f"test_nbd_fio_bench.py::test_fio_4k[rram-{rw}-{qd}]",
            f"test_nbd_fio_bench.py::test_fio_4k[nbdkit-{rw}-{qd}]", "rate", 1.0, f"fio {rw} qd{qd} vs nbdkit")
       for rw in ("randread", "randwrite") for qd in (1, 32)),
+    *(Pair(f"server CPU per NBD request, {rw} qd1 / nbdkit memory",
+           f"test_nbd_cpu_bench.py::test_cpu_per_request[rram-{rw}]",
+           f"test_nbd_cpu_bench.py::test_cpu_per_request[nbdkit-{rw}]", "time", 1.0, f"CPU per {rw} vs nbdkit")
+      for rw in ("randread", "randwrite")),
+    *(Pair(f"server CPU per NBD request, {rw} qd1, C path / Python path (--no-nbd-c-path)",
+           f"test_nbd_cpu_bench.py::test_cpu_per_request[rram-{rw}]",
+           f"test_nbd_cpu_bench.py::test_cpu_per_request[rram-py-{rw}]", "time")
+      for rw in ("randread", "randwrite")),
     Pair("Redis GETs with swap on rram / on nbdkit memory (same nbdfuse + loop path), ops/s",
          "test_redis_swap_bench.py::test_redis_gets_with_swap_on[rram]",
          "test_redis_swap_bench.py::test_redis_gets_with_swap_on[nbdkit]", "rate", 1.0, "Redis GETs, swap vs nbdkit"),
@@ -521,6 +530,11 @@ def _extras(runs: list[dict]) -> list[str]:
                      f"({held['pages']:,} in the map with zero pages); the page map counts "
                      f"{held['pagemap_counted_bytes'] / held['stored']:.1f} B a stored page of it; over the whole fill, "
                      f"first-use buffers included: {held['whole_fill_bytes_per_page']} B a stored page")
+    for ops in (1, 256):
+        ratio = last(f"test_frame_mac_bench.py::test_frame_mac[{ops}]", "ratio_vs_unsigned")
+        if ratio is not None:
+            notes.append(f"* tcp frame MAC, {ops}-op READ: signed / unsigned round trip {ratio} (goal <= 1.3; "
+                         "test_frame_mac_bench.py derives the unsigned one, the path without MAC no longer exists)")
     remote = last("test_nbd_bench.py::test_write_read_4k[pagestore]", "remote_gets")
     if remote is not None:
         notes.append(f"* NBD round trips: {remote:,} READs went to a provider in the last run")
