@@ -56,7 +56,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   $PY -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=68" wheel "cython>=3.0"
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+"$VENV/bin/python" -m pip install -q -e ".[test,bench]"   # bench: scripts/bench-report.sh
 
 # pyverbs (for tools and interop tests): Debian's build for the system rdma-core, made
 # importable in the venv; same CPython 3.11 ABI.  pyverbs ships no .pxd, ext/ declares its own.

@@ -24,6 +24,7 @@ import tempfile
 
 import pytest
 
+from figures import scaled
 from rram.testing.cluster import LocalCluster
 from rram.testing.swapload import (
     FuseLoopSwap,
@@ -36,8 +37,8 @@ from rram.testing.swapload import (
     wait_for_path,
 )
 
-WORKING_SET_MIB = 128
-PASSES = 2
+WORKING_SET_MIB = scaled(128, 32)
+PASSES = scaled(2, 1)
 LIMIT = WORKING_SET_MIB // 2 << 20
 SWAP_SIZE = 256 << 20
 WORKLOAD_CPU, SERVER_CPU = "0", "1"

@@ -3,7 +3,7 @@
     python bench/vm/run_perftest.py ib_read_lat rxe0 rxe1      # server device, client device
 
 The server runs on ``server_dev``, the client on ``client_dev``, both with ``-x 0`` (GID
-index 0) and ``-s 4096``; the out-of-band exchange goes over 127.0.0.1.  perftest's own
+index 0), ``-s 4096`` and any ``extra`` options; the out-of-band exchange goes over 127.0.0.1.  perftest's own
 figures are recorded, never trusted blindly: it has printed 0.000 Gb/s with exit status 0,
 so a zero bandwidth or message rate is kept as is and flagged ``suspect``.
 """
@@ -86,12 +86,13 @@ def _cpus_of(pid: int, tool: str, timeout: float = 5.0) -> dict:
 
 def run_pair(tool: str, server_dev: str, client_dev: str, *, size: int = 4096, iters: int = 2000,
              port: int = 18515, server_cpu: int | None = 1, client_cpu: int | None = 0,
-             gid_index: int = 0, timeout: float = 120.0) -> dict:
-    """Run ``tool`` as server then client; returns the parsed figures, the CPUs and the raw output."""
+             gid_index: int = 0, timeout: float = 120.0, extra: tuple[str, ...] = ()) -> dict:
+    """Run ``tool`` as server then client; returns the parsed figures, the CPUs and the raw output.
+    ``extra`` goes to both sides (e.g. ``-t 1024`` for the queue depth rram runs at)."""
     def cmd(dev, cpu, *tail):
         pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
         return pin + [tool, "-d", dev, "-x", str(gid_index), "-s", str(size), "-n", str(iters),
-                      "-p", str(port), *tail]
+                      "-p", str(port), *extra, *tail]
 
     t0 = time.monotonic()
     server = subprocess.Popen(cmd(server_dev, server_cpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

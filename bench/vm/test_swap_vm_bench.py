@@ -8,6 +8,8 @@ runs once per device, one device active at a time, and its completion time is th
   * zram: /dev/zram0 with lz4, in the guest kernel;
   * disk: /dev/vda, a raw scratch disk the host opens with O_DIRECT (no host page cache;
     scripts/rxe-vm/run attaches it when RXE_DISK_MB is set), swap on the whole device;
+  * nbdkit: `nbdkit memory` (C, pages in local RAM) behind the same nbd-client -swap on
+    /dev/nbd0: the floor of that kernel path, so that rram's own share of its time shows;
   * rram: scripts/requester.sh up (nbd-client -swap on /dev/nbd0) over two providers reached
     with verbs across the rxe pair, 2 MiB local budget (the fixture of tests/vm/test_nbd_swap).
 Everything is emulated (TCG): ratios compare the paths' software costs, not hardware.
@@ -17,14 +19,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 
 import pytest
 
-from rram.testing.swapload import MemoryLimit, command, sh, swaps
+from rram.testing.swapload import MemoryLimit, command, sh, stop_process, swaps, wait_for_path
 from tests.conftest import require_or_skip
-from tests.vm.test_nbd_swap import DEV, stack  # noqa: F401  (the fixture)
+from tests.vm.test_nbd_swap import DEV, _nbd_reason, stack  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -60,6 +64,8 @@ def _record(device: str, summary: dict) -> None:
         ratios = {"rram_over_zram": round(t["rram"] / t["zram"], 2)}
         if "disk" in t:
             ratios["disk_over_rram"] = round(t["disk"] / t["rram"], 2)
+        if "nbdkit" in t:
+            ratios["rram_over_nbdkit_same_path"] = round(t["rram"] / t["nbdkit"], 2)
         print(f"swap-vm {WORKING_SET_MIB} MiB in {LIMIT // MiB} MiB: seconds {t} {ratios} "
               "(goals: rram_over_zram <= 1.5, disk_over_rram >= 3)")
         os.makedirs(OUT_DIR, exist_ok=True)
@@ -99,6 +105,30 @@ def test_disk():
         _record("disk", _workload())
     finally:
         sh("swapoff", DISK, check=False, timeout=300)
+
+
+def test_nbdkit():
+    require_or_skip(_nbd_reason())
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit is not installed")
+    tmp = tempfile.mkdtemp(prefix="rram-swap-nbdkit-")
+    sock = os.path.join(tmp, "nbdkit.sock")
+    server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(SWAP_SIZE)], stdin=subprocess.DEVNULL)
+    attached = False
+    try:
+        wait_for_path(sock, server)
+        sh("nbd-client", "-unix", sock, DEV, "-b", "4096", "-swap", timeout=30)
+        attached = True
+        _swap_on(DEV)
+        _record("nbdkit", _workload())
+    finally:
+        if DEV in swaps():
+            sh("swapoff", DEV, check=False, timeout=300)
+        if attached:  # pages of a device still in use must not lose their server
+            sh("nbd-client", "-d", DEV, check=False, timeout=30)
+        if not attached or DEV not in swaps():
+            stop_process(server)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_rram(stack):  # noqa: F811

@@ -9,7 +9,8 @@ perftest servers) on vCPU 1; the requester uses the last device (rxe1), provider
     store.get of a remote (incompressible, so 4 KiB READ) page, vs ib_read_lat / ib_write_lat
     t_typical (ib_write_lat reports half a ping-pong round trip; our WRITE waits for the ACK);
   * throughput with batches of 256 4 KiB ops (4 batches in flight) and store.get_many of
-    remote pages, vs ib_read_bw / ib_write_bw message rate.
+    remote pages, vs ib_read_bw / ib_write_bw message rate at the same depth (``-t 1024``;
+    READs ``-o 16``, rram's max_rd_atomic), so both keep as much in flight.
 Results go to $RRAM_BENCH_OUT (default /tmp/rram-bench) as verbs-bench.json and .md.
 """
 from __future__ import annotations
@@ -31,6 +32,11 @@ pytestmark = pytest.mark.vm
 
 BATCH = 256
 DEPTH = 4  # batches in flight
+#: perftest runs at the depth rram's throughput rounds keep in flight (BATCH x DEPTH work
+#: requests), and its READs with the outstanding-read limit rram's QPs use (max_rd_atomic)
+RD_ATOMIC = 16
+PERFTEST_DEPTH = {"ib_read_bw": ("-t", str(BATCH * DEPTH), "-o", str(RD_ATOMIC)),
+                  "ib_write_bw": ("-t", str(BATCH * DEPTH))}
 REGION_PAGES = 1024
 LAT_ROUNDS = int(os.environ.get("RRAM_BENCH_LAT_ROUNDS", "2000"))
 BW_PAGES = 4096  # pages a throughput round moves
@@ -86,7 +92,7 @@ def perftest(devices):
             iters = LAT_ROUNDS if tool.endswith("_lat") else PERFTEST_BW_ITERS
             cache[tool] = RESULTS["perftest"][tool] = run_pair(
                 tool, devices[0], devices[1], iters=iters, port=next(ports),
-                server_cpu=PEER_CPU, client_cpu=REQ_CPU)
+                server_cpu=PEER_CPU, client_cpu=REQ_CPU, extra=PERFTEST_DEPTH.get(tool, ()))
         return cache[tool]
 
     return get

@@ -1,20 +1,31 @@
-"""The benchmarks' latency floor: a 32-byte request answered with 4 KiB over loopback TCP,
+"""The benchmarks' latency floor: a 32-byte request answered with up to 4 KiB over loopback TCP,
 by ``recv_into`` + ``sendall`` in Python, with nothing else in the way.
 
     python -m rram.testing.rawsocket [CPU,CPU...]     # prints its port, serves one client
 
 ``start`` runs that server in a child process (pinned to ``cpus``); ``RoundTrip`` is the
-client side, one call per request/response.
+client side, one call per request/response.  The request names the reply's length, so a
+baseline can move exactly the bytes rram moves (a compressed page is about half of 4 KiB).
+
+The client waits for its reply in one of two ways, because rram's requester does the second
+and a fair baseline must wait as it does:
+* sleeping (``spin_us=0``): a blocking ``recv_into``, woken by the kernel;
+* spinning (``spin_us>0``): non-blocking ``recv_into`` in a loop for up to ``spin_us``, then a
+  blocking one, as rram's tcp transport polls (``rram.transport.tcp.DEFAULT_SPIN_US``).
+The server sleeps in ``recv`` like rram's provider (which does not spin by default).
 """
 from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
+import time
 
 REQUEST = 32
 REPLY = 4096
+_LENGTH = struct.Struct("<I")  # first 4 bytes of a request: reply length (0 means REPLY)
 
 
 def serve(cpus: set[int] | None = None) -> None:
@@ -24,7 +35,7 @@ def serve(cpus: set[int] | None = None) -> None:
     print(listener.getsockname()[1], flush=True)
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    req, reply = bytearray(REQUEST), os.urandom(REPLY)
+    req, reply = bytearray(REQUEST), memoryview(os.urandom(REPLY))
     view = memoryview(req)
     while True:
         got = 0
@@ -33,7 +44,8 @@ def serve(cpus: set[int] | None = None) -> None:
             if n == 0:
                 return
             got += n
-        conn.sendall(reply)
+        length = _LENGTH.unpack_from(req)[0] or REPLY
+        conn.sendall(reply[:min(length, REPLY)])
 
 
 def start(cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
@@ -51,19 +63,39 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 class RoundTrip:
-    """Client: ``rt()`` sends one request and reads the whole reply."""
+    """Client: ``rt(length)`` sends one request and reads the whole ``length``-byte reply."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, spin_us: float = 0):
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._req = bytes(REQUEST)
+        self.spin_ns = int(spin_us * 1000)
+        self._req = bytearray(REQUEST)
         self._view = memoryview(bytearray(REPLY))
 
-    def __call__(self) -> None:
+    def __call__(self, length: int = REPLY) -> None:
+        if not 0 < length <= REPLY:
+            raise ValueError(f"reply length must be 1..{REPLY}, got {length}")
+        _LENGTH.pack_into(self._req, 0, length)
         self.sock.sendall(self._req)
-        got = 0
-        while got < REPLY:
-            got += self.sock.recv_into(self._view[got:])
+        got = self._spin(length) if self.spin_ns else 0
+        while got < length:
+            n = self.sock.recv_into(self._view[got:length])
+            if n == 0:
+                raise ConnectionError("raw-socket server closed the connection")
+            got += n
+
+    def _spin(self, length: int) -> int:
+        """Non-blocking receives until the reply is in or spin_ns has passed; bytes received."""
+        got, deadline = 0, time.perf_counter_ns() + self.spin_ns
+        while got < length and time.perf_counter_ns() < deadline:
+            try:
+                n = self.sock.recv_into(self._view[got:length], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if n == 0:
+                raise ConnectionError("raw-socket server closed the connection")
+            got += n
+        return got
 
     def close(self) -> None:
         self.sock.close()
