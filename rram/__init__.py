@@ -22,12 +22,21 @@ def connect(config, **kwargs):
     return _connect(config, **kwargs)
 
 
+def __getattr__(name: str):
+    # FarMemory is a frontend: imported on first use, never by the layers below
+    if name == "FarMemory":
+        from .frontends.farmem import FarMemory
+
+        return FarMemory
+    raise AttributeError(f"module 'rram' has no attribute {name!r}")
+
+
 def build_info() -> dict[str, str]:
     """Which compiled extensions are present, and the reason for each one that is not."""
     import importlib
 
     info = {}
-    for name in ("_codec", "_slab", "_pagemap", "_memops", "_verbs"):
+    for name in ("_codec", "_slab", "_pagemap", "_memops", "_verbs", "_uffd"):
         try:
             importlib.import_module(f"rram._ext.{name}")
             info[name] = "built"

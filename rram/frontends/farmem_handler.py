@@ -1,0 +1,297 @@
+"""The fault handler of a far-memory region: a process of its own, never the region's.
+
+``python -m rram.frontends.farmem_handler --fd N``: N is a Unix socket to the region's
+process, which sends ``hello`` with the userfaultfd, the region's memfd and the write end of
+its lifeline pipe (rram/frontends/farmem_wire.py).  The handler opens its own PageStore on
+the same cluster, maps the memfd and serves the region until ``close`` or end of stream.
+
+Page states (one byte a page):
+  ABSENT  not in the memfd: the next touch is a *missing* fault, filled from the store
+  CLEAN   mapped write-protected (UFFDIO_COPY_MODE_WP): the first write is a *WP* fault
+  DIRTY   mapped writable: written back to the store before it is dropped
+  CACHED  prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
+          fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
+Eviction is FIFO over resident pages, run before a fill that would pass the budget: dirty
+victims are write-protected (writes now wait for us), read through our mapping, put to the
+store, then every victim is punched out of the memfd.  A write that races with it waits as a
+WP fault and is served after the punch by a fresh fill from the store.
+
+If the store fails, the reason goes down the lifeline and the process exits: the region's
+watchdog then makes the region PROT_NONE and faulting threads die with that message.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import mmap
+import os
+import socket
+import sys
+
+import numpy as np
+
+from .. import PAGE_SIZE
+from .._ext import _uffd as U
+from . import farmem_wire as W
+from .farmem_prefetch import Predictor
+
+log = logging.getLogger(__name__)
+
+ABSENT, CLEAN, DIRTY, CACHED = 0, 1, 2, 3
+MAX_FAULTS = 512          # messages read per wake-up
+EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
+COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
+            "evicted_clean", "evicted_dirty", "written_back", "prefetched", "prefetch_hits", "wasted",
+            "wakeups")
+
+
+class Region:
+    """One region's pages, served from ``store`` pool ``pool`` (object 0, index = page)."""
+
+    def __init__(self, hello: dict, uffd: int, memfd: int, store, batch: int):
+        self.name = str(hello["name"])
+        self.base = int(hello["base"])
+        self.size = int(hello["size"])
+        self.npages = self.size // PAGE_SIZE
+        self.budget = max(4, int(hello["budget"]) // PAGE_SIZE)
+        self.minor = bool(hello.get("minor"))  # CACHED pages (prefetch) need minor-fault mode
+        self.continue_wp = True  # until the kernel says otherwise
+        self.uffd, self.memfd, self.store = uffd, memfd, store
+        self.pool = store.create_pool(persistent=True)
+        self.map = mmap.mmap(memfd, self.size, mmap.MAP_SHARED)
+        self.map_addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
+        self.state = np.zeros(self.npages, dtype=np.uint8)
+        self.ring = np.zeros(self.budget + 1, dtype=np.int64)  # FIFO of resident pages
+        self.head = self.count = 0
+        self.batch = max(16, min(batch, self.budget // 2))
+        self.staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)
+        self.staging_addr = self.staging.ctypes.data
+        self.predictor = Predictor(max_window=min(64, max(1, self.budget // 8)))
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._hits_seen = self._wasted_seen = 0
+
+    # -- residency ---------------------------------------------------------------------------
+
+    def _push(self, pages: np.ndarray) -> None:
+        cap = len(self.ring)
+        at = (self.head + self.count + np.arange(len(pages))) % cap
+        self.ring[at] = pages
+        self.count += len(pages)
+
+    def make_room(self, n: int) -> None:
+        """Evict so that ``n`` more pages fit under the budget."""
+        over = self.count + n - self.budget
+        if over <= 0:
+            return
+        k = min(self.count, over + int(self.budget * EVICT_SLACK))
+        at = (self.head + np.arange(k)) % len(self.ring)
+        victims = np.sort(self.ring[at])
+        self.head = (self.head + k) % len(self.ring)
+        self.count -= k
+        self.evict(victims)
+
+    def evict(self, victims: np.ndarray) -> None:
+        st = self.state[victims]
+        dirty = victims[st == DIRTY]
+        if len(dirty):
+            # stop writes first: a write from now on waits as a WP fault until we are done
+            U.writeprotect_pages(self.uffd, self._addrs(dirty), len(dirty), True)
+            for i in range(0, len(dirty), self.batch):
+                chunk = dirty[i:i + self.batch]
+                offs = (chunk * PAGE_SIZE).astype(np.uint64)
+                U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
+                self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
+            self.counters["written_back"] += len(dirty)
+        wasted = int((st == CACHED).sum())
+        self.counters["wasted"] += wasted
+        self.counters["evicted_dirty"] += len(dirty)
+        self.counters["evicted_clean"] += len(victims) - len(dirty)
+        offs = (victims * PAGE_SIZE).astype(np.uint64)
+        U.punch_pages(self.memfd, offs, len(victims))
+        self.state[victims] = ABSENT
+
+    def _addrs(self, pages: np.ndarray) -> np.ndarray:
+        return (self.base + pages * PAGE_SIZE).astype(np.uint64)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def serve(self, addrs: np.ndarray, flags: np.ndarray) -> None:
+        c = self.counters
+        c["wakeups"] += 1
+        c["faults"] += len(addrs)
+        pages = ((addrs - self.base) // PAGE_SIZE).astype(np.int64)
+        inside = (addrs >= self.base) & (pages < self.npages)
+        pages, flags = pages[inside], flags[inside]
+        st = self.state[pages]
+        # a write to a CLEAN page: it becomes DIRTY; un-protecting wakes the writer
+        wp = np.unique(pages[(st == CLEAN) & ((flags & U.FLAG_WP) != 0)])
+        if len(wp):
+            c["wp_faults"] += len(wp)
+            self.state[wp] = DIRTY
+            U.writeprotect_pages(self.uffd, self._addrs(wp), len(wp), False, True)
+        # a touch of a prefetched page: map it (a hit); it may be written untracked -> DIRTY
+        hit = np.unique(pages[st == CACHED])
+        if len(hit):
+            c["minor_faults"] += len(hit)
+            c["prefetch_hits"] += len(hit)
+            self._continue(hit, flags[st == CACHED])
+        missing = st == ABSENT
+        if missing.any():
+            self.fill(pages[missing], flags[missing])
+        # messages about pages already mapped (raced with a fill): make sure nobody sleeps
+        stale = np.unique(pages[((st == CLEAN) & ((flags & U.FLAG_WP) == 0)) | (st == DIRTY)])
+        if len(stale):
+            U.wake_pages(self.uffd, self._addrs(stale), len(stale))
+
+    def _continue(self, hit: np.ndarray, flags: np.ndarray) -> None:
+        """Map prefetched pages.  Write-protected where the kernel can (6.5+), so they stay
+        CLEAN; on older kernels they are mapped writable and must count as DIRTY."""
+        if self.continue_wp:
+            try:
+                U.continue_pages(self.uffd, self._addrs(hit), len(hit), True)
+                self.state[hit] = CLEAN
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.info("region %s: UFFDIO_CONTINUE_MODE_WP unsupported: prefetched pages count as dirty", self.name)
+                self.continue_wp = False
+        U.continue_pages(self.uffd, self._addrs(hit), len(hit), False)
+        self.state[hit] = DIRTY
+
+    def fill(self, pages: np.ndarray, flags: np.ndarray) -> None:
+        c = self.counters
+        writes = np.unique(pages[(flags & U.FLAG_WRITE) != 0])
+        reads = np.setdiff1d(np.unique(pages), writes, assume_unique=True)
+        c["missing_faults"] += len(reads) + len(writes)
+        ahead = np.zeros(0, dtype=np.int64)
+        if self.minor:
+            for p in pages.tolist():
+                self.predictor.on_fault(p)
+            ahead = self.predictor.ahead(int(pages[-1]), self.npages)
+            ahead = ahead[self.state[ahead] == ABSENT]
+            ahead = np.setdiff1d(ahead, np.concatenate([reads, writes]))
+            self._feedback()
+        demand = np.concatenate([reads, writes])
+        ahead = ahead[: self.budget // 4]
+        # reads mapped write-protected (first write faults: dirty tracking), writes writable
+        for group, wp in ((reads, True), (writes, False)):
+            for i in range(0, len(group), self.batch):
+                chunk = group[i:i + self.batch]
+                self.make_room(len(chunk))
+                self._fetch(chunk)
+                U.copy_pages(self.uffd, self._addrs(chunk), self.staging_addr, len(chunk), wp)
+                self.state[chunk] = CLEAN if wp else DIRTY
+                self._push(chunk)
+        c["filled"] += len(demand)
+        if len(ahead):
+            self.cache(np.sort(ahead))
+
+    def _fetch(self, pages: np.ndarray) -> None:
+        found = self.store.get_many(self.pool, 0, pages, self.staging[:len(pages) * PAGE_SIZE])
+        self.counters["zero_filled"] += len(pages) - int(np.count_nonzero(found))
+
+    def cache(self, pages: np.ndarray) -> None:
+        """Prefetch ``pages`` (ABSENT) into the memfd's page cache, unmapped: CACHED."""
+        for i in range(0, len(pages), self.batch):
+            chunk = pages[i:i + self.batch]
+            self.make_room(len(chunk))
+            self._fetch(chunk)
+            U.scatter_pages(self.map_addr, (chunk * PAGE_SIZE).astype(np.uint64), len(chunk), self.staging_addr)
+            self.state[chunk] = CACHED
+            self._push(chunk)
+            self.counters["prefetched"] += len(chunk)
+
+    def _feedback(self) -> None:
+        c = self.counters
+        hits, wasted = c["prefetch_hits"] - self._hits_seen, c["wasted"] - self._wasted_seen
+        if hits or wasted:
+            self.predictor.feedback(hits, wasted)
+            self._hits_seen, self._wasted_seen = c["prefetch_hits"], c["wasted"]
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "stats":
+            return {"ok": True, "counters": dict(self.counters), "resident": self.count,
+                    "budget_pages": self.budget, "window": self.predictor.window}
+        if op == "prefetch":
+            if not self.minor:
+                return {"ok": False, "error": "prefetch needs UFFD_FEATURE_MINOR_SHMEM, which this kernel lacks"}
+            first = max(0, int(msg["offset"]) // PAGE_SIZE)
+            last = min(self.npages, -(-(int(msg["offset"]) + int(msg["length"])) // PAGE_SIZE))
+            pages = np.arange(first, last, dtype=np.int64)
+            pages = pages[self.state[pages] == ABSENT][: self.budget // 2]
+            self.cache(pages)
+            return {"ok": True, "pages": len(pages)}
+        if op == "advise":
+            try:
+                self.predictor.advise(str(msg.get("advice")))
+            except ValueError as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+
+def serve(sock: socket.socket) -> int:
+    reader = W.Reader(sock)
+    hello, fds = reader.recv()
+    if hello is None or hello.get("op") != "hello" or len(fds) != len(W.HELLO_FDS):
+        log.error("far-memory handler: expected hello with %d fds, got %r with %d", len(W.HELLO_FDS), hello, len(fds))
+        return 2
+    uffd, memfd, lifeline = fds
+    try:
+        import rram
+
+        store = rram.connect(hello["config"], **hello.get("store", {}))
+        region = Region(hello, uffd, memfd, store, batch=store.batch)
+    except Exception as exc:  # noqa: BLE001 - reported to the region's process, which raises it
+        W.send(sock, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    W.send(sock, {"ok": True, "pid": os.getpid()})
+    addrs = np.zeros(MAX_FAULTS, dtype=np.uint64)
+    flags = np.zeros(MAX_FAULTS, dtype=np.uint64)
+    try:
+        while True:
+            n, ctl = U.read_faults(uffd, addrs, flags, 1000, sock.fileno())
+            if n:
+                region.serve(addrs[:n].copy(), flags[:n].copy())
+            while ctl or reader.pending():
+                ctl = False
+                msg, _ = reader.recv()
+                if msg is None:
+                    return 0
+                if msg.get("op") == "close":
+                    W.send(sock, {"ok": True})
+                    return 0
+                W.send(sock, region.request(msg))
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the faulting threads
+        why = f"its handler failed: {type(exc).__name__}: {exc}"
+        log.error("far-memory region %s: %s", region.name, why)
+        try:
+            os.write(lifeline, why.encode()[:190])
+        except OSError:
+            pass
+        return 1
+    finally:
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rram.frontends.farmem_handler")
+    ap.add_argument("--fd", type=int, required=True, help="Unix socket to the region's process")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s farmem-handler[%(process)d] %(levelname)s %(message)s")
+    sock = socket.socket(fileno=args.fd)
+    return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
