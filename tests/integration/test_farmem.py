@@ -211,7 +211,8 @@ CHILD = textwrap.dedent("""
     from rram.frontends.farmem import FarMemory
     mem = FarMemory(sys.argv[1], size={size}, budget={budget}, local_budget=1 << 20, name="victim")
     a = mem.array(np.uint8, {size})
-    a[:] = 1                              # most pages are now evicted to the store
+    a[:] = np.random.default_rng(0).integers(0, 256, {size}, dtype=np.uint8)  # incompressible:
+    # most pages are now evicted, and most of those went on to the providers
     print(mem.handler_pid, flush=True)
     sys.stdin.readline()                  # the parent stops or kills the handler
     print("touching", flush=True)
@@ -274,3 +275,28 @@ def test_fork_child_gets_a_clear_error(cluster):
     assert r.returncode == 0, r.stderr
     assert f"child {int(signal.SIGSEGV)}" in r.stdout and "parent b'abc'" in r.stdout
     assert "not inherited by a forked child" in r.stderr and "'parent-only'" in r.stderr
+
+
+def test_store_failure_reaches_the_faulting_thread(tmp_path):
+    """Every provider dies: the handler's read fails, and the thread that needed the page dies
+    with the store's error instead of waiting forever or reading zeros."""
+    _support_or_skip()
+    with tcp_cluster(n_providers=2, capacity="64MiB", workdir=str(tmp_path), slab_size="1MiB",
+                     lease_grace=1.0, io_timeout=1.0) as cl:
+        child = _child(cl, "s = int(a[:4096 * 16].sum())")  # the first pages left for the providers first
+        try:
+            child.stdout.readline()
+            for name in cl.providers:
+                cl.kill(name)
+            t0 = time.monotonic()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            out, err = child.communicate(timeout=30)
+            elapsed = time.monotonic() - t0
+        finally:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGSEGV, (child.returncode, out, err)
+    assert "READ" not in out
+    assert "rram FarMemory" in err and "its handler failed" in err, err
+    assert elapsed < 10.0
