@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 60.0    # the handler connects its store to every provider first
 REQUEST_TIMEOUT = 30.0
+#: the handler polls this long after serving a fault before it sleeps (0: never spins)
+SPIN_US = 50
 _NEEDED = {"MISSING_SHMEM": U.FEATURE_MISSING_SHMEM, "WP_HUGETLBFS_SHMEM": U.FEATURE_WP_SHMEM,
            "PAGEFAULT_FLAG_WP": U.FEATURE_PAGEFAULT_FLAG_WP}
 
@@ -66,9 +68,9 @@ def _config_for_handler(config):
 class FarMemory(mmap.mmap):
     """``size`` bytes backed by the page store of cluster ``config``; at most ``budget``
     bytes resident.  Pages never written read as zeros.  ``store`` options (local_budget,
-    transport, replicas, ...) go to the handler's PageStore."""
+    transport, replicas, ...) go to the handler's PageStore; ``spin_us``: see SPIN_US."""
 
-    def __new__(cls, config, size: int, budget: int, *, name: str | None = None, **store):
+    def __new__(cls, config, size: int, budget: int, *, name: str | None = None, spin_us: int = SPIN_US, **store):
         size = -(-C.parse_size(size) // PAGE_SIZE) * PAGE_SIZE
         if size <= 0:
             raise errors.ConfigError(f"FarMemory: size must be positive, got {size}")
@@ -85,9 +87,10 @@ class FarMemory(mmap.mmap):
         self._proc = None
         return self
 
-    def __init__(self, config, size: int, budget: int, *, name: str | None = None, **store):
+    def __init__(self, config, size: int, budget: int, *, name: str | None = None, spin_us: int = SPIN_US, **store):
         self.name = name or f"farmem-{os.getpid()}-{id(self):x}"
         self.budget = C.parse_size(budget)
+        self.spin_us = int(spin_us)
         if self.budget < 64 * PAGE_SIZE:
             self._teardown()
             raise errors.ConfigError(f"FarMemory: budget must be at least {64 * PAGE_SIZE} bytes, got {self.budget}")
@@ -117,7 +120,7 @@ class FarMemory(mmap.mmap):
             lifeline_r, lifeline_w = os.pipe()
             self._spawn()
             hello = {"op": "hello", "name": self.name, "config": config, "base": self.addr, "size": len(self),
-                     "budget": self.budget, "minor": self.prefetch_ok, "store": store}
+                     "budget": self.budget, "minor": self.prefetch_ok, "spin_us": self.spin_us, "store": store}
             W.send(self._sock, hello, (uffd, self._memfd, lifeline_w))
             os.close(lifeline_w)  # only the handler may hold the write end: its death is our hang-up
             lifeline_w = -1

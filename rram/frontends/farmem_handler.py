@@ -60,6 +60,7 @@ class Region:
         self.uffd, self.memfd, self.store = uffd, memfd, store
         self.pool = store.create_pool(persistent=True)
         self.map = mmap.mmap(memfd, self.size, mmap.MAP_SHARED)
+        self.map.madvise(mmap.MADV_NOHUGEPAGE)  # prefetch writes 4 KiB pages into the page cache
         self.map_addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
         self.state = np.zeros(self.npages, dtype=np.uint8)
         self.ring = np.zeros(self.budget + 1, dtype=np.int64)  # FIFO of resident pages
@@ -124,41 +125,50 @@ class Region:
         inside = (addrs >= self.base) & (pages < self.npages)
         pages, flags = pages[inside], flags[inside]
         st = self.state[pages]
-        # a write to a CLEAN page: it becomes DIRTY; un-protecting wakes the writer
-        wp = np.unique(pages[(st == CLEAN) & ((flags & U.FLAG_WP) != 0)])
+        wpf, minor = (flags & U.FLAG_WP) != 0, (flags & U.FLAG_MINOR) != 0
+        mapped = (st == CLEAN) | (st == DIRTY)
+        # a write to a mapped page: it becomes DIRTY; un-protecting wakes the writer
+        wp = np.unique(pages[mapped & wpf])
         if len(wp):
             c["wp_faults"] += len(wp)
             self.state[wp] = DIRTY
             U.writeprotect_pages(self.uffd, self._addrs(wp), len(wp), False, True)
-        # a touch of a prefetched page: map it (a hit); it may be written untracked -> DIRTY
-        hit = np.unique(pages[st == CACHED])
-        if len(hit):
-            c["minor_faults"] += len(hit)
-            c["prefetch_hits"] += len(hit)
-            self._continue(hit, flags[st == CACHED])
+        # in the page cache but not mapped: prefetched (a hit), or unmapped by MADV_DONTNEED
+        cont = np.unique(pages[(st == CACHED) | (mapped & minor)])
+        if len(cont):
+            c["minor_faults"] += len(cont)
+            self._continue(cont)
         missing = st == ABSENT
         if missing.any():
             self.fill(pages[missing], flags[missing])
-        # messages about pages already mapped (raced with a fill): make sure nobody sleeps
-        stale = np.unique(pages[((st == CLEAN) & ((flags & U.FLAG_WP) == 0)) | (st == DIRTY)])
+        # missing-page messages about pages mapped since (raced with a fill): nobody may sleep
+        stale = np.unique(pages[mapped & ~wpf & ~minor])
         if len(stale):
             U.wake_pages(self.uffd, self._addrs(stale), len(stale))
 
-    def _continue(self, hit: np.ndarray, flags: np.ndarray) -> None:
-        """Map prefetched pages.  Write-protected where the kernel can (6.5+), so they stay
-        CLEAN; on older kernels they are mapped writable and must count as DIRTY."""
-        if self.continue_wp:
+    def _continue(self, pages: np.ndarray) -> None:
+        """Map pages that are in the memfd's page cache.  Write-protected where the kernel can
+        (6.5+), so clean ones stay CLEAN; older kernels map them writable: they count as DIRTY."""
+        st = self.state[pages]
+        hits = int((st == CACHED).sum())
+        self.counters["prefetch_hits"] += hits
+        dirty, clean = pages[st == DIRTY], pages[st != DIRTY]
+        if len(dirty):
+            U.continue_pages(self.uffd, self._addrs(dirty), len(dirty), False)
+        if len(clean) and self.continue_wp:
             try:
-                U.continue_pages(self.uffd, self._addrs(hit), len(hit), True)
-                self.state[hit] = CLEAN
+                U.continue_pages(self.uffd, self._addrs(clean), len(clean), True)
+                self.state[clean] = CLEAN
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                log.info("region %s: UFFDIO_CONTINUE_MODE_WP unsupported: prefetched pages count as dirty", self.name)
+                log.info("region %s: no UFFDIO_CONTINUE_MODE_WP (Linux < 6.5): prefetched pages count as dirty",
+                         self.name)
                 self.continue_wp = False
-        U.continue_pages(self.uffd, self._addrs(hit), len(hit), False)
-        self.state[hit] = DIRTY
+        if len(clean):
+            U.continue_pages(self.uffd, self._addrs(clean), len(clean), False)
+            self.state[clean] = DIRTY
 
     def fill(self, pages: np.ndarray, flags: np.ndarray) -> None:
         c = self.counters
@@ -254,8 +264,10 @@ def serve(sock: socket.socket) -> int:
     addrs = np.zeros(MAX_FAULTS, dtype=np.uint64)
     flags = np.zeros(MAX_FAULTS, dtype=np.uint64)
     try:
+        spin_us, n = int(hello.get("spin_us", 0)), 0
         while True:
-            n, ctl = U.read_faults(uffd, addrs, flags, 1000, sock.fileno())
+            # spin only right after work: an idle region costs no CPU
+            n, ctl = U.read_faults(uffd, addrs, flags, 1000, sock.fileno(), spin_us if n else 0)
             if n:
                 region.serve(addrs[:n].copy(), flags[:n].copy())
             while ctl or reader.pending():
