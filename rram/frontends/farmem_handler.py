@@ -121,6 +121,8 @@ class Region:
         c = self.counters
         c["wakeups"] += 1
         c["faults"] += len(addrs)
+        if len(addrs) == 1:  # the latency path: scalars, no numpy per fault
+            return self._serve_one(int(addrs[0]), int(flags[0]))
         pages = ((addrs - self.base) // PAGE_SIZE).astype(np.int64)
         inside = (addrs >= self.base) & (pages < self.npages)
         pages, flags = pages[inside], flags[inside]
@@ -130,13 +132,10 @@ class Region:
         # a write to a mapped page: it becomes DIRTY; un-protecting wakes the writer
         wp = np.unique(pages[mapped & wpf])
         if len(wp):
-            c["wp_faults"] += len(wp)
-            self.state[wp] = DIRTY
-            U.writeprotect_pages(self.uffd, self._addrs(wp), len(wp), False, True)
+            self._unprotect(wp)
         # in the page cache but not mapped: prefetched (a hit), or unmapped by MADV_DONTNEED
         cont = np.unique(pages[(st == CACHED) | (mapped & minor)])
         if len(cont):
-            c["minor_faults"] += len(cont)
             self._continue(cont)
         missing = st == ABSENT
         if missing.any():
@@ -146,12 +145,61 @@ class Region:
         if len(stale):
             U.wake_pages(self.uffd, self._addrs(stale), len(stale))
 
+    def _serve_one(self, addr: int, flags: int) -> None:
+        """``serve`` for one message; the same decisions."""
+        page = (addr - self.base) // PAGE_SIZE
+        if not 0 <= page < self.npages:
+            return
+        st = self.state[page]
+        one = np.array([page], dtype=np.int64)
+        if st == CLEAN or st == DIRTY:
+            if flags & U.FLAG_WP:
+                self._unprotect(one)
+            elif flags & U.FLAG_MINOR:
+                self._continue(one)
+            else:
+                U.wake_pages(self.uffd, self._addrs(one), 1)
+        elif st == CACHED:
+            self._continue(one)
+        else:
+            self.counters["missing_faults"] += 1
+            self.predictor.on_fault(page)
+            wp = not flags & U.FLAG_WRITE
+            self.make_room(1)
+            staged = self.staging[:PAGE_SIZE]
+            if self.store.get(self.pool, 0, page, staged) is None:
+                staged[:] = 0
+                self.counters["zero_filled"] += 1
+            U.copy_pages(self.uffd, self._addrs(one), self.staging_addr, 1, wp)
+            self.state[page] = CLEAN if wp else DIRTY
+            self._push(one)
+            self.counters["filled"] += 1
+            self._prefetch_after(page)
+
+    def _unprotect(self, pages: np.ndarray) -> None:
+        self.counters["wp_faults"] += len(pages)
+        self.state[pages] = DIRTY
+        U.writeprotect_pages(self.uffd, self._addrs(pages), len(pages), False, True)
+
     def _continue(self, pages: np.ndarray) -> None:
         """Map pages that are in the memfd's page cache.  Write-protected where the kernel can
-        (6.5+), so clean ones stay CLEAN; older kernels map them writable: they count as DIRTY."""
+        (6.5+), so clean ones stay CLEAN; older kernels map them writable: they count as DIRTY.
+
+        A touch of a prefetched page also maps the prefetched run after it (along a +1/-1
+        trend) so a scan takes one fault per run, and prefetches the next run: every page
+        mapped this way counts as a prefetch hit."""
+        c = self.counters
+        c["minor_faults"] += len(pages)
         st = self.state[pages]
-        hits = int((st == CACHED).sum())
-        self.counters["prefetch_hits"] += hits
+        touched = pages[st == CACHED]
+        if len(touched):
+            self.predictor.on_fault(int(touched[-1]))
+            d = self.predictor.trend()
+            if d in (1, -1) and len(touched) == 1:
+                run = self._cached_run(int(touched[0]), d)
+                pages, st = run, self.state[run]
+                self.predictor.skip_to(int(run[-1] if d == 1 else run[0]))
+            c["prefetch_hits"] += int((st == CACHED).sum())
         dirty, clean = pages[st == DIRTY], pages[st != DIRTY]
         if len(dirty):
             U.continue_pages(self.uffd, self._addrs(dirty), len(dirty), False)
@@ -159,7 +207,7 @@ class Region:
             try:
                 U.continue_pages(self.uffd, self._addrs(clean), len(clean), True)
                 self.state[clean] = CLEAN
-                return
+                clean = clean[:0]
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -169,23 +217,40 @@ class Region:
         if len(clean):
             U.continue_pages(self.uffd, self._addrs(clean), len(clean), False)
             self.state[clean] = DIRTY
+        if len(touched):
+            self._feedback()
+            self._prefetch_after(self.predictor.last)
+
+    def _cached_run(self, page: int, d: int) -> np.ndarray:
+        """``page`` and the CACHED pages right after it along ``d`` (sorted)."""
+        limit = self.predictor.window
+        if d == 1:
+            seg = self.state[page:min(self.npages, page + limit)]
+            n = int(np.argmin(seg == CACHED)) if not (seg == CACHED).all() else len(seg)
+            return np.arange(page, page + max(1, n), dtype=np.int64)
+        seg = self.state[max(0, page - limit + 1):page + 1][::-1]
+        n = int(np.argmin(seg == CACHED)) if not (seg == CACHED).all() else len(seg)
+        return np.arange(page - max(1, n) + 1, page + 1, dtype=np.int64)
+
+    def _prefetch_after(self, page: int) -> None:
+        if not self.minor:
+            return
+        ahead = self.predictor.ahead(page, self.npages)
+        if ahead:
+            ahead = np.array(ahead, dtype=np.int64)
+            ahead = np.sort(ahead[self.state[ahead] == ABSENT][: self.budget // 4])
+            if len(ahead):
+                self.cache(ahead)
 
     def fill(self, pages: np.ndarray, flags: np.ndarray) -> None:
+        """Missing pages, several at once: reads mapped write-protected (the first write then
+        faults: dirty tracking), writes mapped writable and DIRTY; then prefetch."""
         c = self.counters
         writes = np.unique(pages[(flags & U.FLAG_WRITE) != 0])
         reads = np.setdiff1d(np.unique(pages), writes, assume_unique=True)
         c["missing_faults"] += len(reads) + len(writes)
-        ahead = np.zeros(0, dtype=np.int64)
-        if self.minor:
-            for p in pages.tolist():
-                self.predictor.on_fault(p)
-            ahead = self.predictor.ahead(int(pages[-1]), self.npages)
-            ahead = ahead[self.state[ahead] == ABSENT]
-            ahead = np.setdiff1d(ahead, np.concatenate([reads, writes]))
-            self._feedback()
-        demand = np.concatenate([reads, writes])
-        ahead = ahead[: self.budget // 4]
-        # reads mapped write-protected (first write faults: dirty tracking), writes writable
+        for p in pages.tolist():
+            self.predictor.on_fault(p)
         for group, wp in ((reads, True), (writes, False)):
             for i in range(0, len(group), self.batch):
                 chunk = group[i:i + self.batch]
@@ -194,9 +259,9 @@ class Region:
                 U.copy_pages(self.uffd, self._addrs(chunk), self.staging_addr, len(chunk), wp)
                 self.state[chunk] = CLEAN if wp else DIRTY
                 self._push(chunk)
-        c["filled"] += len(demand)
-        if len(ahead):
-            self.cache(np.sort(ahead))
+        c["filled"] += len(reads) + len(writes)
+        self._feedback()
+        self._prefetch_after(int(pages[-1]))
 
     def _fetch(self, pages: np.ndarray) -> None:
         found = self.store.get_many(self.pool, 0, pages, self.staging[:len(pages) * PAGE_SIZE])

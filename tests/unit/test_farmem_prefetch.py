@@ -18,8 +18,11 @@ def test_sequential_and_strided_streams_have_a_trend():
     for page in range(0, 40, 3):
         p.on_fault(page)
     assert p.trend() == 3
-    assert list(p.ahead(39, 1000)[:3]) == [42, 45, 48]
-    assert p.ahead(999, 1000).size == 0  # never past the region
+    assert p.ahead(39, 1000)[:3] == [42, 45, 48]
+    assert p.ahead(999, 1000) == []  # never past the region
+    p.skip_to(100)                     # pages mapped ahead: no delta recorded
+    p.on_fault(103)
+    assert p.trend() == 3
 
 
 def test_noise_within_the_window_keeps_the_trend_and_random_has_none():
@@ -32,7 +35,7 @@ def test_noise_within_the_window_keeps_the_trend_and_random_has_none():
     q = Predictor()
     for page in np.random.default_rng(0).integers(0, 1 << 20, 64).tolist():
         q.on_fault(page)
-    assert q.trend() is None and q.ahead(5, 100).size == 0
+    assert q.trend() is None and q.ahead(5, 100) == []
 
 
 def test_window_adapts_and_advice_overrides():
@@ -50,3 +53,13 @@ def test_window_adapts_and_advice_overrides():
     assert p.trend() == 1 and p.window == 32
     with pytest.raises(ValueError, match="sideways"):
         p.advise("sideways")
+
+
+def test_random_faults_after_a_scan_shrink_the_window_to_nothing():
+    p = Predictor(max_window=64)
+    for page in range(100):
+        p.on_fault(page)
+    assert p.trend() == 1 and p.window == 64
+    for page in np.random.default_rng(1).integers(1000, 1 << 20, 12).tolist():
+        p.on_fault(page)
+    assert p.window == 0 and p.ahead(5, 100) == []
