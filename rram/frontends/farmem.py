@@ -197,6 +197,12 @@ class FarMemory(mmap.mmap):
         return {**reply["counters"], "resident_pages": reply["resident"], "budget_pages": reply["budget_pages"],
                 "prefetch_window": reply["window"]}
 
+    @property
+    def failure(self) -> str:
+        """Why the region stopped serving ('' while it serves): set by the watchdog at once."""
+        w = self._watchdog
+        return w.reason if w is not None and w.failed else ""
+
     def resize(self, newsize):  # noqa: D102 - an mmap method that cannot apply
         raise errors.RramError("FarMemory regions cannot be resized")
 

@@ -300,3 +300,19 @@ def test_store_failure_reaches_the_faulting_thread(tmp_path):
     assert "READ" not in out
     assert "rram FarMemory" in err and "its handler failed" in err, err
     assert elapsed < 10.0
+
+
+def test_handler_death_is_a_python_error_for_requests_and_close_still_works(cluster):
+    mem = region(cluster, size=1 << 20, budget=512 << 10)
+    try:
+        mem[0:2] = b"ok"
+        os.kill(mem.handler_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 1.0
+        while not mem.failure and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "handler process exited" in mem.failure
+        with pytest.raises(errors.RramError, match="handler process exited"):
+            mem.stats()
+    finally:
+        mem.close()
+    assert mem.closed
