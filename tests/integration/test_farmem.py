@@ -316,3 +316,36 @@ def test_handler_death_is_a_python_error_for_requests_and_close_still_works(clus
     finally:
         mem.close()
     assert mem.closed
+
+
+def test_drain_under_a_region_being_read_and_written(tmp_path):
+    """`rram drain` empties the fullest provider while threads scan and update the region."""
+    from rram.control.client import ProviderClient
+
+    _support_or_skip()
+    with tcp_cluster(n_providers=3, capacity="64MiB", workdir=str(tmp_path), slab_size="1MiB", replicas=2,
+                     heartbeat_interval=0.2, suspect_threshold=0.5, dead_threshold=1.0, lease_grace=2.0) as cl:
+        with region(cl, size=16 << 20, budget=4 << 20, local_budget=256 << 10) as mem:
+            a = mem.array(np.uint64, (16 << 20) // 8)
+            local = np.random.default_rng(6).integers(0, 1 << 63, len(a), dtype=np.uint64)
+            a[:] = local
+            used = {}
+            for name in cl.providers:
+                c = ProviderClient(cl.config.node(name), cl.config.secret_bytes(), "test-admin")
+                c.connect()
+                used[name] = c.stats()["used"]
+                c.close()
+            victim = max(used, key=used.get)
+            assert used[victim] > 0
+            drain = subprocess.Popen([sys.executable, "-m", "rram", "drain", "--config", cl.config_path, victim,
+                                      "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            rounds = 0
+            while drain.poll() is None or rounds < 2:
+                a[rounds::7] += np.uint64(1)
+                local[rounds::7] += np.uint64(1)
+                assert np.array_equal(a, local)
+                rounds += 1
+            out, err = drain.communicate()
+            assert drain.returncode == 0, err
+            assert digest(a) == digest(local)
+            del a
