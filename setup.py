@@ -40,7 +40,7 @@ NATIVE = [
     Native("_memops", why="batched copies for the tcp/loopback transports", optional=False),
     Native("_storepath", why="the page store's per-batch planning (get/put fast path)", optional=False),
     Native("_nbdwire", why="NBD request parsing and reply packing in batches", optional=False),
-    Native("_uffd", why="userfaultfd for far-memory regions (rram.FarMemory)", optional=False),
+    Native("_uffd", why="userfaultfd for far-memory regions (rram.frontends.farmem)", optional=False),
     Native("_verbs", "libibverbs", ["ibverbs"], "infiniband/verbs.h", "RDMA verbs transport"),
 ]
 

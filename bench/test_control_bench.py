@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rram import PAGE_SIZE
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages
 

@@ -17,7 +17,7 @@ import pytest
 
 from rram import PAGE_SIZE
 from rram.datapath import codec
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing import rawsocket
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages

@@ -14,7 +14,7 @@ device, which keys, reconnecting) lives in rram/transport/verbs.py.
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -431,18 +431,26 @@ cdef class QP(Resource):
             raise os_error(f"ibv_modify_qp to {what} (QP {self.qp.qp_num})", rc)
         return 0
 
-    def connect(self, uint32_t dest_qpn, uint32_t dest_psn, bytes dest_gid, uint32_t my_psn, *,
-                int gid_index=0, int mtu=IBV_MTU_1024, int port_num=1, int access=0,
+    def connect(self, uint32_t dest_qpn, uint32_t dest_psn, uint32_t my_psn, *,
+                uint16_t dlid=0, bytes dgid=None, int sgid_index=0, int hop_limit=64,
+                int mtu=IBV_MTU_1024, int port_num=1, int access=0,
                 int max_rd_atomic=16, int timeout=14, int retry_cnt=7):
-        """RESET -> INIT -> RTR -> RTS towards the peer QP (dest_qpn, dest_psn, dest_gid).
+        """RESET -> INIT -> RTR -> RTS towards the peer QP (dest_qpn, dest_psn).
 
-        ``access`` is what the peer may do to our memory (a provider grants remote
-        read/write); ``mtu`` is an ``ibv_mtu`` value agreed by both sides.
+        The address vector comes from ``rram.transport.verbs.address_vector``: an InfiniBand
+        peer is reached by ``dlid`` (no GRH); a RoCE peer by its GID, ``dgid``, in a GRH sent
+        from our GID at ``sgid_index`` with ``hop_limit``.  ``access`` is what the peer may do
+        to our memory (a provider grants remote read/write); ``mtu`` is an ``ibv_mtu`` value
+        agreed by both sides.
         """
         cdef ibv_qp_attr a
         self._check()
-        if len(dest_gid) != 16:
-            raise ValueError(f"a GID has 16 bytes, got {len(dest_gid)}")
+        if dgid is not None and len(dgid) != 16:
+            raise ValueError(f"a GID has 16 bytes, got {len(dgid)}")
+        if dgid is None and dlid == 0:
+            raise ValueError("an address vector needs a destination LID or GID")
+        if not 0 < hop_limit < 256:
+            raise ValueError(f"hop_limit is 1..255, got {hop_limit}")
         memset(&a, 0, sizeof(a))
         a.qp_state = IBV_QPS_INIT
         a.pkey_index = 0
@@ -457,11 +465,13 @@ cdef class QP(Resource):
         a.rq_psn = dest_psn
         a.max_dest_rd_atomic = max_rd_atomic
         a.min_rnr_timer = 12
-        a.ah_attr.is_global = 1
         a.ah_attr.port_num = port_num
-        memcpy(a.ah_attr.grh.dgid.raw, <const char*>dest_gid, 16)
-        a.ah_attr.grh.sgid_index = gid_index
-        a.ah_attr.grh.hop_limit = 1
+        a.ah_attr.dlid = dlid
+        if dgid is not None:
+            a.ah_attr.is_global = 1
+            memcpy(a.ah_attr.grh.dgid.raw, <const char*>dgid, 16)
+            a.ah_attr.grh.sgid_index = sgid_index
+            a.ah_attr.grh.hop_limit = hop_limit
         self._modify(&a, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN
                      | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER, "RTR")
 

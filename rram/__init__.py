@@ -6,29 +6,26 @@ Public surface::
     pool = store.create_pool(persistent=True)
     store.put(pool, obj, index, page)              # 4 KiB
     store.get(pool, obj, index)                    # bytes, or None on a miss
+
+This package face sits on top of the house (docs/architecture.md): it hands on names defined
+below it, and no module of rram imports from it but the CLI (``__version__``).  ``connect``
+imports the composition root (rram/cluster.py) when called, not here, so that importing
+``rram.errors`` or ``rram.units`` loads nothing else.
 """
 from __future__ import annotations
 
 from .errors import RramError  # noqa: F401
+from .units import PAGE_SIZE  # noqa: F401
 
 __version__ = "0.1.0"
-PAGE_SIZE = 4096
 
 
-def connect(config, **kwargs):
-    """Open a requester page store on the cluster described by ``config`` (a path or a Config)."""
-    from .datapath.store import connect as _connect
+def connect(config, **options):
+    """Open a requester page store on the cluster ``config`` (a path or a ClusterConfig);
+    ``options`` as for ``rram.cluster.open_store`` (name, transport, local_budget, ...)."""
+    from .cluster import open_store
 
-    return _connect(config, **kwargs)
-
-
-def __getattr__(name: str):
-    # FarMemory is a frontend: imported on first use, never by the layers below
-    if name == "FarMemory":
-        from .frontends.farmem import FarMemory
-
-        return FarMemory
-    raise AttributeError(f"module 'rram' has no attribute {name!r}")
+    return open_store(config, **options)
 
 
 def build_info() -> dict[str, str]:

@@ -1,16 +1,17 @@
 """The `rram` command: provider, status, demo, requester, drain.
 
-This is the only place that configures logging.  Subcommands written in other modules are
-imported when used, so the CLI works (and says clearly what is missing) in a partial build.
+Logging is configured here (rram/logsetup.py), never by the modules a subcommand runs.
+Subcommands written in other modules are imported when used, so the CLI works (and says
+clearly what is missing) in a partial build.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from . import __version__
+from .logsetup import configure_logging
 
 MISSING_MODULE_EXIT = 2
 
@@ -77,7 +78,7 @@ def _status_table(cfg, results: dict) -> None:
     from .config import format_size
 
     table = Table(title=f"cluster {cfg.name}")
-    right = ("epoch", "capacity", "used", "free", "leases", "sessions", "read", "written", "uptime")
+    right = ("incarnation", "capacity", "used", "free", "leases", "sessions", "read", "written", "uptime")
     for col in ("node", "control", "state", "transport") + right:
         table.add_column(col, justify="right" if col in right else "left")
     problems, detail = [], []
@@ -88,7 +89,7 @@ def _status_table(cfg, results: dict) -> None:
             table.add_row(node.name, where, "[red]unreachable[/]", *[""] * 10)
             problems.append(f"{node.name}: {r['error']}")
             continue
-        table.add_row(node.name, where, r["state"], r["transport"], str(r["epoch"]), format_size(r["capacity"]),
+        table.add_row(node.name, where, r["state"], r["transport"], str(r["incarnation"]), format_size(r["capacity"]),
                       format_size(r["used"]), format_size(r["free"]), str(r["leases"]), str(r["sessions"]),
                       f"{r.get('bytes_read', 0) / 2**20:.1f}MiB", f"{r.get('bytes_written', 0) / 2**20:.1f}MiB",
                       f"{r['uptime']:.0f}s")
@@ -146,14 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="leave the drained provider up")
     p.set_defaults(func=_lazy("rram.control.drain"))
     return parser
-
-
-def configure_logging(verbose: int, quiet: int) -> None:
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    if quiet:
-        level = logging.ERROR
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:

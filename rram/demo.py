@@ -15,10 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import PAGE_SIZE, errors
-from .datapath.connect import open_store
+from . import errors
+from .cluster import open_store
 from .testing.cluster import LocalCluster
 from .testing.pages import make_pages, page_checksums
+from .units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 

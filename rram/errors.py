@@ -75,15 +75,6 @@ class FlushedError(CompletionError):
     """The operation was not executed because an earlier one failed (IBV_WC_WR_FLUSH_ERR)."""
 
 
-class StaleHandleError(RramError):
-    """A remote handle from an older membership epoch was used after the epoch changed."""
-
-    def __init__(self, message: str, handle_epoch: int, current_epoch: int):
-        super().__init__(message)
-        self.handle_epoch = handle_epoch
-        self.current_epoch = current_epoch
-
-
 class StoreFullError(RramError):
     """Neither the local pool nor any provider has room for a persistent page."""
 

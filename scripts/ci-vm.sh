@@ -3,7 +3,9 @@
 # page store over verbs with real provider processes, NBD...) for real inside the soft-RoCE
 # guest.  Builds the lab once (cached under RXE_LAB, default /var/tmp/rram-rxe-vm).  Fails
 # when a test fails OR when no test ran: a VM stage that silently skips everything proves
-# nothing.  Extra arguments go to pytest.  Benchmarks are not run here: scripts/bench-vm.sh.
+# nothing.  Then the multi-guest test (tests/vmcluster: a provider machine powered off mid-swap).
+# Extra arguments go to the guest's pytest and skip the multi-guest test.  Benchmarks are not
+# run here: scripts/bench-vm.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "ci-vm: .venv missing: run scripts/setup.sh first" >&2; exit 2; }
@@ -25,4 +27,20 @@ if [ $rc = 0 ] && ! grep -Eq '[0-9]+ passed' "$log"; then
   exit 1
 fi
 [ $rc = 5 ] && { echo "ci-vm: no vm test was collected: that is a failure" >&2; exit 1; }
+[ $rc = 0 ] || exit $rc
+if [ $# -gt 0 ]; then
+  echo "ci-vm: pytest arguments given: the multi-guest test (tests/vmcluster) is not run"
+  exit 0
+fi
+
+# A machine lost for real: three guests (two providers, one requester swapping over verbs),
+# one provider guest powered off mid-swap.  Orchestrated from the host.
+t1=$SECONDS
+RRAM_VM_CLUSTER=1 .venv/bin/python -m pytest tests/vmcluster -q -rs -s -p no:cacheprovider | tee "$log"
+rc=${PIPESTATUS[0]}
+echo "ci-vm: multi-guest test exit=$rc after $((SECONDS - t1))s"
+if [ $rc = 0 ] && ! grep -Eq '[0-9]+ passed' "$log"; then
+  echo "ci-vm: the multi-guest test did not pass (skipped?): that is a failure" >&2
+  exit 1
+fi
 exit $rc

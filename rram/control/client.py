@@ -65,8 +65,9 @@ class ProviderClient:
         return self.node.name
 
     @property
-    def epoch(self) -> int | None:
-        return None if self.welcome is None else self.welcome["epoch"]
+    def incarnation(self) -> int | None:
+        """The provider's restart marker (its start time) as of our last authentication."""
+        return None if self.welcome is None else self.welcome["incarnation"]
 
     @property
     def connected(self) -> bool:
@@ -137,7 +138,7 @@ class ProviderClient:
 
     def heartbeat(self) -> dict:
         rep = self._call("heartbeat")
-        return {k: rep[k] for k in ("epoch", "capacity", "free", "load", "state")}
+        return {k: rep[k] for k in ("incarnation", "capacity", "free", "load", "state")}
 
     def shutdown(self) -> str:
         """Ask a drained provider to exit."""
@@ -223,7 +224,8 @@ class ProviderClient:
         expected = auth.provider_proof(self.secret, challenge, nonce, self.requester)
         if not auth.verify(expected, welcome["proof"]):
             raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster secret")
-        log.debug("authenticated to %s (session %s, epoch %d)", self.node.name, welcome["session"], welcome["epoch"])
+        log.debug("authenticated to %s (session %s, incarnation %d)", self.node.name, welcome["session"],
+                  welcome["incarnation"])
         return welcome
 
     def _hangup(self) -> None:

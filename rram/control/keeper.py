@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from .. import errors
-from .membership import DEAD, LEFT, Membership, NodeInfo
+from .membership import DEAD, Membership, NodeInfo
 from .placement import Candidate, choose_targets
 from .ratelimit import TokenBucket
 
@@ -63,7 +63,7 @@ class Keeper:
                 cands.append(cand)
         known = {c.name for c in cands}
         for lk in candidates:  # linked but not heartbeated yet: offer with what the config says
-            if lk.name not in known and self.membership.state(lk.name) not in (DEAD, LEFT):
+            if lk.name not in known and self.membership.state(lk.name) != DEAD:
                 cands.append(Candidate(lk.name, free=1 << 62, failure_domain=lk.failure_domain))
         if not cands:
             return []

@@ -3,8 +3,8 @@
 RAMster's cluster is a hand-written node list brought up by ``manual_node_up`` on every node
 "approximately concurrently".  Here a node from the cluster file is *known* and becomes alive
 at its first heartbeat; other nodes ``join`` at run time.  Nothing reads a clock but the
-injected ``clock``, nothing sends or sleeps: the driver feeds heartbeats in, calls ``tick()``
-(``next_deadline()`` says when it matters) and acts on the returned events.
+injected ``clock``, nothing sends or sleeps: the driver (rram/control/keeper.py) feeds
+heartbeats in, calls ``tick()`` once a round and acts on the returned events.
 
 States and events::
 
@@ -15,19 +15,18 @@ States and events::
     dead --heartbeat, higher incarnation--> alive   restarted
     dead --heartbeat, same incarnation--> alive     rejoined  (a healed partition, see below)
     alive/suspect --heartbeat, higher incarnation--> alive   restarted (it restarted faster than dead_after)
-    any --leave()--> left                           left
-    left --join(), or heartbeat with a higher incarnation--> alive   joined
-                                                    (a heartbeat of the same incarnation is late: ignored)
     alive/suspect: draining flag set                draining  (live, but no longer a placement candidate)
 
 Thresholds are inclusive: exactly ``suspect_after`` seconds after the last heartbeat the node
 is suspect, exactly ``dead_after`` seconds after it is dead.
 
-The *live set* is the set of (name, incarnation) of alive and suspect nodes.  ``epoch`` counts
-its changes: every joined, dead, left, restarted and rejoined event adds one (each event
-carries the epoch after it); suspect, alive_again, draining and heartbeats do not change it.
-``node_epoch(name)`` is the epoch at which the node's current incarnation entered the live set
-(``epoch.NOT_LIVE`` when it is not live): stamp remote handles with it (see epoch.py).
+The *live set* is the set of (name, incarnation) of alive and suspect nodes.  ``epoch``, the
+membership epoch (the only thing rram calls an epoch in the control plane), counts its changes:
+every joined, dead, restarted and rejoined event adds one (each event carries the epoch after
+it); suspect, alive_again, draining and heartbeats do not change it.  ``node_epoch(name)`` is
+the epoch at which the node's current incarnation entered the live set (NOT_LIVE when it is
+not live).  A provider's *incarnation* is its restart marker (``ProviderClient.incarnation``,
+the start time it announces); it is not an epoch.
 
 Partition heals: a dead node that heartbeats again with the *same* incarnation is readmitted
 ("rejoined") as a new member of the live set, with a new node epoch.  Its slabs were already
@@ -36,7 +35,9 @@ must treat it as an empty provider (free or resume its old leases).  Refusing it
 would strand healthy memory forever after a network blip.
 
 Heartbeats with an older incarnation than the one known (a delayed packet from a previous
-process) are ignored and counted.
+process) are ignored and counted.  The requester's pages do not carry epochs: a remote replica
+is reached through its provider's link, and the store drops the link's replicas when the keeper
+reports the provider dead or restarted.
 """
 from __future__ import annotations
 
@@ -46,16 +47,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError, NotFound, ProtocolError
-from .epoch import NOT_LIVE
 from .placement import Candidate
 
 log = logging.getLogger(__name__)
 
-KNOWN, ALIVE, SUSPECT, DEAD, LEFT = "known", "alive", "suspect", "dead", "left"
+KNOWN, ALIVE, SUSPECT, DEAD = "known", "alive", "suspect", "dead"
 LIVE_STATES = (ALIVE, SUSPECT)
-EVENT_KINDS = ("joined", "suspect", "alive_again", "dead", "left", "restarted", "rejoined", "draining")
+EVENT_KINDS = ("joined", "suspect", "alive_again", "dead", "restarted", "rejoined", "draining")
 #: events that change the live set, hence the epoch
-EPOCH_EVENTS = frozenset({"joined", "dead", "left", "restarted", "rejoined"})
+EPOCH_EVENTS = frozenset({"joined", "dead", "restarted", "rejoined"})
+#: the node epoch of a node that is not in the live set
+NOT_LIVE = -1
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,10 @@ class NodeInfo:
 
     @classmethod
     def from_heartbeat(cls, reply: Mapping, failure_domain: str | None = None) -> NodeInfo:
-        """From a provider's ``heartbeat`` reply: its ``epoch`` (start time) is the incarnation."""
+        """From a provider's ``heartbeat`` reply (``incarnation``: the provider's start time)."""
         try:
             return cls(capacity=reply["capacity"], free=reply["free"], load=reply["load"],
-                       failure_domain=failure_domain, incarnation=reply["epoch"],
+                       failure_domain=failure_domain, incarnation=reply["incarnation"],
                        draining=reply.get("state", "serving") != "serving")
         except KeyError as exc:
             raise ProtocolError(f"heartbeat reply lacks {exc.args[0]!r}: {dict(reply)!r}") from None
@@ -125,15 +127,7 @@ class Membership:
         self.dead_after = dead_after
         self.epoch = 0
         self._members: dict[str, Member] = {}
-        self.counters = {"heartbeats": 0, "stale_heartbeats": 0, "late_heartbeats_after_leave": 0}
-
-    @classmethod
-    def from_config(cls, cfg, *, clock: Callable[[], float]) -> Membership:
-        """Every node of a ``rram.config.ClusterConfig`` as *known*, with the cluster's timing."""
-        m = cls(clock, cfg.heartbeat_interval, cfg.suspect_threshold, cfg.dead_threshold)
-        for node in cfg.nodes:
-            m.add(node.name, failure_domain=node.failure_domain, capacity=node.capacity, roles=node.roles)
-        return m
+        self.counters = {"heartbeats": 0, "stale_heartbeats": 0}
 
     # -- input ---------------------------------------------------------------------------
 
@@ -153,12 +147,12 @@ class Membership:
             self._members[name] = Member(name, roles=tuple(roles) if roles is not None else ("provider",))
         elif roles is not None:
             self._members[name].roles = tuple(roles)
-        return self._beat(self._members[name], info, explicit_join=True)
+        return self._beat(self._members[name], info)
 
     def heartbeat(self, name: str, info: NodeInfo) -> list[Event]:
-        return self._beat(self._get(name), info, explicit_join=False)
+        return self._beat(self._get(name), info)
 
-    def _beat(self, m: Member, info: NodeInfo, explicit_join: bool) -> list[Event]:
+    def _beat(self, m: Member, info: NodeInfo) -> list[Event]:
         name = m.name
         now = self._clock()
         self.counters["heartbeats"] += 1
@@ -169,14 +163,11 @@ class Membership:
             self.counters["stale_heartbeats"] += 1
             log.debug("ignoring heartbeat of %s incarnation %d (current %d)", name, info.incarnation, known_inc)
             return []
-        if m.state == LEFT and info.incarnation == known_inc and not explicit_join:
-            self.counters["late_heartbeats_after_leave"] += 1
-            return []
         was_draining = m.info.draining
         m.info = info
         m.last_heartbeat = now
         events: list[Event] = []
-        if m.state in (KNOWN, LEFT):
+        if m.state == KNOWN:
             events.append(self._enter_live(m, "joined", now))
         elif m.state == DEAD:
             events.append(self._enter_live(m, "restarted" if info.incarnation > known_inc else "rejoined", now))
@@ -189,17 +180,6 @@ class Membership:
         if info.draining and (entered_live or not was_draining):
             events.append(self._event("draining", m, now))
         return events
-
-    def leave(self, name: str) -> list[Event]:
-        """An orderly exit (after a drain): the node leaves the live set now."""
-        m = self._get(name)
-        if m.state == LEFT:
-            return []
-        was_live = m.state in LIVE_STATES
-        m.state, m.state_since, m.node_epoch = LEFT, self._clock(), NOT_LIVE
-        if was_live:
-            self.epoch += 1
-        return [self._event("left", m, m.state_since)]
 
     def tick(self) -> list[Event]:
         """Advance alive -> suspect -> dead by the time since each node's last heartbeat."""
@@ -242,33 +222,6 @@ class Membership:
         return [Candidate(m.name, m.info.free, m.info.load, m.info.failure_domain, m.info.capacity)
                 for m in sorted(self._members.values(), key=lambda m: m.name)
                 if m.state == ALIVE and not m.info.draining and role in m.roles and m.name not in exclude]
-
-    def next_deadline(self) -> float | None:
-        """The earliest time at which ``tick()`` would change something; None if nothing can."""
-        times = []
-        for m in self._members.values():
-            if m.state == ALIVE:
-                times.append(m.last_heartbeat + self.suspect_after)
-            elif m.state == SUSPECT:
-                times.append(m.last_heartbeat + self.dead_after)
-        return min(times, default=None)
-
-    def view(self) -> dict:
-        """A JSON-ready snapshot for status output."""
-        now = self._clock()
-        nodes = []
-        for m in sorted(self._members.values(), key=lambda m: m.name):
-            i = m.info
-            nodes.append({
-                "name": m.name, "state": m.state, "roles": list(m.roles), "incarnation": i.incarnation,
-                "node_epoch": m.node_epoch, "capacity": i.capacity, "free": i.free, "load": i.load,
-                "failure_domain": i.failure_domain, "draining": i.draining,
-                "heartbeat_age": None if m.last_heartbeat is None else round(now - m.last_heartbeat, 3),
-                "state_for": None if m.state_since is None else round(now - m.state_since, 3),
-            })
-        return {"epoch": self.epoch, "live": len(self.live()), "heartbeat_interval": self.heartbeat_interval,
-                "suspect_after": self.suspect_after, "dead_after": self.dead_after,
-                "counters": dict(self.counters), "nodes": nodes}
 
     def __contains__(self, name: str) -> bool:
         return name in self._members

@@ -45,13 +45,13 @@ REQUESTS: dict[str, dict[str, tuple]] = {
 #: request type -> fields of its successful reply (extra fields are allowed: newer providers)
 REPLIES: dict[str, dict[str, tuple]] = {
     "hello": {"challenge": _STR},
-    "auth": {"node": _STR, "epoch": _INT, "transport": _STR, "capacity": _INT, "session": _STR,
+    "auth": {"node": _STR, "incarnation": _INT, "transport": _STR, "capacity": _INT, "session": _STR,
              "token": _STR, "proof": _STR},
     "alloc_slab": {"lease": _INT, "addr": _INT, "length": _INT, "rkey": _INT},
     "free_slab": {"freed": _INT},
     "connect": {"params": _DICT},
     "stats": {"stats": _DICT},
-    "heartbeat": {"epoch": _INT, "capacity": _INT, "free": _INT, "load": _NUM, "state": _STR},
+    "heartbeat": {"incarnation": _INT, "capacity": _INT, "free": _INT, "load": _NUM, "state": _STR},
     "resume": {"session": _STR, "token": _STR, "leases": _LIST},
     "drain": {"state": _STR},
     "shutdown": {"state": _STR},

@@ -4,8 +4,7 @@ Rules, in order of importance:
 
 1. Never two replicas of a slab on one node; never a node in ``exclude`` (the requester itself
    in the symmetric topology, the draining node, dead nodes, nodes that already hold a copy).
-2. Never a node without ``need_bytes`` free (capacity is respected within a plan, too: every
-   planned move lowers its target's free bytes for the moves after it).
+2. Never a node without ``need_bytes`` free.
 3. Replicas in distinct failure domains while the usable candidates span enough domains; a
    node without a ``failure_domain`` label is its own domain.  When there are too few domains
    the remaining replicas go to distinct nodes and the result says ``domains_spread=False``.
@@ -15,16 +14,15 @@ Rules, in order of importance:
 
 Too few usable nodes: ``choose_targets`` raises StoreFullError, or with ``allow_degraded=True``
 returns what it could (at least one node) with ``degraded=True``; the store then runs the slab
-with fewer copies and re-replicates when providers join.  Plans never raise: slabs they cannot
-complete are listed in ``Plan.unplaced`` (and slabs with no surviving copy in ``Plan.lost``).
+with fewer copies and re-replicates when providers join.  The store asks for one slab at a time
+(through ``Keeper.place``) when it places, re-replicates or drains a slab.
 """
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from ..errors import StoreFullError
 
@@ -73,28 +71,6 @@ class Placement:
         return self.targets[i]
 
 
-class Move(NamedTuple):
-    slab: Hashable
-    source: str
-    target: str
-
-
-@dataclass
-class Plan:
-    """Copies to make: ``moves`` in priority order (slabs with fewest live copies first)."""
-
-    moves: list[Move] = field(default_factory=list)
-    unplaced: dict = field(default_factory=dict)  # slab -> copies still missing after the plan
-    lost: list = field(default_factory=list)  # slabs with no live copy left to copy from
-    domains_spread: bool = True  # False when some slab has two copies in one failure domain
-
-    def __iter__(self) -> Iterator[Move]:
-        return iter(self.moves)
-
-    def __len__(self) -> int:
-        return len(self.moves)
-
-
 def choose_targets(candidates: Iterable[Candidate], r: int, *, rng: random.Random, exclude: Iterable[str] = (),
                    need_bytes: int = 0, existing: Iterable[str] = (), allow_degraded: bool = False) -> Placement:
     """``r`` distinct nodes for new replicas of one slab.
@@ -121,60 +97,6 @@ def choose_targets(candidates: Iterable[Candidate], r: int, *, rng: random.Rando
     return Placement(tuple(picks), r, spread)
 
 
-def rereplication_plan(slabs: Mapping[Hashable, Sequence[str | None]], dead: Iterable[str],
-                       candidates: Iterable[Candidate], r: int, *, rng: random.Random, slab_bytes: int,
-                       exclude: Iterable[str] = ()) -> Plan:
-    """Moves that bring every slab back to ``r`` copies after ``dead`` nodes are gone.
-
-    ``slabs`` maps a slab to the nodes of its replicas (None: a copy already missing).  A move
-    copies from a surviving replica (the least used source so far in this plan, to spread the
-    copy traffic) to a new node.  Slabs that already have ``r`` live copies are left alone.
-    """
-    dead = _names(dead)
-    pool = _Pool(candidates, exclude=dead | _names(exclude))
-    plan = Plan()
-    source_use: dict[str, int] = {}
-    work = []
-    for slab, holders in slabs.items():
-        live = _distinct(h for h in holders if h is not None and h not in dead)
-        if len(live) < r:
-            work.append((len(live), slab, live))
-    work.sort(key=lambda w: w[0])  # stable: slabs at most risk first, else in the caller's order
-    for _, slab, live in work:
-        if not live:
-            plan.lost.append(slab)
-            continue
-        targets, spread = pool.take(r - len(live), live, slab_bytes, rng)
-        for target in targets:
-            source = min(live, key=lambda n: (source_use.get(n, 0), n))
-            source_use[source] = source_use.get(source, 0) + 1
-            plan.moves.append(Move(slab, source, target))
-        plan.domains_spread &= spread
-        if len(targets) < r - len(live):
-            plan.unplaced[slab] = r - len(live) - len(targets)
-    if plan.lost:
-        log.error("%d slabs have no live copy left to re-replicate from", len(plan.lost))
-    return plan
-
-
-def drain_plan(node: str, slabs: Mapping[Hashable, Sequence[str | None]], candidates: Iterable[Candidate], *,
-               rng: random.Random, slab_bytes: int, exclude: Iterable[str] = ()) -> Plan:
-    """Moves that take every replica off ``node`` (which is still alive and serves as the source)."""
-    pool = _Pool(candidates, exclude={node} | _names(exclude))
-    plan = Plan()
-    for slab, holders in slabs.items():
-        if node not in holders:
-            continue
-        others = _distinct(h for h in holders if h is not None and h != node)
-        targets, spread = pool.take(1, others, slab_bytes, rng)
-        plan.domains_spread &= spread
-        if targets:
-            plan.moves.append(Move(slab, node, targets[0]))
-        else:
-            plan.unplaced[slab] = 1
-    return plan
-
-
 # -- internals -----------------------------------------------------------------------------
 
 
@@ -191,10 +113,6 @@ def _names(names: Iterable[str]) -> set[str]:
     if isinstance(names, str):  # exclude="mem1" would otherwise exclude the letters m, e, 1
         return {names}
     return set(names)
-
-
-def _distinct(names: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(names))
 
 
 def _pick(usable: list[Candidate], n: int, taken_domains: set[str], rng: random.Random) -> tuple[list[str], bool]:
@@ -220,21 +138,3 @@ def _two_choices(pool: list[Candidate], rng: random.Random) -> Candidate:
         return pool[0]
     a, b = rng.sample(pool, 2)
     return a if (a.score, b.name) >= (b.score, a.name) else b
-
-
-class _Pool:
-    """Candidates whose free bytes shrink as a plan assigns slabs to them."""
-
-    def __init__(self, candidates: Iterable[Candidate], exclude: set[str]):
-        self.all = _by_name(candidates)  # includes excluded nodes: their domains still count
-        self.exclude = exclude
-        self.free = {n: c.free for n, c in self.all.items() if n not in exclude}
-
-    def take(self, n: int, holders: list[str], need: int, rng: random.Random) -> tuple[list[str], bool]:
-        held_domains = {self.all[h].domain for h in holders if h in self.all}
-        usable = [Candidate(name, free, self.all[name].load, self.all[name].failure_domain)
-                  for name, free in self.free.items() if free >= need and name not in holders]
-        picks, spread = _pick(usable, n, held_domains, rng)
-        for name in picks:
-            self.free[name] -= need
-        return picks, spread

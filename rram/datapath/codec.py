@@ -20,7 +20,8 @@ import lz4
 import lz4.block
 import numpy as np
 
-from .. import PAGE_SIZE, errors
+from .. import errors
+from ..units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 

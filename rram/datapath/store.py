@@ -22,9 +22,10 @@ import time
 
 import numpy as np
 
-from .. import PAGE_SIZE, errors
+from .. import errors
 from .._ext._storepath import StorePath, pack_keys
 from ..memory import Arena
+from ..units import PAGE_SIZE
 from . import codec
 from . import keys as K
 from . import slab as L
@@ -670,9 +671,3 @@ def _copy_batch():
 
 
 _DEFAULT_COPY = _copy_batch()
-
-
-def connect(config, *, name: str | None = None, transport: str | None = None, **overrides) -> PageStore:
-    from .connect import open_store
-
-    return open_store(config, name=name, transport_name=transport, **overrides)

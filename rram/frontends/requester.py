@@ -4,7 +4,7 @@
     nbd-client -unix /run/rram/nbd.sock /dev/nbd0 -b 4096 -swap      # scripts/requester.sh up
     mkswap /dev/nbd0 && swapon -p 100 /dev/nbd0
 
-Connects the page store (``rram.connect``), creates a persistent pool (a page is never
+Connects the page store (``rram.cluster.open_store``, i.e. ``rram.connect``), creates a persistent pool (a page is never
 dropped: a write fails with ENOSPC rather than lose data), serves it over NBD, locks its
 memory (mlockall) unless --no-mlock, prints ``rram requester NAME ready ...`` once listening,
 and on SIGTERM/SIGINT stops serving, flushes and closes the store.
@@ -92,13 +92,13 @@ def main(args) -> int:
     except errors.ConfigError as exc:
         print(f"rram requester: {exc}", file=sys.stderr)
         return 2
-    import rram
+    from ..cluster import open_store
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        store = rram.connect(args.config, name=args.name)
+        store = open_store(args.config, name=args.name)
     except (errors.RramError, OSError) as exc:
         print(f"rram requester: cannot open the page store: {exc}", file=sys.stderr)
         return 1
@@ -146,7 +146,7 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import configure_logging
+    from ..logsetup import configure_logging
 
     configure_logging(verbose=1, quiet=0)
     sys.exit(main(sys.argv[1:]))

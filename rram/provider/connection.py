@@ -143,7 +143,7 @@ class ControlConnection:
             raise errors.AuthError(f"authentication failed for requester {requester!r}: wrong cluster secret")
         self.session = p.new_session(requester, self)
         proof = auth.provider_proof(p.secret, server_nonce, hello["nonce"], requester)
-        self.send(M.reply(msg["id"], node=p.node.name, epoch=p.epoch, transport=p.transport_name,
+        self.send(M.reply(msg["id"], node=p.node.name, incarnation=p.incarnation, transport=p.transport_name,
                           capacity=p.pool.capacity, session=self.session.id, token=self.session.token,
                           proof=proof))
         log.info("requester %r authenticated from %s (session %s)", requester, self.peer, self.session.id)

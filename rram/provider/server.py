@@ -60,7 +60,8 @@ class Provider:
         self.secret = cfg.secret_bytes()
         self.requested_transport = transport_name or cfg.transport
         self.io_timeout = io_timeout
-        self.epoch = time.time_ns() // 1_000_000  # changes at every start: requesters see a restart
+        # a restart marker (start time, ms): a requester that sees it change knows our memory was lost
+        self.incarnation = time.time_ns() // 1_000_000
         self.state = "serving"
         self.pool = SlabPool(self.node.capacity, mlock=self.node.mlock, hugepages=self.node.hugepages)
         self.transport_name = ""
@@ -276,7 +277,7 @@ class Provider:
         return self.state
 
     def heartbeat(self) -> dict:
-        return {"epoch": self.epoch, "capacity": self.pool.capacity, "free": self.pool.free,
+        return {"incarnation": self.incarnation, "capacity": self.pool.capacity, "free": self.pool.free,
                 "load": round(os.getloadavg()[0], 2), "state": self.state}
 
     def stats(self) -> dict:
@@ -289,7 +290,7 @@ class Provider:
             counters = dict(self._counters)
             conns = len(self._conns)
         tstats = self.pt.stats() if hasattr(self.pt, "stats") else {}
-        out = {"node": self.node.name, "epoch": self.epoch, "state": self.state,
+        out = {"node": self.node.name, "incarnation": self.incarnation, "state": self.state,
                "transport": self.transport_name, "transport_reason": self.transport_reason,
                "uptime": round(now - self._started, 3), "capacity": self.pool.capacity,
                "used": self.pool.used, "free": self.pool.free, "leases": self.pool.count,

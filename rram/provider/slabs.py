@@ -9,8 +9,9 @@ import itertools
 import threading
 from dataclasses import dataclass
 
-from .. import PAGE_SIZE, errors
+from .. import errors
 from ..memory import Arena
+from ..units import PAGE_SIZE
 
 
 @dataclass

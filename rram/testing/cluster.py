@@ -145,7 +145,7 @@ class LocalCluster:
         return None
 
     def restart(self, name: str) -> subprocess.Popen:
-        """Stop ``name`` (if running) and start it again on the same ports: a new epoch, no leases."""
+        """Stop ``name`` (if running) and start it again on the same ports: a new incarnation, no leases."""
         if self.alive(name):
             self.kill(name, signal.SIGTERM)
         return self.start(name)

@@ -2,7 +2,8 @@
 
 Real arenas and a real transport session (loopback by default); only the control connection
 is a direct method call instead of a socket.  Integration tests use real provider processes
-(rram/testing/cluster.py).
+(rram/testing/cluster.py).  Like all of rram/testing, this module sits above every other layer
+and may import any of them (here: the composition root's linking, and the NBD backends).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import threading
 from dataclasses import dataclass
 
 from .. import errors, transport
-from ..datapath.remote import Link, RemoteTier
+from ..cluster import REMOTE_SLAB_BASE, link
+from ..datapath.remote import RemoteTier
 from ..datapath.store import PageStore
+from ..frontends.nbd.backend import MemoryBackend, PageStoreBackend
 from ..memory import Arena
 from ..transport.base import RemoteRegion
 
@@ -105,15 +108,11 @@ class InProcessClient:
 
 def make_store(providers: list[InProcessProvider], *, replicas: int = 1, slab_size: int = 1 << 20,
                local_budget: int = 1 << 20, batch: int = 256, requester: str = "test") -> PageStore:
-    """A PageStore over in-process providers, connected exactly as rram.connect does."""
+    """A PageStore over in-process providers, linked by the same code as rram.connect."""
     rt = transport.requester_transport(providers[0].pt.name if providers else "loopback")
-    remote = RemoteTier(slab_size=slab_size, replicas=replicas, first_slab_id=4096)
+    remote = RemoteTier(slab_size=slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
     for p in providers:
-        client = p.client(requester)
-        ep = rt.endpoint()
-        ep.connect(client.connect_data(ep.local_params()))
-        ep.reconnect_params = client.connect_data
-        remote.add_link(Link(index=-1, name=p.name, client=client, endpoint=ep))
+        remote.add_link(link(p.client(requester), rt, p.name))
     return PageStore(remote, local_budget=local_budget, batch=batch)
 
 
@@ -121,8 +120,6 @@ def make_store(providers: list[InProcessProvider], *, replicas: int = 1, slab_si
 def export_backend(kind: str, size: int):
     """An NBD backend for tests: ``"memory"`` (a bytearray) or ``"pagestore"`` (a persistent pool
     of a store whose small local budget spills most pages to one in-process provider)."""
-    from ..frontends.nbd.backend import MemoryBackend, PageStoreBackend
-
     if kind == "memory":
         yield MemoryBackend(size)
         return

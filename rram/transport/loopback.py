@@ -3,7 +3,8 @@
 ``session.accept({})`` returns ``{"loopback_id": ...}``, a random id in a module registry;
 the endpoint looks the session up by it.  ``post`` runs the batch at once through the same
 C executor checks as the tcp provider (lkey, rkey, bounds, length; GIL released) and queues
-the completion; ``poll`` hands queued completions back in order.
+the completion; ``poll`` hands queued completions back in order.  What it shares with tcp (the
+availability check, the batch check, the provider counters) lives in emulated.py.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .base import (
     RegionTableSession,
     RequesterTransport,
 )
-from .tcp import _ops_bytes, _Stats, unavailable_reason  # noqa: F401  (same extension, same checks)
+from .emulated import ProviderStats, ops_bytes, unavailable_reason
 from .wire import MAX_OP_LENGTH
 
 try:
@@ -72,7 +73,7 @@ class ProviderTransportImpl(ProviderTransport):
             raise errors.TransportUnavailable(reason)
         self._lock = threading.Lock()
         self._sessions: dict[str, _LoopbackSession] = {}
-        self._stats = _Stats()
+        self._stats = ProviderStats()
         self._closed = False
 
     def open_session(self, session_id: str) -> ProviderSession:
@@ -142,7 +143,7 @@ class LoopbackEndpoint(RegionTableEndpoint):
             raise errors.ConnectionLost("loopback endpoint is not connected (session closed?); call recover()")
         if len(self._done) >= self.max_outstanding:
             raise errors.TransportError(f"{self.max_outstanding} batches already outstanding; poll first")
-        raw = _ops_bytes(ops, self.max_batch)
+        raw = ops_bytes(ops, self.max_batch)
         status, index, nread, nwritten = _memops.execute_direct(session.table, self._local, raw, len(ops),
                                                                  MAX_OP_LENGTH)
         session.provider._stats.batch(index, nread, nwritten, status != 0)

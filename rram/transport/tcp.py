@@ -21,7 +21,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 
@@ -39,12 +38,12 @@ from .base import (
     RegionTableSession,
     RequesterTransport,
 )
+from .emulated import ProviderStats, unavailable_reason
 
 try:
     from .._ext import _memops
-except ImportError as exc:  # pragma: no cover - setup.py builds it unconditionally
+except ImportError:  # pragma: no cover - unavailable_reason() says why
     _memops = None
-    _IMPORT_ERROR = exc
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +56,6 @@ DEFAULT_SPIN_US = 20
 #: the provider's connection loop does not spin by default: 20 us brings the split case to
 #: 9 us but costs the donor a busy CPU and makes a same-CPU pair 3-6x slower
 DEFAULT_PROVIDER_SPIN_US = 0
-
-
-def unavailable_reason() -> str | None:
-    if _memops is None:
-        return f"rram._ext._memops is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`"
-    if sys.byteorder != "little":
-        return "the tcp data protocol is little-endian and this host is not"
-    mismatch = {k: v for k, v in _memops.WIRE_CONSTANTS.items() if _wire_value(k) != v}
-    if mismatch:
-        return f"rram._ext._memops was built for other wire constants {mismatch}; rebuild it"
-    return None
-
-
-def _ops_bytes(ops: np.ndarray, max_batch: int) -> np.ndarray:
-    """The uint8 view of a checked 1-D OP_DTYPE batch (used by the loopback transport)."""
-    if not isinstance(ops, np.ndarray) or ops.dtype != OP_DTYPE or ops.ndim != 1:
-        raise errors.TransportError("ops must be a 1-D numpy array of OP_DTYPE")
-    if not 1 <= len(ops) <= max_batch:
-        raise errors.TransportError(f"a batch holds 1..{max_batch} operations, got {len(ops)}")
-    return np.ascontiguousarray(ops).view(np.uint8)
-
-
-def _wire_value(name: str) -> int:
-    return wire.HEADER.size if name == "HEADER" else getattr(wire, name)
 
 
 def _recv_exact(sock: socket.socket, n: int, before: int = 0) -> bytearray | None:
@@ -109,36 +84,6 @@ def _read_frame(sock: socket.socket, accept: frozenset):
 
 
 # -- provider ---------------------------------------------------------------------------------
-
-
-class _Stats:
-    """Provider counters.  tcp: totals of closed connections and of errors caught in Python;
-    live connections count in C (``WireServer.counters``) and ``snapshot`` adds them in."""
-
-    FIELDS = ("ops", "batches", "bytes_read", "bytes_written", "errors")
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._c = [0] * len(self.FIELDS)
-
-    def add(self, counts) -> None:
-        """Add a tuple in FIELDS order."""
-        with self._lock:
-            self._c = [a + b for a, b in zip(self._c, counts)]
-
-    def batch(self, ops: int, nread: int, nwritten: int, failed: bool) -> None:
-        self.add((ops, 1, nread, nwritten, int(failed)))
-
-    def error(self) -> None:
-        with self._lock:
-            self._c[-1] += 1
-
-    def snapshot(self, live=()) -> dict:
-        with self._lock:
-            total = list(self._c)
-        for counts in live:
-            total = [a + b for a, b in zip(total, counts)]
-        return dict(zip(self.FIELDS, total))
 
 
 class _DataConnection:
@@ -284,7 +229,7 @@ class ProviderTransportImpl(ProviderTransport):
         self._sessions: dict[str, _TcpSession] = {}
         self._tokens: dict[bytes, _TcpSession] = {}
         self._conns: set[_DataConnection] = set()
-        self._stats = _Stats()
+        self._stats = ProviderStats()
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name=f"rram-tcp-listen-{self.address[1]}",
                                         daemon=True)

@@ -25,6 +25,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,6 +47,9 @@ REMOTE_ACCESS = 0 if _verbs is None else (
 #: emulated CPU can be slow to ACK; with 7 retries a vanished peer shows up in about 2 s
 ACK_TIMEOUT = 16
 RETRY_COUNT = 7
+#: RoCE v2 carries the GRH hop limit as the IP TTL: 64 (Linux's default TTL) lets a
+#: connection cross the routers between racks; 1 would confine it to one L2 segment
+ROCE_HOP_LIMIT = 64
 
 
 def _port_summary(ctx, port_num: int) -> dict:
@@ -103,6 +107,7 @@ class _Device:
         self.gid_index = gid_index
         self.mtu = port["active_mtu"]
         self.lid = port["lid"]
+        self.link_layer = port["link_layer"]
         try:
             self.gid = ctx.query_gid(port_num, gid_index)
             self.limits = ctx.query_device()
@@ -116,14 +121,16 @@ class _Device:
     def params(self, qpn: int, psn: int) -> dict:
         """What the peer needs to reach our QP ``qpn`` (JSON-serialisable)."""
         return {"transport": "verbs", "qpn": qpn, "psn": psn, "gid": self.gid.hex(), "mtu": self.mtu,
-                "lid": self.lid}
+                "lid": self.lid, "link_layer": self.link_layer}
 
     def connect(self, qp, my_psn: int, peer: dict, access: int) -> None:
         qpn, psn, gid, mtu = _parse_params(peer)
-        qp.connect(qpn, psn, gid, my_psn, gid_index=self.gid_index, mtu=min(mtu, self.mtu),
-                   port_num=self.port_num, access=access,
-                   max_rd_atomic=min(16, self.limits["max_qp_rd_atom"]), timeout=ACK_TIMEOUT,
-                   retry_cnt=RETRY_COUNT)
+        av = address_vector(self.link_layer, self.gid_index, peer_lid=_peer_lid(peer), peer_gid=gid,
+                            peer_link_layer=peer.get("link_layer", self.link_layer))
+        qp.connect(qpn, psn, my_psn, dlid=av.dlid, dgid=av.dgid, sgid_index=av.sgid_index,
+                   hop_limit=av.hop_limit, mtu=min(mtu, self.mtu), port_num=self.port_num,
+                   access=access, max_rd_atomic=min(16, self.limits["max_qp_rd_atom"]),
+                   timeout=ACK_TIMEOUT, retry_cnt=RETRY_COUNT)
 
     def close(self) -> None:
         self.ctx.close()
@@ -141,6 +148,51 @@ def _parse_params(p: dict) -> tuple[int, int, bytes, int]:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise errors.ProtocolError(f"bad verbs connection parameters {p!r}: {exc}") from exc
     return qpn, psn, gid, mtu
+
+
+@dataclass(frozen=True)
+class AddressVector:
+    """How our QP reaches the peer's: the fields of ``ibv_ah_attr`` that differ by link layer.
+
+    ``dgid`` is None when no GRH is sent (InfiniBand inside one subnet: LID routing)."""
+
+    dlid: int
+    dgid: bytes | None
+    sgid_index: int
+    hop_limit: int
+
+
+def address_vector(link_layer: str, gid_index: int, *, peer_lid: int, peer_gid: bytes,
+                   peer_link_layer: str, hop_limit: int = ROCE_HOP_LIMIT) -> AddressVector:
+    """The address vector towards a peer port, from our port's link layer.
+
+    InfiniBand switches forward by LID, so an IB peer is addressed by its LID (the subnet
+    manager assigns it; 0 means none did) and no GRH.  RoCE has no LIDs: every packet carries
+    a GRH whose destination GID is the peer's address (RoCE v2: an IP address), and the hop
+    limit becomes the IP TTL, so it must let the packet cross routers between racks.
+    """
+    if link_layer != peer_link_layer:
+        raise errors.ProtocolError(f"link layers differ: ours is {link_layer}, the peer's {peer_link_layer}")
+    if link_layer == "infiniband":
+        if not 0 < peer_lid < 0xC000:   # 0xC000.. are multicast LIDs, 0 is unassigned
+            raise errors.ProtocolError(f"an InfiniBand peer needs a unicast LID, got {peer_lid} "
+                                       "(is a subnet manager running on the fabric?)")
+        return AddressVector(dlid=peer_lid, dgid=None, sgid_index=gid_index, hop_limit=hop_limit)
+    if link_layer == "ethernet":
+        if not any(peer_gid):
+            raise errors.ProtocolError("a RoCE peer needs a GID, got all zeros")
+        return AddressVector(dlid=0, dgid=peer_gid, sgid_index=gid_index, hop_limit=hop_limit)
+    raise errors.ProtocolError(f"unsupported link layer {link_layer!r} (want infiniband or ethernet)")
+
+
+def _peer_lid(p: dict) -> int:
+    try:
+        lid = int(p.get("lid", 0))
+    except (TypeError, ValueError) as exc:
+        raise errors.ProtocolError(f"bad LID in verbs connection parameters {p!r}") from exc
+    if not 0 <= lid <= 0xFFFF:
+        raise errors.ProtocolError(f"a LID is 16 bits, got {lid}")
+    return lid
 
 
 def _new_psn() -> int:

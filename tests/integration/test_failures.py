@@ -12,7 +12,7 @@ import pytest
 
 from rram import PAGE_SIZE
 from rram.control.client import ProviderClient
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages, page_checksums
 

@@ -1,4 +1,4 @@
-"""rram.FarMemory against real provider processes: numpy workloads from threads holding the
+"""FarMemory against real provider processes: numpy workloads from threads holding the
 GIL, kernel-mode faults (readinto), eviction under a budget 4x smaller than the region,
 provider and handler deaths."""
 from __future__ import annotations
@@ -174,7 +174,7 @@ def test_bad_input_gets_a_clear_error_and_the_region_keeps_serving(cluster):
         FarMemory(cluster.config_path, size=0, budget=BUDGET)
     with pytest.raises(errors.ConfigError, match="budget"):
         FarMemory(cluster.config_path, size=SIZE, budget=PAGE_SIZE)
-    with pytest.raises(errors.RramError, match="unknown options"):
+    with pytest.raises(errors.RramError, match="colour"):
         FarMemory(cluster.config_path, size=SIZE, budget=BUDGET, colour="blue")
     with region(cluster, size=1 << 20, budget=512 << 10) as mem:
         with pytest.raises(ValueError, match="does not fit"):

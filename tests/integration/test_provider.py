@@ -226,7 +226,7 @@ def test_data_path_and_stats_counters(cluster):
         assert zlib.crc32(back) == zlib.crc32(payload)
     s = c.stats()
     assert s["bytes_written"] == 65536 and s["bytes_read"] == 65536 and s["ops"] == 2 and s["batches"] == 1
-    assert s["epoch"] == c.epoch and s["transport"] == "tcp" and s["uptime"] > 0
+    assert s["incarnation"] == c.incarnation and s["transport"] == "tcp" and s["uptime"] > 0
     hb = c.heartbeat()
     assert hb["capacity"] == 8 * MiB and hb["free"] == 7 * MiB and hb["state"] == "serving"
     c.close()
@@ -313,7 +313,7 @@ def test_sigterm_is_an_orderly_shutdown(cluster):
         c.stats()
     cluster.restart("p0")
     c2 = client(cluster)
-    assert c2.epoch != c.epoch and c2.stats()["used"] == 0
+    assert c2.incarnation != c.incarnation and c2.stats()["used"] == 0
     c2.close()
     c.close()
 
@@ -330,6 +330,7 @@ def test_status_cli(cluster):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert set(data) == {"p0", "p1"} and data["p1"]["used"] == 2 * MiB and data["p0"]["used"] == 0
+    assert data["p1"]["incarnation"] > 0 and "epoch" not in data["p1"]  # a restart marker, not an epoch
     out = run_cli("status", "--config", cluster.config_path)
     assert out.returncode == 0 and "p0" in out.stdout and "p1" in out.stdout and "8MiB" in out.stdout
     cluster.kill("p0")

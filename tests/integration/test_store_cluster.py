@@ -8,7 +8,7 @@ import pytest
 
 from rram import PAGE_SIZE
 from rram.control.client import ProviderClient
-from rram.datapath.connect import open_store
+from rram.cluster import open_store
 from rram.testing.pages import make_pages, page_checksums
 from rram.transport import wire
 
@@ -137,3 +137,22 @@ def test_bad_key_and_out_of_bounds_from_a_real_provider(cluster):
         sock.close()
         c.free_slab(lease.lease_id)
     assert cluster.alive("p0")
+
+
+def test_rram_connect_is_the_composition_root(cluster):
+    """``import rram; rram.connect(...)``: the public door opens the same store as open_store."""
+    import rram
+
+    with pytest.raises(TypeError, match="local_buget"):
+        rram.connect(cluster.config, name="face", local_buget=1 << 20)
+    n = 1024  # 4 MiB of pages through a 256 KiB local budget: most go to the two providers
+    data = make_pages(n, seed=9)
+    with rram.connect(cluster.config_path, name="face", transport="tcp", local_budget=256 << 10,
+                      replicas=2) as store:
+        assert store.transport == "tcp" and store.requester == "face"
+        pool = store.create_pool(persistent=True)
+        store.put_many(pool, 1, np.arange(n), data)
+        out = np.zeros_like(data)
+        assert store.get_many(pool, 1, np.arange(n), out).all()
+        assert np.array_equal(page_checksums(out, n), page_checksums(data, n))
+        assert store.stats()["remote_pages"] > n // 2

@@ -1,10 +1,10 @@
-"""The majority-trend predictor (rram/frontends/farmem_prefetch.py)."""
+"""The majority-trend predictor (rram/frontends/farmem/prefetch.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rram.frontends.farmem_prefetch import Predictor, majority
+from rram.frontends.farmem.prefetch import Predictor, majority
 
 
 def test_majority_needs_more_than_half():

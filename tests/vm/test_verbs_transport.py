@@ -92,6 +92,27 @@ def test_parent_close_closes_children_first(rdma_devices):
         qp.qp_num
 
 
+def test_address_vector_reaches_the_device(rdma_devices):
+    """soft-RoCE is an Ethernet link: the core refuses a vector without a GRH (the InfiniBand
+    shape, LID only) with EINVAL, and accepts the RoCE one built from the port's link layer."""
+    from rram._ext import _verbs
+
+    with _verbs.Context(rdma_devices[0]) as ctx:
+        port = ctx.query_port(1)
+        assert port["link_layer"] == "ethernet"
+        gid = ctx.query_gid(1, 0)
+        pd, cq = _verbs.PD(ctx), _verbs.CQ(ctx, 16)
+        a, b = _verbs.QP(pd, cq, 4, 2), _verbs.QP(pd, cq, 4, 2)
+        with pytest.raises(errors.TransportError) as info:
+            a.connect(b.qp_num, 0, 0, dlid=0x12, mtu=port["active_mtu"])
+        assert info.value.errno == 22   # EINVAL: RoCE needs a GRH
+        a.reset()
+        av = verbs.address_vector("ethernet", 0, peer_lid=0, peer_gid=gid, peer_link_layer="ethernet")
+        a.connect(b.qp_num, 0, 0, dlid=av.dlid, dgid=av.dgid, sgid_index=av.sgid_index,
+                  hop_limit=av.hop_limit, mtu=port["active_mtu"])
+        assert a.state == "rts"
+
+
 def test_pipelined_writes_land_and_stats(sides):
     provider, requester = sides
     lease = Lease(provider, requester)

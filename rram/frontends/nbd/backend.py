@@ -11,7 +11,8 @@ import threading
 
 import numpy as np
 
-from ... import PAGE_SIZE, errors
+from ... import errors
+from ...units import PAGE_SIZE
 
 #: pages per store call when zeroing or invalidating large ranges (bounds temporary arrays)
 RANGE_CHUNK = 16384

@@ -22,8 +22,9 @@ import socket
 import threading
 import time
 
-from ... import PAGE_SIZE, errors
+from ... import errors
 from ..._ext._nbdwire import RequestRun
+from ...units import PAGE_SIZE
 from . import protocol as P
 from .backend import Backend
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import socket
 
-from .. import errors
+from ... import errors
 
 MAX_LINE = 1 << 16
 #: fds attached to hello, in this order

@@ -1,8 +1,8 @@
 """The fault handler of a far-memory region: a process of its own, never the region's.
 
-``python -m rram.frontends.farmem_handler --fd N``: N is a Unix socket to the region's
+``python -m rram.frontends.farmem.handler --fd N``: N is a Unix socket to the region's
 process, which sends ``hello`` with the userfaultfd, the region's memfd and the write end of
-its lifeline pipe (rram/frontends/farmem_wire.py).  The handler opens its own PageStore on
+its lifeline pipe (rram/frontends/farmem/wire.py).  The handler opens its own PageStore on
 the same cluster, maps the memfd and serves the region until ``close`` or end of stream.
 
 Page states (one byte a page):
@@ -31,10 +31,11 @@ import sys
 
 import numpy as np
 
-from .. import PAGE_SIZE
-from .._ext import _uffd as U
-from . import farmem_wire as W
-from .farmem_prefetch import Predictor
+from ...units import PAGE_SIZE
+from ..._ext import _uffd as U
+from . import wire as W
+from ...logsetup import configure_logging
+from .prefetch import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +319,9 @@ def serve(sock: socket.socket) -> int:
         return 2
     uffd, memfd, lifeline = fds
     try:
-        import rram
+        from ...cluster import open_store
 
-        store = rram.connect(hello["config"], **hello.get("store", {}))
+        store = open_store(hello["config"], **hello.get("store", {}))
         region = Region(hello, uffd, memfd, store, batch=store.batch)
     except Exception as exc:  # noqa: BLE001 - reported to the region's process, which raises it
         W.send(sock, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
@@ -360,12 +361,11 @@ def serve(sock: socket.socket) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rram.frontends.farmem_handler")
+    ap = argparse.ArgumentParser(prog="python -m rram.frontends.farmem.handler")
     ap.add_argument("--fd", type=int, required=True, help="Unix socket to the region's process")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s farmem-handler[%(process)d] %(levelname)s %(message)s")
+    configure_logging(args.verbose, 0)
     sock = socket.socket(fileno=args.fd)
     return serve(sock)
 

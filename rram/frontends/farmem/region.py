@@ -1,13 +1,13 @@
 """Far memory for Python: a memory region whose pages live in rram and arrive on first touch.
 
-    with rram.FarMemory("cluster.yaml", size=8 << 30, budget=1 << 30) as mem:
+    with FarMemory("cluster.yaml", size=8 << 30, budget=1 << 30) as mem:
         a = mem.array(np.float64, (1 << 30,))     # any numpy code, any thread, GIL held or not
         a[:] = 1.0; a.sum()
         f.readinto(mem)                           # kernel-mode faults are served too
 
 A ``FarMemory`` *is* an ``mmap`` (buffer protocol, slicing, ``memoryview``) of a memfd,
 registered with a userfaultfd that this process creates and hands, with the memfd, to a
-handler process of its own (rram/frontends/farmem_handler.py) over a Unix socket.  The
+handler process of its own (rram/frontends/farmem/handler.py) over a Unix socket.  The
 handler has its own PageStore on the same cluster and keeps at most ``budget`` bytes of the
 region resident.  No fault ever needs this process's GIL.
 
@@ -29,10 +29,11 @@ import warnings
 
 import numpy as np
 
-from .. import PAGE_SIZE, errors
-from .. import config as C
-from .._ext import _uffd as U
-from . import farmem_wire as W
+from ... import config as C
+from ... import errors
+from ..._ext import _uffd as U
+from ...units import PAGE_SIZE
+from . import wire as W
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class FarMemory(mmap.mmap):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "rram.frontends.farmem_handler", "--fd", str(theirs.fileno())],
+                [sys.executable, "-m", "rram.frontends.farmem.handler", "--fd", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()

@@ -1,0 +1,98 @@
+"""The composition root: a requester's PageStore wired to a cluster (``rram.connect``).
+
+This is the one module that knows datapath, control and transport together: it authenticates
+to each provider (control), opens a data endpoint through that control connection
+(transport), hands the links to the remote tier and the page store (datapath), and starts the
+keeper (control) that drives the store's repair mechanisms.  Neither datapath nor control
+imports the other; both are wired here, and only frontends, testing and the CLI sit above.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from . import config as C
+from . import errors
+from .control.client import ProviderClient
+from .control.keeper import Keeper
+from .datapath.remote import Link, RemoteTier
+from .datapath.store import PageStore
+from .transport import choose, requester_transport
+
+log = logging.getLogger(__name__)
+
+#: remote virtual slab ids start here; local pool slabs use 1..REMOTE_SLAB_BASE-1
+REMOTE_SLAB_BASE = 4096
+
+
+def _requester_options(tname: str, cfg, name: str) -> dict:
+    """Options of the requester-side transport; verbs takes device settings from our own node entry."""
+    if tname != "verbs":
+        return {}
+    node = next((n for n in cfg.nodes if n.name == name), None)
+    return {} if node is None else {"device": node.rdma_device, "gid_index": node.gid_index}
+
+
+def link(client, rt, name: str, failure_domain: str | None = None) -> Link:
+    """A Link over ``client`` (a connected ProviderClient, or anything with its methods): open a
+    data endpoint on ``rt`` and connect it with the parameters the provider returns."""
+    ep = rt.endpoint()
+    try:
+        ep.connect(client.connect_data(ep.local_params()))
+        ep.reconnect_params = client.connect_data  # recover() asks the provider again
+    except BaseException:
+        ep.close()
+        raise
+    return Link(index=-1, name=name, client=client, endpoint=ep, failure_domain=failure_domain)
+
+
+def link_provider(node, rt, requester: str, secret: bytes) -> Link:
+    """Authenticate to provider ``node`` (a NodeConfig) and link it."""
+    client = ProviderClient(node, secret, requester)
+    try:
+        client.connect()
+        return link(client, rt, node.name, node.failure_domain)
+    except BaseException:
+        client.close()
+        raise
+
+
+def open_store(config, *, name: str | None = None, transport: str | None = None, local_budget: int | None = None,
+               replicas: int | None = None, batch: int | None = None, keeper: bool = True) -> PageStore:
+    """A PageStore for requester ``name`` (default host-pid) on the cluster ``config`` (a path
+    or a ClusterConfig).  ``transport`` overrides the cluster file's; ``local_budget``,
+    ``replicas`` and ``batch`` override its requester settings; ``keeper=False`` runs without
+    the background control loop (heartbeats, failure handling, re-replication, repatriation).
+    Unreachable providers are skipped with a warning and linked when they come up.
+    """
+    cfg = config if not isinstance(config, (str, os.PathLike)) else C.load(config)
+    requester = name or f"{socket.gethostname()}-{os.getpid()}"
+    tname, why = choose(transport or cfg.transport)
+    log.info("requester %s: transport %s (%s)", requester, tname, why)
+    replicas = replicas or cfg.replicas
+    rt = requester_transport(tname, **_requester_options(tname, cfg, requester))
+    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
+    secret = cfg.secret_bytes()
+    for node in cfg.providers():
+        if node.name == requester:
+            continue  # symmetric topology: never place our pages on ourselves
+        try:
+            remote.add_link(link_provider(node, rt, requester, secret))
+        except errors.AuthError:
+            remote.close()
+            raise
+        except (errors.RramError, OSError) as exc:
+            log.warning("provider %s unreachable, continuing without it: %s", node.name, exc)
+    if remote.links and len(remote.links) < replicas:
+        log.warning("only %d providers reachable for %d replicas: remote puts will fail until more join",
+                    len(remote.links), replicas)
+    store = PageStore(remote, local_budget=local_budget or cfg.requester.local_budget,
+                      batch=batch or cfg.requester.remotify_batch)
+    store.transport = tname
+    store.transport_reason = why
+    store.requester = requester
+    if keeper:
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, requester, secret),
+                              requester=requester).start()
+    return store

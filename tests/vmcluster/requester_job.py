@@ -1,0 +1,119 @@
+"""The requester guest's part of the machine-lost test (tests/vmcluster/test_machine_lost.py).
+
+Runs inside the requester's guest once its bridge and soft-RoCE device are up: waits for the
+provider guests, brings up swap on /dev/nbd0 through scripts/requester.sh (rram requester over
+verbs to the other guests), runs the verifying swap workload in a memory cgroup, and once pages
+are swapping asks the host to power one provider guest off (qemu killed: no goodbye, no FIN,
+no RDMA disconnect).  Swap must go on and every page must verify.  Prints one RESULT line.
+
+    python tests/vmcluster/requester_job.py CONFIG VICTIM
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from rram import config as C  # noqa: E402
+from rram.testing.swapload import MemoryLimit, command, swaps, vmstat  # noqa: E402
+
+MiB = 1 << 20
+DEV = "/dev/nbd0"
+WORKING_SET_MIB = 32
+LIMIT = 12 * MiB
+#: pages swapped out before the power-off: by then every provider holds replicas
+KILL_AFTER_PSWPOUT = 2500
+RUN = os.environ.get("RXE_RUN_DIR", "/run/rxe-run")
+
+
+def log(msg: str) -> None:
+    print(f"requester-job {time.monotonic():8.1f}: {msg}", flush=True)
+
+
+def wait_for_providers(cfg, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    for node in (n for n in cfg.nodes if "provider" in n.roles):
+        while True:
+            try:
+                socket.create_connection((node.address, node.port), timeout=2).close()
+                log(f"provider {node.name} at {node.address}:{node.port} answers")
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"provider {node.name} never answered: {exc}") from exc
+                time.sleep(1)
+
+
+def power_off(victim: str, timeout: float = 60.0) -> None:
+    """Ask the host to kill the victim guest's qemu; return once it says it did."""
+    with open(os.path.join(RUN, "poweroff.tmp"), "w") as f:
+        f.write(victim)
+    os.rename(os.path.join(RUN, "poweroff.tmp"), os.path.join(RUN, "poweroff"))
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(RUN, "poweroff.done")):
+        if time.monotonic() > deadline:
+            raise SystemExit("the host did not power the victim off")
+        time.sleep(0.2)
+    log(f"{victim} is powered off")
+
+
+def main() -> int:
+    config_path, victim = sys.argv[1], sys.argv[2]
+    cfg = C.load(config_path)
+    wait_for_providers(cfg)
+    env = dict(os.environ, RRAM_RUN="/tmp/rram-run", RRAM_STEP_TIMEOUT="60",
+               RRAM=f"{sys.executable} -m rram requester", PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "scripts", "requester.sh")
+    up = subprocess.run(["bash", script, "up", config_path, "req", "128MiB", DEV, "100"], env=env,
+                        capture_output=True, text=True, timeout=300)
+    log(f"requester.sh up: exit {up.returncode}\n{up.stdout}{up.stderr}")
+    if up.returncode != 0 or DEV not in swaps():
+        return 1
+    result = {"ok": False}
+    limit = MemoryLimit.make(LIMIT)
+    if limit is None:
+        raise SystemExit(f"no memory cgroup: {MemoryLimit.reason}")
+    try:
+        with limit:
+            base = vmstat()
+            work = subprocess.Popen(command(WORKING_SET_MIB, passes=2, cgroup=limit.path),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            while vmstat()["pswpout"] - base["pswpout"] < KILL_AFTER_PSWPOUT and work.poll() is None:
+                time.sleep(0.2)
+            at_kill = vmstat()
+            log(f"{at_kill['pswpout'] - base['pswpout']} pages swapped out: powering {victim} off")
+            t_kill = time.monotonic()
+            power_off(victim)
+            out, err = work.communicate(timeout=900)
+            took = time.monotonic() - t_kill
+            end = vmstat()
+        summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        after = {k: end[k] - at_kill[k] for k in ("pswpin", "pswpout")}
+        log(f"workload exit {work.returncode} {took:.1f}s after the power-off: {summary}; "
+            f"swapped after the power-off: {after}\n{err[-3000:]}")
+        result = {"ok": work.returncode == 0 and summary.get("bad_pages") == 0
+                  and after["pswpin"] > 0 and after["pswpout"] > 0,
+                  "bad_pages": summary.get("bad_pages"), "after_poweroff": after,
+                  "seconds_after_poweroff": round(took, 1)}
+    finally:
+        down = subprocess.run(["bash", script, "down", DEV], env=env, capture_output=True, text=True,
+                              timeout=400)
+        log(f"requester.sh down: exit {down.returncode}\n{down.stdout}{down.stderr}")
+        for name in ("requester-nbd0.out", "requester-nbd0.log"):
+            try:
+                with open(os.path.join("/tmp/rram-run", name)) as f:
+                    log(f"{name} (tail):\n{f.read()[-3000:]}")
+            except OSError:
+                pass
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0 if result["ok"] and down.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""A machine lost for real: three guests, each its own kernel, one powered off mid-swap.
+
+The host boots two provider guests and a requester guest (scripts/rxe-vm/run, soft-RoCE over
+a virtual Ethernet segment that only exists between the guests: qemu socket netdevs on the
+host's loopback).  The requester guest swaps a verifying workload onto /dev/nbd0, served by
+`rram requester` with r=2 copies on the provider guests over verbs.  Once pages are out, the
+requester guest asks the host to power one provider guest off: its qemu is SIGKILLed, so the
+machine vanishes with no goodbye (no TCP FIN, no RDMA disconnect; reads to it time out).  Swap
+must keep going and every page must verify (tests/vmcluster/requester_job.py).
+
+Boots three TCG guests (a few minutes on two cores): scripts/ci-vm.sh runs it with
+RRAM_VM_CLUSTER=1; elsewhere it skips with that reason.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from rram import config as C
+from rram.testing.cluster import _ROOT, free_port
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("RRAM_VM_CLUSTER") != "1",
+                       reason="boots three soft-RoCE guests (minutes): scripts/ci-vm.sh runs it (RRAM_VM_CLUSTER=1)"),
+    pytest.mark.timeout(1200),
+]
+
+RUN = os.path.join(_ROOT, "scripts", "rxe-vm", "run")
+GUEST = os.path.join(_ROOT, "tests", "vmcluster", "guest.sh")
+JOB = os.path.join(_ROOT, "tests", "vmcluster", "requester_job.py")
+PROVIDERS = {"mem1": "169.254.78.11", "mem2": "169.254.78.12"}
+REQUESTER = "169.254.78.1"
+VICTIM = "mem2"
+GUEST_TIMEOUT = 1000
+
+
+def cluster_file(path: str) -> None:
+    node = {"port": 7777, "data_port": 7778, "rdma_device": "rxenet", "gid_index": 0}
+    nodes = [{"name": name, "address": addr, "capacity": "128MiB", "roles": ["provider"],
+              "failure_domain": f"guest-{name}", **node} for name, addr in PROVIDERS.items()]
+    nodes.append({"name": "req", "address": REQUESTER, "roles": ["requester"], **node})
+    cfg = C.from_dict({"name": "vmcluster", "secret": os.urandom(16).hex(), "transport": "verbs",
+                       "slab_size": "1MiB", "replicas": 2, "heartbeat_interval": 0.5,
+                       "suspect_threshold": 2.0, "dead_threshold": 4.0, "lease_grace": 10.0,
+                       "nodes": nodes, "requester": {"local_budget": "2MiB"}}, source=path)
+    with open(path, "w") as f:
+        f.write(C.dump(cfg))
+
+
+class Guest:
+    def __init__(self, name: str, workdir: str, net: str, argv: list[str], smp: int, mem: int):
+        self.name = name
+        self.run_dir = os.path.join(workdir, f"run-{name}")
+        os.makedirs(self.run_dir)
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        env = dict(os.environ, RXE_NET=net, RXE_RUN=self.run_dir, RXE_SMP=str(smp), RXE_MEM=str(mem),
+                   RXE_TIMEOUT=str(GUEST_TIMEOUT))
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([RUN, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=_ROOT)
+
+    def power_off(self) -> None:
+        """qemu and its wrapper killed at once: the machine is gone, nothing says goodbye."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def test_provider_machine_powered_off_mid_swap():
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing: scripts/setup.sh installs it")
+    workdir = tempfile.mkdtemp(prefix="rram-vmcluster-", dir="/var/tmp")  # read by the guests over 9p
+    config = os.path.join(workdir, "cluster.yaml")
+    cluster_file(config)
+    ports = {name: free_port() for name in PROVIDERS}
+    guests: dict[str, Guest] = {}
+    try:
+        for i, (name, addr) in enumerate(PROVIDERS.items()):
+            net = (f"-netdev socket,id=n0,listen=127.0.0.1:{ports[name]} "
+                   f"-device virtio-net-pci,netdev=n0,mac=52:54:00:78:00:{0x11 + i:02x}")
+            guests[name] = Guest(name, workdir, net, ["bash", GUEST, "provider", name, addr, config],
+                                 smp=1, mem=1024)
+        time.sleep(2)  # the listening ends first
+        net = " ".join(f"-netdev socket,id=n{i},connect=127.0.0.1:{ports[name]} "
+                       f"-device virtio-net-pci,netdev=n{i},mac=52:54:00:78:01:{0x11 + i:02x}"
+                       for i, name in enumerate(PROVIDERS))
+        req = Guest("req", workdir, net, ["bash", GUEST, "requester", REQUESTER, config,
+                                          "python", JOB, config, VICTIM], smp=2, mem=2048)
+        guests["req"] = req
+        deadline = time.monotonic() + GUEST_TIMEOUT + 60
+        order = os.path.join(req.run_dir, "poweroff")
+        while req.proc.poll() is None and time.monotonic() < deadline:
+            if os.path.exists(order) and not os.path.exists(order + ".done"):
+                with open(order) as f:
+                    victim = f.read().strip()
+                guests[victim].power_off()
+                print(f"host: powered {victim} off (qemu SIGKILLed)")
+                with open(order + ".done", "w") as f:
+                    f.write("ok")
+            time.sleep(0.2)
+        rc = req.proc.poll()
+        out = req.log()
+        result = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        print(out[-12000:])
+        if rc != 0:
+            for name in PROVIDERS:
+                print(f"---- {name} (tail)\n{guests[name].log()[-3000:]}", file=sys.stderr)
+        assert os.path.exists(order + ".done"), "the requester never asked for the power-off"
+        assert rc == 0 and result, f"requester guest exit {rc}"
+        assert '"ok": true' in result[-1], result[-1]
+    finally:
+        for guest in guests.values():
+            guest.power_off()
+        shutil.rmtree(workdir, ignore_errors=True)
