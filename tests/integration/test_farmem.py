@@ -176,6 +176,8 @@ def test_bad_input_gets_a_clear_error_and_the_region_keeps_serving(cluster):
         FarMemory(cluster.config_path, size=SIZE, budget=PAGE_SIZE)
     with pytest.raises(errors.RramError, match="colour"):
         FarMemory(cluster.config_path, size=SIZE, budget=BUDGET, colour="blue")
+    with pytest.raises(errors.RramError, match="handler could not start: ConfigError: .*nope.yaml"):
+        FarMemory(os.path.join(os.path.dirname(cluster.config_path), "nope.yaml"), size=SIZE, budget=BUDGET)
     with region(cluster, size=1 << 20, budget=512 << 10) as mem:
         with pytest.raises(ValueError, match="does not fit"):
             mem.array(np.float64, (1 << 20,))

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ABSENT, CLEAN, DIRTY, CACHED = 0, 1, 2, 3
 MAX_FAULTS = 512          # messages read per wake-up
+MAX_WINDOW = 256          # pages prefetched per run at most (and at most an eighth of the budget)
 EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
 COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
             "evicted_clean", "evicted_dirty", "written_back", "prefetched", "prefetch_hits", "wasted",
@@ -69,7 +70,7 @@ class Region:
         self.batch = max(16, min(batch, self.budget // 2))
         self.staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)
         self.staging_addr = self.staging.ctypes.data
-        self.predictor = Predictor(max_window=min(64, max(1, self.budget // 8)))
+        self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._hits_seen = self._wasted_seen = 0
 
