@@ -351,3 +351,27 @@ def test_drain_under_a_region_being_read_and_written(tmp_path):
             assert drain.returncode == 0, err
             assert digest(a) == digest(local)
             del a
+
+
+def test_handler_exits_when_the_region_process_is_killed(cluster):
+    """No orphan: the handler sees its control socket close and exits, releasing its store."""
+    child = _child(cluster, "pass")
+    try:
+        handler = int(child.stdout.readline())
+        child.kill()
+        child.wait(5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(handler):
+            time.sleep(0.05)
+        assert not _alive(handler), "the handler outlived its region's process"
+    finally:
+        child.kill()
+        child.communicate()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
