@@ -14,7 +14,7 @@ from libc.stdint cimport uint8_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset, strlen
 from posix.fcntl cimport open as c_open, O_RDWR, O_CLOEXEC, O_NONBLOCK
-from posix.unistd cimport close, read, write, pipe, getpid, dup
+from posix.unistd cimport close, read, write, pwrite, pipe, getpid, dup
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from uffd cimport *
@@ -350,12 +350,29 @@ def gather_pages(uint64_t base, uint64_t[::1] offsets, Py_ssize_t n, uint64_t ou
             memcpy(<void *>(out + i * PAGE), <void *>(base + offsets[i]), PAGE)
 
 
-def scatter_pages(uint64_t base, uint64_t[::1] offsets, Py_ssize_t n, uint64_t src):
-    """Copy ``src + i*4096`` to the pages at ``base + offsets[i]`` (GIL released)."""
-    cdef Py_ssize_t i
+def write_pages(int memfd, uint64_t[::1] offsets, Py_ssize_t n, uint64_t src):
+    """pwrite ``src + i*4096`` to byte ``offsets[i]`` of a memfd, one call per run (GIL
+    released): fills its page cache without a page fault per page in our own mapping."""
+    cdef Py_ssize_t i = 0, j
+    cdef long done, rc = 0
     with nogil:
-        for i in range(n):
-            memcpy(<void *>(base + offsets[i]), <void *>(src + i * PAGE), PAGE)
+        while i < n:
+            j = i + 1
+            while j < n and offsets[j] == offsets[j - 1] + PAGE:
+                j += 1
+            done = 0
+            while done < (j - i) * PAGE:
+                rc = pwrite(memfd, <void *>(src + i * PAGE + done), (j - i) * PAGE - done, offsets[i] + done)
+                if rc < 0 and errno == EINTR:
+                    continue
+                if rc < 0:
+                    break
+                done += rc
+            if rc < 0:
+                break
+            i = j
+    if rc < 0:
+        _oserror("pwrite(memfd)")
 
 
 # -- loud failure: a watchdog thread and a fault reporter, both C, neither needs the GIL ------

@@ -275,7 +275,7 @@ class Region:
             chunk = pages[i:i + self.batch]
             self.make_room(len(chunk))
             self._fetch(chunk)
-            U.scatter_pages(self.map_addr, (chunk * PAGE_SIZE).astype(np.uint64), len(chunk), self.staging_addr)
+            U.write_pages(self.memfd, (chunk * PAGE_SIZE).astype(np.uint64), len(chunk), self.staging_addr)
             self.state[chunk] = CACHED
             self._push(chunk)
             self.counters["prefetched"] += len(chunk)
