@@ -375,3 +375,48 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_random_operations_against_a_local_copy(cluster, threads):
+    """Mixed reads, writes of any size and alignment, prefetch hints and advice switches on a
+    region 8x its budget (64 pages), from 1 or 3 threads whose byte ranges share pages at
+    their borders: every state change of a page, checked byte for byte."""
+    size, budget = 2 << 20, 256 << 10
+    local = np.zeros(size, dtype=np.uint8)
+    failures = []
+    with region(cluster, size=size, budget=budget) as mem:
+        a = mem.array(np.uint8, size)
+
+        def worker(k: int):
+            rng = np.random.default_rng(k)
+            lo, hi = k * size // threads + 1, (k + 1) * size // threads - 1  # not page aligned
+            try:
+                for op in range(1500 // threads):
+                    kind = rng.integers(0, 10)
+                    start = int(rng.integers(lo, hi))
+                    length = int(min(hi - start, rng.choice([1, 7, PAGE_SIZE, 3 * PAGE_SIZE + 5, 40 * PAGE_SIZE])))
+                    if kind < 4:
+                        data = rng.integers(0, 256, length, dtype=np.uint8)
+                        a[start:start + length] = data
+                        local[start:start + length] = data
+                    elif kind < 8:
+                        assert np.array_equal(a[start:start + length], local[start:start + length]), (op, start)
+                    elif kind == 8 and mem.prefetch_ok:
+                        mem.prefetch(start, length)
+                    else:
+                        mem.advise(["normal", "sequential", "random"][int(rng.integers(0, 3))])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+        pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        assert not failures, failures
+        assert digest(a) == digest(local)
+        s = mem.stats()
+        assert s["resident_pages"] <= budget // PAGE_SIZE
+        assert s["evicted_dirty"] and s["evicted_clean"]
+        del a

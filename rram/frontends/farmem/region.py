@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -86,6 +87,7 @@ class FarMemory(mmap.mmap):
         self._watchdog = None
         self._sock = None
         self._proc = None
+        self._lock = threading.Lock()
         return self
 
     def __init__(self, config, size: int, budget: int, *, name: str | None = None, spin_us: int = SPIN_US, **store):
@@ -160,9 +162,10 @@ class FarMemory(mmap.mmap):
         return msg
 
     def _request(self, msg: dict) -> dict:
-        self._ensure_open()
-        W.send(self._sock, msg)
-        reply = self._reply(REQUEST_TIMEOUT)
+        with self._lock:  # one request at a time: the replies come back in order, unlabelled
+            self._ensure_open()
+            W.send(self._sock, msg)
+            reply = self._reply(REQUEST_TIMEOUT)
         if not reply.get("ok"):
             raise errors.RramError(f"FarMemory {self.name}: {msg.get('op')}: {reply.get('error')}")
         return reply
@@ -214,18 +217,19 @@ class FarMemory(mmap.mmap):
         self._teardown()
 
     def _teardown(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            watchdog.retire("the region was closed")  # PROT_NONE: stale views fail loudly
-        if self._sock is not None:
-            try:
-                W.send(self._sock, {"op": "close"})
-                self._sock.settimeout(5.0)
-                self._reader.recv()
-            except (OSError, errors.RramError):
-                pass
-            self._sock.close()
-            self._sock = None
+        with self._lock:  # after a request in flight; requests after this one find it closed
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                watchdog.retire("the region was closed")  # PROT_NONE: stale views fail loudly
+            if self._sock is not None:
+                try:
+                    W.send(self._sock, {"op": "close"})
+                    self._sock.settimeout(5.0)
+                    self._reader.recv()
+                except (OSError, errors.RramError):
+                    pass
+                self._sock.close()
+                self._sock = None
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=10)
