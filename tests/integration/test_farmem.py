@@ -420,3 +420,43 @@ def test_random_operations_against_a_local_copy(cluster, threads):
         assert s["resident_pages"] <= budget // PAGE_SIZE
         assert s["evicted_dirty"] and s["evicted_clean"]
         del a
+
+
+def test_one_service_serves_regions_of_several_processes_under_one_budget(cluster, tmp_path):
+    sock = str(tmp_path / "farmem.sock")
+    svc = subprocess.Popen([sys.executable, "-m", "rram.frontends.farmem.service", "--config", cluster.config_path,
+                            "--socket", sock, "--budget", "1MiB", "--local-budget", "256KiB"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = textwrap.dedent("""
+        import sys, numpy as np
+        from rram.frontends.farmem import FarMemory
+        with FarMemory(None, size=2 << 20, budget=256 << 10, service=sys.argv[1], name="other") as mem:
+            a = mem.array(np.uint32, (1 << 19,))
+            a[:] = np.arange(1 << 19, dtype=np.uint32)
+            print("ok" if np.array_equal(a, np.arange(1 << 19, dtype=np.uint32)) else "BAD", flush=True)
+            del a
+    """)
+    try:
+        assert "ready" in svc.stdout.readline()
+        with FarMemory(None, size=2 << 20, budget=512 << 10, service=sock, name="mine") as mem:
+            assert mem.handler_pid == svc.pid
+            with pytest.raises(errors.RramError, match="does not fit"):
+                FarMemory(None, size=1 << 20, budget=768 << 10, service=sock)
+            a = mem.array(np.uint64, (2 << 20) // 8)
+            a[:] = 5
+            child = subprocess.run([sys.executable, "-c", other, sock], capture_output=True, text=True, timeout=120)
+            assert child.stdout.strip() == "ok", child.stderr
+            assert int(a.sum()) == 5 * len(a)
+            assert mem.stats()["resident_pages"] <= (512 << 10) // PAGE_SIZE
+            del a
+        with FarMemory(None, size=1 << 20, budget=1 << 20, service=sock) as mem:  # the budget is free again
+            mem[0:1] = b"x"
+            assert mem[0:1] == b"x"
+            svc.kill()                                   # the service dies: its regions fail loudly
+            deadline = time.monotonic() + 1.0
+            while not mem.failure and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "handler process exited" in mem.failure
+    finally:
+        svc.kill()
+        svc.communicate()

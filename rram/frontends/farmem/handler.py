@@ -32,6 +32,7 @@ import sys
 import numpy as np
 
 from ...units import PAGE_SIZE
+from ... import errors
 from ..._ext import _uffd as U
 from . import wire as W
 from ...logsetup import configure_logging
@@ -51,7 +52,7 @@ COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "
 class Region:
     """One region's pages, served from ``store`` pool ``pool`` (object 0, index = page)."""
 
-    def __init__(self, hello: dict, uffd: int, memfd: int, store, batch: int):
+    def __init__(self, hello: dict, fds: list[int], store, batch: int):
         self.name = str(hello["name"])
         self.base = int(hello["base"])
         self.size = int(hello["size"])
@@ -59,10 +60,11 @@ class Region:
         self.budget = max(4, int(hello["budget"]) // PAGE_SIZE)
         self.minor = bool(hello.get("minor"))  # CACHED pages (prefetch) need minor-fault mode
         self.continue_wp = True  # until the kernel says otherwise
-        self.uffd, self.memfd, self.store = uffd, memfd, store
+        self.uffd, self.memfd, self.lifeline = fds  # ours to close (close())
+        self.store = store
         self.pool = store.create_pool(persistent=True)
-        self.map = mmap.mmap(memfd, self.size, mmap.MAP_SHARED)
-        self.map.madvise(mmap.MADV_NOHUGEPAGE)  # prefetch writes 4 KiB pages into the page cache
+        self.map = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED)  # read only for write-back
+        self.map.madvise(mmap.MADV_NOHUGEPAGE)
         self.map_addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
         self.state = np.zeros(self.npages, dtype=np.uint8)
         self.ring = np.zeros(self.budget + 1, dtype=np.int64)  # FIFO of resident pages
@@ -73,6 +75,16 @@ class Region:
         self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._hits_seen = self._wasted_seen = 0
+
+    def close(self) -> None:
+        """Forget the region: its pages leave the store, its fds are closed."""
+        try:
+            self.store.invalidate_pool(self.pool)
+        except Exception as exc:  # noqa: BLE001 - the store may be the reason we stop
+            log.info("region %s: pool not invalidated: %s", self.name, exc)
+        self.map.close()
+        for fd in (self.uffd, self.memfd, self.lifeline):
+            os.close(fd)
 
     # -- residency ---------------------------------------------------------------------------
 
@@ -312,53 +324,79 @@ class Region:
         return {"ok": False, "error": f"unknown request {op!r}"}
 
 
-def serve(sock: socket.socket) -> int:
-    reader = W.Reader(sock)
+def recv_hello(reader: W.Reader) -> tuple[dict, list[int]]:
+    """The region's hello and its fds; ProtocolError (fds closed) when it is not one."""
     hello, fds = reader.recv()
     if hello is None or hello.get("op") != "hello" or len(fds) != len(W.HELLO_FDS):
-        log.error("far-memory handler: expected hello with %d fds, got %r with %d", len(W.HELLO_FDS), hello, len(fds))
-        return 2
-    uffd, memfd, lifeline = fds
-    try:
-        from ...cluster import open_store
+        for fd in fds:
+            os.close(fd)
+        raise errors.ProtocolError(f"expected hello with {len(W.HELLO_FDS)} fds, got {hello!r} with {len(fds)}")
+    return hello, fds
 
-        store = open_store(hello["config"], **hello.get("store", {}))
-        region = Region(hello, uffd, memfd, store, batch=store.batch)
-    except Exception as exc:  # noqa: BLE001 - reported to the region's process, which raises it
-        W.send(sock, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        return 1
-    W.send(sock, {"ok": True, "pid": os.getpid()})
+
+def run(region: Region, sock: socket.socket, reader: W.Reader, spin_us: int) -> str:
+    """Serve ``region`` until a ``close`` request ("close": the caller answers it once the
+    region is released) or end of stream ("eof").  A failure goes down the lifeline, where the
+    region's watchdog turns it into loud faults ("failed")."""
     addrs = np.zeros(MAX_FAULTS, dtype=np.uint64)
     flags = np.zeros(MAX_FAULTS, dtype=np.uint64)
+    n = 0
     try:
-        spin_us, n = int(hello.get("spin_us", 0)), 0
         while True:
             # spin only right after work: an idle region costs no CPU
-            n, ctl = U.read_faults(uffd, addrs, flags, 1000, sock.fileno(), spin_us if n else 0)
+            n, ctl = U.read_faults(region.uffd, addrs, flags, 1000, sock.fileno(), spin_us if n else 0)
             if n:
                 region.serve(addrs[:n].copy(), flags[:n].copy())
             while ctl or reader.pending():
                 ctl = False
                 msg, _ = reader.recv()
                 if msg is None:
-                    return 0
+                    return "eof"
                 if msg.get("op") == "close":
-                    W.send(sock, {"ok": True})
-                    return 0
+                    return "close"
                 W.send(sock, region.request(msg))
     except Exception as exc:  # noqa: BLE001 - any failure must reach the faulting threads
         why = f"its handler failed: {type(exc).__name__}: {exc}"
         log.error("far-memory region %s: %s", region.name, why)
         try:
-            os.write(lifeline, why.encode()[:190])
+            os.write(region.lifeline, why.encode()[:190])
         except OSError:
             pass
+        return "failed"
+
+
+def serve(sock: socket.socket) -> int:
+    """The handler process of one region: its own store, then ``run``."""
+    reader = W.Reader(sock)
+    try:
+        hello, fds = recv_hello(reader)
+    except errors.ProtocolError as exc:
+        log.error("far-memory handler: %s", exc)
+        return 2
+    store = region = None
+    try:
+        from ...cluster import open_store
+
+        store = open_store(hello["config"], **hello.get("store", {}))
+        region = Region(hello, fds, store, batch=store.batch)
+    except Exception as exc:  # noqa: BLE001 - reported to the region's process, which raises it
+        W.send(sock, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        if store is not None:
+            store.close()
         return 1
+    W.send(sock, {"ok": True, "pid": os.getpid()})
+    end = "failed"
+    try:
+        end = run(region, sock, reader, int(hello.get("spin_us", 0)))
     finally:
+        region.close()
         try:
             store.close()
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
+    if end == "close":
+        W.send(sock, {"ok": True})
+    return 1 if end == "failed" else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,9 +70,12 @@ def _config_for_handler(config):
 class FarMemory(mmap.mmap):
     """``size`` bytes backed by the page store of cluster ``config``; at most ``budget``
     bytes resident.  Pages never written read as zeros.  ``store`` options (local_budget,
-    transport, replicas, ...) go to the handler's PageStore; ``spin_us``: see SPIN_US."""
+    transport, replicas, ...) go to the handler's PageStore; ``spin_us``: see SPIN_US.
+    With ``service`` (a socket path), a running far-memory service serves the region from
+    its own store and budget instead of a handler process of its own (config None)."""
 
-    def __new__(cls, config, size: int, budget: int, *, name: str | None = None, spin_us: int = SPIN_US, **store):
+    def __new__(cls, config, size: int, budget: int, *, name: str | None = None, spin_us: int = SPIN_US,
+                service: str | None = None, **store):
         size = -(-C.parse_size(size) // PAGE_SIZE) * PAGE_SIZE
         if size <= 0:
             raise errors.ConfigError(f"FarMemory: size must be positive, got {size}")
@@ -90,7 +93,8 @@ class FarMemory(mmap.mmap):
         self._lock = threading.Lock()
         return self
 
-    def __init__(self, config, size: int, budget: int, *, name: str | None = None, spin_us: int = SPIN_US, **store):
+    def __init__(self, config, size: int, budget: int, *, name: str | None = None, spin_us: int = SPIN_US,
+                 service: str | None = None, **store):
         self.name = name or f"farmem-{os.getpid()}-{id(self):x}"
         self.budget = C.parse_size(budget)
         self.spin_us = int(spin_us)
@@ -98,13 +102,17 @@ class FarMemory(mmap.mmap):
             self._teardown()
             raise errors.ConfigError(f"FarMemory: budget must be at least {64 * PAGE_SIZE} bytes, got {self.budget}")
         self.addr = np.frombuffer(self, dtype=np.uint8).ctypes.data
+        if service is not None and (config is not None or store):
+            self._teardown()
+            raise errors.ConfigError("FarMemory: with service=, the service's cluster and store apply: "
+                                     "pass config=None and no store options")
         try:
-            self._open(_config_for_handler(config), store)
+            self._open(None if service else _config_for_handler(config), store, service)
         except BaseException:
             self._teardown()
             raise
 
-    def _open(self, config: str, store: dict) -> None:
+    def _open(self, config: str | None, store: dict, service: str | None) -> None:
         # 4 KiB faults only, and no copy of the mapping in a forked child (see _uffd's reporter)
         self.madvise(mmap.MADV_NOHUGEPAGE)
         self.madvise(mmap.MADV_DONTFORK)
@@ -121,7 +129,10 @@ class FarMemory(mmap.mmap):
             U.api(uffd, want)
             U.register(uffd, self.addr, len(self), U.MODE_MISSING | U.MODE_WP | (U.MODE_MINOR if self.prefetch_ok else 0))
             lifeline_r, lifeline_w = os.pipe()
-            self._spawn()
+            if service is None:
+                self._spawn()
+            else:
+                self._connect(service)
             hello = {"op": "hello", "name": self.name, "config": config, "base": self.addr, "size": len(self),
                      "budget": self.budget, "minor": self.prefetch_ok, "spin_us": self.spin_us, "store": store}
             W.send(self._sock, hello, (uffd, self._memfd, lifeline_w))
@@ -149,6 +160,17 @@ class FarMemory(mmap.mmap):
             theirs.close()
         self._sock = ours
         self._reader = W.Reader(ours)
+
+    def _connect(self, path: str) -> None:
+        """Served by a running service (rram/frontends/farmem/service.py) instead."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise errors.RramError(f"FarMemory {self.name}: no far-memory service at {path}: {exc.strerror}") from None
+        self._sock = sock
+        self._reader = W.Reader(sock)
 
     def _reply(self, timeout: float) -> dict:
         self._sock.settimeout(timeout)
