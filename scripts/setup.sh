@@ -20,9 +20,11 @@ for arg in "$@"; do
   esac
 done
 
-# Debian packages: build deps, rdma-core + perftest + pyverbs, real NBD clients for tests.
+# Debian packages: build deps, rdma-core + perftest + pyverbs, real NBD clients for tests,
+# Redis (the real application bench/app drives: it starts its own instance on a unix socket).
 PKGS="build-essential pkg-config liblz4-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
-      ibverbs-utils perftest python3-pyverbs libnbd-bin nbdkit nbdfuse fuse3 qemu-utils fio iproute2 util-linux"
+      ibverbs-utils perftest python3-pyverbs libnbd-bin nbdkit nbdfuse fuse3 qemu-utils fio iproute2 util-linux
+      redis-server redis-tools"
 VM_PKGS="qemu-system-x86 busybox-static kmod cpio bc nbd-client"
 [ "${RRAM_NO_VM:-0}" = 1 ] || PKGS="$PKGS $VM_PKGS"
 

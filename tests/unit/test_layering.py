@@ -26,8 +26,9 @@ LAYERS = [
     (6, "entry points", ("rram.cli", "rram.demo", "rram.__main__")),
 ]
 
-#: the wrappers of the compiled extensions: nothing else imports rram._ext.*
-#: (frontends.nbd: its wire format, _nbdwire; frontends.farmem: the userfaultfd calls, _uffd)
+#: the wrappers of the compiled extensions: nothing else imports rram._ext._* (rram._ext.native,
+#: the plain table of what setup.py builds, is data anyone may read); frontends.nbd wraps its
+#: wire format (_nbdwire), frontends.farmem the userfaultfd calls (_uffd)
 EXT_USERS = ("rram.transport", "rram.datapath", "rram.frontends.nbd", "rram.frontends.farmem")
 
 
@@ -106,7 +107,7 @@ def violations(root: Path) -> list[str]:
         for line, target, private, _ in imports(path, root):
             if private and target != me:
                 out.append(f"{where}:{line}: takes private name {private} from {target}")
-            if target.startswith("rram._ext") and not me.startswith(EXT_USERS):
+            if target.startswith("rram._ext._") and not me.startswith(EXT_USERS):
                 out.append(f"{where}:{line}: imports the compiled {target}; only {', '.join(EXT_USERS)} may")
             theirs = layer_of(target)
             if theirs is None or target == me:
@@ -179,8 +180,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ({"rram/transport/__init__.py": "", "rram/transport/tcp.py": "",
       "rram/transport/loopback.py": "from . import tcp\nx = tcp._Stats\n"},
      "rram/transport/loopback.py:2: uses private name _Stats of rram.transport.tcp"),
-    ({"rram/control/__init__.py": "", "rram/control/keeper.py": "from .._ext import _memops\n"},
-     "rram/control/keeper.py:1: imports the compiled rram._ext._memops; only"),
+    ({"rram/control/__init__.py": "", "rram/control/keeper.py": "from .._ext import _tcpwire\n"},
+     "rram/control/keeper.py:1: imports the compiled rram._ext._tcpwire; only"),
     ({"rram/cli.py": "from .frontends import requester\n", "rram/frontends/__init__.py": "",
       "rram/frontends/requester.py": "def main():\n    from ..cli import main\n"},
      "rram/frontends/requester.py:2: frontends (floor 4) imports rram.cli, entry points (floor 6)"),

@@ -1,0 +1,149 @@
+"""A real application swapping: Redis GETs with its dataset twice the memory it may use.
+
+    .venv/bin/pytest bench/app -p no:cacheprovider -s --benchmark-only     (root; redis-server)
+
+Redis (Debian's redis-server, not ours) holds KEYS values of 4 KiB, each about 2:1
+compressible like real data (half random bytes, half a repeated tag), in a memory cgroup
+capped at about half of its resident size, so the kernel swaps Redis itself.  Its own load
+generator, redis-benchmark, then sends GETs over random keys (-r), one connection per client
+(-c CLIENTS), no pipelining: most GETs touch a page that is out.  Swap devices, one at a time
+(rram.testing.swapdevices): zram, a swap file on disk, `nbdkit memory` and rram, the two NBD
+servers behind the same nbdfuse + loop path (this host has no kernel NBD client).
+
+The timed value is the figure: the seconds redis-benchmark takes for REQUESTS GETs, three
+rounds on one loaded dataset (median of 3); ops/s, p50 and p99 (redis-benchmark's own) and
+the CPU each user-space serving process spent per GET (utime+stime from /proc) go to
+extra_info.  Pinning: Redis and redis-benchmark on CPU 0, every serving process on CPU 1.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from rram.testing import swapdevices as D
+from rram.testing.swapload import MemoryLimit, stop_process, vmstat, wait_for_path
+
+QUICK = os.environ.get("RRAM_BENCH_QUICK") == "1"   # only proves it runs: figures mean nothing
+KEYS = 8192 if QUICK else 65536  # 256 MiB of values; Redis' resident size ~330 MiB
+VALUE = 4096
+LIMIT = (20 if QUICK else 160) << 20   # about half of it
+SWAP_SIZE = 512 << 20
+REQUESTS = 3000 if QUICK else 40000
+CLIENTS = 8
+APP_CPU, SERVER_CPU = "0", "1"
+_results: dict[str, dict] = {}
+
+
+def _pin(pid: int) -> None:
+    if (os.cpu_count() or 1) > 1:
+        subprocess.run(["taskset", "-a", "-c", "-p", SERVER_CPU, str(pid)], capture_output=True)
+
+
+def _resp_sets(first: int, n: int, rng: np.random.Generator) -> bytes:
+    """RESP SET commands for keys first..first+n in redis-benchmark's key format."""
+    out = io.BytesIO()
+    noise = rng.integers(0, 256, size=(n, VALUE // 2), dtype=np.uint8)
+    for i in range(n):
+        key = b"key:%012d" % (first + i)
+        value = noise[i].tobytes() + (b"%016d" % (first + i)) * (VALUE // 32)
+        out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(value), value))
+    return out.getvalue()
+
+
+class Redis:
+    """redis-server on a unix socket, inside ``cgroup``, pinned to APP_CPU, no persistence."""
+
+    def __init__(self, workdir: str, cgroup: str):
+        self.sock = os.path.join(workdir, "redis.sock")
+        argv = ["taskset", "-c", APP_CPU, "redis-server", "--port", "0", "--unixsocket", self.sock,
+                "--save", "", "--appendonly", "no", "--dir", workdir, "--daemonize", "no"]
+        self.proc = subprocess.Popen(["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *argv],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_for_path(self.sock, self.proc)
+        time.sleep(0.2)
+
+    def load(self) -> None:
+        rng = np.random.default_rng(7)
+        for first in range(0, KEYS, 4096):
+            n = min(4096, KEYS - first)
+            proc = subprocess.run(["redis-cli", "-s", self.sock, "--pipe"], input=_resp_sets(first, n, rng),
+                                  capture_output=True, timeout=600)
+            assert proc.returncode == 0 and b"errors: 0" in proc.stdout, proc.stdout + proc.stderr
+        assert self.cli("DBSIZE") == str(KEYS)
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-s", self.sock, *args], capture_output=True, text=True,
+                              timeout=120).stdout.strip()
+
+    def gets(self) -> dict:
+        """REQUESTS random GETs from redis-benchmark; its CSV line as numbers."""
+        proc = subprocess.run(["taskset", "-c", APP_CPU, "redis-benchmark", "-s", self.sock, "-t", "get",
+                               "-r", str(KEYS), "-n", str(REQUESTS), "-c", str(CLIENTS), "-d", str(VALUE),
+                               "--csv"], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+        assert rows and rows[0]["test"] == "GET", proc.stdout
+        return {k: float(v) for k, v in rows[0].items() if k != "test"}
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
+def _reason() -> str | None:
+    if shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None:
+        return "redis-server / redis-benchmark are not installed (scripts/setup.sh installs them)"
+    return D.reason()
+
+
+@pytest.mark.parametrize("device", D.DEVICES)
+def test_redis_gets_with_swap_on(benchmark, device):
+    reason = _reason()
+    if reason:
+        pytest.skip(reason)
+    limit = MemoryLimit.make(LIMIT, name="rram-redis")
+    if limit is None:
+        pytest.skip(f"no memory cgroup: {MemoryLimit.reason}")
+    workdir = tempfile.mkdtemp(prefix="rram-redis-")
+    servers: list[int] = []
+    runs: list[dict] = []
+    try:
+        with limit, D.swap_device(device, SWAP_SIZE, pin=_pin, servers=servers):
+            redis = Redis(workdir, limit.path)
+            try:
+                redis.load()
+                cpu0 = {pid: D.cpu_seconds(pid) for pid in servers}
+                swap0 = vmstat()
+
+                def one_round():
+                    runs.append(redis.gets())
+
+                benchmark.pedantic(one_round, rounds=3, iterations=1)
+                cpu = sum(D.cpu_seconds(pid) - cpu0[pid] for pid in servers)
+                swap = {k: v - swap0[k] for k, v in vmstat().items() if k in ("pswpin", "pswpout")}
+            finally:
+                redis.close()
+    except D.Unavailable as exc:
+        pytest.skip(str(exc))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_latency_ms", "p99_latency_ms")}
+    info = {"ops_per_s": med["rps"], "p50_ms": med["p50_latency_ms"], "p99_ms": med["p99_latency_ms"],
+            "server_cpu_us_per_get": round(cpu / (3 * REQUESTS) * 1e6, 1), "rounds": runs,
+            "swapped_pages": swap}
+    benchmark.extra_info.update(info)
+    _results[device] = info
+    print(f"\nredis GET with swap on {device}: {med['rps']:.0f} ops/s, p50 {med['p50_latency_ms']} ms, "
+          f"p99 {med['p99_latency_ms']} ms, serving CPU {info['server_cpu_us_per_get']} us/GET")
+    if device == "rram" and "nbdkit" in _results:
+        ratio = round(_results["rram"]["ops_per_s"] / _results["nbdkit"]["ops_per_s"], 2)
+        benchmark.extra_info["rram_over_nbdkit_ops"] = ratio
+        print(f"rram / nbdkit on the same path: {ratio}x ops/s (goal >= 1.0)")

@@ -1,0 +1,165 @@
+"""Swap devices on this host, one at a time, for benchmarks that compare them on equal terms.
+
+    with swap_device("rram", workdir, pin=pin_to_server_cpu) as dev:   # dev is active swap
+        ...                                                          # then swapoff, teardown
+
+* ``zram``   /dev/zram0 with lz4: in-kernel compressed RAM
+* ``disk``   a swap file on the root file system
+* ``nbdkit`` ``nbdkit memory`` (C, local RAM) -> nbdfuse -> loop: the floor of the NBD path
+* ``rram``   two tcp providers + ``rram requester`` (4 MiB local budget) -> nbdfuse -> loop
+
+The host has no kernel NBD client, so both NBD servers sit behind the same nbdfuse + loop path:
+their difference is the servers' own.  ``pin(pid)`` is called for every user-space server
+process (providers, requester, nbdkit, nbdfuse), so a benchmark can keep them off its
+workload's CPU.  ``Unavailable`` says why a device cannot be had here (the caller skips).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+
+from .cluster import LocalCluster
+from .swapload import FuseLoopSwap, sh, start_requester, stop_process, swaps, wait_for_path
+
+DEVICES = ("zram", "disk", "nbdkit", "rram")
+
+
+class Unavailable(Exception):
+    """This device cannot be set up on this host; the message says why."""
+
+
+def reason() -> str | None:
+    """Why no swap device can be compared here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (swapon, loop devices, cgroups)"
+    if swaps():
+        return f"another swap is active ({swaps()}): results would mix devices"
+    return None
+
+
+@contextlib.contextmanager
+def swap_device(name: str, size: int, pin: Callable[[int], None] = lambda pid: None,
+                servers: list[int] | None = None) -> Iterator[str]:
+    """``name`` as active swap of ``size`` bytes; yields its path.  ``servers`` (if given)
+    receives the pids of the user-space processes serving it, for CPU accounting."""
+    servers = [] if servers is None else servers
+    setup = {"zram": _zram, "disk": _disk, "nbdkit": _nbdkit, "rram": _rram}[name]
+    with setup(size, pin, servers) as dev:
+        yield dev
+
+
+@contextlib.contextmanager
+def _zram(size, pin, servers):
+    dev = "/dev/zram0"
+    try:
+        with open("/sys/block/zram0/disksize") as f:
+            in_use = f.read().strip() != "0"
+    except OSError:
+        in_use = True
+    if not os.path.exists(dev) or in_use:
+        raise Unavailable("/dev/zram0 is missing or in use")
+    try:
+        with open("/sys/block/zram0/comp_algorithm", "w") as f:
+            f.write("lz4")
+    except OSError:
+        pass  # keep the kernel's default algorithm
+    with open("/sys/block/zram0/disksize", "w") as f:
+        f.write(str(size))
+    try:
+        sh("mkswap", dev)
+        sh("swapon", dev)
+        yield dev
+    finally:
+        sh("swapoff", dev, check=False, timeout=300)
+        with open("/sys/block/zram0/reset", "w") as f:
+            f.write("1")
+
+
+@contextlib.contextmanager
+def _disk(size, pin, servers):
+    tmp = tempfile.mkdtemp(prefix="rram-swapfile-", dir="/var/tmp")
+    path = os.path.join(tmp, "swapfile")
+    try:
+        sh("dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={size >> 20}", "status=none")
+        os.chmod(path, 0o600)
+        sh("mkswap", path)
+        if sh("swapon", path, check=False).returncode:
+            raise Unavailable(f"the file system under {tmp} cannot hold a swap file")
+        yield path
+    finally:
+        if path in swaps():
+            sh("swapoff", path, timeout=300)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _fuse_swap(sock: str, tmp: str, server: subprocess.Popen, pin, servers):
+    """Swap on the NBD server at ``sock`` through nbdfuse and a loop device; stops ``server``
+    afterwards unless the device could not stop being swap (its pages would be lost)."""
+    swap = None
+    try:
+        swap = FuseLoopSwap(["--unix", sock], tmp)
+        pin(swap._fuse.pid)
+        servers.append(swap._fuse.pid)
+        yield swap.loop
+    finally:
+        errors = swap.close() if swap is not None else []
+        if swap is None or not swap.active:
+            stop_process(server)
+        if errors:
+            raise RuntimeError(f"swap teardown: {errors}")
+
+
+@contextlib.contextmanager
+def _rram(size, pin, servers):
+    tmp = tempfile.mkdtemp(prefix="rram-swap-")
+    try:
+        with LocalCluster(n_providers=2, capacity=f"{2 * size >> 20}MiB", transport="tcp", workdir=tmp,
+                          slab_size="4MiB", verbose=False, requester={"local_budget": "4MiB"}) as cluster:
+            for proc in cluster.procs.values():
+                pin(proc.pid)
+                servers.append(proc.pid)
+            sock = os.path.join(tmp, "nbd.sock")
+            requester, _ = start_requester(cluster.config_path, "req", size, sock,
+                                           os.path.join(tmp, "requester.log"))
+            pin(requester.pid)
+            servers.append(requester.pid)
+            with _fuse_swap(sock, tmp, requester, pin, servers) as loop:
+                yield loop
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _nbdkit(size, pin, servers):
+    if shutil.which("nbdkit") is None:
+        raise Unavailable("nbdkit is not installed")
+    tmp = tempfile.mkdtemp(prefix="rram-swap-nbdkit-")
+    sock = os.path.join(tmp, "nbdkit.sock")
+    server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(size)], stdin=subprocess.DEVNULL)
+    try:
+        try:
+            wait_for_path(sock, server)
+        except BaseException:
+            stop_process(server)
+            raise
+        pin(server.pid)
+        servers.append(server.pid)
+        with _fuse_swap(sock, tmp, server, pin, servers) as loop:
+            yield loop
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` (all its threads) so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
