@@ -182,10 +182,18 @@ cdef int _copy_run(int fd, uint64_t dst, uint64_t src, uint64_t length, uint64_t
     return 0
 
 
+cdef inline void _wake(int fd, uint64_t start, uint64_t length) noexcept nogil:
+    cdef uffdio_range r
+    r.start = start
+    r.len = length
+    ioctl(fd, UFFDIO_WAKE, &r)
+
+
 def copy_pages(int fd, uint64_t[::1] dsts, uint64_t src, Py_ssize_t n, bint wp):
     """Fill page ``dsts[i]`` from ``src + i*4096`` by UFFDIO_COPY, one ioctl per run of
     contiguous destinations, write-protected when ``wp``.  Pages already present (EEXIST:
-    a race with another fill) are skipped.  Returns the pages copied."""
+    a race with another fill) are skipped and woken: a thread waiting on a page always wakes.
+    Returns the pages copied."""
     cdef Py_ssize_t i = 0, j, k
     cdef int err = 0
     cdef int64_t copied = 0
@@ -202,6 +210,7 @@ def copy_pages(int fd, uint64_t[::1] dsts, uint64_t src, Py_ssize_t n, bint wp):
                 for k in range(i, j):
                     err = _copy_run(fd, dsts[k], src + k * PAGE, PAGE, mode, &copied)
                     if err == EEXIST:
+                        _wake(fd, dsts[k], PAGE)
                         err = 0
                     elif err:
                         break
@@ -228,7 +237,7 @@ def writeprotect_pages(int fd, uint64_t[::1] addrs, Py_ssize_t n, bint protect, 
 
 cdef int _range_ioctl(int fd, unsigned long request, Py_ssize_t n, uint64_t[::1] addrs, uint64_t mode) noexcept nogil:
     """One range ioctl (WAKE, CONTINUE, WRITEPROTECT) per run of contiguous pages; EEXIST
-    (already mapped) is not an error.  0 or the errno."""
+    (already mapped) is not an error, and the pages concerned are woken.  0 or the errno."""
     cdef Py_ssize_t i = 0, j, k
     cdef uffdio_writeprotect w
     cdef uffdio_continue c
@@ -249,7 +258,7 @@ cdef int _range_ioctl(int fd, unsigned long request, Py_ssize_t n, uint64_t[::1]
             c.mapped = 0
             rc = ioctl(fd, UFFDIO_CONTINUE, &c)
             if rc < 0 and c.mapped > 0 and c.mapped < (j - i) * PAGE:
-                continue  # partial: the ioctl resumes where it stopped
+                continue  # partial: the retry meets EEXIST and goes page by page below
         else:
             w.range.start = addrs[i]
             w.range.len = (j - i) * PAGE
@@ -263,10 +272,15 @@ cdef int _range_ioctl(int fd, unsigned long request, Py_ssize_t n, uint64_t[::1]
                 c.range.start = addrs[k]
                 c.range.len = PAGE
                 c.mode = mode
-                while ioctl(fd, UFFDIO_CONTINUE, &c) < 0 and (errno == EAGAIN or errno == EINTR):
-                    pass
+                while ioctl(fd, UFFDIO_CONTINUE, &c) < 0:
+                    if errno == EEXIST:
+                        _wake(fd, addrs[k], PAGE)
+                        break
+                    if errno != EAGAIN and errno != EINTR:
+                        return errno
             rc = 0
         elif rc < 0 and errno == EEXIST:
+            _wake(fd, addrs[i], (j - i) * PAGE)
             rc = 0
         if rc < 0:
             return errno

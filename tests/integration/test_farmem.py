@@ -3,6 +3,7 @@ GIL, kernel-mode faults (readinto), eviction under a budget 4x smaller than the 
 provider and handler deaths."""
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 import signal
@@ -25,6 +26,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SIZE = 8 << 20
 BUDGET = 2 << 20  # the region is 4x its resident budget
 STORE = {"local_budget": 1 << 20}  # and most pages leave the handler's local pool for the providers
+
+
+@pytest.fixture(autouse=True)
+def no_silent_hang():
+    """A thread blocked on a page while holding the GIL stops pytest-timeout too (it needs the
+    GIL): faulthandler's C thread dumps every stack and ends the run instead."""
+    faulthandler.dump_traceback_later(170, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _support_or_skip():

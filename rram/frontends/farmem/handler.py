@@ -154,10 +154,10 @@ class Region:
         missing = st == ABSENT
         if missing.any():
             self.fill(pages[missing], flags[missing])
-        # missing-page messages about pages mapped since (raced with a fill): nobody may sleep
-        stale = np.unique(pages[mapped & ~wpf & ~minor])
-        if len(stale):
-            U.wake_pages(self.uffd, self._addrs(stale), len(stale))
+        # every message gets a wake: a thread whose page is there goes on, any other faults
+        # again (a message about a page mapped since, or prefetched by the steps above)
+        woken = np.unique(pages)
+        U.wake_pages(self.uffd, self._addrs(woken), len(woken))
 
     def _serve_one(self, addr: int, flags: int) -> None:
         """``serve`` for one message; the same decisions."""
@@ -184,7 +184,8 @@ class Region:
             if self.store.get(self.pool, 0, page, staged) is None:
                 staged[:] = 0
                 self.counters["zero_filled"] += 1
-            U.copy_pages(self.uffd, self._addrs(one), self.staging_addr, 1, wp)
+            if not U.copy_pages(self.uffd, self._addrs(one), self.staging_addr, 1, wp):
+                U.wake_pages(self.uffd, self._addrs(one), 1)  # present already: the waiter goes on
             self.state[page] = CLEAN if wp else DIRTY
             self._push(one)
             self.counters["filled"] += 1
@@ -260,6 +261,10 @@ class Region:
         """Missing pages, several at once: reads mapped write-protected (the first write then
         faults: dirty tracking), writes mapped writable and DIRTY; then prefetch."""
         c = self.counters
+        still = self.state[pages] == ABSENT  # a prefetch since the message may have brought some
+        pages, flags = pages[still], flags[still]
+        if not len(pages):
+            return
         writes = np.unique(pages[(flags & U.FLAG_WRITE) != 0])
         reads = np.setdiff1d(np.unique(pages), writes, assume_unique=True)
         c["missing_faults"] += len(reads) + len(writes)
