@@ -14,6 +14,7 @@ import socket
 
 from . import config as C
 from . import errors
+from .control import keys
 from .control.client import ProviderClient
 from .control.keeper import Keeper
 from .datapath.remote import Link, RemoteTier
@@ -21,9 +22,6 @@ from .datapath.store import PageStore
 from .transport import choose, requester_transport
 
 log = logging.getLogger(__name__)
-
-#: remote virtual slab ids start here; local pool slabs use 1..REMOTE_SLAB_BASE-1
-REMOTE_SLAB_BASE = 4096
 
 
 def _requester_options(tname: str, cfg, name: str) -> dict:
@@ -47,9 +45,9 @@ def link(client, rt, name: str, failure_domain: str | None = None) -> Link:
     return Link(index=-1, name=name, client=client, endpoint=ep, failure_domain=failure_domain)
 
 
-def link_provider(node, rt, requester: str, secret: bytes) -> Link:
-    """Authenticate to provider ``node`` (a NodeConfig) and link it."""
-    client = ProviderClient(node, secret, requester)
+def link_provider(node, rt, credential) -> Link:
+    """Authenticate to provider ``node`` (a NodeConfig) with ``credential`` and link it."""
+    client = ProviderClient(node, credential)
     try:
         client.connect()
         return link(client, rt, node.name, node.failure_domain)
@@ -72,13 +70,13 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     log.info("requester %s: transport %s (%s)", requester, tname, why)
     replicas = replicas or cfg.replicas
     rt = requester_transport(tname, **_requester_options(tname, cfg, requester))
-    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
-    secret = cfg.secret_bytes()
+    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas)
+    credential = keys.credential(cfg, requester, "requester")
     for node in cfg.providers():
         if node.name == requester:
             continue  # symmetric topology: never place our pages on ourselves
         try:
-            remote.add_link(link_provider(node, rt, requester, secret))
+            remote.add_link(link_provider(node, rt, credential))
         except errors.AuthError:
             remote.close()
             raise
@@ -93,6 +91,6 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     store.transport_reason = why
     store.requester = requester
     if keeper:
-        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, requester, secret),
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, credential),
                               requester=requester).start()
     return store
