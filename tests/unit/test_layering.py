@@ -27,8 +27,9 @@ LAYERS = [
 ]
 
 #: the wrappers of the compiled extensions: nothing else imports rram._ext._* (rram._ext.native,
-#: the plain table of what setup.py builds, is data anyone may read)
-EXT_USERS = ("rram.transport", "rram.datapath", "rram.frontends.nbd")
+#: the plain table of what setup.py builds, is data anyone may read); frontends.nbd wraps its
+#: wire format (_nbdwire), frontends.farmem the userfaultfd calls (_uffd)
+EXT_USERS = ("rram.transport", "rram.datapath", "rram.frontends.nbd", "rram.frontends.farmem")
 
 
 def module_name(path: Path, root: Path) -> str:

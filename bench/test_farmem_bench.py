@@ -1,0 +1,193 @@
+"""FarMemory over tcp to real provider processes, each figure beside its floor in the same run.
+
+    .venv/bin/pytest bench/test_farmem_bench.py --benchmark-only -p no:cacheprovider
+    RRAM_BENCH_FARMEM_MB=64   region size (MiB; the resident budget is a quarter of it)
+
+* Fault service p50/p99, one touch at a time (prefetch off), for a page in the handler's
+  local compressed pool and for a remote page, next to its floor: the bare userfaultfd round
+  trip (a minimal handler process: read the message, UFFDIO_COPY a page) and store.get p50
+  of the same kind of page.  Goal: p50 <= 1.5x (round trip + store.get).
+* Sequential scan of a region 4x its budget, GB/s, with prefetch vs without.
+* Random 4 KiB faults/s with the predictor on, and the share of prefetched pages wasted.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import rram
+from rram import PAGE_SIZE
+from rram._ext import _uffd as U
+from rram.frontends.farmem import FarMemory, kernel_support
+from rram.testing.cluster import LocalCluster
+from rram.testing.pages import make_pages
+
+SIZE = int(os.environ.get("RRAM_BENCH_FARMEM_MB", "16")) << 20
+BUDGET = SIZE // 4
+NPAGES = SIZE // PAGE_SIZE
+TOUCHES = min(2000, NPAGES // 2)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        kernel_support()
+    except (rram.RramError, OSError) as exc:
+        pytest.skip(f"userfaultfd unusable here: {exc}")
+    with LocalCluster(n_providers=2, capacity="512MiB", transport="tcp", slab_size="16MiB", verbose=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_pages(NPAGES, seed=7)
+
+
+def _filled(cluster, data, local_budget: int, advice: str = "normal") -> FarMemory:
+    mem = FarMemory(cluster.config_path, size=SIZE, budget=BUDGET, local_budget=local_budget)
+    mem.advise(advice)
+    mem.array(np.uint8, SIZE)[:] = data.reshape(-1)
+    return mem
+
+
+def _percentiles(ns: list[int]) -> dict:
+    a = np.array(ns) / 1000
+    return {"p50_us": round(float(np.percentile(a, 50)), 1), "p99_us": round(float(np.percentile(a, 99)), 1)}
+
+
+def _touch_each(view: memoryview, pages) -> list[int]:
+    out = []
+    for p in pages:
+        t0 = time.perf_counter_ns()
+        view[p * PAGE_SIZE]
+        out.append(time.perf_counter_ns() - t0)
+    return out
+
+
+def _cold_pages(seed: int) -> np.ndarray:
+    """Pages evicted by the fill (FIFO keeps the last ones written), in random order."""
+    return np.random.default_rng(seed).permutation(NPAGES - 2 * BUDGET // PAGE_SIZE)[:TOUCHES]
+
+
+@pytest.mark.benchmark(group="farmem fault service, one page")
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_fault_service_latency(benchmark, cluster, data, where):
+    local_budget = SIZE * 2 if where == "local" else 256 << 10
+    with _filled(cluster, data, local_budget, "random") as mem:
+        view = memoryview(mem)
+        lat = []
+        benchmark.pedantic(lambda: lat.extend(_touch_each(view, _cold_pages(1))), rounds=1)
+        s = mem.stats()
+        view.release()
+    benchmark.extra_info.update(_percentiles(lat))
+    assert s["missing_faults"] >= TOUCHES
+
+
+@pytest.mark.benchmark(group="farmem fault service, one page")
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_floor_store_get(benchmark, cluster, data, where):
+    n = 2 * TOUCHES
+    with rram.connect(cluster.config_path, local_budget=SIZE * 2 if where == "local" else 256 << 10,
+                      keeper=False) as store:
+        pool = store.create_pool()
+        store.put_many(pool, 0, np.arange(n), data[: n * PAGE_SIZE])
+        buf = bytearray(PAGE_SIZE)
+        lat = []
+
+        def gets():
+            for i in np.random.default_rng(2).permutation(n)[:TOUCHES].tolist():
+                t0 = time.perf_counter_ns()
+                store.get(pool, 0, i, buf)
+                lat.append(time.perf_counter_ns() - t0)
+
+        benchmark.pedantic(gets, rounds=1)
+        kind = "remote_gets" if where == "remote" else "local_gets"
+        assert store.stats()[kind] >= TOUCHES // 2
+    benchmark.extra_info.update(_percentiles(lat))
+
+
+BARE_HANDLER = textwrap.dedent("""
+    import socket, sys, numpy as np
+    from rram._ext import _uffd as U
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    _, (uffd,), _, _ = socket.recv_fds(sock, 16, 1)
+    page = np.zeros(4096, np.uint8)
+    addrs, flags = np.zeros(64, np.uint64), np.zeros(64, np.uint64)
+    n = 0
+    while True:
+        n, ctl = U.read_faults(uffd, addrs, flags, 1000, sock.fileno(), 50 if n else 0)
+        for i in range(n):
+            U.copy_pages(uffd, addrs[i:i + 1] & ~np.uint64(4095), page.ctypes.data, 1, False)
+        if ctl:
+            break
+""")
+
+
+@pytest.mark.benchmark(group="farmem fault service, one page")
+def test_floor_bare_userfaultfd_round_trip(benchmark):
+    """A handler process doing nothing but read the message and UFFDIO_COPY a page."""
+    memfd = os.memfd_create("bare", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, SIZE)
+    m = mmap.mmap(memfd, SIZE, mmap.MAP_SHARED)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    addr = np.frombuffer(m, dtype=np.uint8).ctypes.data
+    uffd, _, _ = U.open_uffd()
+    U.api(uffd, U.FEATURE_MISSING_SHMEM)
+    U.register(uffd, addr, SIZE, U.MODE_MISSING)
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-c", BARE_HANDLER, str(theirs.fileno())], pass_fds=(theirs.fileno(),))
+    theirs.close()
+    socket.send_fds(ours, [b"u"], [uffd])
+    view = memoryview(m)
+    lat = []
+    try:
+        benchmark.pedantic(lambda: lat.extend(_touch_each(view, _cold_pages(3))), rounds=1)
+    finally:
+        view.release()
+        ours.sendall(b"stop")
+        proc.wait(10)
+        ours.close()
+        os.close(uffd)
+        m.close()
+        os.close(memfd)
+    benchmark.extra_info.update(_percentiles(lat))
+
+
+@pytest.mark.benchmark(group="farmem sequential scan, GB/s")
+@pytest.mark.parametrize("advice", ["sequential", "random"], ids=["prefetch", "no-prefetch"])
+def test_sequential_scan(benchmark, cluster, data, advice):
+    with _filled(cluster, data, 256 << 10) as mem:
+        mem.advise(advice)
+        a = mem.array(np.uint64, SIZE // 8)
+        before = mem.stats()
+        benchmark.pedantic(a.sum, rounds=3)
+        s = mem.stats()
+        del a
+    benchmark.extra_info["GB_per_s"] = round(SIZE / benchmark.stats.stats.median / 1e9, 3)
+    benchmark.extra_info["prefetch_hits"] = s["prefetch_hits"] - before["prefetch_hits"]
+    benchmark.extra_info["missing_faults"] = s["missing_faults"] - before["missing_faults"]
+
+
+@pytest.mark.benchmark(group="farmem random 4 KiB faults")
+def test_random_faults(benchmark, cluster, data):
+    with _filled(cluster, data, 256 << 10, "random") as mem:  # nothing prefetched before the phase
+        mem.advise("normal")
+        view = memoryview(mem)
+        before = mem.stats()
+        pages = np.random.default_rng(4).integers(0, NPAGES, TOUCHES * 2)
+        benchmark.pedantic(lambda: [view[p * PAGE_SIZE] for p in pages.tolist()], rounds=1)
+        s = mem.stats()
+        view.release()
+    faults = s["missing_faults"] + s["minor_faults"] - before["missing_faults"] - before["minor_faults"]
+    prefetched = s["prefetched"] - before["prefetched"]
+    benchmark.extra_info["faults_per_s"] = round(faults / benchmark.stats.stats.median)
+    benchmark.extra_info["prefetched"] = prefetched
+    benchmark.extra_info["wasted_pct"] = round(100 * (s["wasted"] - before["wasted"]) / max(1, prefetched), 1)

@@ -1,0 +1,418 @@
+"""The fault handler of a far-memory region: a process of its own, never the region's.
+
+``python -m rram.frontends.farmem.handler --fd N``: N is a Unix socket to the region's
+process, which sends ``hello`` with the userfaultfd, the region's memfd and the write end of
+its lifeline pipe (rram/frontends/farmem/wire.py).  The handler opens its own PageStore on
+the same cluster, maps the memfd and serves the region until ``close`` or end of stream.
+
+Page states (one byte a page):
+  ABSENT  not in the memfd: the next touch is a *missing* fault, filled from the store
+  CLEAN   mapped write-protected (UFFDIO_COPY_MODE_WP): the first write is a *WP* fault
+  DIRTY   mapped writable: written back to the store before it is dropped
+  CACHED  prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
+          fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
+Eviction is FIFO over resident pages, run before a fill that would pass the budget: dirty
+victims are write-protected (writes now wait for us), read through our mapping, put to the
+store, then every victim is punched out of the memfd.  A write that races with it waits as a
+WP fault and is served after the punch by a fresh fill from the store.
+
+If the store fails, the reason goes down the lifeline and the process exits: the region's
+watchdog then makes the region PROT_NONE and faulting threads die with that message.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import mmap
+import os
+import socket
+import sys
+
+import numpy as np
+
+from ...units import PAGE_SIZE
+from ... import errors
+from ..._ext import _uffd as U
+from . import wire as W
+from ...logsetup import configure_logging
+from .prefetch import Predictor
+
+log = logging.getLogger(__name__)
+
+ABSENT, CLEAN, DIRTY, CACHED = 0, 1, 2, 3
+MAX_FAULTS = 512          # messages read per wake-up
+MAX_WINDOW = 256          # pages prefetched per run at most (and at most an eighth of the budget)
+EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
+COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
+            "evicted_clean", "evicted_dirty", "written_back", "prefetched", "prefetch_hits", "wasted",
+            "wakeups")
+
+
+class Region:
+    """One region's pages, served from ``store`` pool ``pool`` (object 0, index = page)."""
+
+    def __init__(self, hello: dict, fds: list[int], store, batch: int):
+        self.name = str(hello["name"])
+        self.base = int(hello["base"])
+        self.size = int(hello["size"])
+        self.npages = self.size // PAGE_SIZE
+        self.budget = max(4, int(hello["budget"]) // PAGE_SIZE)
+        self.minor = bool(hello.get("minor"))  # CACHED pages (prefetch) need minor-fault mode
+        self.continue_wp = True  # until the kernel says otherwise
+        self.uffd, self.memfd, self.lifeline = fds  # ours to close (close())
+        self.store = store
+        self.pool = store.create_pool(persistent=True)
+        self.map = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED)  # read only for write-back
+        self.map.madvise(mmap.MADV_NOHUGEPAGE)
+        self.map_addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
+        self.state = np.zeros(self.npages, dtype=np.uint8)
+        self.ring = np.zeros(self.budget + 1, dtype=np.int64)  # FIFO of resident pages
+        self.head = self.count = 0
+        self.batch = max(16, min(batch, self.budget // 2))
+        self.staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)
+        self.staging_addr = self.staging.ctypes.data
+        self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._hits_seen = self._wasted_seen = 0
+
+    def close(self) -> None:
+        """Forget the region: its pages leave the store, its fds are closed."""
+        try:
+            self.store.invalidate_pool(self.pool)
+        except Exception as exc:  # noqa: BLE001 - the store may be the reason we stop
+            log.info("region %s: pool not invalidated: %s", self.name, exc)
+        self.map.close()
+        for fd in (self.uffd, self.memfd, self.lifeline):
+            os.close(fd)
+
+    # -- residency ---------------------------------------------------------------------------
+
+    def _push(self, pages: np.ndarray) -> None:
+        cap = len(self.ring)
+        at = (self.head + self.count + np.arange(len(pages))) % cap
+        self.ring[at] = pages
+        self.count += len(pages)
+
+    def make_room(self, n: int) -> None:
+        """Evict so that ``n`` more pages fit under the budget."""
+        over = self.count + n - self.budget
+        if over <= 0:
+            return
+        k = min(self.count, over + int(self.budget * EVICT_SLACK))
+        at = (self.head + np.arange(k)) % len(self.ring)
+        victims = np.sort(self.ring[at])
+        self.head = (self.head + k) % len(self.ring)
+        self.count -= k
+        self.evict(victims)
+
+    def evict(self, victims: np.ndarray) -> None:
+        st = self.state[victims]
+        dirty = victims[st == DIRTY]
+        if len(dirty):
+            # stop writes first: a write from now on waits as a WP fault until we are done
+            U.writeprotect_pages(self.uffd, self._addrs(dirty), len(dirty), True)
+            for i in range(0, len(dirty), self.batch):
+                chunk = dirty[i:i + self.batch]
+                offs = (chunk * PAGE_SIZE).astype(np.uint64)
+                U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
+                self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
+            self.counters["written_back"] += len(dirty)
+        wasted = int((st == CACHED).sum())
+        self.counters["wasted"] += wasted
+        self.counters["evicted_dirty"] += len(dirty)
+        self.counters["evicted_clean"] += len(victims) - len(dirty)
+        offs = (victims * PAGE_SIZE).astype(np.uint64)
+        U.punch_pages(self.memfd, offs, len(victims))
+        self.state[victims] = ABSENT
+
+    def _addrs(self, pages: np.ndarray) -> np.ndarray:
+        return (self.base + pages * PAGE_SIZE).astype(np.uint64)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def serve(self, addrs: np.ndarray, flags: np.ndarray) -> None:
+        c = self.counters
+        c["wakeups"] += 1
+        c["faults"] += len(addrs)
+        if len(addrs) == 1:  # the latency path: scalars, no numpy per fault
+            return self._serve_one(int(addrs[0]), int(flags[0]))
+        pages = ((addrs - self.base) // PAGE_SIZE).astype(np.int64)
+        inside = (addrs >= self.base) & (pages < self.npages)
+        pages, flags = pages[inside], flags[inside]
+        st = self.state[pages]
+        wpf, minor = (flags & U.FLAG_WP) != 0, (flags & U.FLAG_MINOR) != 0
+        mapped = (st == CLEAN) | (st == DIRTY)
+        # a write to a mapped page: it becomes DIRTY; un-protecting wakes the writer
+        wp = np.unique(pages[mapped & wpf])
+        if len(wp):
+            self._unprotect(wp)
+        # in the page cache but not mapped: prefetched (a hit), or unmapped by MADV_DONTNEED
+        cont = np.unique(pages[(st == CACHED) | (mapped & minor)])
+        if len(cont):
+            self._continue(cont)
+        missing = st == ABSENT
+        if missing.any():
+            self.fill(pages[missing], flags[missing])
+        # every message gets a wake: a thread whose page is there goes on, any other faults
+        # again (a message about a page mapped since, or prefetched by the steps above)
+        woken = np.unique(pages)
+        U.wake_pages(self.uffd, self._addrs(woken), len(woken))
+
+    def _serve_one(self, addr: int, flags: int) -> None:
+        """``serve`` for one message; the same decisions."""
+        page = (addr - self.base) // PAGE_SIZE
+        if not 0 <= page < self.npages:
+            return
+        st = self.state[page]
+        one = np.array([page], dtype=np.int64)
+        if st == CLEAN or st == DIRTY:
+            if flags & U.FLAG_WP:
+                self._unprotect(one)
+            elif flags & U.FLAG_MINOR:
+                self._continue(one)
+            else:
+                U.wake_pages(self.uffd, self._addrs(one), 1)
+        elif st == CACHED:
+            self._continue(one)
+        else:
+            self.counters["missing_faults"] += 1
+            self.predictor.on_fault(page)
+            wp = not flags & U.FLAG_WRITE
+            self.make_room(1)
+            staged = self.staging[:PAGE_SIZE]
+            if self.store.get(self.pool, 0, page, staged) is None:
+                staged[:] = 0
+                self.counters["zero_filled"] += 1
+            if not U.copy_pages(self.uffd, self._addrs(one), self.staging_addr, 1, wp):
+                U.wake_pages(self.uffd, self._addrs(one), 1)  # present already: the waiter goes on
+            self.state[page] = CLEAN if wp else DIRTY
+            self._push(one)
+            self.counters["filled"] += 1
+            self._prefetch_after(page)
+
+    def _unprotect(self, pages: np.ndarray) -> None:
+        self.counters["wp_faults"] += len(pages)
+        self.state[pages] = DIRTY
+        U.writeprotect_pages(self.uffd, self._addrs(pages), len(pages), False, True)
+
+    def _continue(self, pages: np.ndarray) -> None:
+        """Map pages that are in the memfd's page cache.  Write-protected where the kernel can
+        (6.5+), so clean ones stay CLEAN; older kernels map them writable: they count as DIRTY.
+
+        A touch of a prefetched page also maps the prefetched run after it (along a +1/-1
+        trend) so a scan takes one fault per run, and prefetches the next run: every page
+        mapped this way counts as a prefetch hit."""
+        c = self.counters
+        c["minor_faults"] += len(pages)
+        st = self.state[pages]
+        touched = pages[st == CACHED]
+        if len(touched):
+            self.predictor.on_fault(int(touched[-1]))
+            d = self.predictor.trend()
+            if d in (1, -1) and len(touched) == 1:
+                run = self._cached_run(int(touched[0]), d)
+                pages, st = run, self.state[run]
+                self.predictor.skip_to(int(run[-1] if d == 1 else run[0]))
+            c["prefetch_hits"] += int((st == CACHED).sum())
+        dirty, clean = pages[st == DIRTY], pages[st != DIRTY]
+        if len(dirty):
+            U.continue_pages(self.uffd, self._addrs(dirty), len(dirty), False)
+        if len(clean) and self.continue_wp:
+            try:
+                U.continue_pages(self.uffd, self._addrs(clean), len(clean), True)
+                self.state[clean] = CLEAN
+                clean = clean[:0]
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.info("region %s: no UFFDIO_CONTINUE_MODE_WP (Linux < 6.5): prefetched pages count as dirty",
+                         self.name)
+                self.continue_wp = False
+        if len(clean):
+            U.continue_pages(self.uffd, self._addrs(clean), len(clean), False)
+            self.state[clean] = DIRTY
+        if len(touched):
+            self._feedback()
+            self._prefetch_after(self.predictor.last)
+
+    def _cached_run(self, page: int, d: int) -> np.ndarray:
+        """``page`` and the CACHED pages right after it along ``d`` (sorted)."""
+        limit = self.predictor.window
+        if d == 1:
+            seg = self.state[page:min(self.npages, page + limit)]
+            n = int(np.argmin(seg == CACHED)) if not (seg == CACHED).all() else len(seg)
+            return np.arange(page, page + max(1, n), dtype=np.int64)
+        seg = self.state[max(0, page - limit + 1):page + 1][::-1]
+        n = int(np.argmin(seg == CACHED)) if not (seg == CACHED).all() else len(seg)
+        return np.arange(page - max(1, n) + 1, page + 1, dtype=np.int64)
+
+    def _prefetch_after(self, page: int) -> None:
+        if not self.minor:
+            return
+        ahead = self.predictor.ahead(page, self.npages)
+        if ahead:
+            ahead = np.array(ahead, dtype=np.int64)
+            ahead = np.sort(ahead[self.state[ahead] == ABSENT][: self.budget // 4])
+            if len(ahead):
+                self.cache(ahead)
+
+    def fill(self, pages: np.ndarray, flags: np.ndarray) -> None:
+        """Missing pages, several at once: reads mapped write-protected (the first write then
+        faults: dirty tracking), writes mapped writable and DIRTY; then prefetch."""
+        c = self.counters
+        still = self.state[pages] == ABSENT  # a prefetch since the message may have brought some
+        pages, flags = pages[still], flags[still]
+        if not len(pages):
+            return
+        writes = np.unique(pages[(flags & U.FLAG_WRITE) != 0])
+        reads = np.setdiff1d(np.unique(pages), writes, assume_unique=True)
+        c["missing_faults"] += len(reads) + len(writes)
+        for p in pages.tolist():
+            self.predictor.on_fault(p)
+        for group, wp in ((reads, True), (writes, False)):
+            for i in range(0, len(group), self.batch):
+                chunk = group[i:i + self.batch]
+                self.make_room(len(chunk))
+                self._fetch(chunk)
+                U.copy_pages(self.uffd, self._addrs(chunk), self.staging_addr, len(chunk), wp)
+                self.state[chunk] = CLEAN if wp else DIRTY
+                self._push(chunk)
+        c["filled"] += len(reads) + len(writes)
+        self._feedback()
+        self._prefetch_after(int(pages[-1]))
+
+    def _fetch(self, pages: np.ndarray) -> None:
+        found = self.store.get_many(self.pool, 0, pages, self.staging[:len(pages) * PAGE_SIZE])
+        self.counters["zero_filled"] += len(pages) - int(np.count_nonzero(found))
+
+    def cache(self, pages: np.ndarray) -> None:
+        """Prefetch ``pages`` (ABSENT) into the memfd's page cache, unmapped: CACHED."""
+        for i in range(0, len(pages), self.batch):
+            chunk = pages[i:i + self.batch]
+            self.make_room(len(chunk))
+            self._fetch(chunk)
+            U.write_pages(self.memfd, (chunk * PAGE_SIZE).astype(np.uint64), len(chunk), self.staging_addr)
+            self.state[chunk] = CACHED
+            self._push(chunk)
+            self.counters["prefetched"] += len(chunk)
+
+    def _feedback(self) -> None:
+        c = self.counters
+        hits, wasted = c["prefetch_hits"] - self._hits_seen, c["wasted"] - self._wasted_seen
+        if hits or wasted:
+            self.predictor.feedback(hits, wasted)
+            self._hits_seen, self._wasted_seen = c["prefetch_hits"], c["wasted"]
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "stats":
+            return {"ok": True, "counters": dict(self.counters), "resident": self.count,
+                    "budget_pages": self.budget, "window": self.predictor.window}
+        if op == "prefetch":
+            if not self.minor:
+                return {"ok": False, "error": "prefetch needs UFFD_FEATURE_MINOR_SHMEM, which this kernel lacks"}
+            first = max(0, int(msg["offset"]) // PAGE_SIZE)
+            last = min(self.npages, -(-(int(msg["offset"]) + int(msg["length"])) // PAGE_SIZE))
+            pages = np.arange(first, last, dtype=np.int64)
+            pages = pages[self.state[pages] == ABSENT][: self.budget // 2]
+            self.cache(pages)
+            return {"ok": True, "pages": len(pages)}
+        if op == "advise":
+            try:
+                self.predictor.advise(str(msg.get("advice")))
+            except ValueError as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+
+def recv_hello(reader: W.Reader) -> tuple[dict, list[int]]:
+    """The region's hello and its fds; ProtocolError (fds closed) when it is not one."""
+    hello, fds = reader.recv()
+    if hello is None or hello.get("op") != "hello" or len(fds) != len(W.HELLO_FDS):
+        for fd in fds:
+            os.close(fd)
+        raise errors.ProtocolError(f"expected hello with {len(W.HELLO_FDS)} fds, got {hello!r} with {len(fds)}")
+    return hello, fds
+
+
+def run(region: Region, sock: socket.socket, reader: W.Reader, spin_us: int) -> str:
+    """Serve ``region`` until a ``close`` request ("close": the caller answers it once the
+    region is released) or end of stream ("eof").  A failure goes down the lifeline, where the
+    region's watchdog turns it into loud faults ("failed")."""
+    addrs = np.zeros(MAX_FAULTS, dtype=np.uint64)
+    flags = np.zeros(MAX_FAULTS, dtype=np.uint64)
+    n = 0
+    try:
+        while True:
+            # spin only right after work: an idle region costs no CPU
+            n, ctl = U.read_faults(region.uffd, addrs, flags, 1000, sock.fileno(), spin_us if n else 0)
+            if n:
+                region.serve(addrs[:n].copy(), flags[:n].copy())
+            while ctl or reader.pending():
+                ctl = False
+                msg, _ = reader.recv()
+                if msg is None:
+                    return "eof"
+                if msg.get("op") == "close":
+                    return "close"
+                W.send(sock, region.request(msg))
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the faulting threads
+        why = f"its handler failed: {type(exc).__name__}: {exc}"
+        log.error("far-memory region %s: %s", region.name, why)
+        try:
+            os.write(region.lifeline, why.encode()[:190])
+        except OSError:
+            pass
+        return "failed"
+
+
+def serve(sock: socket.socket) -> int:
+    """The handler process of one region: its own store, then ``run``."""
+    reader = W.Reader(sock)
+    try:
+        hello, fds = recv_hello(reader)
+    except errors.ProtocolError as exc:
+        log.error("far-memory handler: %s", exc)
+        return 2
+    store = region = None
+    try:
+        from ...cluster import open_store
+
+        store = open_store(hello["config"], **hello.get("store", {}))
+        region = Region(hello, fds, store, batch=store.batch)
+    except Exception as exc:  # noqa: BLE001 - reported to the region's process, which raises it
+        W.send(sock, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        if store is not None:
+            store.close()
+        return 1
+    W.send(sock, {"ok": True, "pid": os.getpid()})
+    end = "failed"
+    try:
+        end = run(region, sock, reader, int(hello.get("spin_us", 0)))
+    finally:
+        region.close()
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    if end == "close":
+        W.send(sock, {"ok": True})
+    return 1 if end == "failed" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rram.frontends.farmem.handler")
+    ap.add_argument("--fd", type=int, required=True, help="Unix socket to the region's process")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    args = ap.parse_args(argv)
+    configure_logging(args.verbose, 0)
+    sock = socket.socket(fileno=args.fd)
+    return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
