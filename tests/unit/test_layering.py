@@ -26,7 +26,7 @@ LAYERS = [
     (6, "entry points", ("rram.cli", "rram.demo", "rram.__main__")),
 ]
 
-#: the wrappers of the compiled extensions: nothing else imports rram._ext.*
+#: the wrappers of the compiled extensions (rram._ext._*): nothing else imports those
 EXT_USERS = ("rram.transport", "rram.datapath", "rram.frontends.nbd")
 
 
@@ -48,8 +48,8 @@ def layer_of(module: str):
 
 
 def _is_module(name: str, root: Path) -> bool:
-    if name.startswith("rram._ext."):
-        return name.count(".") == 2  # compiled: rram/_ext/*.so (sources in ext/*.pyx)
+    if name.startswith("rram._ext._"):
+        return name.count(".") == 2  # compiled: rram/_ext/_*.so (sources in ext/*.pyx)
     rel = Path(*name.split("."))
     return (root / rel).with_suffix(".py").exists() or (root / rel / "__init__.py").exists()
 
@@ -105,7 +105,7 @@ def violations(root: Path) -> list[str]:
         for line, target, private, _ in imports(path, root):
             if private and target != me:
                 out.append(f"{where}:{line}: takes private name {private} from {target}")
-            if target.startswith("rram._ext") and not me.startswith(EXT_USERS):
+            if target.startswith("rram._ext._") and not me.startswith(EXT_USERS):
                 out.append(f"{where}:{line}: imports the compiled {target}; only {', '.join(EXT_USERS)} may")
             theirs = layer_of(target)
             if theirs is None or target == me:
