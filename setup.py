@@ -6,42 +6,25 @@ library leaves a working package that falls back (codec -> python-lz4) or report
 transport as unavailable (verbs).
 
 Environment:
-  RRAM_ONLY=_codec,_slab   build only these extensions (development)
+  RRAM_ONLY=_codec,_slab   build only these extensions (development; the table is rram/_ext/native.py)
   RRAM_REQUIRE=all|_verbs,...   fail instead of skipping when these cannot be built
 """
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 
 from setuptools import Extension, find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@dataclass
-class Native:
-    name: str  # module name under rram._ext
-    library: str | None = None  # pkg-config name of the system library
-    link: list[str] = field(default_factory=list)
-    header: str | None = None
-    why: str = ""
-    optional: bool = True
-
-
-NATIVE = [
-    Native("_codec", "liblz4", ["lz4"], "lz4.h", "batch LZ4 page codec (fallback: python-lz4)"),
-    Native("_slab", why="size-class slot allocator", optional=False),
-    Native("_pagemap", why="compact page map", optional=False),
-    Native("_memops", why="batched copies for the tcp/loopback transports", optional=False),
-    Native("_storepath", why="the page store's per-batch planning (get/put fast path)", optional=False),
-    Native("_nbdwire", why="NBD request parsing and reply packing in batches", optional=False),
-    Native("_verbs", "libibverbs", ["ibverbs"], "infiniband/verbs.h", "RDMA verbs transport"),
-]
+# the table lives in the package so that rram.build_info reports exactly what is built here
+NATIVE = runpy.run_path(os.path.join(HERE, "rram", "_ext", "native.py"))["NATIVE"]
 
 
 def say(msg: str) -> None:
@@ -106,7 +89,7 @@ def extensions() -> list[Extension]:
     return cythonize(
         exts,
         language_level=3,
-        include_path=["ext"],
+        include_path=["ext", HERE],
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True, "embedsignature": True},
         quiet=True,
     )

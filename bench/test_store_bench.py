@@ -18,6 +18,8 @@ import pytest
 from rram import PAGE_SIZE
 from rram.datapath import codec
 from rram.cluster import open_store
+from rram.datapath import keys as K
+from rram.datapath import slab as L
 from rram.testing import rawsocket
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages
@@ -108,7 +110,7 @@ def test_get_baseline_codec_only(benchmark, setup):
 @pytest.mark.benchmark(group="4 KiB get latency")
 def test_get_latency_remote_page(benchmark, setup):
     store, pool, data, pin = setup
-    remote = [i for i in range(0, N, 7) if store.map.get((pool << 56) | i) >> 37 >= 4096][:500]
+    remote = [i for i in range(0, N, 7) if L.is_remote(store.map.get(K.pack(pool, 0, i)))][:500]
     assert remote, "no remote page to read"
     buf = bytearray(PAGE_SIZE)
     it = iter(remote * 10000)

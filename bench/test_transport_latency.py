@@ -167,7 +167,7 @@ def test_tcp_transport_batch_256(benchmark, tcp_link, opname):
 @pytest.mark.benchmark(group="batch-256-throughput")
 def test_raw_memcpy_batch_256(benchmark):
     """Baseline for the batch numbers: the same 256 page copies done locally in C."""
-    from rram._ext._memops import copy_batch
+    from rram._ext._regions import copy_batch
 
     src = np.frombuffer(np.random.default_rng(2).bytes(BATCH * PAGE), dtype=np.uint8).copy()
     dst = np.zeros_like(src)

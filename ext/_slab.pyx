@@ -8,8 +8,7 @@ back to their slab and may serve another class next time.  New blocks come from 
 (add order) that has one, so younger slabs drain and can be returned; retired slabs never give
 new blocks nor take new slots.
 
-Locations follow docs/architecture.md ("Page location"); rram/datapath/slab.py mirrors the
-layout in Python and the tests check that both agree.
+Locations follow ext/location.pxd (the layout, declared once for every compiled user).
 
 Not thread-safe (the page store holds a lock); overlapping calls raise RramError rather than
 corrupt the tables.
@@ -22,26 +21,22 @@ import operator
 
 from rram.errors import NotFound, RramError
 
+from location cimport (
+    GRANULE, KIND_MASK, KIND_STORED, LOC_BITS, MAX_STORED_SIZE, SLAB_FIELD, location_layout, loc_granule, loc_pack,
+    loc_size, loc_slab,
+)
+
 cdef extern from *:
     """
     static inline int rram_slab_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
     """
     int ctz64 "rram_slab_ctz64"(unsigned long long x) noexcept nogil
 
-# location layout (bits): kind 0..1, size 2..14, offset/64 15..36, slab 37..60
-cdef enum:
-    KIND_STORED = 2
-    SIZE_SHIFT = 2
-    OFFSET_SHIFT = 15
-    SLAB_SHIFT = 37
-    SIZE_FIELD = 0x1FFF
-    OFFSET_FIELD = 0x3FFFFF
-    SLAB_FIELD = 0xFFFFFF
-    MAX_SIZE = 4096
+#: the layout this module was built with (rram/datapath/slab.py takes its constants from here)
+LAYOUT = location_layout()
 
 # geometry
 cdef enum:
-    GRANULE = 64
     BLOCK_SIZE = 65536
     BLOCK_GRANULES = 1024
     BLOCK_BITS = 12            # a global block id is slab_index << 12 | block
@@ -78,7 +73,7 @@ _REASONS = {
 }
 
 MAX_SLAB_SIZE = MAX_BLOCKS * BLOCK_SIZE
-MAX_SLAB_ID = (1 << 24) - 1
+MAX_SLAB_ID = SLAB_FIELD
 
 
 cdef struct block_t:
@@ -328,7 +323,7 @@ cdef class SlotAllocator:
         cdef uint64_t granule
         for i in range(n):
             size = sizes[i]
-            c = (size + GRANULE - 1) >> 6
+            c = (size + GRANULE - 1) // GRANULE
             gid = self.partial_head[c]
             if gid == NIL:
                 gid = self._new_block(c)
@@ -354,8 +349,7 @@ cdef class SlotAllocator:
             sl.slot_bytes += c * GRANULE
             sl.stored_bytes += size
             granule = <uint64_t>(gid & (MAX_BLOCKS - 1)) * BLOCK_GRANULES + <uint64_t>slot * c
-            out[i] = ((<uint64_t>sl.id) << SLAB_SHIFT) | (granule << OFFSET_SHIFT) | \
-                     ((<uint64_t>size) << SIZE_SHIFT) | KIND_STORED
+            out[i] = loc_pack(sl.id, granule, size)
         done[0] = n
         return E_OK
 
@@ -367,13 +361,13 @@ cdef class SlotAllocator:
         cdef uint64_t granule, size
         cdef int32_t bi
         cdef int g, c
-        if (loc & 3) != KIND_STORED or (loc >> 61) != 0:
+        if (loc & KIND_MASK) != KIND_STORED or (loc >> LOC_BITS) != 0:
             return E_KIND
-        s = self._index_of((loc >> SLAB_SHIFT) & SLAB_FIELD)
+        s = self._index_of(loc_slab(loc))
         if s == NIL:
             return E_SLAB
         sl = &self.slabs[s]
-        granule = (loc >> OFFSET_SHIFT) & OFFSET_FIELD
+        granule = loc_granule(loc)
         bi = <int32_t>(granule >> 10)
         if bi >= sl.fresh:
             return E_BLOCK
@@ -384,8 +378,8 @@ cdef class SlotAllocator:
         g = <int>(granule & (BLOCK_GRANULES - 1))
         if g % c != 0 or g // c >= b.nslots:
             return E_SLOT
-        size = (loc >> SIZE_SHIFT) & SIZE_FIELD
-        if size == 0 or size > MAX_SIZE or <int>((size + GRANULE - 1) >> 6) != c:
+        size = loc_size(loc)
+        if size == 0 or size > MAX_STORED_SIZE or <int>((size + GRANULE - 1) // GRANULE) != c:
             return E_SIZE
         gid_out[0] = (s << BLOCK_BITS) | bi
         slot_out[0] = g // c
@@ -402,7 +396,7 @@ cdef class SlotAllocator:
         cdef slab_t *sl
         for i in range(n):
             loc = locs[i]
-            if (loc & 3) < KIND_STORED:
+            if (loc & KIND_MASK) < KIND_STORED:
                 continue
             err = self._decode(loc, &gid, &slot)
             if err == E_OK:
@@ -410,20 +404,20 @@ cdef class SlotAllocator:
                 bitmask = (<uint64_t>1) << (slot & 63)
                 if b.freebits[slot >> 6] & bitmask:
                     err = E_DOUBLE
-                elif b.sizes[slot] != ((loc >> SIZE_SHIFT) & SIZE_FIELD):
+                elif b.sizes[slot] != loc_size(loc):
                     err = E_SIZE
                 else:
                     b.freebits[slot >> 6] |= bitmask
             if err != E_OK:
                 for j in range(i):
-                    if (locs[j] & 3) == KIND_STORED:
+                    if (locs[j] & KIND_MASK) == KIND_STORED:
                         self._decode(locs[j], &gid, &slot)
                         self._blk(gid).freebits[slot >> 6] &= ~((<uint64_t>1) << (slot & 63))
                 bad[0] = i
                 return err
         for i in range(n):
             loc = locs[i]
-            if (loc & 3) != KIND_STORED:
+            if (loc & KIND_MASK) != KIND_STORED:
                 continue
             self._decode(loc, &gid, &slot)
             b = self._blk(gid)
@@ -435,7 +429,7 @@ cdef class SlotAllocator:
                 b.owners[slot] = 0
             sl.slots_used -= 1
             sl.slot_bytes -= c * GRANULE
-            sl.stored_bytes -= (loc >> SIZE_SHIFT) & SIZE_FIELD
+            sl.stored_bytes -= loc_size(loc)
             b.used -= 1
             if b.used == 0:
                 self._release_block(gid)
@@ -485,8 +479,7 @@ cdef class SlotAllocator:
                 while slot < end and got < max_n:
                     if not (b.freebits[slot >> 6] >> (slot & 63)) & 1:
                         granule = <uint64_t>self.hand_block * BLOCK_GRANULES + <uint64_t>slot * c
-                        out_locs[got] = ((<uint64_t>sl.id) << SLAB_SHIFT) | (granule << OFFSET_SHIFT) | \
-                                        ((<uint64_t>b.sizes[slot]) << SIZE_SHIFT) | KIND_STORED
+                        out_locs[got] = loc_pack(sl.id, granule, b.sizes[slot])
                         if with_owners:
                             out_owners[got] = b.owners[slot] if b.owners != NULL else 0
                         got += 1
@@ -629,11 +622,11 @@ cdef class SlotAllocator:
                 raise ValueError(f"n={n} exceeds owners ({owners.shape[0]})")
         with nogil:
             for i in range(n):
-                if sizes[i] == 0 or sizes[i] > MAX_SIZE:
+                if sizes[i] == 0 or sizes[i] > MAX_STORED_SIZE:
                     bad = True
                     break
         if bad:
-            raise ValueError(f"sizes[{i}] = {sizes[i]} is outside 1..{MAX_SIZE}")
+            raise ValueError(f"sizes[{i}] = {sizes[i]} is outside 1..{MAX_STORED_SIZE}")
         self._enter()
         try:
             with nogil:
@@ -678,7 +671,7 @@ cdef class SlotAllocator:
             raise ValueError(f"out ({out.shape[0]}) is shorter than locs ({n})")
         with nogil:
             for i in range(n):
-                if (locs[i] & 3) < KIND_STORED:
+                if (locs[i] & KIND_MASK) < KIND_STORED:
                     out[i] = 0
                     continue
                 err = self._decode(locs[i], &gid, &slot)
@@ -752,9 +745,9 @@ cdef class SlotAllocator:
 
     def can_fit(self, size: int) -> bool:
         """True when one slot of ``size`` bytes can be allocated right now."""
-        if not 1 <= size <= MAX_SIZE:
-            raise ValueError(f"size {size} is outside 1..{MAX_SIZE}")
-        return self.partial_head[(size + GRANULE - 1) >> 6] != NIL or self.avail_head != NIL
+        if not 1 <= size <= MAX_STORED_SIZE:
+            raise ValueError(f"size {size} is outside 1..{MAX_STORED_SIZE}")
+        return self.partial_head[(size + GRANULE - 1) // GRANULE] != NIL or self.avail_head != NIL
 
     def stats(self) -> dict:
         cdef int32_t s

@@ -14,9 +14,9 @@ each of those steps is one C call over the batch, with no Python object per page
 
 Hot paths in C, policy in Python: these functions only handle the common case.  Anything
 unusual (a page without a ready replica on a live link, more pages for a link than its
-``max_batch``, a key out of range...) makes them answer None or -1, and the numpy code in
-store.py / remote.py runs instead with all its failure handling.  The location layout
-mirrors rram/datapath/slab.py (checked there against ``LAYOUT``).
+``max_batch``, a key out of range...) makes them answer None or -1, and the failover path
+(rram/datapath/failover.py) runs instead with all its failure handling.  The location layout is
+ext/location.pxd.
 """
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -25,39 +25,18 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from ops cimport op_t
+from location cimport (
+    KIND_ABSENT, KIND_MASK, KIND_STORED, location_layout, loc_offset, loc_size, loc_slab,
+)
+from ops cimport OP_READ, OP_WRITE, op_t
 
 cdef enum:
-    KIND_MASK = 3
-    KIND_ABSENT = 0
-    KIND_STORED = 2
-    SIZE_SHIFT = 2
-    SIZE_FIELD = (1 << 13) - 1
-    OFFSET_SHIFT = 15
-    OFFSET_FIELD = (1 << 22) - 1
-    SLAB_SHIFT = 37
-    SLAB_FIELD = (1 << 24) - 1
-    GRANULE = 64
     PAGE = 4096
-    OP_READ = 0
-    OP_WRITE = 1
 
-#: (SIZE_SHIFT, OFFSET_SHIFT, SLAB_SHIFT, GRANULE): slab.py refuses a module built for another layout
-LAYOUT = (SIZE_SHIFT, OFFSET_SHIFT, SLAB_SHIFT, GRANULE)
+#: the layout this module was built with (rram/datapath/slab.py checks it against _slab's)
+LAYOUT = location_layout()
 
 assert sizeof(op_t) == 32
-
-
-cdef inline uint32_t loc_size(uint64_t loc) noexcept nogil:
-    return <uint32_t>((loc >> SIZE_SHIFT) & SIZE_FIELD)
-
-
-cdef inline uint64_t loc_offset(uint64_t loc) noexcept nogil:
-    return ((loc >> OFFSET_SHIFT) & OFFSET_FIELD) * GRANULE
-
-
-cdef inline uint64_t loc_slab(uint64_t loc) noexcept nogil:
-    return (loc >> SLAB_SHIFT) & SLAB_FIELD
 
 
 cdef void *_data(object arr, Py_ssize_t itemsize, Py_ssize_t count, bint writable, str what) except NULL:
@@ -159,7 +138,7 @@ cdef class Router:
     ``bind`` points it at the RemoteTier's tables (indexed [replica slot, slab id]), a live
     flag per link and each link's op array; the tier binds again whenever links or tables
     change.  ``route`` writes the batch's operations (page order within a link) and returns
-    ``[(link index, count), ...]`` of the links it filled, or None for the slow path.
+    ``[(link index, count), ...]`` of the links it filled, or None for the failover path.
     """
     cdef int nrep
     cdef Py_ssize_t width
@@ -301,7 +280,7 @@ cdef class Router:
 
     def route(self, bint write, const uint64_t[:] locs, const uint64_t[:] addrs, Py_ssize_t n, lkeys):
         """Operations for pages locs[:n] <-> local addresses addrs[:n]; ``lkeys``: int64 per link
-        (-1: none for this arena).  Returns [(link, count), ...] or None (take the slow path)."""
+        (-1: none for this arena).  Returns [(link, count), ...] or None (take the failover path)."""
         cdef Py_ssize_t i
         cdef int rc = 0
         cdef const int64_t *lk
@@ -374,7 +353,7 @@ cdef class StorePath:
         """Fill srcs[:n] / sizes[:n] for decompress_pages, found_out[:n] (bool) and, through
         ``router``, the READs of remote pages into staging (``lkeys``: the staging arena's).
 
-        Returns the router's batches ([] when nothing is remote), or None for the slow path.
+        Returns the router's batches ([] when nothing is remote), or None for the failover path.
         """
         cdef Py_ssize_t i, nf = 0, nl = 0, nr = 0
         cdef uint64_t loc, slab, kind

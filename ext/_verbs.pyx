@@ -20,7 +20,7 @@ from libc.string cimport memcpy, memset, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from libibverbs cimport *
-from ops cimport completion_t, op_t
+from ops cimport OP_READ, OP_WRITE, WC_LOC_PROT_ERR, completion_t, op_t
 
 import errno as _errno
 import weakref
@@ -60,10 +60,7 @@ ctypedef struct local_t:
     uint64_t length
 
 cdef enum:
-    OP_READ = 0
-    OP_WRITE = 1
     WC_CHUNK = 32
-    WC_LOC_PROT_ERR = 4
     # busy-poll this long before sleeping on the completion channel: under soft-RoCE an
     # operation takes ~100 us, on hardware a few us, so most waits end while spinning
     SPIN_NS = 200000

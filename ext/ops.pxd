@@ -1,4 +1,4 @@
-# The C layout of a batch's operations and completions, shared by _memops and _verbs.
+# The C layout of a batch's operations and completions, shared by _regions, _tcpwire, _storepath and _verbs.
 # Mirrors rram.transport.base.OP_DTYPE (32 bytes) and COMPLETION_DTYPE (16 bytes).
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 
@@ -15,3 +15,13 @@ cdef packed struct completion_t:
     uint64_t batch_id
     int32_t status
     uint32_t index
+
+# opcodes (rram.transport.base OP_READ/OP_WRITE) and the ibv_wc_status values the software
+# executors report (the verbs transport gets the rest from the device)
+cdef enum:
+    OP_READ = 0
+    OP_WRITE = 1
+    WC_SUCCESS = 0
+    WC_LOC_PROT_ERR = 4
+    WC_REM_INV_REQ_ERR = 9
+    WC_REM_ACCESS_ERR = 10

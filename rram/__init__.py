@@ -32,8 +32,10 @@ def build_info() -> dict[str, str]:
     """Which compiled extensions are present, and the reason for each one that is not."""
     import importlib
 
+    from ._ext.native import NATIVE
+
     info = {}
-    for name in ("_codec", "_slab", "_pagemap", "_memops", "_verbs"):
+    for name in (nat.name for nat in NATIVE):
         try:
             importlib.import_module(f"rram._ext.{name}")
             info[name] = "built"

@@ -1,4 +1,4 @@
-"""The remote tier: links to providers, virtual slabs with replicas, batched one-sided I/O.
+"""The remote tier: links to providers, virtual slabs with replicas, the engine of one-sided I/O.
 
 A *virtual slab* is one slab id of the remote allocator backed by ``r`` leased provider slabs of
 the same size on distinct nodes; a page at offset X of the virtual slab lives at offset X of
@@ -6,15 +6,14 @@ every replica.  Page locations therefore never name a node: re-replication and d
 this table, not the page map.
 
 Per-slab facts are kept in numpy arrays indexed by slab id (replica address, rkey, link index).
-A batch's common case is one C call (``_storepath.Router``) that writes every operation
-straight into the per-link op arrays; the vectorised numpy code is the slow path for the rest
-(a page without a ready replica on a live link, a drain or repair in progress, a link failing
-mid-batch), with all the failure handling.
+This module owns those tables and the engine that posts batches and reaps completions
+(``run_routed`` for what the C router wrote, ``run_plans`` for numpy plans), marks failed links
+dead, and repairs degraded slabs.  Which operations a get or put posts is decided by the two
+paths above it: fastpath.py (the common case, in C) and failover.py (every other case).
 """
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +44,7 @@ class Link:
     failure_domain: str | None = None
     next_batch: int = 1
     slabs_placed: int = 0
-    incarnation: int | None = None  # the provider's start epoch, from its first heartbeat
+    incarnation: int | None = None  # the provider's start time, from its first heartbeat: a restart changes it
 
     def lkey_for(self, addr: int) -> int:
         return self.lkeys[addr]
@@ -63,20 +62,20 @@ class VirtualSlab:
     slab_id: int
     size: int
     replicas: list[Replica | None]  # None: a missing copy (degraded slab)
-    epoch: int = 0
 
 
 class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
-    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int, max_slabs: int = 1 << 16):
+    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB):
+        if first_slab_id < L.FIRST_REMOTE_SLAB:  # below it, slab ids name local pool slabs
+            raise ValueError(f"remote slab ids start at {L.FIRST_REMOTE_SLAB} or above, not {first_slab_id}")
         self.slab_size = slab_size
         self.replicas = replicas
         self.links: list[Link] = []
         self.slabs: dict[int, VirtualSlab] = {}
         self._next_slab = first_slab_id
         self.first_slab_id = first_slab_id
-        self._cap = max_slabs
         # per replica slot j: arrays indexed by slab id
         self.rep_addr = np.zeros((replicas, first_slab_id + 64), dtype=np.uint64)
         self.rep_rkey = np.zeros((replicas, first_slab_id + 64), dtype=np.uint32)
@@ -95,14 +94,11 @@ class RemoteTier:
         self._comp = new_completions(64)
         self._comp_batch = self._comp["batch_id"]  # field views: the fast path checks one completion
         self._comp_status = self._comp["status"]
-        one = new_ops(1)  # the single-op latency path: per-field views, set without numpy dispatch
-        self._one = {"ops": one, **{name: one[name] for name in ("local_addr", "remote_addr", "length", "lkey", "rkey")}}
-        one["opcode"] = OP_READ
-        self._lock = threading.RLock()
-        self.epoch = 0
-        # the C router over the tables above; bound again when links, tables or lkeys change
+        # the C router over the tables above, bound again when links, tables or lkeys change:
+        # route_generation moves on every such change, the router remembers the one it saw
+        self.route_generation = 0
         self._router = Router()
-        self._router_epoch = -1  # the epoch it was bound at; -1: stale
+        self._bound_generation = -1
         self._lkeys: dict[int, np.ndarray] = {}  # local arena addr -> lkey per link (-1: none)
 
     # -- links ---------------------------------------------------------------------------
@@ -164,7 +160,7 @@ class RemoteTier:
             raise errors.StoreFullError(f"no live provider has {self.slab_size} bytes free for a slab")
         slab_id = self._next_slab
         self._next_slab += 1
-        vs = VirtualSlab(slab_id, self.slab_size, leases + [None] * (self.replicas - len(leases)), self.epoch)
+        vs = VirtualSlab(slab_id, self.slab_size, leases + [None] * (self.replicas - len(leases)))
         self._install(vs)
         if len(leases) < self.replicas:
             self.degraded.add(slab_id)
@@ -211,157 +207,43 @@ class RemoteTier:
 
     # -- I/O -----------------------------------------------------------------------------
 
+    @property
+    def repairing(self) -> bool:
+        """A repair or drain is copying a slab: its old copy must still be read and written."""
+        return bool(self._repair)
+
     def invalidate_routes(self) -> None:
-        """Links, their lkeys or the table arrays changed: bind the router again before its next use."""
-        self._router_epoch = -1
+        """Links, their state or lkeys, or the table arrays changed: bind the router again before its next use."""
+        self.route_generation += 1
 
     def router(self, local_base: int) -> tuple[Router, np.ndarray]:
         """The C router, current with the links and tables, and the lkeys of the arena at ``local_base``.
 
-        Bound again whenever the epoch moved (a link died, joined or started draining) or
-        ``invalidate_routes`` was called; between those only table values change, in place.
+        Bound again after ``invalidate_routes`` (a link died, joined or started draining, the
+        arrays grew); between those only table values change, in place.
         """
-        if self._router_epoch != self.epoch:
+        if self._bound_generation != self.route_generation:
             self._router.bind(self.rep_link, self.rep_addr, self.rep_rkey, self.rep_ready.view(np.uint8),
                               [lk.alive for lk in self.links], [self._ops[lk.index] for lk in self.links])
             self._lkeys = {}
-            self._router_epoch = self.epoch
+            self._bound_generation = self.route_generation
         lkeys = self._lkeys.get(local_base)
         if lkeys is None:
             lkeys = np.array([lk.lkeys.get(local_base, -1) for lk in self.links] or [-1], dtype=np.int64)
             self._lkeys[local_base] = lkeys
         return self._router, lkeys
 
-    def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
-        """WRITE ``size`` bytes from local_addrs[i] to every live replica of remote_locs[i].
-
-        ``local_base`` is the start of the registered local arena the addresses lie in.
-        Returns only when every live replica holds every page (acknowledged = durable).  A
-        provider that fails meanwhile is marked dead and its slabs degraded (re-replication
-        restores them); a page whose every replica failed raises TransportError.
-        """
-        if not self._repair:  # during a repair the copy being moved is written too: slow path
-            router, lkeys = self.router(local_base)
-            batches = router.route(True, remote_locs, local_addrs, len(remote_locs), lkeys)
-            failed = None if batches is None else self.run_routed(batches)
-            if failed is not None:
-                if failed:  # every page had a live replica when routed: did one survive?
-                    self._require_held(remote_locs, failed)
-                return
-        sizes = L.loc_size(remote_locs).astype(np.uint32)
-        slabs = L.loc_slab(remote_locs).astype(np.intp)
-        offs = L.loc_offset(remote_locs)
-        plans = []
-        for j in range(self.replicas):
-            link = self.rep_link[j, slabs]
-            plans.append((link, self.rep_addr[j, slabs] + offs, self.rep_rkey[j, slabs]))
-        if self._repair:
-            plans.append((self.mv_link[0, slabs], self.mv_addr[0, slabs] + offs, self.mv_rkey[0, slabs]))
-        failed = self._run(OP_WRITE, plans, local_addrs, sizes, local_base)
-        self._require_held(remote_locs, failed)
-
-    def _require_held(self, remote_locs: np.ndarray, failed: set[int]) -> None:
-        """After a write: TransportError unless every page has a replica on a live link."""
-        slabs = L.loc_slab(remote_locs).astype(np.intp)
-        alive = self._alive_mask()
-        held = np.zeros(len(slabs), dtype=bool)
-        for j in range(self.replicas):
-            link = self.rep_link[j, slabs]
-            held |= (link >= 0) & alive[np.maximum(link, 0)]
-        if not held.all():
-            raise errors.TransportError(
-                f"{int((~held).sum())} pages could not be written to any live replica"
-                + (f" (failed: {', '.join(self.links[i].name for i in failed)})" if failed else "")
-            )
-
-    def read(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
-        """READ each page's stored bytes from one live, in-sync replica into local_addrs[i]."""
-        router, lkeys = self.router(local_base)
-        batches = router.route(False, remote_locs, local_addrs, len(remote_locs), lkeys)
-        failed = None if batches is None else self.run_routed(batches)
-        if failed is None or failed:  # unusual, or a link failed mid-batch: retry on the slow path
-            self._read_slow(remote_locs, local_addrs, local_base)
-
-    def _read_slow(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
-        """``read`` for any state of the links and tables: retries on another replica, reads the
-        copy a drain is moving away from, says which pages have no live replica."""
-        sizes = L.loc_size(remote_locs).astype(np.uint32)
-        slabs = L.loc_slab(remote_locs).astype(np.intp)
-        offs = L.loc_offset(remote_locs)
-        todo = np.arange(len(slabs))
-        for _attempt in range(self.replicas + 1):
-            alive = self._alive_mask()
-            link = np.full(len(todo), -1, dtype=np.int32)
-            addr = np.zeros(len(todo), dtype=np.uint64)
-            rkey = np.zeros(len(todo), dtype=np.uint32)
-            s = slabs[todo]
-            for j in range(self.replicas):
-                cand = self.rep_link[j, s]
-                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)] & self.rep_ready[j, s]
-                link[usable] = cand[usable]
-                addr[usable] = self.rep_addr[j, s[usable]] + offs[todo[usable]]
-                rkey[usable] = self.rep_rkey[j, s[usable]]
-            if self._repair:  # a slab being moved off a draining node reads from its old copy
-                cand = self.mv_link[0, s]
-                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)]
-                link[usable] = cand[usable]
-                addr[usable] = self.mv_addr[0, s[usable]] + offs[todo[usable]]
-                rkey[usable] = self.mv_rkey[0, s[usable]]
-            if (link < 0).any():
-                raise errors.TransportError(
-                    f"{int((link < 0).sum())} pages have no live replica (providers lost: "
-                    f"{', '.join(lk.name for lk in self.links if not lk.alive) or 'none'})"
-                )
-            failed = self._run(OP_READ, [(link, addr, rkey)], local_addrs[todo], sizes[todo], local_base)
-            if not failed:
-                return
-            todo = todo[np.isin(link, list(failed))]
-        raise errors.TransportError("reads kept failing on every replica")
-
-    def read_one(self, loc: int, dst_addr: int, local_base: int) -> None:
-        """READ one page's stored bytes (the latency path: no vectorised set-up)."""
-        slab = loc >> L.SLAB_SHIFT
-        for j in range(self.replicas):
-            li = int(self.rep_link[j, slab])
-            if li >= 0 and self.rep_ready[j, slab] and self.links[li].alive:
-                break
-        else:
-            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
-        link = self.links[li]
-        ep = link.endpoint
-        if ep.outstanding:
-            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
-        f = self._one
-        f["local_addr"][0] = dst_addr
-        f["remote_addr"][0] = int(self.rep_addr[j, slab]) + ((loc >> L.OFFSET_SHIFT) & L.OFFSET_FIELD) * L.GRANULE
-        f["length"][0] = (loc >> L.SIZE_SHIFT) & L.SIZE_FIELD
-        f["lkey"][0] = link.lkeys[local_base]
-        f["rkey"][0] = int(self.rep_rkey[j, slab])
-        batch = link.next_batch
-        link.next_batch += 1
-        try:
-            ep.post(f["ops"], batch)
-            n = ep.poll(self._comp, self.io_timeout)
-        except errors.TransportError as exc:
-            self.mark_dead(li, str(exc))
-            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
-        c = self._comp[0]
-        if n == 0 or c["status"] in LINK_FAILURE_STATUSES:
-            self.mark_dead(li, "no completion" if n == 0 else "link failure")
-            return self.read(np.array([loc], dtype=np.uint64), np.array([dst_addr], dtype=np.uint64), local_base)
-        if c["status"] != WC_SUCCESS or int(c["batch_id"]) != batch:
-            raise completion_error(int(c["status"]), int(c["batch_id"]), int(c["index"]), link.name)
-
-    def _alive_mask(self) -> np.ndarray:
+    def alive_mask(self) -> np.ndarray:
+        """Per link index: alive (a 1-element False array when there are no links)."""
         return np.array([lk.alive for lk in self.links] or [False], dtype=bool)
 
     def run_routed(self, batches: list[tuple[int, int]]) -> set[int] | None:
         """Post the batches the router wrote (one per link) and wait for every one of them.
 
-        Returns the links that failed as a whole (now marked dead; the caller redoes or checks
-        the I/O on the slow path), or None when nothing was posted because a link still has
-        batches outstanding (the slow path reaps them).  Raises the first error completion
-        (bad key, out of bounds...), like ``_run``.
+        Returns the links that failed as a whole (now marked dead; the failover path redoes the
+        I/O), or None when nothing was posted because a link still has batches outstanding (the
+        failover path reaps them).  Raises the first error completion (bad key, out of
+        bounds...), like ``run_plans``.
         """
         links = self.links
         for li, _count in batches:
@@ -388,10 +270,8 @@ class RemoteTier:
 
     def _wait(self, link: Link, batch: int, failed: set, errs: list) -> None:
         """Reap the one batch posted on ``link``; anything but its lone success goes through ``_take``."""
-        try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
-        except errors.TransportError as exc:
-            self._link_failed(link, exc, failed)
+        n = self._poll(link, failed)
+        if n is None:
             return
         if n == 1 and self._comp_batch[0] == batch and self._comp_status[0] == WC_SUCCESS:
             return
@@ -400,7 +280,7 @@ class RemoteTier:
         while pending[link.index] and link.index not in failed:
             self._reap(link, pending, failed, errs)
 
-    def _run(self, opcode, plans, local_addrs, sizes, local_base) -> set[int]:
+    def run_plans(self, opcode, plans, local_addrs, sizes, local_base) -> set[int]:
         """Post one batch per (link, chunk) of every plan, then wait for all of them.
 
         Returns the links that failed as a whole (now marked dead); raises the first error
@@ -446,12 +326,17 @@ class RemoteTier:
         return failed
 
     def _reap(self, link: Link, pending: dict, failed: set, errs: list) -> None:
+        n = self._poll(link, failed)
+        if n is not None:
+            self._take(link, n, pending, failed, errs)
+
+    def _poll(self, link: Link, failed: set) -> int | None:
+        """One poll of ``link`` into ``self._comp``: the completions, or None when the link failed (marked dead)."""
         try:
-            n = link.endpoint.poll(self._comp, self.io_timeout)
+            return link.endpoint.poll(self._comp, self.io_timeout)
         except errors.TransportError as exc:
             self._link_failed(link, exc, failed)
-            return
-        self._take(link, n, pending, failed, errs)
+            return None
 
     def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list) -> None:
         """Account for the ``n`` completions a poll of ``link`` left in ``self._comp`` (0: it timed out)."""
@@ -478,7 +363,7 @@ class RemoteTier:
             return
         log.warning("provider %s is dead (%s); its slabs are degraded", link.name, why)
         link.alive = False
-        self.epoch += 1
+        self.invalidate_routes()
         self.counters["providers_lost"] += 1
         for vs in self.slabs.values():
             if any(rep is not None and rep.link == index for rep in vs.replicas):
@@ -510,7 +395,7 @@ class RemoteTier:
         """Stop placing on provider ``index`` and schedule moving its slabs; returns their number."""
         link = self.links[index]
         link.draining = True
-        self.epoch += 1
+        self.invalidate_routes()
         mine = [vs.slab_id for vs in self.slabs.values()
                 if any(rep is not None and rep.link == index for rep in vs.replicas)]
         self.degraded.update(mine)
@@ -584,11 +469,11 @@ class RemoteTier:
             n = min(chunk, vs.size - off)
             one = np.ones(1, dtype=np.int64)
             dst = vs.replicas[j]
-            if self._run(OP_READ, [(one * src.link, np.array([src.region.addr + off], np.uint64),
+            if self.run_plans(OP_READ, [(one * src.link, np.array([src.region.addr + off], np.uint64),
                                     np.array([src.region.rkey], np.uint32))],
                          np.array([staging_addr], np.uint64), np.array([n], np.uint32), staging_addr):
                 return 0
-            if self._run(OP_WRITE, [(one * dst.link, np.array([dst.region.addr + off], np.uint64),
+            if self.run_plans(OP_WRITE, [(one * dst.link, np.array([dst.region.addr + off], np.uint64),
                                      np.array([dst.region.rkey], np.uint32))],
                          np.array([staging_addr], np.uint64), np.array([n], np.uint32), staging_addr):
                 return 0

@@ -1,57 +1,53 @@
-"""Page locations (the single source of truth) and the size-class slot allocator.
+"""Page locations and the size-class slot allocator.
 
-A location is one uint64 (0 = absent)::
+A location is one uint64 (0 = absent); the layout is declared once, in ext/location.pxd::
 
     bits  0..1   kind    0 absent, 1 zero page (no storage), 2 stored
     bits  2..14  size    stored length 1..4096 (4096 == stored raw, uncompressed)
     bits 15..36  offset  byte offset in the slab / 64 (slabs up to 256 MiB)
-    bits 37..60  slab    slab id (1..2**24-1)
+    bits 37..60  slab    slab id (1..2**24-1): below FIRST_REMOTE_SLAB local, from it on remote
 
-The ``loc_*`` accessors take a Python int (returning an int) or a numpy array (returning a
-uint64 array, vectorised), so batches never loop in Python.
+The constants below come from the compiled modules (every one built from that file must
+agree).  The ``loc_*`` accessors and ``is_remote`` take a Python int (returning an int or
+bool) or a numpy array (returning an array, vectorised), so batches never loop in Python.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .._ext._slab import SlotAllocator  # noqa: F401  (re-exported)
+from .._ext import _storepath
+from .._ext._slab import LAYOUT, SlotAllocator  # noqa: F401  (re-exported)
 
-KIND_ABSENT = 0
-KIND_ZERO = 1
-KIND_STORED = 2
+if _storepath.LAYOUT != LAYOUT:
+    raise ImportError("rram._ext._slab and _storepath were built from different ext/location.pxd; rebuild them")
 
-KIND_MASK = 0x3
-SIZE_SHIFT = 2
-SIZE_FIELD = (1 << 13) - 1
-OFFSET_SHIFT = 15
-OFFSET_FIELD = (1 << 22) - 1
-SLAB_SHIFT = 37
-SLAB_FIELD = (1 << 24) - 1
+KIND_ABSENT = LAYOUT["KIND_ABSENT"]
+KIND_ZERO = LAYOUT["KIND_ZERO"]
+KIND_STORED = LAYOUT["KIND_STORED"]
+KIND_MASK = LAYOUT["KIND_MASK"]
+SIZE_SHIFT = LAYOUT["SIZE_SHIFT"]
+SIZE_FIELD = LAYOUT["SIZE_FIELD"]
+OFFSET_SHIFT = LAYOUT["OFFSET_SHIFT"]
+OFFSET_FIELD = LAYOUT["OFFSET_FIELD"]
+SLAB_SHIFT = LAYOUT["SLAB_SHIFT"]
+SLAB_FIELD = LAYOUT["SLAB_FIELD"]
+LOC_BITS = LAYOUT["LOC_BITS"]  # a location never has a bit set at or above this one
+GRANULE = LAYOUT["GRANULE"]
+MAX_STORED_SIZE = LAYOUT["MAX_STORED_SIZE"]
+#: slab ids 1..FIRST_REMOTE_SLAB-1 are slabs of the local pool, the rest remote virtual slabs
+FIRST_REMOTE_SLAB = LAYOUT["FIRST_REMOTE_SLAB"]
 SIZE_MASK = SIZE_FIELD << SIZE_SHIFT
 OFFSET_MASK = OFFSET_FIELD << OFFSET_SHIFT
 SLAB_MASK = SLAB_FIELD << SLAB_SHIFT
+MAX_SLAB_ID = SLAB_FIELD
 
 ABSENT = 0
 ZERO_LOCATION = KIND_ZERO
-GRANULE = 64
 BLOCK_SIZE = 65536
-MAX_SLAB_SIZE = 256 << 20
-MAX_SLAB_ID = SLAB_FIELD
-MAX_STORED_SIZE = 4096
+MAX_SLAB_SIZE = (OFFSET_FIELD + 1) * GRANULE
 SIZE_CLASSES = BLOCK_SIZE // 1024  # 64 classes of c*64 bytes
 
 _U = np.uint64
-
-
-def _check_layout() -> None:
-    """The C batch planner decodes locations itself: refuse one built for another layout."""
-    from .._ext import _storepath
-
-    if _storepath.LAYOUT != (SIZE_SHIFT, OFFSET_SHIFT, SLAB_SHIFT, GRANULE):
-        raise ImportError("rram._ext._storepath was built for another location layout; rebuild it")
-
-
-_check_layout()
 
 
 def make_location(slab: int, offset: int, size: int) -> int:
@@ -93,6 +89,16 @@ def loc_offset(loc):
 def loc_slab(loc):
     """Slab id (0 for absent and zero pages)."""
     return _field(loc, SLAB_SHIFT, SLAB_FIELD)
+
+
+def is_remote(loc):
+    """True where ``loc`` is a page stored in a remote virtual slab (not local, zero or absent)."""
+    return (loc_kind(loc) == KIND_STORED) & (loc_slab(loc) >= FIRST_REMOTE_SLAB)
+
+
+def is_local(loc):
+    """True where ``loc`` is a page stored in the local pool (not remote, zero or absent)."""
+    return (loc_kind(loc) == KIND_STORED) & (loc_slab(loc) < FIRST_REMOTE_SLAB)
 
 
 def size_class(size: int) -> int:

@@ -10,9 +10,14 @@ put:  compress (native LZ4, batch) -> slot in the local pool (size-class allocat
 get:  page map -> zero fill | decompress from the local pool | READ into staging, decompress.
 
 All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
-a local page).  The common case of a batch is a few C calls (rram._ext._storepath plans it:
-classification, decompress sources, remote operations, free lists); the vectorised numpy code
-remains the slow path for the unusual cases (failed links, drains, degraded slabs).
+a local page).
+
+Two paths carry a batch's I/O, and one method each decides which runs: ``_get_locs`` for a
+get, ``_remote_io`` for the remote WRITEs of a put or remotify (and repatriation's READs).
+The fast path (fastpath.py: a few C calls) completes the common case or says it cannot; the
+failover path (failover.py: vectorised numpy) then does the whole batch, for dead links, drains
+and repairs in progress and links failing mid-batch.  ``fast_path = False`` sends everything
+to the failover path (the tests run both); the ``fast_*``/``failover_*`` counters say which ran.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from ..units import PAGE_SIZE
 from . import codec
 from . import keys as K
 from . import slab as L
+from .failover import Failover
+from .fastpath import FastPath
 from .pagemap import PageMap
 from .remote import RemoteTier
 
@@ -39,6 +46,9 @@ _COUNTERS = (
     "puts", "succ_puts", "failed_puts", "gets", "succ_gets", "failed_gets",
     "local_gets", "remote_gets", "zero_pages_put", "invalidates", "pages_remoted",
     "remotify_batches", "pages_repatriated", "ephemeral_dropped", "bytes_in", "bytes_stored_in",
+    # which path ran, in batches
+    "fast_gets", "failover_gets", "fast_remote_writes", "failover_remote_writes",
+    "fast_remote_reads", "failover_remote_reads",
 )
 
 
@@ -52,7 +62,6 @@ class PageStore:
         local_budget: int = 64 << 20,
         batch: int = 256,
         choose_targets=None,
-        copy_batch=None,
     ):
         if local_budget < L.BLOCK_SIZE:
             raise errors.ConfigError(f"local_budget must be at least {L.BLOCK_SIZE} bytes, got {local_budget}")
@@ -75,8 +84,7 @@ class PageStore:
         self.staging = Arena(self.batch * PAGE_SIZE)
         self.remote = remote
         self.remote_alloc = L.SlotAllocator(track_owners=False)
-        self._choose = choose_targets or _most_free_first
-        self._copy = copy_batch or _DEFAULT_COPY
+        self._choose = choose_targets or _round_robin
         if remote is not None:
             for link in remote.links:
                 self._register_arenas(link)
@@ -89,23 +97,22 @@ class PageStore:
         self._sizes = np.zeros(b, dtype=np.uint32)
         self._locs = np.zeros(b, dtype=np.uint64)
         self._old = np.zeros(b, dtype=np.uint64)
-        self._srcs = np.zeros(b, dtype=np.uint64)
         self._staging_addrs = self.staging.addr + np.arange(b, dtype=np.uint64) * PAGE_SIZE
         self._ok = np.zeros(b, dtype=np.uint8)
         self._zero_locs = np.full(b, L.ZERO_LOCATION, dtype=np.uint64)
         self._freed = np.zeros(b, dtype=np.uint64)
         self._path = StorePath(self.local_base, n_local, self.staging.addr, b)  # C batch steps + their scratch
         self._unswept = False  # remote slots were freed without looking for slabs left empty
-        self._one_src = np.zeros(1, dtype=np.uint64)
-        self._one_size = np.zeros(1, dtype=np.uint32)
         self._one_page = bytearray(PAGE_SIZE)
+        self.fast_path = True  # False: every batch takes the failover path (tests, diagnosis)
+        self._fast = FastPath(remote, self._path, self.local_base, self.staging.addr)
+        self._failover = Failover(remote, self._local_addrs, self.staging.addr, self._staging_addrs)
 
     def add_provider(self, link) -> None:
         """A provider that joined (or came back): usable for new slabs and repairs at once."""
         with self._lock:
             self.remote.add_link(link)
             self._register_arenas(link)
-            self.remote.epoch += 1
 
     def _register_arenas(self, link) -> None:
         for arena in (self.local_arena, self.staging):
@@ -193,7 +200,7 @@ class PageStore:
             got = self.local.alloc(sizes[done:], locs[done:], keys[done:], m - done)
             if got:
                 part = slice(done, done + got)
-                self._copy_local(locs[part], srcs[part], sizes[part], got)
+                self._path.copy_local(locs[part], srcs[part], sizes[part], got)  # addresses and copies
                 self._commit(keys[part], locs[part])
                 done += got
             if done == m or remotified or self.remote is None:
@@ -208,25 +215,15 @@ class PageStore:
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
                 )
-            self.remote.write(rlocs, srcs[rest], self.staging.addr)
+            self._remote_io(True, rlocs, srcs[rest], self.staging.addr)
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
-
-    def _copy_local(self, locs, srcs, sizes, n) -> None:
-        if self._copy is _DEFAULT_COPY:
-            self._path.copy_local(locs, srcs, sizes, n)  # addresses and copies in one call
-        else:
-            self._copy(self._local_addrs(locs), srcs, sizes, n)
 
     def _local_addrs(self, locs: np.ndarray) -> np.ndarray:
         """Addresses of local slots (a new array)."""
         out = np.empty(len(locs), dtype=np.uint64)
         self._path.local_addrs(locs, len(locs), out)
         return out
-
-    def _is_local(self, locs: np.ndarray) -> np.ndarray:
-        slab = L.loc_slab(locs)
-        return (L.loc_kind(locs) == L.KIND_STORED) & (slab <= self.last_local_slab)
 
     def _free(self, locs: np.ndarray) -> None:
         """Free the slots of the stored locations among ``locs`` (uint64), local or remote."""
@@ -280,7 +277,7 @@ class PageStore:
             rlocs = self._remote_alloc(sizes, True)
             if rlocs is None:  # remote tier full: ephemeral pages may go, persistent ones stay
                 return self._drop_ephemeral(locs, owners) > 0 or moved > 0
-            self.remote.write(rlocs, self._local_addrs(locs), self.local_arena.addr)
+            self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr)
             ok = np.empty(got, dtype=np.uint8)
             self.map.cas(owners, locs, rlocs, ok)
             moved_mask = ok.astype(bool)
@@ -332,7 +329,7 @@ class PageStore:
     # -- get ------------------------------------------------------------------------------
 
     def get(self, pool: int, obj: int, index: int, out=None) -> bytes | None:
-        """One page, or None on a miss.  The latency path: scalar lookups, one remote op.
+        """One page, or None on a miss (the latency path: one page, one remote op at most).
 
         With ``out`` (a writable 4096-byte buffer) the page is decompressed into it and
         ``out`` is returned; without, a new bytes object.
@@ -343,24 +340,11 @@ class PageStore:
             self._check_open()
             self._persistent(pool)
             loc = self.map.get(key)
-            self.counters["gets"] += 1
-            if loc == 0:
+            if loc == L.ABSENT:  # a miss leaves ``out`` as it was
+                self.counters["gets"] += 1
                 self.counters["failed_gets"] += 1
                 return None
-            self.counters["succ_gets"] += 1
-            size = (loc >> L.SIZE_SHIFT) & L.SIZE_FIELD if loc & L.KIND_MASK == L.KIND_STORED else 0
-            slab = loc >> L.SLAB_SHIFT
-            src = 0
-            if size and slab <= self.last_local_slab:
-                src = int(self.local_base[slab]) + ((loc >> L.OFFSET_SHIFT) & L.OFFSET_FIELD) * L.GRANULE
-                self.counters["local_gets"] += 1
-            elif size:
-                src = self.staging.addr
-                self.remote.read_one(loc, src, self.staging.addr)
-                self.counters["remote_gets"] += 1
-            self._one_src[0] = src
-            self._one_size[0] = size
-            codec.decompress_pages(self._one_src, self._one_size, 1, dst)
+            self._get_locs(loc, dst)
             return bytes(dst) if out is None else out
 
     def get_many(self, pool: int, obj: int, indexes, out) -> np.ndarray:
@@ -383,51 +367,41 @@ class PageStore:
         return found
 
     def _get_batch(self, keys: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        """One batch: lookup, one C plan (decompress sources and remote READs), the READs, decompress."""
-        n = len(keys)
-        locs = self._locs[:n]
+        locs = self._locs[: len(keys)]
         self.map.lookup(keys, locs)
-        found = np.empty(n, dtype=bool)
-        remote, path = self.remote, self._path
-        router, lkeys = remote.router(self.staging.addr) if remote is not None else (None, None)
-        batches = path.plan_get(locs, n, found, router, lkeys)
-        # run_routed: set() when every READ landed; None (not posted) or the failed links otherwise
-        if batches is None or (batches and remote.run_routed(batches) != set()):
-            return self._get_batch_slow(locs, dst)  # unusual, or a link failed: reads that retry
+        return self._get_locs(locs, dst)
+
+    # -- the dispatch points: fast path, else failover ------------------------------------
+
+    def _get_locs(self, locs: np.ndarray | int, dst):
+        """Decompress the pages at looked-up ``locs`` (one batch at most; an int: get()'s one page)
+        into ``dst``; the found mask."""
+        got = self._fast.get(locs, dst) if self.fast_path else None
         c = self.counters
-        c["remote_gets"] += path.remote
-        c["local_gets"] += path.local
-        codec.decompress_pages(path.srcs, path.sizes, n, dst)
+        if got is None:
+            got = self._failover.get(locs, dst)
+            c["failover_gets"] += 1
+        else:
+            c["fast_gets"] += 1
+        found, hits, nlocal, nremote = got
+        n = 1 if isinstance(locs, int) else len(locs)
         c["gets"] += n
-        c["succ_gets"] += path.found
-        c["failed_gets"] += n - path.found
+        c["succ_gets"] += hits
+        c["failed_gets"] += n - hits
+        c["local_gets"] += nlocal
+        c["remote_gets"] += nremote
         return found
 
-    def _get_batch_slow(self, locs: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        """``_get_batch`` in numpy over looked-up ``locs``, for any state of the remote tier."""
-        n = len(locs)
-        kind = L.loc_kind(locs)
-        found = kind != L.KIND_ABSENT
-        stored = kind == L.KIND_STORED
-        sizes = np.where(stored, L.loc_size(locs), 0).astype(np.uint32)
-        srcs = self._srcs[:n]
-        srcs[:] = 0
-        local = stored & (L.loc_slab(locs) <= self.last_local_slab)
-        if local.any():
-            srcs[local] = self._local_addrs(locs[local])
-        remote = stored & ~local
-        if remote.any():
-            where = np.flatnonzero(remote)
-            self.remote.read(np.ascontiguousarray(locs[where]), self._staging_addrs[where], self.staging.addr)
-            srcs[where] = self._staging_addrs[where]
-            self.counters["remote_gets"] += len(where)
-        self.counters["local_gets"] += int(local.sum())
-        codec.decompress_pages(srcs, sizes, n, dst)
-        self.counters["gets"] += n
-        hits = int(found.sum())
-        self.counters["succ_gets"] += hits
-        self.counters["failed_gets"] += n - hits
-        return found
+    def _remote_io(self, write: bool, rlocs: np.ndarray, addrs: np.ndarray, base: int) -> None:
+        """WRITE the pages at ``addrs`` (in the arena at ``base``) to every replica of ``rlocs``,
+        or READ their stored bytes into ``addrs``."""
+        fast, failover = (self._fast.write, self._failover.write) if write else (self._fast.read, self._failover.read)
+        what = "remote_writes" if write else "remote_reads"
+        if self.fast_path and fast(rlocs, addrs, base):
+            self.counters["fast_" + what] += 1
+            return
+        self.counters["failover_" + what] += 1
+        failover(rlocs, addrs, base)
 
     # -- invalidate -----------------------------------------------------------------------
 
@@ -496,13 +470,13 @@ class PageStore:
                         return moved
                     n = len(keys)
                     stage = self._staging_addrs[:n]
-                    self.remote.read(locs, stage, self.staging.addr)
+                    self._remote_io(False, locs, stage, self.staging.addr)
                     llocs = np.zeros(n, dtype=np.uint64)
                     got = self.local.alloc(sizes, llocs, keys, n)
                     if got < n:
                         self.local.free(llocs[:got], got)
                         return moved
-                    self._copy(self._local_addrs(llocs), stage, sizes, n)
+                    self._path.copy_local(llocs, stage, sizes, n)
                     ok = self._ok[:n]
                     self.map.cas(keys, locs, llocs, ok)
                     okb = ok.astype(bool)
@@ -555,20 +529,6 @@ class PageStore:
         return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
                 and self.local.free_bytes > self.local.capacity_bytes // 2)
 
-    def check_providers(self) -> list[str]:
-        """Heartbeat every live provider; one that is gone is marked dead at once. Returns the newly dead."""
-        if self.remote is None:
-            return []
-        dead = []
-        for link in [lk for lk in self.remote.links if lk.alive]:
-            try:
-                link.client.heartbeat()
-            except (errors.RramError, OSError) as exc:
-                with self._lock:
-                    self.remote.mark_dead(link.index, f"heartbeat failed: {exc}")
-                dead.append(link.name)
-        return dead
-
     def drain(self, provider: str) -> int:
         """Start moving every slab off ``provider``; ``repair()`` does the copying."""
         with self._lock:
@@ -603,7 +563,7 @@ class PageStore:
                 c["providers"] = {lk.name: ("dead" if not lk.alive else "draining" if lk.draining else "alive")
                                   for lk in self.remote.links}
                 c["degraded_slabs"] = len(self.remote.degraded)
-                c["epoch"] = self.remote.epoch
+                c["route_generation"] = self.remote.route_generation
                 c.update(self.remote.counters)
             c["codec"] = codec.IMPLEMENTATION
             return c
@@ -645,8 +605,9 @@ def _pack(pool: int, obj: int, indexes) -> np.ndarray:
     return K.pack_many(pool, obj, indexes) if keys is None else keys
 
 
-def _most_free_first(candidates, n, chosen):
-    """Default placement: spread slabs round-robin over the candidates, one per failure domain."""
+def _round_robin(candidates, n, chosen):
+    """Placement without a keeper: the candidates this store placed fewest slabs on, one per failure
+    domain, so slabs go round robin.  The keeper installs free-space-aware placement instead."""
     domains = {lk.failure_domain for lk in chosen if lk.failure_domain}
     spread = [lk for lk in candidates if not lk.failure_domain or lk.failure_domain not in domains]
     pool = spread or candidates
@@ -657,17 +618,3 @@ def _most_free_first(candidates, n, chosen):
     return picks
 
 
-def _copy_batch():
-    try:
-        from .._ext._memops import copy_batch
-    except ImportError:  # pragma: no cover - the extension is required by setup.py
-        import ctypes
-
-        def copy_batch(dst, src, lengths, n):
-            for i in range(n):
-                ctypes.memmove(int(dst[i]), int(src[i]), int(lengths[i]))
-
-    return copy_batch
-
-
-_DEFAULT_COPY = _copy_batch()

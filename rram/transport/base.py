@@ -242,7 +242,7 @@ class ProviderSession(abc.ABC):
 
 
 class RegionTableSession(ProviderSession):
-    """A session whose regions live in an ``rram._ext._memops.RegionTable`` (tcp, loopback).
+    """A session whose regions live in an ``rram._ext._regions.RegionTable`` (tcp, loopback).
 
     Subclasses set ``table``, ``session_id`` and ``closed``.
     """
@@ -261,7 +261,7 @@ class RegionTableSession(ProviderSession):
 
 
 class RegionTableEndpoint(Endpoint):
-    """An endpoint whose local regions live in an ``rram._ext._memops.RegionTable`` ``_local``."""
+    """An endpoint whose local regions live in an ``rram._ext._regions.RegionTable`` ``_local``."""
 
     def register_local(self, addr: int, length: int) -> int:
         try:

@@ -1,9 +1,9 @@
 """What the two software transports share: tcp (one-sided ops emulated by the provider's data
 server) and loopback (the same executor called in-process).
 
-Both run the C executor of ``rram._ext._memops`` (region tables, bounds and key checks, GIL
-released), so both are usable exactly when that extension is built for this wire format, and
-both count a provider's work the same way.
+Both run the C executors over ``rram._ext._regions`` region tables (bounds and key checks, GIL
+released; tcp's wire protocol is ``rram._ext._tcpwire``), so both are usable exactly when those
+extensions are built for this wire format, and both count a provider's work the same way.
 """
 from __future__ import annotations
 
@@ -17,21 +17,21 @@ from . import wire
 from .base import OP_DTYPE
 
 try:
-    from .._ext import _memops
-except ImportError as exc:  # pragma: no cover - setup.py builds it unconditionally
-    _memops = None
+    from .._ext import _regions, _tcpwire  # noqa: F401 - both must be built
+except ImportError as exc:  # pragma: no cover - setup.py builds them unconditionally
+    _tcpwire = None
     _IMPORT_ERROR = exc
 
 
 def unavailable_reason() -> str | None:
     """None when the executor extension can serve this host, else a sentence saying why not."""
-    if _memops is None:
-        return f"rram._ext._memops is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`"
+    if _tcpwire is None:
+        return f"rram._ext._tcpwire or _regions is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`"
     if sys.byteorder != "little":
         return "the tcp data protocol is little-endian and this host is not"
-    mismatch = {k: v for k, v in _memops.WIRE_CONSTANTS.items() if _wire_value(k) != v}
+    mismatch = {k: v for k, v in _tcpwire.WIRE_CONSTANTS.items() if _wire_value(k) != v}
     if mismatch:
-        return f"rram._ext._memops was built for other wire constants {mismatch}; rebuild it"
+        return f"rram._ext._tcpwire was built for other wire constants {mismatch}; rebuild it"
     return None
 
 

@@ -28,9 +28,9 @@ from .emulated import ProviderStats, ops_bytes, unavailable_reason
 from .wire import MAX_OP_LENGTH
 
 try:
-    from .._ext import _memops
+    from .._ext import _regions
 except ImportError:  # pragma: no cover - unavailable_reason() says why
-    _memops = None
+    _regions = None
 
 _registry_lock = threading.Lock()
 _registry: dict[str, _LoopbackSession] = {}
@@ -40,7 +40,7 @@ class _LoopbackSession(RegionTableSession):
     def __init__(self, provider: ProviderTransportImpl, session_id: str):
         self.provider = provider
         self.session_id = session_id
-        self.table = _memops.RegionTable()
+        self.table = _regions.RegionTable()
         self.ids: set[str] = set()
         self.closed = False
 
@@ -105,7 +105,7 @@ class LoopbackEndpoint(RegionTableEndpoint):
     max_outstanding = 16
 
     def __init__(self):
-        self._local = _memops.RegionTable()
+        self._local = _regions.RegionTable()
         self._conn_id: str | None = None
         self._session: _LoopbackSession | None = None
         self._done: collections.deque = collections.deque()
@@ -144,7 +144,7 @@ class LoopbackEndpoint(RegionTableEndpoint):
         if len(self._done) >= self.max_outstanding:
             raise errors.TransportError(f"{self.max_outstanding} batches already outstanding; poll first")
         raw = ops_bytes(ops, self.max_batch)
-        status, index, nread, nwritten = _memops.execute_direct(session.table, self._local, raw, len(ops),
+        status, index, nread, nwritten = _regions.execute_direct(session.table, self._local, raw, len(ops),
                                                                  MAX_OP_LENGTH)
         session.provider._stats.batch(index, nread, nwritten, status != 0)
         self._done.append((batch_id, status, index))

@@ -5,7 +5,7 @@ and returns ``{"host", "port", "token"}``.  The requester dials, sends the token
 waits for HELLO_OK; the connection then belongs to that session and can only reach its
 regions.  A token stays valid while its session lives, so ``recover()`` re-dials with it; a
 new dial with a token replaces that token's previous connection.  One thread per data
-connection: Python reads the HELLO, then one C call (``_memops.WireServer.serve``, GIL
+connection: Python reads the HELLO, then one C call (``_tcpwire.WireServer.serve``, GIL
 released) receives, checks, executes and answers every REQUEST until the peer leaves or
 breaks the protocol; Python then words the error from wire.py and sends the ERROR frame.
 
@@ -41,9 +41,9 @@ from .base import (
 from .emulated import ProviderStats, unavailable_reason
 
 try:
-    from .._ext import _memops
+    from .._ext import _regions, _tcpwire
 except ImportError:  # pragma: no cover - unavailable_reason() says why
-    _memops = None
+    _regions = _tcpwire = None
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class _DataConnection:
         self.peer = peer
         self.session: _TcpSession | None = None
         self.token: bytes | None = None
-        self.core = _memops.WireServer(sock.fileno())
+        self.core = _tcpwire.WireServer(sock.fileno())
         self.core.spin_ns = int(provider.spin_us * 1000)
 
     def shut(self, code: int, message: str) -> None:
@@ -142,22 +142,22 @@ class _DataConnection:
     def _check(self, code: int) -> None:
         """Turn how ``WireServer.serve`` ended into an exception (or nothing for a clean end)."""
         a, _b, _c = self.core.detail()
-        if code == _memops.R_SHUT or (code == _memops.R_EOF and a == 0):
+        if code == _tcpwire.R_SHUT or (code == _tcpwire.R_EOF and a == 0):
             return
-        if code == _memops.R_EOF:
+        if code == _tcpwire.R_EOF:
             raise errors.ProtocolError(f"connection closed inside a frame ({a} bytes buffered)")
-        if code == _memops.R_OS_ERROR:
+        if code == _tcpwire.R_OS_ERROR:
             raise OSError(a, os.strerror(a))
-        if code == _memops.R_BAD_HEADER:
+        if code == _tcpwire.R_BAD_HEADER:
             h = wire.parse_header(self.core.header(), 0, wire.TO_PROVIDER)  # raises with the reason
             raise errors.ProtocolError("HELLO sent twice on one connection" if h.type == wire.HELLO
                                        else f"unexpected {wire.TYPE_NAMES[h.type]} frame")
-        if code == _memops.R_BAD_PAYLOAD:
+        if code == _tcpwire.R_BAD_PAYLOAD:
             raise errors.ProtocolError(
                 f"request payload of {a} bytes does not match the WRITE lengths of its operations")
-        if code == _memops.R_READ_LIMIT:
+        if code == _tcpwire.R_READ_LIMIT:
             raise errors.ProtocolError(f"batch reads {a} bytes; the limit is {wire.MAX_PAYLOAD}")
-        if code == _memops.R_NOMEM:
+        if code == _tcpwire.R_NOMEM:
             raise MemoryError("cannot grow a data connection buffer")
         raise RuntimeError(f"unexpected result {code} from the data connection loop")
 
@@ -166,7 +166,7 @@ class _TcpSession(RegionTableSession):
     def __init__(self, provider: ProviderTransportImpl, session_id: str):
         self.provider = provider
         self.session_id = session_id
-        self.table = _memops.RegionTable()
+        self.table = _regions.RegionTable()
         self.tokens: set[bytes] = set()
         self.connections: dict[bytes, _DataConnection] = {}
         self.closed = False
@@ -315,8 +315,8 @@ class TcpEndpoint(RegionTableEndpoint):
     max_outstanding = 16
 
     def __init__(self, spin_us: float = DEFAULT_SPIN_US):
-        self._local = _memops.RegionTable()
-        self._core = _memops.WireRequester(self._local, self.max_outstanding, self.max_batch)
+        self._local = _regions.RegionTable()
+        self._core = _tcpwire.WireRequester(self._local, self.max_outstanding, self.max_batch)
         self._core.spin_ns = int(spin_us * 1000)
         self._params: tuple[str, int, bytes] | None = None
         self._sock: socket.socket | None = None
@@ -418,11 +418,11 @@ class TcpEndpoint(RegionTableEndpoint):
 
     def _post_error(self, rc: int) -> errors.TransportError:
         a, b, _c = self._core.detail()
-        if rc == _memops.R_TOO_MANY:
+        if rc == _tcpwire.R_TOO_MANY:
             return errors.TransportError(f"{self.max_outstanding} batches already outstanding; poll first")
-        if rc == _memops.R_BAD_COUNT:
+        if rc == _tcpwire.R_BAD_COUNT:
             return errors.TransportError(f"a batch holds 1..{self.max_batch} operations, got {a}")
-        if rc == _memops.R_TOO_BIG:
+        if rc == _tcpwire.R_TOO_BIG:
             return errors.TransportError(
                 f"batch moves {a} bytes out and {b} in; the tcp limit is {wire.MAX_PAYLOAD} each way")
         return self._failure(rc)
@@ -445,31 +445,31 @@ class TcpEndpoint(RegionTableEndpoint):
         """The connection is no longer usable: say why, from the C side's result code."""
         core = self._core
         a, b, c = core.detail()
-        if rc == _memops.R_OS_ERROR:
+        if rc == _tcpwire.R_OS_ERROR:
             return self._lost(f"data connection to the provider failed: {os.strerror(a)}", a)
-        if rc == _memops.R_EOF:
+        if rc == _tcpwire.R_EOF:
             return self._lost("provider closed the data connection")
-        if rc == _memops.R_BAD_HEADER:
+        if rc == _tcpwire.R_BAD_HEADER:
             try:
                 wire.parse_header(core.header(), 0, wire.TO_REQUESTER)
                 why = "unexpected header"
             except errors.ProtocolError as exc:
                 why = str(exc)
             return self._lost(f"bad frame from provider: {why}")
-        if rc == _memops.R_ERROR_FRAME:
+        if rc == _tcpwire.R_ERROR_FRAME:
             ev = wire.Error(a, bytes(core.payload()).decode("utf-8", "replace"))
             return self._lost(f"provider closed the data connection ({ev.describe()})")
-        if rc == _memops.R_UNEXPECTED:
+        if rc == _tcpwire.R_UNEXPECTED:
             return self._lost("bad frame from provider: HELLO_OK after the handshake")
-        if rc == _memops.R_WRONG_BATCH:
+        if rc == _tcpwire.R_WRONG_BATCH:
             return self._lost(f"completion for batch {a} while expecting {b if c else None}")
-        if rc == _memops.R_BAD_INDEX:
+        if rc == _tcpwire.R_BAD_INDEX:
             return self._lost(f"completion for batch {c} names op {a} of {b}")
-        if rc == _memops.R_BAD_PAYLOAD:
+        if rc == _tcpwire.R_BAD_PAYLOAD:
             return self._lost(f"completion for batch {c} carries {a} bytes, not its READ lengths")
-        if rc == _memops.R_OVERFLOW:
+        if rc == _tcpwire.R_OVERFLOW:
             return self._lost(f"provider sent {a} bytes, more than the outstanding batches can return")
-        if rc == _memops.R_NOMEM:
+        if rc == _tcpwire.R_NOMEM:
             return self._lost("out of memory for the data connection buffers")
         return self._lost(f"data path failed with code {rc}")
 

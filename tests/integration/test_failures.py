@@ -13,6 +13,8 @@ import pytest
 from rram import PAGE_SIZE
 from rram.control.client import ProviderClient
 from rram.cluster import open_store
+from rram.datapath import keys as K
+from rram.datapath import slab as L
 from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages, page_checksums
 
@@ -61,11 +63,13 @@ def provider_client(cluster, name):
     return c
 
 
-def test_sigkill_of_a_provider_loses_no_page_and_copies_are_restored(cluster3):
+@pytest.mark.parametrize("io_path", ["fast", "failover"])
+def test_sigkill_of_a_provider_loses_no_page_and_copies_are_restored(cluster3, io_path):
     n = 100_000
     data = make_pages(n, seed=11)
     sums = page_checksums(data, n)
     with open_store(cluster3.config, name="req", local_budget=8 << 20) as store:
+        store.fast_path = io_path == "fast"
         pool = store.create_pool()
         put_range(store, pool, data, 0, n // 2)
         cluster3.kill("p1", signal.SIGKILL)
@@ -82,6 +86,9 @@ def test_sigkill_of_a_provider_loses_no_page_and_copies_are_restored(cluster3):
         # with copies restored, losing a second node still loses nothing
         cluster3.kill("p2", signal.SIGKILL)
         verify(store, pool, data, sums, n)
+        s = store.stats()
+        ran = {path: s[f"{path}_gets"] + s[f"{path}_remote_writes"] for path in ("fast", "failover")}
+        assert ran[io_path] > 0 and (io_path == "fast" or ran["fast"] == 0), ran
 
 
 def test_drain_under_load_moves_everything_and_loses_nothing(cluster3):
@@ -171,8 +178,7 @@ def test_pages_are_repatriated_when_local_memory_frees_up(tmp_path):
             remote = store.stats()["remote_pages"]
             assert remote > n // 2
             # free most of the local pool: the keeper starts bringing pages home, rate-limited
-            local_keys = [i for i in range(n) if store.map.get((pool << 56) | i) >> 37 < 4096
-                          and store.map.get((pool << 56) | i) & 3 == 2]
+            local_keys = [i for i in range(n) if L.is_local(store.map.get(K.pack(pool, 0, i)))]
             store.invalidate_pages(pool, 0, local_keys)
             wait_for(lambda: store.stats()["pages_repatriated"] > 1000, 20, "repatriation")
             s = store.stats()

@@ -26,7 +26,8 @@ LAYERS = [
     (6, "entry points", ("rram.cli", "rram.demo", "rram.__main__")),
 ]
 
-#: the wrappers of the compiled extensions (rram._ext._*): nothing else imports those
+#: the wrappers of the compiled extensions: nothing else imports rram._ext._* (rram._ext.native,
+#: the plain table of what setup.py builds, is data anyone may read)
 EXT_USERS = ("rram.transport", "rram.datapath", "rram.frontends.nbd")
 
 
@@ -178,8 +179,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ({"rram/transport/__init__.py": "", "rram/transport/tcp.py": "",
       "rram/transport/loopback.py": "from . import tcp\nx = tcp._Stats\n"},
      "rram/transport/loopback.py:2: uses private name _Stats of rram.transport.tcp"),
-    ({"rram/control/__init__.py": "", "rram/control/keeper.py": "from .._ext import _memops\n"},
-     "rram/control/keeper.py:1: imports the compiled rram._ext._memops; only"),
+    ({"rram/control/__init__.py": "", "rram/control/keeper.py": "from .._ext import _tcpwire\n"},
+     "rram/control/keeper.py:1: imports the compiled rram._ext._tcpwire; only"),
     ({"rram/cli.py": "from .frontends import requester\n", "rram/frontends/__init__.py": "",
       "rram/frontends/requester.py": "def main():\n    from ..cli import main\n"},
      "rram/frontends/requester.py:2: frontends (floor 4) imports rram.cli, entry points (floor 6)"),

@@ -37,6 +37,31 @@ def test_layout_matches_architecture():
     assert L.SLAB_MASK == ((1 << 24) - 1) << 37 and L.SLAB_MASK >> 61 == 0
 
 
+def test_every_compiled_user_has_the_one_layout():
+    from rram._ext import _slab, _storepath
+
+    assert _slab.LAYOUT == _storepath.LAYOUT
+    assert {k: getattr(L, k) for k in _slab.LAYOUT} == _slab.LAYOUT
+    # what the C allocator hands out decodes the same in Python
+    a = L.SlotAllocator()
+    a.add_slab(L.FIRST_REMOTE_SLAB + 3, 4 * BLOCK)
+    (loc,) = alloc(a, [1000]).tolist()
+    assert L.loc_slab(loc) == L.FIRST_REMOTE_SLAB + 3 and L.loc_size(loc) == 1000 and L.is_remote(loc)
+
+
+def test_local_remote_split_is_the_first_remote_slab():
+    first = L.FIRST_REMOTE_SLAB
+    locs = np.array([0, L.ZERO_LOCATION, L.make_location(1, 0, 64), L.make_location(first - 1, 64, 64),
+                     L.make_location(first, 0, 64), L.make_location(L.MAX_SLAB_ID, 0, 4096)], dtype=np.uint64)
+    assert L.is_remote(locs).tolist() == [False, False, False, False, True, True]
+    assert L.is_local(locs).tolist() == [False, False, True, True, False, False]
+    assert [bool(L.is_remote(int(x))) for x in locs] == L.is_remote(locs).tolist()
+    from rram.datapath.remote import RemoteTier
+
+    with pytest.raises(ValueError, match=f"start at {first}"):
+        RemoteTier(slab_size=1 << 20, replicas=1, first_slab_id=first - 1)
+
+
 @given(st.lists(st.tuples(st.integers(1, L.MAX_SLAB_ID), st.integers(0, L.MAX_SLAB_SIZE // 64 - 1),
                           st.integers(1, 4096)), min_size=1, max_size=20))
 def test_vectorised_accessors_agree_with_scalar(parts):

@@ -5,8 +5,37 @@ import numpy as np
 import pytest
 
 from rram import PAGE_SIZE, errors
-from rram.testing.inproc import InProcessProvider, make_store
+from rram.testing import inproc
+from rram.testing.inproc import InProcessProvider
 from rram.testing.pages import make_pages, page_checksums
+
+FAST = ("fast_gets", "fast_remote_writes", "fast_remote_reads")
+FAILOVER = ("failover_gets", "failover_remote_writes", "failover_remote_reads")
+_run = {"fast": True, "stores": []}  # the I/O path of the running test, and the stores it made
+
+
+def make_store(*args, **kwargs):
+    """inproc.make_store on the I/O path the running test was parametrised with (``io_path``)."""
+    store = inproc.make_store(*args, **kwargs)
+    store.fast_path = _run["fast"]
+    _run["stores"].append(store)
+    return store
+
+
+@pytest.fixture(autouse=True, params=["fast", "failover"])
+def io_path(request):
+    """Every test here runs twice: fast path first (the store's default), and failover path only.
+    Afterwards the store's counters must show that the path under test is the one that ran."""
+    _run["fast"] = request.param == "fast"
+    _run["stores"] = []
+    yield request.param
+    for store in _run["stores"]:
+        c = store.counters
+        io = c["gets"] - c["failed_gets"] + c["pages_remoted"]
+        if request.param == "failover":
+            assert sum(c[k] for k in FAST) == 0 and (sum(c[k] for k in FAILOVER) > 0 or io == 0)
+        else:
+            assert sum(c[k] for k in FAST) > 0 or io == 0
 
 
 @pytest.fixture
@@ -177,7 +206,12 @@ def test_reads_survive_a_dead_replica(providers):
 
 
 def repair_all(store, rounds=2000):
-    store.check_providers()
+    for link in store.remote.links:  # what the keeper's heartbeats do: a silent provider is marked dead
+        if link.alive:
+            try:
+                link.client.heartbeat()
+            except errors.RramError as exc:
+                store.provider_failed(link.index, f"heartbeat failed: {exc}")
     for _ in range(rounds):
         if store.repair(0.5) == 0:
             break

@@ -1,8 +1,8 @@
-"""The C batch planner (rram._ext._storepath) against the numpy code it short-cuts.
+"""The C batch planner (rram._ext._storepath) and the fast path against the failover path.
 
-Each check runs the same random locations through both: the C router against RemoteTier's
-numpy read/write path (dead links, replicas not ready, small max_batch), StorePath against
-the numpy classification, and whole stores with and without the fast path (data, counters).
+Each check runs the same random locations through both: the fast path's router against the
+failover path's reads and writes (dead links, replicas not ready, small max_batch), StorePath
+against the numpy classification, and whole stores with and without the fast path (data, counters).
 """
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ from rram import PAGE_SIZE, errors
 from rram._ext._storepath import StorePath, pack_keys
 from rram.datapath import keys as K
 from rram.datapath import slab as L
+from rram.datapath.failover import Failover
+from rram.datapath.fastpath import FastPath
 from rram.datapath.remote import Link, RemoteTier
 from rram.testing.inproc import InProcessProvider, make_store
 from rram.testing.pages import make_pages, page_checksums
 
-FIRST = 64  # first remote slab id of the tiers below
+FIRST = L.FIRST_REMOTE_SLAB  # first remote slab id of the tiers below
 BASE = 1 << 40  # the local arena the tests' addresses pretend to lie in
+PATH_COUNTERS = ("fast_gets", "failover_gets", "fast_remote_writes", "failover_remote_writes",
+                 "fast_remote_reads", "failover_remote_reads")
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -46,7 +50,7 @@ def test_pack_keys_leaves_the_unusual_to_pack_many(bad):
     assert pack_keys(*bad) is None
 
 
-# -- the router against RemoteTier's numpy path ----------------------------------------------------
+# -- the fast path's router against the failover path --------------------------------------------
 
 
 class RecordingEndpoint:
@@ -81,18 +85,6 @@ class RecordingEndpoint:
 class StubClient:
     def close(self):
         pass
-
-
-class NoRoute:
-    """Stands in for the C router: every batch takes the numpy path."""
-
-    nlinks = 0
-
-    def bind(self, *args):
-        pass
-
-    def route(self, *args):
-        return None
 
 
 def random_tier(seed: int, replicas: int, nlinks: int = 4, nslabs: int = 40, dead=(), max_batch=None):
@@ -133,20 +125,22 @@ def posted_ops(tier) -> dict[int, list[tuple]]:
     return out
 
 
+def remote_io(tier, op: str, locs, addrs, fast: bool = True) -> None:
+    """``op`` ("read" or "write") as PageStore dispatches it: the fast path, else the failover path."""
+    if fast and getattr(FastPath(tier, None, None, BASE), op)(locs, addrs, BASE):
+        return
+    getattr(Failover(tier, None, BASE, None), op)(locs, addrs, BASE)
+
+
 def run_both(tier, op: str, locs, addrs):
-    """(ops, error) of the fast path, then of the numpy path, for the same I/O."""
+    """(ops, error) of the dispatch (fast path first), then of the failover path alone, for the same I/O."""
     results = []
     for fast in (True, False):
-        real = tier._router
-        if not fast:
-            tier._router = NoRoute()
         try:
-            getattr(tier, op)(locs, addrs, BASE)
+            remote_io(tier, op, locs, addrs, fast)
             err = None
         except errors.TransportError as exc:
             err = str(exc)
-        finally:
-            tier._router = real
         results.append((posted_ops(tier), err))
     return results
 
@@ -161,9 +155,9 @@ def test_router_posts_what_the_numpy_path_posts(seed, op):
     for n in (1, 5, 40, 300):
         locs = random_remote_locs(rng, n, 40)
         addrs = BASE + rng.integers(0, 1 << 20, n, dtype=np.uint64)
-        (fast_ops, fast_err), (slow_ops, slow_err) = run_both(tier, op, locs, addrs)
-        assert fast_err == slow_err
-        assert fast_ops == slow_ops
+        (fast_ops, fast_err), (failover_ops, failover_err) = run_both(tier, op, locs, addrs)
+        assert fast_err == failover_err
+        assert fast_ops == failover_ops
 
 
 def test_router_routes_around_dead_and_unready_replicas():
@@ -179,14 +173,14 @@ def test_router_routes_around_dead_and_unready_replicas():
     assert router.route(True, locs, addrs, 1, lkeys) == [(0, 1), (1, 1)], "writes go to every live replica"
     tier.mark_dead(1, "test")
     router, lkeys = tier.router(BASE)
-    assert router.route(False, locs, addrs, 1, lkeys) is None, "no ready live replica: the slow path decides"
+    assert router.route(False, locs, addrs, 1, lkeys) is None, "no ready live replica: the failover path decides"
     assert router.route(True, locs, addrs, 1, lkeys) == [(0, 1)]
     op = tier._ops[0][0]
     assert (int(op["local_addr"]), int(op["remote_addr"]), int(op["length"]), int(op["lkey"]), int(op["opcode"])) \
         == (BASE, int(tier.rep_addr[0, slab]) + 128, 100, 100, 1)
 
 
-def test_router_leaves_oversize_batches_and_missing_lkeys_to_the_slow_path():
+def test_router_leaves_oversize_batches_and_missing_lkeys_to_the_failover_path():
     tier = random_tier(1, replicas=1, nlinks=1, nslabs=1, max_batch=4)
     tier.rep_link[0, FIRST] = 0
     tier.rep_ready[0, FIRST] = True
@@ -230,11 +224,11 @@ def test_a_failing_link_mid_batch_falls_back_and_marks_it_dead():
     broken.post = refuse
     locs = np.array([L.make_location(FIRST, 64 * i, 64) for i in range(3)], dtype=np.uint64)
     addrs = np.full(3, BASE, dtype=np.uint64)
-    tier.read(locs, addrs, BASE)
+    remote_io(tier, "read", locs, addrs)
     assert not tier.links[0].alive and tier.counters["providers_lost"] == 1
     assert [len(b) for b in tier.links[1].endpoint.posted] == [3], "the pages were read from the other replica"
     tier.links[1].endpoint.posted.clear()
-    tier.write(locs, addrs, BASE)
+    remote_io(tier, "write", locs, addrs)
     assert [len(b) for b in tier.links[1].endpoint.posted] == [3]
 
 
@@ -271,11 +265,10 @@ def test_plan_get_matches_the_numpy_classification(seed):
         local = stored & (L.loc_slab(locs) <= last_local)
         remote = stored & ~local
         if batches is None:  # some remote page has no ready replica on a live link
-            tier._router = NoRoute()
             with pytest.raises(errors.TransportError):
-                tier.read(np.ascontiguousarray(locs[remote]), staging + np.flatnonzero(remote).astype(np.uint64)
-                          * PAGE_SIZE, staging)
-            tier._router = router
+                Failover(tier, None, staging, None).read(
+                    np.ascontiguousarray(locs[remote]), staging + np.flatnonzero(remote).astype(np.uint64) * PAGE_SIZE,
+                    staging)
             continue
         assert np.array_equal(found, kind != L.KIND_ABSENT)
         assert np.array_equal(path.sizes[:n], np.where(stored, L.loc_size(locs), 0))
@@ -337,18 +330,6 @@ def test_put_and_free_bookkeeping_match_numpy():
 # -- whole stores: fast path on and off ----------------------------------------------------------
 
 
-def numpy_only(store):
-    """Make ``store`` take the numpy path for every batch."""
-    store.remote._router = NoRoute()
-
-    def get_batch(keys, dst):
-        locs = store._locs[: len(keys)]
-        store.map.lookup(keys, locs)
-        return store._get_batch_slow(locs, dst)
-
-    store._get_batch = get_batch
-
-
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_stores_with_and_without_the_fast_path_agree(replicas):
     results = []
@@ -356,8 +337,7 @@ def test_stores_with_and_without_the_fast_path_agree(replicas):
         providers = [InProcessProvider(f"p{i}", 64 << 20) for i in range(3)]
         try:
             with make_store(providers, replicas=replicas, slab_size=1 << 20, local_budget=1 << 20) as store:
-                if not fast:
-                    numpy_only(store)
+                store.fast_path = fast
                 pool = store.create_pool()
                 rng = np.random.default_rng(replicas)
                 n = 1500
@@ -377,7 +357,8 @@ def test_stores_with_and_without_the_fast_path_agree(replicas):
                         if replicas == 1:
                             break
                 stats = store.stats()
-                for k in ("providers", "epoch", "providers_lost"):
+                assert (stats["fast_gets"] > 0) == fast and (stats["failover_gets"] > 0 or fast)
+                for k in ("providers", "route_generation", "providers_lost", *PATH_COUNTERS):
                     stats.pop(k)
                 results.append((sums, stats))
         finally:

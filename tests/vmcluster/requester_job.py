@@ -6,10 +6,16 @@ verbs to the other guests), runs the verifying swap workload in a memory cgroup,
 are swapping asks the host to power one provider guest off (qemu killed: no goodbye, no FIN,
 no RDMA disconnect).  Swap must go on and every page must verify.  Prints one RESULT line.
 
-    python tests/vmcluster/requester_job.py CONFIG VICTIM
+With ``--flaky MAC SECONDS``, first a flaky link: for SECONDS from the workload's start, the
+link to one provider (the NIC with MAC) loses 20 % of its packets and delays the rest by 50 ms,
+both ways (tc netem on the NIC's egress, and on its ingress through an ifb device), while the
+other provider is healthy; then it heals, and only then is the victim powered off.
+
+    python tests/vmcluster/requester_job.py CONFIG VICTIM [--flaky MAC SECONDS]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -30,6 +36,7 @@ LIMIT = 12 * MiB
 #: pages swapped out before the power-off: by then every provider holds replicas
 KILL_AFTER_PSWPOUT = 2500
 RUN = os.environ.get("RXE_RUN_DIR", "/run/rxe-run")
+NETEM = ["delay", "50ms", "loss", "20%"]
 
 
 def log(msg: str) -> None:
@@ -63,8 +70,48 @@ def power_off(victim: str, timeout: float = 60.0) -> None:
     log(f"{victim} is powered off")
 
 
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def nic_with_mac(mac: str) -> str:
+    """The NIC (a virtio device, not the bridge that borrowed its first port's MAC) with ``mac``."""
+    for nic in os.listdir("/sys/class/net"):
+        if not os.path.exists(f"/sys/class/net/{nic}/device"):
+            continue
+        with open(f"/sys/class/net/{nic}/address") as f:
+            if f.read().strip() == mac:
+                return nic
+    raise SystemExit(f"no NIC has MAC {mac}")
+
+
+def make_lossy(nic: str) -> None:
+    """netem both ways on ``nic``: egress directly, ingress redirected through ifb0."""
+    sh("modprobe", "sch_netem")
+    sh("modprobe", "ifb", "numifbs=1")
+    sh("ip", "link", "set", "ifb0", "up")
+    sh("tc", "qdisc", "add", "dev", nic, "root", "netem", *NETEM)
+    sh("tc", "qdisc", "add", "dev", nic, "handle", "ffff:", "ingress")
+    sh("tc", "filter", "add", "dev", nic, "parent", "ffff:", "matchall", "action", "mirred", "egress",
+       "redirect", "dev", "ifb0")
+    sh("tc", "qdisc", "add", "dev", "ifb0", "root", "netem", *NETEM)
+    log(f"{nic}: netem {' '.join(NETEM)} both ways")
+
+
+def heal(nic: str) -> None:
+    sh("tc", "qdisc", "del", "dev", nic, "root")
+    sh("tc", "qdisc", "del", "dev", nic, "ingress")
+    sh("tc", "qdisc", "del", "dev", "ifb0", "root")
+    log(f"{nic}: healed")
+
+
 def main() -> int:
-    config_path, victim = sys.argv[1], sys.argv[2]
+    p = argparse.ArgumentParser()
+    p.add_argument("config")
+    p.add_argument("victim")
+    p.add_argument("--flaky", nargs=2, metavar=("MAC", "SECONDS"))
+    args = p.parse_args()
+    config_path, victim = args.config, args.victim
     cfg = C.load(config_path)
     wait_for_providers(cfg)
     env = dict(os.environ, RRAM_RUN="/tmp/rram-run", RRAM_STEP_TIMEOUT="60",
@@ -84,6 +131,12 @@ def main() -> int:
             base = vmstat()
             work = subprocess.Popen(command(WORKING_SET_MIB, passes=2, cgroup=limit.path),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if args.flaky:
+                nic = nic_with_mac(args.flaky[0])
+                make_lossy(nic)
+                time.sleep(float(args.flaky[1]))
+                heal(nic)
+                base = vmstat()
             while vmstat()["pswpout"] - base["pswpout"] < KILL_AFTER_PSWPOUT and work.poll() is None:
                 time.sleep(0.2)
             at_kill = vmstat()

@@ -1,0 +1,30 @@
+"""The compiled extensions, one table: setup.py builds from it and ``rram.build_info`` reports it.
+
+Plain data with no imports from rram, because setup.py loads this file before the package
+(and its extensions) exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Native:
+    name: str  # module name under rram._ext, built from ext/<name>.pyx
+    library: str | None = None  # pkg-config name of the system library
+    link: list[str] = field(default_factory=list)
+    header: str | None = None
+    why: str = ""
+    optional: bool = True
+
+
+NATIVE = (
+    Native("_codec", "liblz4", ["lz4"], "lz4.h", "batch LZ4 page codec (fallback: python-lz4)"),
+    Native("_slab", why="size-class slot allocator", optional=False),
+    Native("_pagemap", why="compact page map", optional=False),
+    Native("_regions", why="registered regions and the loopback transport's copies", optional=False),
+    Native("_tcpwire", why="the tcp transport's data protocol (both ends)", optional=False),
+    Native("_storepath", why="the page store's per-batch planning (get/put fast path)", optional=False),
+    Native("_nbdwire", why="NBD request parsing and reply packing in batches", optional=False),
+    Native("_verbs", "libibverbs", ["ibverbs"], "infiniband/verbs.h", "RDMA verbs transport"),
+)

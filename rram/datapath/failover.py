@@ -1,0 +1,122 @@
+"""The failover path of the page store's I/O: vectorised numpy, correct in every state.
+
+The fast path (fastpath.py) only completes a batch when nothing unusual happens.  Everything
+else comes here, the whole batch at once:
+
+* a page whose replicas are not all usable: a provider died (its slabs are degraded until
+  re-replication restores them), or a copy is still being re-replicated (not ready to read);
+* a drain or repair in progress: the copy a drain is moving away from is still read (when it is
+  the only complete one) and written (so the move does not lose a put that lands meanwhile);
+* a link failing mid-batch: a READ is retried on another replica, a WRITE is checked to have
+  reached at least one live replica of every page;
+* a link with batches still outstanding, or a batch larger than a link's ``max_batch``.
+
+``PageStore`` decides which path runs (``_get_locs``, ``_remote_io``);
+setting ``store.fast_path = False`` sends every batch here, which the tests use to run the
+same checks over both paths.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors
+from ..transport import OP_READ, OP_WRITE
+from . import codec
+from . import slab as L
+from .remote import RemoteTier
+
+
+class Failover:
+    """Reads and writes of remote pages, and whole get batches, for any state of the remote tier."""
+
+    def __init__(self, tier: RemoteTier | None, local_addrs, staging_base: int, staging_addrs: np.ndarray):
+        self.tier = tier
+        self._local_addrs = local_addrs  # locs -> addresses of their local slots
+        self._staging_base = staging_base  # the registered staging arena
+        self._staging_addrs = staging_addrs  # batch slot i -> staging + i*4096
+
+    def get(self, locs: np.ndarray | int, dst) -> tuple[np.ndarray, int, int, int]:
+        """Decompress the pages at looked-up ``locs`` (an array, or one int) into ``dst``: (found, hits, local, remote)."""
+        locs = np.atleast_1d(np.asarray(locs, dtype=np.uint64))
+        n = len(locs)
+        kind = L.loc_kind(locs)
+        found = kind != L.KIND_ABSENT
+        stored = kind == L.KIND_STORED
+        sizes = np.where(stored, L.loc_size(locs), 0).astype(np.uint32)
+        srcs = np.zeros(n, dtype=np.uint64)
+        local = L.is_local(locs)
+        if local.any():
+            srcs[local] = self._local_addrs(locs[local])
+        remote = np.flatnonzero(L.is_remote(locs))
+        if len(remote):
+            self.read(np.ascontiguousarray(locs[remote]), self._staging_addrs[remote], self._staging_base)
+            srcs[remote] = self._staging_addrs[remote]
+        codec.decompress_pages(srcs, sizes, n, dst)
+        return found, int(found.sum()), int(local.sum()), len(remote)
+
+    def read(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
+        """READ each page's stored bytes from one live, in-sync replica into local_addrs[i].
+
+        Retries on another replica when a link fails; reads the copy a drain is moving away
+        from when no other copy is ready; TransportError names the pages with no live replica.
+        """
+        tier = self.tier
+        sizes = L.loc_size(remote_locs).astype(np.uint32)
+        slabs = L.loc_slab(remote_locs).astype(np.intp)
+        offs = L.loc_offset(remote_locs)
+        todo = np.arange(len(slabs))
+        for _attempt in range(tier.replicas + 1):
+            alive = tier.alive_mask()
+            link = np.full(len(todo), -1, dtype=np.int32)
+            addr = np.zeros(len(todo), dtype=np.uint64)
+            rkey = np.zeros(len(todo), dtype=np.uint32)
+            s = slabs[todo]
+            for j in range(tier.replicas):
+                cand = tier.rep_link[j, s]
+                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)] & tier.rep_ready[j, s]
+                link[usable] = cand[usable]
+                addr[usable] = tier.rep_addr[j, s[usable]] + offs[todo[usable]]
+                rkey[usable] = tier.rep_rkey[j, s[usable]]
+            if tier.repairing:  # a slab being moved off a draining node reads from its old copy
+                cand = tier.mv_link[0, s]
+                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)]
+                link[usable] = cand[usable]
+                addr[usable] = tier.mv_addr[0, s[usable]] + offs[todo[usable]]
+                rkey[usable] = tier.mv_rkey[0, s[usable]]
+            if (link < 0).any():
+                raise errors.TransportError(
+                    f"{int((link < 0).sum())} pages have no live replica (providers lost: "
+                    f"{', '.join(lk.name for lk in tier.links if not lk.alive) or 'none'})"
+                )
+            failed = tier.run_plans(OP_READ, [(link, addr, rkey)], local_addrs[todo], sizes[todo], local_base)
+            if not failed:
+                return
+            todo = todo[np.isin(link, list(failed))]
+        raise errors.TransportError("reads kept failing on every replica")
+
+    def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
+        """WRITE each page to every live replica (and to the copy a drain is moving away from).
+
+        A provider that fails meanwhile is marked dead and its slabs degraded (re-replication
+        restores them); a page whose every replica failed raises TransportError.
+        """
+        tier = self.tier
+        sizes = L.loc_size(remote_locs).astype(np.uint32)
+        slabs = L.loc_slab(remote_locs).astype(np.intp)
+        offs = L.loc_offset(remote_locs)
+        plans = []
+        for j in range(tier.replicas):
+            plans.append((tier.rep_link[j, slabs], tier.rep_addr[j, slabs] + offs, tier.rep_rkey[j, slabs]))
+        if tier.repairing:
+            plans.append((tier.mv_link[0, slabs], tier.mv_addr[0, slabs] + offs, tier.mv_rkey[0, slabs]))
+        failed = tier.run_plans(OP_WRITE, plans, local_addrs, sizes, local_base)
+        alive = tier.alive_mask()
+        held = np.zeros(len(slabs), dtype=bool)
+        for j in range(tier.replicas):
+            link = tier.rep_link[j, slabs]
+            held |= (link >= 0) & alive[np.maximum(link, 0)]
+        if not held.all():
+            raise errors.TransportError(
+                f"{int((~held).sum())} pages could not be written to any live replica"
+                + (f" (failed: {', '.join(tier.links[i].name for i in failed)})" if failed else "")
+            )
