@@ -22,9 +22,6 @@ from .transport import choose, requester_transport
 
 log = logging.getLogger(__name__)
 
-#: remote virtual slab ids start here; local pool slabs use 1..REMOTE_SLAB_BASE-1
-REMOTE_SLAB_BASE = 4096
-
 
 def _requester_options(tname: str, cfg, name: str) -> dict:
     """Options of the requester-side transport; verbs takes device settings from our own node entry."""
@@ -72,7 +69,7 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     log.info("requester %s: transport %s (%s)", requester, tname, why)
     replicas = replicas or cfg.replicas
     rt = requester_transport(tname, **_requester_options(tname, cfg, requester))
-    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
+    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas)
     secret = cfg.secret_bytes()
     for node in cfg.providers():
         if node.name == requester:

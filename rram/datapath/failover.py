@@ -36,7 +36,10 @@ class Failover:
         self._staging_addrs = staging_addrs  # batch slot i -> staging + i*4096
 
     def get(self, locs: np.ndarray | int, dst) -> tuple[np.ndarray, int, int, int]:
-        """Decompress the pages at looked-up ``locs`` (an array, or one int) into ``dst``: (found, hits, local, remote)."""
+        """Decompress the pages at looked-up ``locs`` (an array, or one int) into ``dst``.
+
+        Returns (found, hits, local, remote): the found mask and how many pages were found,
+        read from the local pool and read from providers."""
         locs = np.atleast_1d(np.asarray(locs, dtype=np.uint64))
         n = len(locs)
         kind = L.loc_kind(locs)

@@ -15,6 +15,8 @@ dead), and ``PageStore`` hands the whole batch to the failover path (failover.py
 """
 from __future__ import annotations
 
+import array
+
 import numpy as np
 
 from .. import errors
@@ -33,14 +35,18 @@ class FastPath:
                  staging_base: int):
         self.tier = tier
         self.path = path  # the store's C batch steps and their scratch arrays
-        self.local_base = local_base  # local slab id -> address of the slab
+        # local slab id -> address of the slab (fixed for the store's life); a list, like the
+        # array.arrays below, because one-element numpy reads and writes cost ~150 ns each and the
+        # one-page branch of ``get`` is the latency path
+        self.local_base = None if local_base is None else [int(a) for a in local_base]
         self.staging_base = staging_base  # the registered staging arena (remote READ target)
         self._comp = new_completions(1)
         one = new_ops(1)  # the single READ of the latency path: per-field views, set without numpy dispatch
         one["opcode"] = OP_READ
-        self._one = {"ops": one, **{name: one[name] for name in ("local_addr", "remote_addr", "length", "lkey", "rkey")}}
-        self._one_src = np.zeros(1, dtype=np.uint64)
-        self._one_size = np.zeros(1, dtype=np.uint32)
+        fields = ("local_addr", "remote_addr", "length", "lkey", "rkey")
+        self._one = {"ops": one, **{name: one[name] for name in fields}}
+        self._one_src = array.array("Q", [0])  # uint64 decompress source
+        self._one_size = array.array("I", [0])  # uint32 stored size
 
     def get(self, locs: np.ndarray | int, dst) -> tuple[np.ndarray | bool, int, int, int] | None:
         """Decompress the pages at looked-up ``locs`` into ``dst``: (found, hits, local, remote), or None.
@@ -53,7 +59,7 @@ class FastPath:
             slab = locs >> L.SLAB_SHIFT
             src = nlocal = nremote = 0
             if size and slab < L.FIRST_REMOTE_SLAB:
-                src = int(self.local_base[slab]) + ((locs >> L.OFFSET_SHIFT) & L.OFFSET_FIELD) * L.GRANULE
+                src = self.local_base[slab] + ((locs >> L.OFFSET_SHIFT) & L.OFFSET_FIELD) * L.GRANULE
                 nlocal = 1
             elif size:
                 if self.tier is None or not self._read_one(locs, self.staging_base):

@@ -616,5 +616,3 @@ def _round_robin(candidates, n, chosen):
     for lk in picks:
         lk.slabs_placed += 1
     return picks
-
-

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from .. import errors, transport
-from ..cluster import REMOTE_SLAB_BASE, link
+from ..cluster import link
 from ..datapath.remote import RemoteTier
 from ..datapath.store import PageStore
 from ..frontends.nbd.backend import MemoryBackend, PageStoreBackend
@@ -110,7 +110,7 @@ def make_store(providers: list[InProcessProvider], *, replicas: int = 1, slab_si
                local_budget: int = 1 << 20, batch: int = 256, requester: str = "test") -> PageStore:
     """A PageStore over in-process providers, linked by the same code as rram.connect."""
     rt = transport.requester_transport(providers[0].pt.name if providers else "loopback")
-    remote = RemoteTier(slab_size=slab_size, replicas=replicas, first_slab_id=REMOTE_SLAB_BASE)
+    remote = RemoteTier(slab_size=slab_size, replicas=replicas)
     for p in providers:
         remote.add_link(link(p.client(requester), rt, p.name))
     return PageStore(remote, local_budget=local_budget, batch=batch)

@@ -26,7 +26,8 @@ except ImportError as exc:  # pragma: no cover - setup.py builds them unconditio
 def unavailable_reason() -> str | None:
     """None when the executor extension can serve this host, else a sentence saying why not."""
     if _tcpwire is None:
-        return f"rram._ext._tcpwire or _regions is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`"
+        return (f"rram._ext._regions or _tcpwire is not built ({_IMPORT_ERROR}); "
+                "run `python setup.py build_ext --inplace`")
     if sys.byteorder != "little":
         return "the tcp data protocol is little-endian and this host is not"
     mismatch = {k: v for k, v in _tcpwire.WIRE_CONSTANTS.items() if _wire_value(k) != v}
