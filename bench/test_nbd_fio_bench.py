@@ -56,38 +56,47 @@ def _nbdkit(tmp):
     try:
         wait_for_path(sock, proc)
         _pin(proc.pid)
-        yield f"nbd+unix:///?socket={sock}"
+        yield f"nbd+unix:///?socket={sock}", proc.pid
     finally:
         stop_process(proc)
 
 
-def _rram(tmp):
+def _rram(tmp, *requester_args: str):
     with LocalCluster(n_providers=2, capacity="256MiB", transport="tcp", workdir=tmp, slab_size="4MiB",
                       verbose=False, requester={"local_budget": "4MiB"}) as cluster:
         for p in cluster.procs.values():
             _pin(p.pid)
         sock = os.path.join(tmp, "nbd.sock")
-        proc, _ = start_requester(cluster.config_path, "req", EXPORT, sock, os.path.join(tmp, "requester.log"))
+        proc, _ = start_requester(cluster.config_path, "req", EXPORT, sock, os.path.join(tmp, "requester.log"),
+                                  extra_args=requester_args)
         try:
             _pin(proc.pid)
-            yield f"nbd+unix:///?socket={sock}"
+            yield f"nbd+unix:///?socket={sock}", proc.pid
         finally:
             assert stop_process(proc) == 0
 
 
+#: the servers: nbdkit, rram, and rram with every request on its Python path (test_nbd_cpu_bench.py)
+SERVERS = {"nbdkit": _nbdkit, "rram": _rram, "rram-py": lambda tmp: _rram(tmp, "--no-nbd-c-path")}
+
+
 @pytest.fixture(scope="module", params=["nbdkit", "rram"])
 def server(request):
+    yield from _serve(request.param)
+
+
+def _serve(kind: str):
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     if "nbd" not in subprocess.run(["fio", "--enghelp"], capture_output=True, text=True).stdout.split():
         pytest.skip("this fio has no nbd engine")
     tmp = tempfile.mkdtemp(prefix="rram-fio-")
-    gen = (_nbdkit if request.param == "nbdkit" else _rram)(tmp)
+    gen = SERVERS[kind](tmp)
     try:
-        uri = next(gen)
+        uri, pid = next(gen)
         _fill(uri)
-        yield request.param, uri
+        yield kind, uri, pid  # pid: the server process (test_nbd_cpu_bench.py reads its CPU time)
     finally:
         gen.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +105,7 @@ def server(request):
 @pytest.mark.parametrize("iodepth", [1, 32])
 @pytest.mark.parametrize("rw", ["randread", "randwrite"])
 def test_fio_4k(benchmark, server, rw, iodepth):
-    kind, uri = server
+    kind, uri, _ = server
     args = [f"--rw={rw}", f"--iodepth={iodepth}", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=1",
             "--randrepeat=1", "--norandommap", "--buffer_compress_percentage=50", "--refill_buffers"]
     job = benchmark.pedantic(_fio, args=(uri, *args), rounds=1, iterations=1)

@@ -72,6 +72,23 @@ cdef inline bint page_is_zero(const uint8_t* p) noexcept nogil:
     return True
 
 
+cdef uint32_t compress_page(const uint8_t* page, uint8_t* out, int acceleration) noexcept nogil:
+    """One page's stored image into ``out`` (room for 4096 bytes); its size (0, 4096 or an LZ4 block)."""
+    cdef LZ4_stream_t stream
+    cdef int got
+    if page_is_zero(page):
+        return 0
+    # A fresh stream per page keeps pages independent; its 32-bit table hashes 5 bytes where
+    # LZ4_compress_fast's 16-bit one for small inputs hashes 4, which packs heap-like pages ~10%
+    # tighter. A capacity of MAX_COMP lets LZ4 give up early on incompressible data.
+    LZ4_initStream(&stream, sizeof(stream))
+    got = LZ4_compress_fast_continue(&stream, <const char*>page, <char*>out, PAGE, MAX_COMP, acceleration)
+    if got <= 0:
+        memcpy(out, page, PAGE)
+        return PAGE
+    return <uint32_t>got
+
+
 def compress_pages(src, Py_ssize_t n, dst, uint32_t[:] sizes, int acceleration=1):
     """Compress n pages of ``src`` into ``dst`` at a 4096-byte stride; return the sum of sizes.
 
@@ -81,10 +98,7 @@ def compress_pages(src, Py_ssize_t n, dst, uint32_t[:] sizes, int acceleration=1
     cdef Py_buffer s, d
     cdef Py_ssize_t i
     cdef uint64_t total = 0
-    cdef int got
-    cdef const uint8_t* page
-    cdef uint8_t* out
-    cdef LZ4_stream_t stream
+    cdef uint32_t got
     check_count(n, sizes.shape[0], "sizes")
     if acceleration < 1:
         raise ValueError(f"acceleration must be >= 1, got {acceleration}")
@@ -96,21 +110,7 @@ def compress_pages(src, Py_ssize_t n, dst, uint32_t[:] sizes, int acceleration=1
             check_bytes(n, &d, "dst")
             with nogil:
                 for i in range(n):
-                    page = <const uint8_t*>s.buf + i * PAGE
-                    out = <uint8_t*>d.buf + i * PAGE
-                    if page_is_zero(page):
-                        got = 0
-                    else:
-                        # A fresh stream per page keeps pages independent; its 32-bit table hashes
-                        # 5 bytes where LZ4_compress_fast's 16-bit one for small inputs hashes 4,
-                        # which packs heap-like pages ~10% tighter. A capacity of MAX_COMP lets
-                        # LZ4 give up early on incompressible data.
-                        LZ4_initStream(&stream, sizeof(stream))
-                        got = LZ4_compress_fast_continue(&stream, <const char*>page, <char*>out, PAGE,
-                                                         MAX_COMP, acceleration)
-                        if got <= 0:
-                            memcpy(out, page, PAGE)
-                            got = PAGE
+                    got = compress_page(<const uint8_t*>s.buf + i * PAGE, <uint8_t*>d.buf + i * PAGE, acceleration)
                     sizes[i] = got
                     total += got
         finally:
@@ -120,7 +120,7 @@ def compress_pages(src, Py_ssize_t n, dst, uint32_t[:] sizes, int acceleration=1
     return total
 
 
-cdef inline int expand(const char* src, uint32_t size, char* out) noexcept nogil:
+cdef int expand(const char* src, uint32_t size, char* out) noexcept nogil:
     """Write one page from its stored image; returns PAGE, or what LZ4 returned instead."""
     if size == 0:
         memset(out, 0, PAGE)

@@ -83,15 +83,6 @@ cdef class RequestRun:
     (a WRITE's payload, or where a READ's pages go); ``fua`` when any WRITE asked for it.
     """
 
-    cdef readonly int command, nreq, npages, max_pages
-    cdef readonly bint fua, structured
-    cdef readonly object pages, data
-    cdef uint32_t[::1] _pages
-    cdef uint8_t[::1] _data
-    cdef uint64_t[::1] _handles, _offsets
-    cdef uint32_t[::1] _lengths
-    cdef uint16_t[::1] _flags
-    cdef uint8_t[::1] _out
 
     def __init__(self, int max_pages, bint structured):
         if max_pages < 1:
@@ -111,6 +102,9 @@ cdef class RequestRun:
         self.clear()
 
     def clear(self):
+        self._clear()
+
+    cdef void _clear(self) noexcept nogil:
         self.command = -1
         self.nreq = 0
         self.npages = 0
@@ -121,6 +115,14 @@ cdef class RequestRun:
         """Take the run at buf[start:end] (appending to this run); returns the new start."""
         if start < 0 or end > buf.shape[0] or start > end:
             raise ValueError(f"bad buffer range {start}..{end} of {buf.shape[0]}")
+        if start == end:
+            return start
+        with nogil:
+            start = self._parse(&buf[0], start, end, export_size, max_block, min_block)
+        return start
+
+    cdef Py_ssize_t _parse(self, const uint8_t *buf, Py_ssize_t start, Py_ssize_t end, uint64_t export_size,
+                           uint32_t max_block, uint32_t min_block) noexcept nogil:
         cdef Py_ssize_t pos = start
         cdef uint64_t align = (min_block if min_block > PAGE else PAGE) - 1
         cdef const uint8_t *p
@@ -128,44 +130,43 @@ cdef class RequestRun:
         cdef uint32_t length, n, i
         cdef uint64_t offset, first
         cdef int k
-        with nogil:
-            while end - pos >= REQUEST_SIZE and self.nreq < self.max_pages:
-                p = &buf[pos]
-                if rd32(p) != REQUEST_MAGIC:
+        while end - pos >= REQUEST_SIZE and self.nreq < self.max_pages:
+            p = &buf[pos]
+            if rd32(p) != REQUEST_MAGIC:
+                break
+            flags = rd16(p + 4)
+            cmd = rd16(p + 6)
+            offset = rd64(p + 16)
+            length = rd32(p + 24)
+            if cmd != CMD_READ and cmd != CMD_WRITE:
+                break
+            if self.command >= 0 and cmd != self.command:
+                break
+            if flags & ~FLAG_FUA or length == 0 or (offset | length) & align or length > max_block:
+                break
+            if offset > export_size or length > export_size - offset:
+                break
+            n = length >> PAGE_SHIFT
+            if <uint64_t>self.npages + n > <uint64_t>self.max_pages:
+                break
+            if cmd == CMD_WRITE:
+                if <uint64_t>(end - pos - REQUEST_SIZE) < length or self._overlaps(offset, length):
                     break
-                flags = rd16(p + 4)
-                cmd = rd16(p + 6)
-                offset = rd64(p + 16)
-                length = rd32(p + 24)
-                if cmd != CMD_READ and cmd != CMD_WRITE:
-                    break
-                if self.command >= 0 and cmd != self.command:
-                    break
-                if flags & ~FLAG_FUA or length == 0 or (offset | length) & align or length > max_block:
-                    break
-                if offset > export_size or length > export_size - offset:
-                    break
-                n = length >> PAGE_SHIFT
-                if <uint64_t>self.npages + n > <uint64_t>self.max_pages:
-                    break
-                if cmd == CMD_WRITE:
-                    if <uint64_t>(end - pos - REQUEST_SIZE) < length or self._overlaps(offset, length):
-                        break
-                    memcpy(&self._data[self.npages * PAGE], p + REQUEST_SIZE, length)
-                k = self.nreq
-                self._handles[k] = rd64(p + 8)
-                self._offsets[k] = offset
-                self._lengths[k] = length
-                self._flags[k] = flags
-                first = offset >> PAGE_SHIFT
-                for i in range(n):
-                    self._pages[self.npages + i] = <uint32_t>(first + i)
-                self.command = cmd
-                self.nreq += 1
-                self.npages += n
-                if flags & FLAG_FUA:
-                    self.fua = True
-                pos += REQUEST_SIZE + (length if cmd == CMD_WRITE else 0)
+                memcpy(&self._data[self.npages * PAGE], p + REQUEST_SIZE, length)
+            k = self.nreq
+            self._handles[k] = rd64(p + 8)
+            self._offsets[k] = offset
+            self._lengths[k] = length
+            self._flags[k] = flags
+            first = offset >> PAGE_SHIFT
+            for i in range(n):
+                self._pages[self.npages + i] = <uint32_t>(first + i)
+            self.command = cmd
+            self.nreq += 1
+            self.npages += n
+            if flags & FLAG_FUA:
+                self.fua = True
+            pos += REQUEST_SIZE + (length if cmd == CMD_WRITE else 0)
         return pos
 
     cdef bint _overlaps(self, uint64_t offset, uint32_t length) noexcept nogil:
@@ -180,25 +181,26 @@ cdef class RequestRun:
         """Every READ's reply (header, then its pages from ``data``) back to back; the bytes to send."""
         cdef Py_ssize_t pos = 0, page = 0
         cdef int k
-        cdef uint8_t *o
         with nogil:
             for k in range(self.nreq):
-                o = &self._out[pos]
-                if self.structured:
-                    wr32(o, STRUCTURED_REPLY_MAGIC)
-                    wr16(o + 4, REPLY_FLAG_DONE)
-                    wr16(o + 6, REPLY_TYPE_OFFSET_DATA)
-                    wr64(o + 8, self._handles[k])
-                    wr32(o + 16, 8 + self._lengths[k])
-                    wr64(o + 20, self._offsets[k])
-                    pos += OFFSET_DATA_SIZE
-                else:
-                    self._simple_reply(o, self._handles[k])
-                    pos += SIMPLE_REPLY_SIZE
+                pos += self._read_header(&self._out[pos], k)
                 memcpy(&self._out[pos], &self._data[page], self._lengths[k])
                 pos += self._lengths[k]
                 page += self._lengths[k]
         return memoryview(self._out)[:pos]
+
+    cdef Py_ssize_t _read_header(self, uint8_t *o, int k) noexcept nogil:
+        """The reply header of READ k at ``o`` (its data follows); the header's size."""
+        if self.structured:
+            wr32(o, STRUCTURED_REPLY_MAGIC)
+            wr16(o + 4, REPLY_FLAG_DONE)
+            wr16(o + 6, REPLY_TYPE_OFFSET_DATA)
+            wr64(o + 8, self._handles[k])
+            wr32(o + 16, 8 + self._lengths[k])
+            wr64(o + 20, self._offsets[k])
+            return OFFSET_DATA_SIZE
+        self._simple_reply(o, self._handles[k])
+        return SIMPLE_REPLY_SIZE
 
     def write_replies(self):
         """One simple reply (no error) per WRITE; the bytes to send."""

@@ -25,38 +25,10 @@ cdef extern from *:
     uint64_t EMPTY "RRAM_PM_EMPTY"
 
 cdef enum:
-    CHUNK_BITS = 9
-    CHUNK_SLOTS = 512
     OBJ_SHIFT = 32 - CHUNK_BITS        # chunk number -> object number (key >> 32)
     POOL_SHIFT = 56
-    NPOOLS = 256
     MIN_TABLE_BITS = 4
     PROBE_OBJECTS_MAX = 64             # ranges over fewer objects probe the object table
-
-
-cdef struct chunk_t:
-    uint64_t no                        # key >> 9
-    chunk_t *next                      # in its object's list
-    chunk_t *prev
-    obj_t *obj
-    uint32_t count                     # non-zero entries
-    uint64_t vals[CHUNK_SLOTS]
-
-
-cdef struct obj_t:
-    uint64_t no                        # key >> 32
-    chunk_t *chunks
-    obj_t *next                        # in its pool's list
-    obj_t *prev
-    uint64_t nchunks
-
-
-cdef struct table_t:
-    uint64_t *keys                     # EMPTY marks a free slot
-    void **vals
-    uint64_t mask
-    uint64_t count
-    int shift
 
 
 cdef int table_init(table_t *t, int bits) noexcept nogil:
@@ -158,13 +130,6 @@ cdef int cmp_chunks(const void *a, const void *b) noexcept nogil:
 cdef class PageMap:
     """uint64 page key -> uint64 location; batch calls over numpy arrays. Not thread-safe."""
 
-    cdef table_t chunks
-    cdef table_t objects
-    cdef obj_t *pools[NPOOLS]
-    cdef chunk_t *last                 # one-entry cache: batches are mostly sequential keys
-    cdef uint64_t entries
-    cdef uint64_t nobjects
-    cdef bint busy
 
     def __cinit__(self):
         memset(self.pools, 0, sizeof(self.pools))
@@ -190,7 +155,7 @@ cdef class PageMap:
 
     # -- chunks ---------------------------------------------------------------------------
 
-    cdef inline chunk_t *_find(self, uint64_t cno) noexcept nogil:
+    cdef chunk_t *_find(self, uint64_t cno) noexcept nogil:
         if self.last != NULL and self.last.no == cno:
             return self.last
         cdef chunk_t *ch = <chunk_t *>table_find(&self.chunks, cno)
@@ -266,7 +231,7 @@ cdef class PageMap:
         free(ch)
         self._drop_object_if_empty(ob)
 
-    cdef inline uint64_t _get(self, uint64_t key) noexcept nogil:
+    cdef uint64_t _get(self, uint64_t key) noexcept nogil:
         cdef chunk_t *ch = self._find(key >> CHUNK_BITS)
         return ch.vals[key & (CHUNK_SLOTS - 1)] if ch != NULL else 0
 
@@ -424,8 +389,8 @@ cdef class PageMap:
                 ob = ob.next
         return n
 
-    cdef inline Py_ssize_t _collect(self, obj_t *ob, uint64_t clo, uint64_t chi, chunk_t **out,
-                                    Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t _collect(self, obj_t *ob, uint64_t clo, uint64_t chi, chunk_t **out,
+                             Py_ssize_t n) noexcept nogil:
         cdef chunk_t *ch = ob.chunks
         while ch != NULL:
             if clo <= ch.no <= chi:

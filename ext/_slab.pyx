@@ -41,8 +41,6 @@ cdef enum:
     BLOCK_GRANULES = 1024
     BLOCK_BITS = 12            # a global block id is slab_index << 12 | block
     MAX_BLOCKS = 4096          # per slab (256 MiB)
-    NCLASSES = 64
-    BITMAP_WORDS = 16
     NIL = -1
     IDMAP_BITS = 12            # slab id -> index: two-level table of 4096 x 4096
 
@@ -52,17 +50,7 @@ cdef enum:
     ON_PARTIAL = 1
     ON_FREE = 2
 
-# free() failure reasons (reported with the index of the bad location)
-cdef enum:
-    E_OK = 0
-    E_KIND = 1
-    E_SLAB = 2
-    E_BLOCK = 3
-    E_SLOT = 4
-    E_SIZE = 5
-    E_DOUBLE = 6
-    E_NOMEM = 7
-
+# free() failure reasons (E_OK, E_KIND...) are declared in _slab.pxd
 _REASONS = {
     E_KIND: "is not a page location (bad kind or high bits)",
     E_SLAB: "names a slab this allocator does not have",
@@ -76,39 +64,6 @@ MAX_SLAB_SIZE = MAX_BLOCKS * BLOCK_SIZE
 MAX_SLAB_ID = SLAB_FIELD
 
 
-cdef struct block_t:
-    uint64_t freebits[BITMAP_WORDS]   # 1 = free slot
-    void *info                        # one allocation holding the two arrays below
-    uint64_t *owners                  # nslots owner keys (track_owners only, else NULL)
-    uint16_t *sizes                   # nslots stored sizes (victims need the exact location)
-    int32_t next                      # links: class partial list, or the slab's free stack
-    int32_t prev
-    uint16_t used
-    uint16_t nslots
-    uint8_t cls                       # 0: free block
-    uint8_t where                     # ON_*
-    uint8_t hint                      # lowest bitmap word that may hold a free bit
-
-
-cdef struct slab_t:
-    block_t *blocks
-    uint64_t size
-    uint64_t seq                      # add order
-    uint64_t slots_used
-    uint64_t slot_bytes               # bytes of allocated slots (class sizes)
-    uint64_t stored_bytes             # sum of the stored sizes
-    uint32_t id                       # 0: unused table entry
-    int32_t nblocks
-    int32_t fresh                     # blocks >= fresh were never handed out
-    int32_t free_head                 # stack of returned blocks (global ids)
-    int32_t free_count                # returned + never handed out
-    int32_t used_blocks
-    int32_t next_avail                # list of slabs with free blocks, by seq
-    int32_t prev_avail
-    uint8_t retired
-    uint8_t avail
-
-
 cdef class SlotAllocator:
     """Slots of 64-byte multiples in 64 KiB blocks of slabs; batch alloc/free of locations.
 
@@ -116,22 +71,6 @@ cdef class SlotAllocator:
     :meth:`pick_victims` and :meth:`owners`.
     """
 
-    cdef slab_t *slabs
-    cdef int32_t nslabs                       # table entries in use (some may be removed)
-    cdef int32_t slab_cap
-    cdef int32_t *idmap[4096]
-    cdef int32_t partial_head[NCLASSES + 1]
-    cdef int32_t partial_tail[NCLASSES + 1]
-    cdef int64_t class_blocks[NCLASSES + 1]
-    cdef int32_t avail_head
-    cdef int32_t avail_tail
-    cdef uint64_t next_seq
-    cdef int32_t hand_slab
-    cdef int32_t hand_block
-    cdef int32_t hand_slot
-    cdef int64_t total_blocks
-    cdef readonly bint track_owners
-    cdef bint busy
 
     def __cinit__(self, bint track_owners=False):
         cdef int c
@@ -167,10 +106,10 @@ cdef class SlotAllocator:
 
     # -- small C helpers --------------------------------------------------------------------
 
-    cdef inline block_t *_blk(self, int32_t gid) noexcept nogil:
+    cdef block_t *_blk(self, int32_t gid) noexcept nogil:
         return &self.slabs[gid >> BLOCK_BITS].blocks[gid & (MAX_BLOCKS - 1)]
 
-    cdef inline int32_t _index_of(self, uint64_t slab_id) noexcept nogil:
+    cdef int32_t _index_of(self, uint64_t slab_id) noexcept nogil:
         cdef int32_t *page
         if slab_id == 0 or slab_id > SLAB_FIELD:
             return NIL
@@ -312,44 +251,52 @@ cdef class SlotAllocator:
         if not sl.retired and not sl.avail:
             self._avail_insert(s)
 
-    cdef int _alloc_batch(self, const uint32_t[:] sizes, uint64_t[:] out, const uint64_t[:] owners,
-                          bint with_owners, Py_ssize_t n, Py_ssize_t *done) noexcept nogil:
-        cdef Py_ssize_t i
-        cdef uint32_t size
-        cdef int c, w, bit, slot
-        cdef int32_t gid
+    cdef uint64_t _alloc_one(self, uint32_t size, uint64_t owner, int *err) noexcept nogil:
+        """One slot of ``size`` bytes (1..4096) owned by ``owner`` (kept when tracking owners):
+        its location, or 0 with ``err`` E_OK (no room) or E_NOMEM."""
+        cdef int c = (size + GRANULE - 1) // GRANULE
+        cdef int w, bit, slot
+        cdef int32_t gid = self.partial_head[c]
         cdef block_t *b
         cdef slab_t *sl
         cdef uint64_t granule
+        if gid == NIL:
+            gid = self._new_block(c)
+            if gid < 0:
+                err[0] = E_NOMEM if gid == -2 else E_OK
+                return 0
+        b = self._blk(gid)
+        w = b.hint
+        while b.freebits[w] == 0:
+            w += 1
+        bit = ctz64(b.freebits[w])
+        b.freebits[w] &= b.freebits[w] - 1
+        b.hint = w
+        slot = w * 64 + bit
+        b.used += 1
+        if b.used == b.nslots:
+            self._partial_remove(c, gid)
+        b.sizes[slot] = <uint16_t>size
+        if self.track_owners:
+            b.owners[slot] = owner
+        sl = &self.slabs[gid >> BLOCK_BITS]
+        sl.slots_used += 1
+        sl.slot_bytes += c * GRANULE
+        sl.stored_bytes += size
+        granule = <uint64_t>(gid & (MAX_BLOCKS - 1)) * BLOCK_GRANULES + <uint64_t>slot * c
+        return loc_pack(sl.id, granule, size)
+
+    cdef int _alloc_batch(self, const uint32_t[:] sizes, uint64_t[:] out, const uint64_t[:] owners,
+                          bint with_owners, Py_ssize_t n, Py_ssize_t *done) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef int err = E_OK
+        cdef uint64_t loc
         for i in range(n):
-            size = sizes[i]
-            c = (size + GRANULE - 1) // GRANULE
-            gid = self.partial_head[c]
-            if gid == NIL:
-                gid = self._new_block(c)
-                if gid < 0:
-                    done[0] = i
-                    return E_NOMEM if gid == -2 else E_OK
-            b = self._blk(gid)
-            w = b.hint
-            while b.freebits[w] == 0:
-                w += 1
-            bit = ctz64(b.freebits[w])
-            b.freebits[w] &= b.freebits[w] - 1
-            b.hint = w
-            slot = w * 64 + bit
-            b.used += 1
-            if b.used == b.nslots:
-                self._partial_remove(c, gid)
-            b.sizes[slot] = <uint16_t>size
-            if with_owners:
-                b.owners[slot] = owners[i]
-            sl = &self.slabs[gid >> BLOCK_BITS]
-            sl.slots_used += 1
-            sl.slot_bytes += c * GRANULE
-            sl.stored_bytes += size
-            granule = <uint64_t>(gid & (MAX_BLOCKS - 1)) * BLOCK_GRANULES + <uint64_t>slot * c
-            out[i] = loc_pack(sl.id, granule, size)
+            loc = self._alloc_one(sizes[i], owners[i] if with_owners else 0, &err)
+            if loc == 0:
+                done[0] = i
+                return err
+            out[i] = loc
         done[0] = n
         return E_OK
 
@@ -385,29 +332,67 @@ cdef class SlotAllocator:
         slot_out[0] = g // c
         return E_OK
 
+    cdef int _mark_free(self, uint64_t loc) noexcept nogil:
+        """Check that ``loc`` is an allocated slot and set its free bit: E_OK or the reason not."""
+        cdef int32_t gid
+        cdef int slot
+        cdef uint64_t bitmask
+        cdef block_t *b
+        cdef int err = self._decode(loc, &gid, &slot)
+        if err != E_OK:
+            return err
+        b = self._blk(gid)
+        bitmask = (<uint64_t>1) << (slot & 63)
+        if b.freebits[slot >> 6] & bitmask:
+            return E_DOUBLE
+        if b.sizes[slot] != loc_size(loc):
+            return E_SIZE
+        b.freebits[slot >> 6] |= bitmask
+        return E_OK
+
+    cdef void _account_free(self, uint64_t loc) noexcept nogil:
+        """The bookkeeping of freeing ``loc``, whose free bit _mark_free has set."""
+        cdef int32_t gid
+        cdef int slot, c
+        cdef block_t *b
+        cdef slab_t *sl
+        self._decode(loc, &gid, &slot)
+        b = self._blk(gid)
+        sl = &self.slabs[gid >> BLOCK_BITS]
+        c = b.cls
+        if (slot >> 6) < b.hint:
+            b.hint = slot >> 6
+        if b.owners != NULL:
+            b.owners[slot] = 0
+        sl.slots_used -= 1
+        sl.slot_bytes -= c * GRANULE
+        sl.stored_bytes -= loc_size(loc)
+        b.used -= 1
+        if b.used == 0:
+            self._release_block(gid)
+        elif b.used == b.nslots - 1 and not sl.retired:
+            self._partial_push(c, gid)
+
+    cdef int _free_one(self, uint64_t loc) noexcept nogil:
+        """Free one stored location (absent and zero locations are no-ops): E_OK or the reason not."""
+        cdef int err
+        if (loc & KIND_MASK) < KIND_STORED:
+            return E_OK
+        err = self._mark_free(loc)
+        if err == E_OK:
+            self._account_free(loc)
+        return err
+
     cdef int _free_batch(self, const uint64_t[:] locs, Py_ssize_t n, Py_ssize_t *bad) noexcept nogil:
         """All or nothing: pass 1 checks every location and marks its bit free (undone on error),
         pass 2 does the accounting and moves blocks between lists."""
         cdef Py_ssize_t i, j
-        cdef uint64_t loc, bitmask
         cdef int32_t gid
-        cdef int slot, err, c
-        cdef block_t *b
-        cdef slab_t *sl
+        cdef int slot, err
         for i in range(n):
-            loc = locs[i]
-            if (loc & KIND_MASK) < KIND_STORED:
+            if (locs[i] & KIND_MASK) < KIND_STORED:
                 continue
-            err = self._decode(loc, &gid, &slot)
-            if err == E_OK:
-                b = self._blk(gid)
-                bitmask = (<uint64_t>1) << (slot & 63)
-                if b.freebits[slot >> 6] & bitmask:
-                    err = E_DOUBLE
-                elif b.sizes[slot] != loc_size(loc):
-                    err = E_SIZE
-                else:
-                    b.freebits[slot >> 6] |= bitmask
+            err = self._mark_free(locs[i])
             if err != E_OK:
                 for j in range(i):
                     if (locs[j] & KIND_MASK) == KIND_STORED:
@@ -416,25 +401,8 @@ cdef class SlotAllocator:
                 bad[0] = i
                 return err
         for i in range(n):
-            loc = locs[i]
-            if (loc & KIND_MASK) != KIND_STORED:
-                continue
-            self._decode(loc, &gid, &slot)
-            b = self._blk(gid)
-            sl = &self.slabs[gid >> BLOCK_BITS]
-            c = b.cls
-            if (slot >> 6) < b.hint:
-                b.hint = slot >> 6
-            if b.owners != NULL:
-                b.owners[slot] = 0
-            sl.slots_used -= 1
-            sl.slot_bytes -= c * GRANULE
-            sl.stored_bytes -= loc_size(loc)
-            b.used -= 1
-            if b.used == 0:
-                self._release_block(gid)
-            elif b.used == b.nslots - 1 and not sl.retired:
-                self._partial_push(c, gid)
+            if (locs[i] & KIND_MASK) == KIND_STORED:
+                self._account_free(locs[i])
         return E_OK
 
     cdef Py_ssize_t _pick(self, Py_ssize_t max_n, uint64_t[:] out_locs, uint64_t[:] out_owners,

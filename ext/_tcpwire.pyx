@@ -17,7 +17,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIG
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (
     PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
-    PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK,
+    PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK, NOWAIT_LOCK,
 )
 from libc.errno cimport errno, EINTR, EAGAIN
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -96,6 +96,62 @@ cdef extern from *:
     void rram_add_u64(uint64_t *p, uint64_t v) nogil
     uint64_t rram_load_u64(const uint64_t *p) nogil
 
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_MD:
+        pass
+    const EVP_MD *EVP_sha256()
+
+cdef extern from "openssl/hmac.h" nogil:
+    unsigned char *HMAC(const EVP_MD *evp_md, const void *key, int key_len, const unsigned char *d, size_t n,
+                        unsigned char *md, unsigned int *md_len)
+
+cdef extern from "openssl/crypto.h" nogil:
+    int CRYPTO_memcmp(const void *a, const void *b, size_t n)
+
+cdef enum:
+    FLAG_MAC = 1        # header flags: a MAC_TRAILER-byte MAC follows the REQUEST payload
+    MAC_TRAILER = 16
+    FRAME_KEY = 32
+
+
+cdef inline void _frame_mac(const uint8_t *key, const uint8_t *frame, size_t n, uint8_t *out) noexcept nogil:
+    """HMAC-SHA256(key, header | descriptors), truncated: what wire.request_mac computes."""
+    cdef unsigned char md[32]
+    cdef unsigned int mdlen = 32
+    HMAC(EVP_sha256(), key, FRAME_KEY, frame, n, md, &mdlen)
+    memcpy(out, md, MAC_TRAILER)
+
+
+def frame_mac(const uint8_t[::1] key, const uint8_t[::1] frame):
+    """The MAC both ends compute over a REQUEST's header and descriptors (tests, benchmarks)."""
+    cdef uint8_t out[MAC_TRAILER]
+    if key.shape[0] != FRAME_KEY or frame.shape[0] == 0:
+        raise ValueError(f"a {FRAME_KEY}-byte key and a non-empty frame")
+    with nogil:
+        _frame_mac(&key[0], &frame[0], frame.shape[0], out)
+    return (<char *>out)[:MAC_TRAILER]
+
+
+cdef extern from *:
+    """
+    /* the provider-wide I/O budget: every serving thread takes and gives bytes concurrently */
+    static inline int rram_budget_take(int64_t *avail, int64_t n)
+    {
+        int64_t cur = __atomic_load_n(avail, __ATOMIC_RELAXED);
+        do {
+            if (cur < n) return 0;
+        } while (!__atomic_compare_exchange_n(avail, &cur, cur - n, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        return 1;
+    }
+    static inline void rram_budget_give(int64_t *avail, int64_t n) { __atomic_fetch_add(avail, n, __ATOMIC_RELAXED); }
+    static inline int rram_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void rram_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    """
+    bint rram_budget_take(int64_t *avail, int64_t n) nogil
+    void rram_budget_give(int64_t *avail, int64_t n) nogil
+    int rram_load_int(const int *p) nogil
+    void rram_store_int(int *p, int v) nogil
+
 # mirrors wire.py (tcp.py checks WIRE_CONSTANTS against it at import)
 cdef enum:
     HDR = 32
@@ -142,6 +198,12 @@ cdef enum:
     R_SHUT = -20
     # out of memory growing a buffer
     R_NOMEM = -21
+    # provider: growing a buffer to a = bytes would exceed the provider-wide I/O budget
+    R_BUDGET = -22
+    # provider: a started frame (a = bytes buffered) did not finish within frame_timeout_ns
+    R_TIMEOUT = -23
+    # provider: request a (its sequence number b) lacks the MAC, or the MAC does not verify
+    R_BAD_MAC = -24
     # post refused before anything was sent: max_outstanding batches in flight
     R_TOO_MANY = -30
     # post refused: a = number of ops, outside 1..max_batch
@@ -162,6 +224,9 @@ RESULT_CODES = {
     "R_OVERFLOW": R_OVERFLOW,
     "R_SHUT": R_SHUT,
     "R_NOMEM": R_NOMEM,
+    "R_BUDGET": R_BUDGET,
+    "R_TIMEOUT": R_TIMEOUT,
+    "R_BAD_MAC": R_BAD_MAC,
     "R_TOO_MANY": R_TOO_MANY,
     "R_BAD_COUNT": R_BAD_COUNT,
     "R_TOO_BIG": R_TOO_BIG,
@@ -239,13 +304,29 @@ cdef struct framebuf_t:
     size_t cap
     size_t start
     size_t end
+    int64_t *budget     # provider: growth beyond INITIAL_BUFFER is taken from here (NULL: none)
+    size_t held         # bytes of the budget this buffer holds (>= cap)
 
 
 cdef int _fb_init(framebuf_t *fb) noexcept nogil:
     fb.buf = <uint8_t *>malloc(INITIAL_BUFFER)
     fb.cap = INITIAL_BUFFER if fb.buf != NULL else 0
     fb.start = fb.end = 0
+    fb.budget = NULL
+    fb.held = fb.cap
     return 0 if fb.buf != NULL else R_NOMEM
+
+
+cdef int _fb_reserve(framebuf_t *fb, size_t need) noexcept nogil:
+    """Hold ``need`` bytes of the budget for this buffer before it grows toward them: the whole
+    frame at once, so that concurrent big frames cannot each take part of the budget and all
+    starve; one gets it, the others are refused at their header."""
+    if fb.budget == NULL or need <= fb.held:
+        return 0
+    if not rram_budget_take(fb.budget, need - fb.held):
+        return R_BUDGET
+    fb.held = need
+    return 0
 
 
 cdef inline size_t _fb_avail(const framebuf_t *fb) noexcept nogil:
@@ -271,11 +352,29 @@ cdef int _fb_room(framebuf_t *fb, size_t need) noexcept nogil:
     newcap = need if need < 2 * fb.cap else 2 * fb.cap
     if newcap <= fb.cap:
         newcap = fb.cap + HDR
+    if _fb_reserve(fb, newcap) < 0:
+        return R_BUDGET
     nb = <uint8_t *>realloc(fb.buf, newcap)
     if nb == NULL:
         return R_NOMEM
     fb.buf, fb.cap = nb, newcap
     return 0
+
+
+cdef void _fb_shrink(framebuf_t *fb) noexcept nogil:
+    """Give a budgeted buffer's growth back once what it holds fits the initial size again,
+    so a connection that sent one big batch does not keep the budget while it idles."""
+    cdef size_t n = fb.end - fb.start
+    cdef uint8_t *nb
+    if fb.budget == NULL or fb.held <= INITIAL_BUFFER or n > INITIAL_BUFFER:
+        return
+    if fb.start:
+        memmove(fb.buf, fb.buf + fb.start, n)
+        fb.start, fb.end = 0, n
+    nb = <uint8_t *>realloc(fb.buf, INITIAL_BUFFER)
+    if nb != NULL:
+        rram_budget_give(fb.budget, fb.held - INITIAL_BUFFER)
+        fb.buf, fb.cap, fb.held = nb, INITIAL_BUFFER, INITIAL_BUFFER
 
 
 cdef int _fb_fill(framebuf_t *fb, int fd, int flags) noexcept nogil:
@@ -297,8 +396,9 @@ cdef bytes _fb_front(const framebuf_t *fb, size_t n):
     return (<char *>fb.buf + fb.start)[:n]
 
 
-cdef int _send_all(int fd, const uint8_t *buf, size_t n, int64_t deadline) noexcept nogil:
-    """Send n bytes (blocking via poll); 0, C_EINTR is retried, -ETIMEDOUT past ``deadline`` (ns, 0 none)."""
+cdef int _send_all(int fd, const uint8_t *buf, size_t n, int64_t deadline, const int *cancel=NULL) noexcept nogil:
+    """Send n bytes (blocking via poll); 0, C_EINTR is retried, -ETIMEDOUT past ``deadline`` (ns, 0 none),
+    -ECANCELED soon after ``*cancel`` becomes non-zero (another thread is shutting the connection)."""
     cdef ssize_t r
     cdef short rev
     cdef int w, ms
@@ -317,10 +417,42 @@ cdef int _send_all(int fd, const uint8_t *buf, size_t n, int64_t deadline) noexc
             ms = <int>((deadline - _now_ns()) // 1000000)
             if ms <= 0:
                 return -110  # ETIMEDOUT
+        if cancel != NULL:
+            if rram_load_int(cancel):
+                return -125  # ECANCELED
+            if ms < 0 or ms > 50:
+                ms = 50  # wake up to look at *cancel
         w = _wait(fd, POLLOUT, ms, &rev)
         if w < 0 and w != C_EINTR:
             return w
     return 0
+
+
+cdef class IoBudget:
+    """Bytes of data-connection buffers one provider may hold in all, shared by its WireServers.
+
+    Each connection starts with two INITIAL_BUFFER buffers (taken at creation: a connection
+    that does not fit is refused) and takes every byte it grows by, giving it back once the
+    frame is done; so what hostile peers make the provider buffer is bounded by ``total``.
+    """
+
+    cdef int64_t avail
+    cdef readonly int64_t total
+
+    def __cinit__(self, int64_t total):
+        if total < 0:
+            raise ValueError(f"budget must be >= 0 bytes, got {total}")
+        self.total = total
+        self.avail = total
+
+    @property
+    def available(self):
+        return rram_load_u64(<uint64_t *>&self.avail)
+
+    @property
+    def per_connection(self):
+        """Bytes a connection takes before it receives anything."""
+        return 2 * INITIAL_BUFFER
 
 
 cdef class WireServer:
@@ -329,7 +461,9 @@ cdef class WireServer:
     Each REQUEST is received into one buffer (header and body, often in one recv), checked,
     executed against the session's region table and answered with one send, with the GIL
     released throughout.  ``shut`` (any thread) sends an ERROR frame and shuts the socket; a
-    lock keeps it from landing inside a COMPLETION.
+    lock keeps it from landing inside a COMPLETION.  Buffers come out of an ``IoBudget``;
+    a started frame must finish within ``frame_timeout_ns`` and a reply must leave within
+    ``send_timeout_ns`` (0: no limit), so a peer that drips or stops reading is dropped.
     """
 
     cdef int fd
@@ -338,30 +472,75 @@ cdef class WireServer:
     cdef size_t out_cap
     cdef PyThread_type_lock send_lock
     cdef bint closed
+    cdef int cancel            # set by shut(): a send blocked on the peer gives up
     cdef uint64_t counts[4]    # ops, batches, bytes_read, bytes_written
     cdef uint64_t failed
     cdef int64_t a, b
+    cdef IoBudget budget_obj
+    cdef uint8_t key[32]       # set_frame_key: every REQUEST must carry a MAC under it
+    cdef bint keyed
+    cdef uint32_t seq          # the sequence number the next REQUEST must carry
     cdef public int64_t spin_ns
+    cdef public int64_t frame_timeout_ns
+    cdef public int64_t send_timeout_ns
 
-    def __cinit__(self, int fd):
+    def __cinit__(self, int fd, IoBudget budget=None):
         self.fd = fd
-        if _fb_init(&self.rx) < 0:
-            raise MemoryError()
+        self.rx.buf = NULL
+        self.out = NULL
+        self.send_lock = NULL
+        if budget is not None:
+            if not rram_budget_take(&budget.avail, 2 * INITIAL_BUFFER):
+                raise BufferError(f"the provider's I/O budget of {budget.total} bytes is taken")
         self.out = <uint8_t *>malloc(INITIAL_BUFFER)
         self.out_cap = INITIAL_BUFFER
+        if _fb_init(&self.rx) < 0:
+            self.rx.held = INITIAL_BUFFER  # __dealloc__ gives back what was taken
+        self.budget_obj = budget
+        if budget is not None:
+            self.rx.budget = &budget.avail
+        if self.rx.buf == NULL:
+            raise MemoryError()
         self.send_lock = PyThread_allocate_lock()
         if self.out == NULL or self.send_lock == NULL:
             raise MemoryError()
         self.closed = False
+        self.cancel = 0
         self.counts[0] = self.counts[1] = self.counts[2] = self.counts[3] = 0
         self.failed = 0
         self.spin_ns = 0
+        self.frame_timeout_ns = 0
+        self.send_timeout_ns = 0
 
     def __dealloc__(self):
-        free(self.out)
-        free(self.rx.buf)
+        self._free_buffers()
         if self.send_lock != NULL:
             PyThread_free_lock(self.send_lock)
+
+    cdef void _free_buffers(self) noexcept:
+        if self.budget_obj is not None:
+            rram_budget_give(&self.budget_obj.avail, <int64_t>(self.rx.held + self.out_cap))
+            self.budget_obj = None
+        free(self.out)
+        free(self.rx.buf)
+        self.out, self.out_cap = NULL, 0
+        self.rx.buf, self.rx.cap, self.rx.held, self.rx.start, self.rx.end = NULL, 0, 0, 0, 0
+
+    def release(self):
+        """After ``serve`` returned, in its thread: free the buffers and give their budget back now,
+        not whenever the object is collected.  Only ``shut``/``mark_closed`` may follow."""
+        self._free_buffers()
+
+    cdef inline int64_t _send_deadline(self) noexcept nogil:
+        return _now_ns() + self.send_timeout_ns if self.send_timeout_ns > 0 else 0
+
+    def set_frame_key(self, const uint8_t[::1] key):
+        """From now on every REQUEST must carry its sequence number (header ``reserved``, from
+        0) and a MAC under ``key`` (32 bytes) over its header and descriptors."""
+        if key.shape[0] != FRAME_KEY:
+            raise ValueError(f"frame key must be {FRAME_KEY} bytes")
+        memcpy(self.key, &key[0], FRAME_KEY)
+        self.keyed, self.seq = True, 0
 
     def counters(self):
         """(ops, batches, bytes_read, bytes_written, failed batches) so far."""
@@ -381,7 +560,8 @@ cdef class WireServer:
         with nogil:
             PyThread_acquire_lock(self.send_lock, WAIT_LOCK)
             if not self.closed:
-                rc = _send_all(self.fd, &frame[0], frame.shape[0], 0) if frame.shape[0] else 0
+                rc = _send_all(self.fd, &frame[0], frame.shape[0], self._send_deadline(),
+                               &self.cancel) if frame.shape[0] else 0
             PyThread_release_lock(self.send_lock)
         if rc < 0:
             raise OSError(-rc, f"send failed (errno {-rc})")
@@ -393,6 +573,8 @@ cdef class WireServer:
         cdef int64_t deadline = _now_ns() + <int64_t>(timeout * 1e9)
         cdef bint was_closed
         with nogil:
+            # a reply blocked on a peer that stopped reading holds the lock: make it give up
+            rram_store_int(&self.cancel, 1)
             PyThread_acquire_lock(self.send_lock, WAIT_LOCK)
             was_closed = self.closed
             if not was_closed:
@@ -424,8 +606,9 @@ cdef class WireServer:
         cdef framebuf_t *rx = &self.rx
         cdef const header_t *h
         cdef size_t avail, total
-        cdef int r
+        cdef int r, ms
         cdef short rev = 0
+        cdef int64_t frame_deadline = 0  # set when a started frame first has to wait for bytes
         while True:
             avail = _fb_avail(rx)
             if avail >= HDR:
@@ -434,17 +617,44 @@ cdef class WireServer:
                         or h.payload_len > MAX_PAYLOAD):
                     return R_BAD_HEADER
                 total = HDR + <size_t>h.count * sizeof(wire_op_t) + h.payload_len
+                if self.keyed:
+                    if not (h.flags & FLAG_MAC):
+                        self.a, self.b = self.seq, h.reserved
+                        return R_BAD_MAC
+                    total += MAC_TRAILER
                 if avail >= total:
                     r = self._execute(table, h)
                     if r < 0:
                         return r
                     _fb_consume(rx, total)
+                    _fb_shrink(rx)
+                    frame_deadline = 0
                     continue
-                if _fb_room(rx, total) < 0:
-                    return R_NOMEM
+                r = _fb_reserve(rx, total)
+                if r == 0:
+                    r = _fb_room(rx, total)
+                if r < 0:
+                    self.a = total
+                    return r
             elif _fb_room(rx, HDR) < 0:
                 return R_NOMEM
-            r = self._fill_spinning(rx)
+            if avail and self.frame_timeout_ns > 0:
+                # inside a frame: never block past its deadline (a peer dripping bytes holds a buffer)
+                r = _fb_fill(rx, self.fd, MSG_DONTWAIT)
+                if r == -EAGAIN:
+                    if frame_deadline == 0:
+                        frame_deadline = _now_ns() + self.frame_timeout_ns
+                    ms = <int>((frame_deadline - _now_ns()) // 1000000)
+                    if ms <= 0:
+                        self.a = avail
+                        return R_TIMEOUT
+                    r = _wait(self.fd, POLLIN, ms, &rev)
+                    if r >= 0 or r == C_EINTR:
+                        continue
+                    self.a = -r
+                    return R_OS_ERROR
+            else:
+                r = self._fill_spinning(rx)
             if r > 0:
                 continue
             if r == 0:
@@ -481,6 +691,7 @@ cdef class WireServer:
         cdef Py_ssize_t done
         cdef int status, rc
         cdef uint8_t *nb
+        cdef uint8_t mac[MAC_TRAILER]
         # the requester's _encode tallies its op_t array the same way; these are wire descriptors
         for i in range(n):
             if d[i].opcode == OP_WRITE:
@@ -493,9 +704,20 @@ cdef class WireServer:
         if rtotal > MAX_PAYLOAD:
             self.a = rtotal
             return R_READ_LIMIT
+        if self.keyed:  # before anything runs: altered, replayed, reordered or unsigned frames stop here
+            _frame_mac(self.key, <const uint8_t *>h, HDR + <size_t>n * sizeof(wire_op_t), mac)
+            if h.reserved != self.seq or CRYPTO_memcmp(mac, payload + h.payload_len, MAC_TRAILER) != 0:
+                self.a, self.b = self.seq, h.reserved
+                return R_BAD_MAC
+            self.seq += 1
         if HDR + rtotal > self.out_cap:
+            if self.rx.budget != NULL and not rram_budget_take(self.rx.budget, HDR + rtotal - self.out_cap):
+                self.a = HDR + rtotal
+                return R_BUDGET
             nb = <uint8_t *>realloc(self.out, HDR + rtotal)
             if nb == NULL:
+                if self.rx.budget != NULL:
+                    rram_budget_give(self.rx.budget, HDR + rtotal - self.out_cap)
                 return R_NOMEM
             self.out, self.out_cap = nb, HDR + rtotal
         status = _run_wire(table, d, n, payload, self.out + HDR, MAX_OP_LENGTH, &done, &rbytes, &wbytes)
@@ -510,11 +732,16 @@ cdef class WireServer:
         if self.closed:
             PyThread_release_lock(self.send_lock)
             return R_SHUT
-        rc = _send_all(self.fd, self.out, HDR + rbytes, 0)
+        rc = _send_all(self.fd, self.out, HDR + rbytes, self._send_deadline(), &self.cancel)
         PyThread_release_lock(self.send_lock)
         if rc < 0:
             self.a = -rc
             return R_OS_ERROR
+        if self.rx.budget != NULL and self.out_cap > INITIAL_BUFFER:
+            nb = <uint8_t *>realloc(self.out, INITIAL_BUFFER)  # give a big READ's buffer back
+            if nb != NULL:
+                rram_budget_give(self.rx.budget, self.out_cap - INITIAL_BUFFER)
+                self.out, self.out_cap = nb, INITIAL_BUFFER
         return 0
 
 
@@ -537,6 +764,9 @@ cdef class WireRequester:
     cdef uint32_t head, count, max_outstanding, max_batch
     cdef bint eof
     cdef int64_t a, b, c
+    cdef uint8_t key[32]       # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
+    cdef bint keyed
+    cdef uint32_t seq
     cdef public int64_t spin_ns
 
     def __cinit__(self, RegionTable local, uint32_t max_outstanding, uint32_t max_batch):
@@ -587,6 +817,13 @@ cdef class WireRequester:
         self.detach()
         self.fd = fd
 
+    def set_frame_key(self, const uint8_t[::1] key):
+        """Sign every REQUEST from now on (after ``attach``: each connection has its own key)."""
+        if key.shape[0] != FRAME_KEY:
+            raise ValueError(f"frame key must be {FRAME_KEY} bytes")
+        memcpy(self.key, &key[0], FRAME_KEY)
+        self.keyed, self.seq = True, 0
+
     def detach(self):
         """Forget the connection and every outstanding batch (the owner closes the fd)."""
         self.fd = -1
@@ -594,6 +831,7 @@ cdef class WireRequester:
         self.rx.start = self.rx.end = 0
         self.soff = self.slen = 0
         self.eof = False
+        self.keyed = False
 
     def post(self, object ops, uint64_t batch_id):
         """Send a contiguous 1-D OP_DTYPE array as one batch: 0, or a negative R_* code.
@@ -643,7 +881,7 @@ cdef class WireRequester:
         if w > MAX_PAYLOAD or r > MAX_PAYLOAD:
             self.a, self.b = w, r
             return R_TOO_BIG
-        need = HDR + <uint64_t>n * sizeof(wire_op_t) + w
+        need = HDR + <uint64_t>n * sizeof(wire_op_t) + w + MAC_TRAILER
         if need > self.scap:
             nb = <uint8_t *>realloc(self.sbuf, need)
             if nb == NULL:
@@ -687,6 +925,12 @@ cdef class WireRequester:
         if k:
             _put_header(self.sbuf, T_REQUEST, batch_id, <uint32_t>k, 0, <uint32_t>w)
             self.slen = HDR + <size_t>k * sizeof(wire_op_t) + w
+            if self.keyed:
+                (<header_t *>self.sbuf).flags = FLAG_MAC
+                (<header_t *>self.sbuf).reserved = self.seq
+                self.seq += 1
+                _frame_mac(self.key, self.sbuf, HDR + <size_t>k * sizeof(wire_op_t), self.sbuf + self.slen)
+                self.slen += MAC_TRAILER
         return 0
 
     cdef int _send_frame(self) noexcept nogil:

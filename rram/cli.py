@@ -1,4 +1,4 @@
-"""The `rram` command: provider, status, demo, requester, drain.
+"""The `rram` command: provider, status, demo, requester, drain, undrain, reload, keys.
 
 Logging is configured here (rram/logsetup.py), never by the modules a subcommand runs.
 Subcommands written in other modules are imported when used, so the CLI works (and says
@@ -46,17 +46,18 @@ def _status(args) -> int:
 
     from . import config as C
     from . import errors
+    from .control import keys
     from .control.client import ProviderClient
 
     try:
         cfg = C.load(args.config)
-        secret = cfg.secret_bytes()
-    except errors.ConfigError as exc:
+        credential = keys.credential(cfg, args.as_, "operator")
+    except errors.RramError as exc:
         print(f"rram status: {exc}", file=sys.stderr)
         return 1
     results: dict[str, dict] = {}
     for node in cfg.providers():
-        client = ProviderClient(node, secret, f"status@{socket.gethostname()}-{os.getpid()}", timeout=args.timeout)
+        client = ProviderClient(node, credential, timeout=args.timeout)
         try:
             client.connect()
             results[node.name] = client.stats()
@@ -94,7 +95,7 @@ def _status_table(cfg, results: dict) -> None:
                       f"{r.get('bytes_read', 0) / 2**20:.1f}MiB", f"{r.get('bytes_written', 0) / 2**20:.1f}MiB",
                       f"{r['uptime']:.0f}s")
         for s in r.get("per_session", []):
-            if s["leases"] and not s["requester"].startswith("status@"):
+            if s["leases"]:
                 detail.append(f"{node.name} <- {s['requester']}: {s['leases']} leases, {format_size(s['bytes'])}"
                               + ("" if s["connected"] else f", detached {s['detached_for']}s"))
     console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole lines
@@ -103,6 +104,39 @@ def _status_table(cfg, results: dict) -> None:
         console.print(line, soft_wrap=True)
     for line in problems:
         console.print(f"[red]{line}[/]", soft_wrap=True)
+
+
+def _operator_request(args) -> int:
+    """``rram undrain NODE`` / ``rram reload``: one operator request to one or every provider."""
+    from . import config as C
+    from . import errors
+    from .control import keys
+    from .control.client import ProviderClient
+
+    try:
+        cfg = C.load(args.config)
+        credential = keys.credential(cfg, args.as_, "operator")
+        nodes = [cfg.node(args.node)] if getattr(args, "node", None) else cfg.providers()
+    except errors.RramError as exc:
+        print(f"rram {args.command}: {exc}", file=sys.stderr)
+        return 1
+    failed = 0
+    for node in nodes:
+        try:
+            with ProviderClient(node, credential, timeout=args.timeout) as client:
+                client.connect()
+                result = client.undrain() if args.command == "undrain" else f"{client.reload()} sessions cut"
+            print(f"rram {args.command}: {node.name}: {result}")
+        except (errors.RramError, OSError) as exc:
+            print(f"rram {args.command}: {node.name}: {exc}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def _as_option(p) -> None:
+    p.add_argument("--as", dest="as_", default="operator", metavar="NAME",
+                   help="the operator identity to use: keys_dir/NAME.key, or derived where the master key is "
+                        "(default operator)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="cluster file (YAML)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="per provider (default 3)")
+    _as_option(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("demo", help="a whole cluster on loopback, end to end, with verified pages")
@@ -145,7 +180,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", metavar="NODE")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
     p.add_argument("--keep-running", action="store_true", help="leave the drained provider up")
+    _as_option(p)
     p.set_defaults(func=_lazy("rram.control.drain"))
+
+    p = sub.add_parser("undrain", help="let a draining provider lease again")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    _as_option(p)
+    p.set_defaults(func=_operator_request)
+
+    p = sub.add_parser("reload", help="providers re-read the cluster file: revoked keys are cut, quotas apply")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    _as_option(p)
+    p.set_defaults(func=_operator_request)
+
+    p = sub.add_parser("keys", help="create the master key, or a key file for a requester or operator")
+    keys = p.add_subparsers(dest="keys_command", metavar="init|add", required=True)
+    k = keys.add_parser("init", help="write the master key to secret_file (providers only)")
+    k.add_argument("--config", required=True, help="cluster file (YAML)")
+    k = keys.add_parser("add", help="write keys_dir/NAME.key for a new identity")
+    k.add_argument("--config", required=True, help="cluster file (YAML)")
+    k.add_argument("name", metavar="NAME")
+    k.add_argument("--role", required=True, choices=("requester", "operator", "provider"))
+    k.add_argument("--out", metavar="FILE", help="write here instead of keys_dir/NAME.key")
+    p.set_defaults(func=_lazy("rram.control.keys"))
     return parser
 
 

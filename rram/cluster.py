@@ -14,6 +14,7 @@ import socket
 
 from . import config as C
 from . import errors
+from .control import keys
 from .control.client import ProviderClient
 from .control.keeper import Keeper
 from .datapath.remote import Link, RemoteTier
@@ -44,9 +45,9 @@ def link(client, rt, name: str, failure_domain: str | None = None) -> Link:
     return Link(index=-1, name=name, client=client, endpoint=ep, failure_domain=failure_domain)
 
 
-def link_provider(node, rt, requester: str, secret: bytes) -> Link:
-    """Authenticate to provider ``node`` (a NodeConfig) and link it."""
-    client = ProviderClient(node, secret, requester)
+def link_provider(node, rt, credential) -> Link:
+    """Authenticate to provider ``node`` (a NodeConfig) with ``credential`` and link it."""
+    client = ProviderClient(node, credential)
     try:
         client.connect()
         return link(client, rt, node.name, node.failure_domain)
@@ -70,12 +71,12 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     replicas = replicas or cfg.replicas
     rt = requester_transport(tname, **_requester_options(tname, cfg, requester))
     remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas)
-    secret = cfg.secret_bytes()
+    credential = keys.credential(cfg, requester, "requester")
     for node in cfg.providers():
         if node.name == requester:
             continue  # symmetric topology: never place our pages on ourselves
         try:
-            remote.add_link(link_provider(node, rt, requester, secret))
+            remote.add_link(link_provider(node, rt, credential))
         except errors.AuthError:
             remote.close()
             raise
@@ -90,6 +91,6 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     store.transport_reason = why
     store.requester = requester
     if keeper:
-        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, requester, secret),
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, credential),
                               requester=requester).start()
     return store

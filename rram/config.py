@@ -86,6 +86,7 @@ class NodeConfig:
     rdma_device: str | None = _f(None, "str", optional=True)
     gid_index: int = _f(0, "int")
     metrics_port: int | None = _f(None, "port", optional=True)
+    metrics_address: str = _f("127.0.0.1", "str")  # /metrics has no authentication: loopback unless told
 
     @property
     def is_provider(self) -> bool:
@@ -101,10 +102,32 @@ class RequesterConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """What any peer can make one provider hold (README "Security model"): connections are
+    refused over these caps with a logged reason, and the buffers of all data connections
+    together come out of ``io_budget``."""
+
+    max_connections: int = _f(256, "int", minimum=1)  # control + data, in total
+    max_connections_per_peer: int = _f(64, "int", minimum=1)  # from one IP address
+    max_handshakes: int = _f(64, "int", minimum=1)  # connections not yet authenticated
+    max_sessions_per_requester: int = _f(8, "int", minimum=1)
+    max_data_connections: int = _f(8, "int", minimum=1)  # per session: tcp tokens, verbs QPs
+    io_budget: int = _f(256 << 20, "size")  # data-connection buffers, all connections together
+
+
+@dataclass
 class ClusterConfig:
     name: str = _f("rram", "str")
+    #: the master key (providers and whoever issues keys hold it; see rram/control/auth.py)
     secret: str | None = _f(None, "str", optional=True)
     secret_file: str | None = _f(None, "str", optional=True)
+    #: where ``rram keys add`` writes NAME.key and where a requester or operator finds its own
+    keys_dir: str = _f("keys", "str")
+    #: bytes each requester may lease on one provider (name -> size); others: default_quota
+    quotas: dict = field(default_factory=dict, metadata={"kind": "quotas"})
+    default_quota: int | None = _f(None, "size", optional=True)
+    #: name -> highest revoked generation: those keys are refused and their sessions cut
+    revoked: dict = field(default_factory=dict, metadata={"kind": "revoked"})
     transport: str = _f("auto", "choice", choices=TRANSPORTS)
     slab_size: int = _f(64 << 20, "size")
     heartbeat_interval: float = _f(1.0, "float", positive=True)
@@ -114,6 +137,7 @@ class ClusterConfig:
     replicas: int = _f(2, "int", minimum=1)
     nodes: list = field(default_factory=list, metadata={"kind": "nodes"})
     requester: RequesterConfig = field(default_factory=RequesterConfig, metadata={"kind": "requester"})
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"kind": "limits"})
     #: the file this came from (for messages and relative paths); not part of the YAML
     source: str = field(default="<dict>", compare=False, repr=False, metadata={"kind": "internal"})
 
@@ -142,12 +166,23 @@ class ClusterConfig:
             raise ConfigError(f"{self.source}: secret_file: {self.secret_file} is empty")
         return data
 
+    def quota(self, requester: str) -> int | None:
+        return self.quotas.get(requester, self.default_quota)
+
+    def is_revoked(self, name: str, generation: int) -> bool:
+        return generation <= self.revoked.get(name, 0)
+
+    def key_path(self, name: str) -> str:
+        return os.path.join(self.keys_dir, f"{name}.key")
+
     def transport_options(self, transport_name: str, node: NodeConfig) -> dict:
         """Keyword options of ``rram.transport.provider_transport(transport_name, ...)`` for ``node``."""
+        per_session = self.limits.max_data_connections
         if transport_name == "tcp":
-            return {"host": node.address, "port": node.data_port}
+            return {"host": node.address, "port": node.data_port, "io_budget": self.limits.io_budget,
+                    "max_session_connections": per_session}
         if transport_name == "verbs":
-            return {"device": node.rdma_device, "gid_index": node.gid_index}
+            return {"device": node.rdma_device, "gid_index": node.gid_index, "max_session_connections": per_session}
         if transport_name == "loopback":
             return {}
         raise ConfigError(f"{self.source}: no options for transport {transport_name!r}; "
@@ -204,6 +239,21 @@ def _value(ctx: _Ctx, path: str, f: dataclasses.Field, raw):
         if raw not in choices:
             ctx.fail(path, f"one of {', '.join(choices)}", raw)
         return raw
+    if kind in ("quotas", "revoked"):
+        if not isinstance(raw, dict) or any(not isinstance(k, str) or not k for k in raw):
+            ctx.fail(path, "a mapping from identity names", raw)
+        out = {}
+        for k, v in raw.items():
+            if kind == "quotas":
+                try:
+                    out[k] = parse_size(v)
+                except ValueError as exc:
+                    ctx.fail(f"{path}.{k}", str(exc).removeprefix("expected "), show_got=False)
+            elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                ctx.fail(f"{path}.{k}", "the highest revoked generation (an integer >= 1)", v)
+            else:
+                out[k] = v
+        return out
     if kind == "roles":
         if isinstance(raw, str):
             raw = [raw]
@@ -233,8 +283,12 @@ def _build(ctx: _Ctx, cls, path: str, data, extra=None):
         kind = f.metadata["kind"]
         if kind == "nodes":
             kwargs[name] = _nodes(ctx, key, data[name])
+        elif kind in ("quotas", "revoked"):
+            kwargs[name] = _value(ctx, key, f, data[name] or {})
         elif kind == "requester":
             kwargs[name] = _build(ctx, RequesterConfig, key, data[name] or {})
+        elif kind == "limits":
+            kwargs[name] = _build(ctx, LimitsConfig, key, data[name] or {})
         else:
             kwargs[name] = _value(ctx, key, f, data[name])
     return cls(**kwargs)
@@ -285,6 +339,8 @@ def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> Cluster
         cfg.replicas = max(1, min(DEFAULT_REPLICAS, len(cfg.providers())))
     if cfg.secret_file is not None and base_dir is not None:
         cfg.secret_file = os.path.abspath(os.path.join(base_dir, cfg.secret_file))
+    if base_dir is not None:
+        cfg.keys_dir = os.path.abspath(os.path.join(base_dir, cfg.keys_dir))
     _check(ctx, cfg)
     return cfg
 
@@ -314,12 +370,16 @@ def to_dict(cfg) -> dict:
             continue
         if kind == "nodes":
             value = [to_dict(n) for n in value]
-        elif kind == "requester":
+        elif kind in ("requester", "limits"):
             value = to_dict(value)
         elif kind == "size":
             value = format_size(value)
         elif kind == "roles":
             value = list(value)
+        elif kind == "quotas":
+            value = {k: format_size(v) for k, v in value.items()}
+        elif kind == "revoked":
+            value = dict(value)
         out[f.name] = value
     return out
 
@@ -327,3 +387,4 @@ def to_dict(cfg) -> dict:
 def dump(cfg: ClusterConfig) -> str:
     """YAML text that ``from_dict(yaml.safe_load(text))`` turns back into an equal config."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+

@@ -21,7 +21,11 @@ class ProtocolError(RramError):
 
 
 class AuthError(RramError):
-    """The cluster secret did not match (HMAC challenge failed)."""
+    """A key did not verify (HMAC challenge failed), or was revoked: the connection is closed."""
+
+
+class Forbidden(AuthError):
+    """The caller's role may not make this request; the connection stays usable."""
 
 
 class TransportError(RramError):

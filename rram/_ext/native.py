@@ -23,8 +23,12 @@ NATIVE = (
     Native("_slab", why="size-class slot allocator", optional=False),
     Native("_pagemap", why="compact page map", optional=False),
     Native("_regions", why="registered regions and the loopback transport's copies", optional=False),
-    Native("_tcpwire", why="the tcp transport's data protocol (both ends)", optional=False),
+    Native("_tcpwire", "libcrypto", ["crypto"], "openssl/hmac.h",
+           "the tcp transport's data protocol (both ends; OpenSSL's HMAC signs its frames)", optional=False),
     Native("_storepath", why="the page store's per-batch planning (get/put fast path)", optional=False),
     Native("_nbdwire", why="NBD request parsing and reply packing in batches", optional=False),
+    # cimport _codec's C functions, so they need liblz4 too
+    Native("_reqpath", "liblz4", ["lz4"], "lz4.h", "single-page requests on the store's tables without the GIL"),
+    Native("_nbdserve", "liblz4", ["lz4"], "lz4.h", "single NBD requests served through _reqpath in C"),
     Native("_verbs", "libibverbs", ["ibverbs"], "infiniband/verbs.h", "RDMA verbs transport"),
 )

@@ -1,6 +1,6 @@
 """The requester's control connection to one provider (blocking, thread-safe).
 
-    client = ProviderClient(node, cfg.secret_bytes(), requester="host-1")
+    client = ProviderClient(node, keys.credential(cfg, "host-1", "requester"))
     client.connect()                                   # hello/auth, both sides proven
     lease = client.alloc_slab(64 << 20)                # Lease(lease_id, RemoteRegion)
     ep.connect(client.connect_data(ep.local_params()))
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _ERRORS = {
     "auth": errors.AuthError,
+    "forbidden": errors.Forbidden,
     "capacity": errors.CapacityError,
     "draining": errors.CapacityError,
     "not_found": errors.NotFound,
@@ -45,15 +46,16 @@ class Lease:
 
 
 class ProviderClient:
-    def __init__(self, node, secret: bytes, requester: str, timeout: float = 5.0):
+    def __init__(self, node, credential: auth.Credential, timeout: float = 5.0):
         self.node = node
-        self.secret = secret.encode() if isinstance(secret, str) else bytes(secret)
-        self.requester = requester
+        self.credential = credential
+        self.requester = credential.name
         self.timeout = timeout
         #: filled in by connect(): what the provider said about itself
         self.welcome: dict | None = None
         self.session: str | None = None
         self.token: str | None = None
+        self._handshake_secret = self._session_secret = b""
         self._sock: socket.socket | None = None
         self._dec: M.Decoder | None = None
         self._ids = itertools.count(1)
@@ -83,6 +85,7 @@ class ProviderClient:
         with self._lock:
             self._dial()
             self.session, self.token = self.welcome["session"], self.welcome["token"]
+            self._session_secret = self._handshake_secret  # kept across resume: same session
             return self.welcome
 
     def resume(self) -> list[Lease]:
@@ -130,8 +133,10 @@ class ProviderClient:
         self._call("free_slab", lease=lease_id)
 
     def connect_data(self, params: dict) -> dict:
-        """Pass an endpoint's ``local_params()`` to the provider's transport session; its reply."""
-        return self._call("connect", params=params)["params"]
+        """Pass an endpoint's ``local_params()`` to the provider's transport session; its reply,
+        plus the session's secret (derived here, never sent) for the endpoint to prove."""
+        reply = self._call("connect", params=params)["params"]
+        return {**reply, "session_secret": self._session_secret.hex()}
 
     def stats(self) -> dict:
         return self._call("stats")["stats"]
@@ -146,6 +151,13 @@ class ProviderClient:
 
     def drain(self) -> str:
         return self._call("drain")["state"]
+
+    def undrain(self) -> str:
+        return self._call("undrain")["state"]
+
+    def reload(self) -> int:
+        """Ask the provider to re-read its cluster file (revocations, quotas); sessions it cut."""
+        return self._call("reload")["cut"]
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -217,13 +229,15 @@ class ProviderClient:
             raise
 
     def _authenticate(self) -> dict:
-        nonce = auth.new_nonce()
-        challenge = self._call_locked("hello", requester=self.requester, nonce=nonce)["challenge"]
-        mac = auth.requester_mac(self.secret, challenge, nonce, self.requester)
+        nonce, cred = auth.new_nonce(), self.credential
+        challenge = self._call_locked("hello", requester=cred.name, role=cred.role, generation=cred.generation,
+                                      nonce=nonce)["challenge"]
+        mac = auth.requester_mac(cred.key, challenge, nonce, cred.name)
         welcome = self._call_locked("auth", mac=mac)
-        expected = auth.provider_proof(self.secret, challenge, nonce, self.requester)
+        expected = auth.provider_proof(cred.key, challenge, nonce, cred.name)
         if not auth.verify(expected, welcome["proof"]):
-            raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster secret")
+            raise errors.AuthError(f"provider {self.node.name} failed to prove it knows the cluster's keys")
+        self._handshake_secret = auth.session_secret(cred.key, challenge, nonce)
         log.debug("authenticated to %s (session %s, incarnation %d)", self.node.name, welcome["session"],
                   welcome["incarnation"])
         return welcome

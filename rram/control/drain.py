@@ -14,14 +14,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from .. import config as C
 from .. import errors
+from . import keys
 from .client import ProviderClient
 
 
 def drain(cfg, node_name: str, *, timeout: float = 3600.0, poll: float = 0.5, exit_after: bool = True,
-          progress: Progress | None = None) -> dict:
+          progress: Progress | None = None, operator: str = "operator") -> dict:
     """Drain ``node_name``; returns its final stats. Raises RramError on timeout."""
     node = cfg.node(node_name)
-    with ProviderClient(node, cfg.secret_bytes(), "rram-drain") as client:
+    with ProviderClient(node, keys.credential(cfg, operator, "operator")) as client:
         client.connect()
         client.drain()
         start = client.stats()["used"]
@@ -47,7 +48,8 @@ def main(args) -> int:
         cfg = C.load(args.config)
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                       TimeElapsedColumn()) as progress:
-            drain(cfg, args.node, timeout=args.timeout, exit_after=not args.keep_running, progress=progress)
+            drain(cfg, args.node, timeout=args.timeout, exit_after=not args.keep_running, progress=progress,
+                  operator=args.as_)
     except errors.RramError as exc:
         print(f"rram drain: {exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,10 @@ from ..errors import ProtocolError
 
 VERSION = 1
 MAX_FRAME = 1 << 20
+#: what a provider accepts from a peer that has not authenticated yet (hello, auth are < 1 KiB)
+MAX_HANDSHAKE_FRAME = 4 << 10
+#: what a provider accepts in one request afterwards (requests are small; replies may be larger)
+MAX_REQUEST_FRAME = 64 << 10
 LENGTH = struct.Struct(">I")
 
 _INT = (int,)
@@ -29,7 +33,7 @@ _BOOL = (bool,)
 
 #: request type -> {field: allowed types}; every field is required, no others are allowed
 REQUESTS: dict[str, dict[str, tuple]] = {
-    "hello": {"requester": _STR, "nonce": _STR},
+    "hello": {"requester": _STR, "role": _STR, "generation": _INT, "nonce": _STR},
     "auth": {"mac": _STR},
     "alloc_slab": {"size": _INT},
     "free_slab": {"lease": _INT},
@@ -38,7 +42,9 @@ REQUESTS: dict[str, dict[str, tuple]] = {
     "heartbeat": {},
     "resume": {"session": _STR, "token": _STR},
     "drain": {},
+    "undrain": {},
     "shutdown": {},
+    "reload": {},
     "bye": {},
 }
 
@@ -54,7 +60,9 @@ REPLIES: dict[str, dict[str, tuple]] = {
     "heartbeat": {"incarnation": _INT, "capacity": _INT, "free": _INT, "load": _NUM, "state": _STR},
     "resume": {"session": _STR, "token": _STR, "leases": _LIST},
     "drain": {"state": _STR},
+    "undrain": {"state": _STR},
     "shutdown": {"state": _STR},
+    "reload": {"cut": _INT},
     "bye": {"released": _INT},
 }
 
@@ -62,12 +70,14 @@ REPLIES: dict[str, dict[str, tuple]] = {
 ERROR_CODES = {
     "bad_request": "the frame or a field did not follow the protocol",
     "auth": "authentication failed",
+    "forbidden": "the caller's role may not make this request",
     "state": "the request is not allowed in this state of the connection",
     "capacity": "the provider cannot lease that much without exceeding its capacity",
     "draining": "the provider is draining and leases nothing new",
     "not_found": "no such lease or session",
     "transport": "the data transport failed",
     "shutdown": "the provider is shutting down",
+    "limit": "a per-requester cap of the provider (limits in the cluster file) is reached",
     "internal": "the provider hit an unexpected error",
 }
 

@@ -12,6 +12,10 @@ get:  page map -> zero fill | decompress from the local pool | READ into staging
 All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
 a local page).
 
+Single pages (the NBD server's one-block requests) have a C path over the same tables:
+``requests`` (ext/_reqpath.pyx: a local read or write without the GIL, or a code saying the
+Python path must serve it).  It shares the store's lock, a StoreLock that C takes too.
+
 Two paths carry a batch's I/O, and one method each decides which runs: ``_get_locs`` for a
 get, ``_remote_io`` for the remote WRITEs of a put or remotify (and repatriation's READs).
 The fast path (fastpath.py: a few C calls) completes the common case or says it cannot; the
@@ -29,6 +33,11 @@ import numpy as np
 
 from .. import errors
 from .._ext._storepath import StorePath, pack_keys
+
+try:  # the C request path needs the native codec (liblz4); without it every request takes Python
+    from .._ext._reqpath import RETIRED_CAPACITY, RequestPath, StoreLock
+except ImportError:  # pragma: no cover - a build without liblz4
+    RequestPath, StoreLock, RETIRED_CAPACITY = None, threading.RLock, 0
 from ..memory import Arena
 from ..units import PAGE_SIZE
 from . import codec
@@ -65,7 +74,7 @@ class PageStore:
     ):
         if local_budget < L.BLOCK_SIZE:
             raise errors.ConfigError(f"local_budget must be at least {L.BLOCK_SIZE} bytes, got {local_budget}")
-        self._lock = threading.RLock()
+        self._lock = StoreLock()  # re-entrant; the C request path takes it too
         self.batch = max(16, int(batch))
         self.map = PageMap()
         # local pool: one registered arena cut into slabs of the local allocator (ids 1..n)
@@ -107,6 +116,10 @@ class PageStore:
         self.fast_path = True  # False: every batch takes the failover path (tests, diagnosis)
         self._fast = FastPath(remote, self._path, self.local_base, self.staging.addr)
         self._failover = Failover(remote, self._local_addrs, self.staging.addr, self._staging_addrs)
+        #: single-page reads and writes in C on these tables (None: not built)
+        self.requests = (RequestPath(self._lock, self.map, self.local, self.local_base, n_local)
+                         if RequestPath is not None else None)
+        self._retired = np.zeros(RETIRED_CAPACITY, dtype=np.uint64)
 
     def add_provider(self, link) -> None:
         """A provider that joined (or came back): usable for new slabs and repairs at once."""
@@ -126,6 +139,8 @@ class PageStore:
             for pool in range(K.MAX_POOLS):
                 if pool not in self._pools:
                     self._pools[pool] = persistent
+                    if self.requests is not None:
+                        self.requests.set_pool(pool, True)
                     return pool
         raise errors.RramError(f"all {K.MAX_POOLS} pools are in use")
 
@@ -438,6 +453,8 @@ class PageStore:
             _, locs = self.map.remove_range(lo, lo + (1 << 56))
             self._free(locs)
             del self._pools[pool]
+            if self.requests is not None:
+                self.requests.set_pool(pool, False)
             self.counters["invalidates"] += len(locs)
             return len(locs)
 
@@ -526,8 +543,9 @@ class PageStore:
 
     def wants_repatriation(self) -> bool:
         """True while remote pages exist and over half of the local pool is free."""
-        return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
-                and self.local.free_bytes > self.local.capacity_bytes // 2)
+        with self._lock:  # the C request path changes the local pool without the GIL
+            return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
+                    and self.local.free_bytes > self.local.capacity_bytes // 2)
 
     def drain(self, provider: str) -> int:
         """Start moving every slab off ``provider``; ``repair()`` does the copying."""
@@ -541,7 +559,24 @@ class PageStore:
 
     def stats(self) -> dict:
         with self._lock:
+            if not self.closed:
+                self._check_open()  # frees retired remote copies, so the figures are current
             c = dict(self.counters)
+            if self.requests is not None:  # what the C request path did, in the same terms
+                r = self.requests.counters()
+                c["puts"] += r["write_done"]
+                c["succ_puts"] += r["write_done"]
+                c["zero_pages_put"] += r["zero_writes"]
+                c["bytes_in"] += r["bytes_in"]
+                c["bytes_stored_in"] += r["bytes_stored"]
+                c["gets"] += r["read_done"]
+                c["succ_gets"] += r["read_done"] - r["absent_reads"]
+                c["failed_gets"] += r["absent_reads"]
+                c["local_gets"] += r["read_done"] - r["absent_reads"] - r["zero_reads"]
+                c["c_reads"] = r["read_done"]
+                c["c_writes"] = r["write_done"]
+                c["c_declined"] = sum(v for k, v in r.items() if k.startswith(("read_", "write_"))
+                                      and not k.endswith("_done"))
             local = self.local.stats()
             remote = self.remote_alloc.stats()
             c["pages"] = len(self.map)
@@ -569,14 +604,21 @@ class PageStore:
             return c
 
     def _check_open(self) -> None:
+        """Under the lock, before any use of the tables: refuse a closed store, and free the remote
+        copies that C writes replaced since Python last held the lock."""
         if self.closed:
             raise errors.RramError("page store is closed")
+        if self.requests is not None and self.requests.nretired:
+            n = self.requests.take_retired(self._retired)
+            self._free(self._retired[:n])
 
     def close(self) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
+            if self.requests is not None:
+                self.requests.close()
             if self.keeper is not None:
                 self.keeper.stop()
             if self.remote is not None:

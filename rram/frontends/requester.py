@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nbd-spin-us", type=float, default=DEFAULT_SPIN_US, metavar="US",
                    help="poll a busy NBD connection this long before sleeping in recv (0: never; "
                         f"default {DEFAULT_SPIN_US}): trades a little CPU for latency")
+    p.add_argument("--no-nbd-c-path", action="store_true",
+                   help="serve every NBD request on the Python path, none in C (diagnosis, comparisons)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus /metrics (the page store's counters) on 127.0.0.1:PORT (0: any)")
 
@@ -107,7 +109,8 @@ def main(args) -> int:
     try:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=0, size=size)
         server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}",
-                           spin_us=getattr(args, "nbd_spin_us", DEFAULT_SPIN_US))
+                           spin_us=getattr(args, "nbd_spin_us", DEFAULT_SPIN_US),
+                           c_requests=not getattr(args, "no_nbd_c_path", False))
         where = []
         if socket_path:
             where.append(f"socket={server.listen_unix(socket_path)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 
 from .. import errors
 from ..control import auth
@@ -44,16 +45,22 @@ class _Closed(Exception):
 
 
 class ControlConnection:
-    def __init__(self, provider, sock: socket.socket, peer, io_timeout: float):
+    """Deadlines, all ``io_timeout``: the whole handshake from accept, each started frame from
+    its first byte, each reply to leave (sendall's timeout is a total since Python 3.5).  Only
+    the serving thread sets the socket's timeout; ``shut`` from other threads never blocks."""
+
+    def __init__(self, provider, sock: socket.socket, peer, io_timeout: float, ticket):
         self.provider = provider
         self.sock = sock
         self.peer = f"{peer[0]}:{peer[1]}"
         self.io_timeout = io_timeout
+        self.ticket = ticket
         self.session = None
-        self._dec = M.Decoder("request")
+        self._dec = M.Decoder("request", max_frame=M.MAX_HANDSHAKE_FRAME)
         self._pending: list[dict] = []
         self._send_lock = threading.Lock()
         self._closed = False
+        self._deadline = time.monotonic() + io_timeout  # of the handshake, then of each frame
 
     # -- I/O ------------------------------------------------------------------------------------
 
@@ -67,10 +74,17 @@ class ControlConnection:
 
     def _recv(self, *, handshake: bool) -> dict:
         while not self._pending:
-            # idle between requests is fine once authenticated; a started frame must finish
-            self.sock.settimeout(self.io_timeout if handshake or self._dec.buffered else None)
+            if not handshake and not self._dec.buffered:
+                self._deadline = None  # idle between requests is fine once authenticated
+            elif self._deadline is None:
+                self._deadline = time.monotonic() + self.io_timeout  # a started frame must finish
+            left = None if self._deadline is None else self._deadline - time.monotonic()
             try:
-                data = self.sock.recv(RECV_SIZE)
+                if left is not None and left <= 0:
+                    raise socket.timeout
+                self.sock.settimeout(left)
+                # before authentication, never read more than one frame can hold
+                data = self.sock.recv(M.MAX_HANDSHAKE_FRAME + M.LENGTH.size if handshake else RECV_SIZE)
             except socket.timeout:
                 stage = "the handshake" if handshake else f"a frame ({self._dec.buffered} bytes received)"
                 raise errors.ProtocolError(f"timed out after {self.io_timeout:g}s waiting for {stage}") from None
@@ -82,13 +96,23 @@ class ControlConnection:
         return self._pending.pop(0)
 
     def shut(self, code: str, message: str, msg_id: int = 0) -> None:
-        """Say why and close; callable from any thread, idempotent."""
+        """Say why and close; callable from any thread, idempotent, never waits on the peer.
+
+        The reason goes out only if the socket takes it at once: a peer that stopped reading
+        does not hold up a shutdown or lease cleanup.  A reply blocked in ``send`` on another
+        thread fails when the socket is shut down under it."""
+        data = M.encode(M.error_reply(msg_id, code, message))
+        locked = self._send_lock.acquire(timeout=0.05)
         try:
-            self.send(M.error_reply(msg_id, code, message))
-        except (OSError, errors.ProtocolError):
-            pass
-        with self._send_lock:
+            if locked and not self._closed:
+                try:
+                    self.sock.send(data, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
             self._closed = True
+        finally:
+            if locked:
+                self._send_lock.release()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -111,6 +135,9 @@ class ControlConnection:
             p.count("auth_failures")
             log.warning("control connection %s: %s; dropping it", self.peer, exc)
             self.shut("auth", str(exc))
+        except Refused as exc:  # a cap reached before the session began
+            log.warning("control connection %s: %s; dropping it", self.peer, exc)
+            self.shut(exc.code, str(exc))
         except OSError as exc:
             log.info("control connection %s lost: %s", self.peer, exc)
         except Exception:
@@ -122,6 +149,7 @@ class ControlConnection:
             with self._send_lock:
                 self._closed = True
             self.sock.close()
+            self.ticket.close()
             p.forget(self)
 
     def _handshake(self) -> None:
@@ -130,23 +158,29 @@ class ControlConnection:
         if hello["type"] != "hello":
             raise errors.ProtocolError(f"expected hello first, got {hello['type']}")
         auth.check_nonce(hello["nonce"], "hello nonce")
-        requester = hello["requester"]
-        if not 0 < len(requester) <= 200:
-            raise errors.ProtocolError("hello requester name must be 1..200 characters")
+        requester, role, generation = hello["requester"], hello["role"], hello["generation"]
+        auth.check_identity(requester, role, generation)
+        # the key is derived even for a revoked identity, so that the answer takes the same time
+        key = auth.derive(p.master, requester, role, generation).key
         server_nonce = auth.new_nonce()
         self.send(M.reply(hello["id"], challenge=server_nonce))
         msg = self._recv(handshake=True)
         if msg["type"] != "auth":
             raise errors.ProtocolError(f"expected auth after hello, got {msg['type']}")
-        expected = auth.requester_mac(p.secret, server_nonce, hello["nonce"], requester)
+        expected = auth.requester_mac(key, server_nonce, hello["nonce"], requester)
         if not auth.verify(expected, msg["mac"]):
-            raise errors.AuthError(f"authentication failed for requester {requester!r}: wrong cluster secret")
-        self.session = p.new_session(requester, self)
-        proof = auth.provider_proof(p.secret, server_nonce, hello["nonce"], requester)
+            raise errors.AuthError(f"authentication failed for {role} {requester!r}: wrong key")
+        if p.cfg.is_revoked(requester, generation):
+            raise errors.AuthError(f"the key of {role} {requester!r} (generation {generation}) is revoked")
+        self.session = p.new_session(requester, role, generation, self,
+                                     auth.session_secret(key, server_nonce, hello["nonce"]))
+        self.ticket.authenticated()
+        self._dec.max_frame = M.MAX_REQUEST_FRAME
+        proof = auth.provider_proof(key, server_nonce, hello["nonce"], requester)
         self.send(M.reply(msg["id"], node=p.node.name, incarnation=p.incarnation, transport=p.transport_name,
                           capacity=p.pool.capacity, session=self.session.id, token=self.session.token,
                           proof=proof))
-        log.info("requester %r authenticated from %s (session %s)", requester, self.peer, self.session.id)
+        log.info("%s %r authenticated from %s (session %s)", role, requester, self.peer, self.session.id)
 
     def _requests(self) -> None:
         while True:
@@ -168,6 +202,10 @@ class ControlConnection:
         p = self.provider
         if kind in ("hello", "auth"):
             raise Refused("state", f"{kind} is only allowed at the start of a connection")
+        role = self.session.role  # a session exists from auth until bye, which ends the loop
+        if kind not in auth.ROLES[role]:
+            raise Refused("forbidden", f"{role} {self.session.requester} may not {kind}: its key's role "
+                                       "does not allow it")
         if kind == "alloc_slab":
             slab = p.alloc(self.session, msg["size"])
             return {"lease": slab.lease_id, "addr": slab.arena.addr, "length": slab.length, "rkey": slab.rkey}
@@ -175,8 +213,8 @@ class ControlConnection:
             return {"freed": p.free(self.session, msg["lease"])}
         if kind == "connect":
             return {"params": p.accept(self.session, msg["params"])}
-        if kind == "stats":
-            return {"stats": p.stats()}
+        if kind == "stats":  # operators see everyone; a requester only its own sessions
+            return {"stats": p.stats(None if role == "operator" else self.session.requester)}
         if kind == "heartbeat":
             return p.heartbeat()
         if kind == "resume":
@@ -186,6 +224,10 @@ class ControlConnection:
                                for s in self.session.slabs.values()]}
         if kind == "drain":
             return {"state": p.drain()}
+        if kind == "undrain":
+            return {"state": p.undrain()}
+        if kind == "reload":
+            return {"cut": p.reload()}
         if kind == "shutdown":
             return {"state": p.request_shutdown()}
         if kind == "bye":

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from .. import config as C
 from .. import errors, transport
+from ..control import messages as M
+from ..transport.admission import Admission, Busy, Caps
 from .connection import ControlConnection, Refused
 from .slabs import Slab, SlabPool
 
@@ -36,6 +38,8 @@ COUNTERS = ("connections", "auth_failures", "protocol_errors", "requests", "allo
 class RequesterSession:
     id: str
     requester: str
+    role: str
+    generation: int
     token: str
     transport_session: object
     conn: ControlConnection | None = None
@@ -57,9 +61,11 @@ class Provider:
         self.node = cfg.node(name)
         if not self.node.is_provider:
             raise errors.ConfigError(f"{cfg.source}: node {name!r} does not have the provider role")
-        self.secret = cfg.secret_bytes()
+        self.master = cfg.secret_bytes()  # every identity key derives from it (control/auth.py)
         self.requested_transport = transport_name or cfg.transport
         self.io_timeout = io_timeout
+        lim = cfg.limits
+        self.admission = Admission(Caps(lim.max_connections, lim.max_connections_per_peer, lim.max_handshakes))
         # a restart marker (start time, ms): a requester that sees it change knows our memory was lost
         self.incarnation = time.time_ns() // 1_000_000
         self.state = "serving"
@@ -83,7 +89,10 @@ class Provider:
     def start(self) -> None:
         tname, why = transport.choose(self.requested_transport)
         log.info("transport %s (%s)", tname, why)
-        self.pt = transport.provider_transport(tname, **self.cfg.transport_options(tname, self.node))
+        options = self.cfg.transport_options(tname, self.node)
+        if tname == "tcp":  # its data listener shares the connection caps and deadlines
+            options.update(admission=self.admission, io_timeout=self.io_timeout)
+        self.pt = transport.provider_transport(tname, **options)
         self.transport_name, self.transport_reason = tname, why
         try:
             self._listener = socket.create_server((self.node.address, self.node.port))
@@ -131,11 +140,17 @@ class Provider:
                 log.warning("control accept failed", exc_info=True)
                 time.sleep(0.1)
                 continue
+            try:
+                ticket = self.admission.admit(peer[0], "control")
+            except Busy as exc:
+                _refuse(sock, exc)
+                continue
             _keepalive(sock)
-            conn = ControlConnection(self, sock, peer, self.io_timeout)
+            conn = ControlConnection(self, sock, peer, self.io_timeout, ticket)
             with self._lock:
                 if self._stop.is_set():
                     sock.close()
+                    ticket.close()
                     return
                 self._conns.add(conn)
                 self._counters["connections"] += 1
@@ -165,12 +180,18 @@ class Provider:
         with self._lock:
             self._conns.discard(conn)
 
-    def new_session(self, requester: str, conn: ControlConnection) -> RequesterSession:
+    def new_session(self, requester: str, role: str, generation: int, conn: ControlConnection,
+                    secret: bytes) -> RequesterSession:
         if self._stop.is_set():
             raise Refused("shutdown", f"provider {self.node.name} is shutting down")
+        cap = self.cfg.limits.max_sessions_per_requester
+        with self._lock:  # detached sessions count too: they hold leases until the grace ends
+            if sum(1 for s in self._sessions.values() if s.requester == requester) >= cap:
+                raise Refused("limit", f"requester {requester!r} already has {cap} sessions here "
+                                       f"(limits.max_sessions_per_requester)")
         sid = secrets.token_hex(8)
-        ts = self.pt.open_session(f"{requester}/{sid}")
-        s = RequesterSession(sid, requester, secrets.token_hex(16), ts, conn)
+        ts = self.pt.open_session(f"{requester}/{sid}", secret)
+        s = RequesterSession(sid, requester, role, generation, secrets.token_hex(16), ts, conn)
         with self._lock:
             self._sessions[sid] = s
             self._counters["sessions_opened"] += 1
@@ -196,8 +217,8 @@ class Provider:
             if old is None or old.released or not auth.verify(old.token, token):
                 raise errors.NotFound(f"no session {sid!r} to resume here (expired after "
                                       f"lease_grace={self.cfg.lease_grace:g}s, or provider restarted)")
-            if old.requester != fresh.requester:
-                raise Refused("auth", f"session {sid} belongs to requester {old.requester!r}")
+            if (old.requester, old.role) != (fresh.requester, fresh.role):
+                raise Refused("auth", f"session {sid} belongs to {old.role} {old.requester!r}")
             if fresh.slabs:
                 raise Refused("state", "resume must come before any lease on a new connection")
             previous = old.conn
@@ -232,6 +253,13 @@ class Provider:
     def alloc(self, s: RequesterSession, size: int) -> Slab:
         if self.state != "serving":
             raise Refused("draining", f"provider {self.node.name} is {self.state}: no new leases")
+        quota = self.cfg.quota(s.requester)
+        if quota is not None:
+            with self._lock:
+                held = sum(x.used for x in self._sessions.values() if x.requester == s.requester)
+            if held + size > quota:  # a racing alloc may pass too: a quota is checked, not reserved
+                raise errors.CapacityError(f"requester {s.requester!r} would hold {held + size} bytes here, "
+                                           f"over its quota of {quota}")
         slab = self.pool.allocate(size)
         try:
             with self._lock:
@@ -268,6 +296,26 @@ class Provider:
         log.warning("provider %s draining: no new leases", self.node.name)
         return self.state
 
+    def undrain(self) -> str:
+        if self.state == "draining":
+            self.state = "serving"
+            log.warning("provider %s undrained: leasing again", self.node.name)
+        return self.state
+
+    def reload(self) -> int:
+        """Re-read the cluster file: quotas and revocations apply at once; sessions of revoked
+        keys are cut (their leases freed).  Nodes, ports and limits need a restart."""
+        cfg = C.load(self.cfg.source)
+        self.cfg.quotas, self.cfg.default_quota, self.cfg.revoked = cfg.quotas, cfg.default_quota, cfg.revoked
+        with self._lock:
+            cut = [s for s in self._sessions.values() if cfg.is_revoked(s.requester, s.generation)]
+        for s in cut:
+            if s.conn is not None:
+                s.conn.shut("auth", f"the key of {s.role} {s.requester!r} (generation {s.generation}) was revoked")
+            self.release(s, "key revoked")
+            log.warning("cut session %s of %s %r: its key was revoked", s.id, s.role, s.requester)
+        return len(cut)
+
     def request_shutdown(self) -> str:
         """Exit once drained (``rram drain`` asks for this); refused while leases remain."""
         if self.pool.count:
@@ -280,13 +328,14 @@ class Provider:
         return {"incarnation": self.incarnation, "capacity": self.pool.capacity, "free": self.pool.free,
                 "load": round(os.getloadavg()[0], 2), "state": self.state}
 
-    def stats(self) -> dict:
+    def stats(self, requester: str | None = None) -> dict:
+        """Everything, or (``requester``) only that requester's own sessions."""
         now = time.monotonic()
         with self._lock:
-            per_session = [{"session": s.id, "requester": s.requester, "leases": len(s.slabs), "bytes": s.used,
-                            "connected": s.conn is not None,
+            per_session = [{"session": s.id, "requester": s.requester, "role": s.role, "leases": len(s.slabs),
+                            "bytes": s.used, "connected": s.conn is not None,
                             "detached_for": None if s.detached_at is None else round(now - s.detached_at, 3)}
-                           for s in self._sessions.values()]
+                           for s in self._sessions.values() if requester in (None, s.requester)]
             counters = dict(self._counters)
             conns = len(self._conns)
         tstats = self.pt.stats() if hasattr(self.pt, "stats") else {}
@@ -295,10 +344,31 @@ class Provider:
                "uptime": round(now - self._started, 3), "capacity": self.pool.capacity,
                "used": self.pool.used, "free": self.pool.free, "leases": self.pool.count,
                "sessions": len(per_session), "control_connections": conns, "per_session": per_session,
-               "counters": counters, "transport_stats": tstats}
+               "counters": counters, "transport_stats": tstats, "admission": self.admission.stats()}
         for key in ("ops", "batches", "bytes_read", "bytes_written"):
             out[key] = tstats.get(key, 0)
         return out
+
+
+def _refuse(sock: socket.socket, exc: Exception) -> None:
+    """Say why (if the socket takes it at once) and close, without a thread or a wait."""
+    try:
+        sock.send(M.encode(M.error_reply(0, "limit", str(exc))), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _bound_malloc() -> None:
+    """Serve every buffer above 128 KiB from its own mapping, so one freed after a big batch goes
+    back to the kernel at once: the provider's RSS follows its I/O budget (glibc otherwise
+    raises this threshold as buffers are freed and keeps them in per-thread arenas)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        log.info("mallopt unavailable: freed I/O buffers may stay in the heap")
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -311,6 +381,8 @@ def _keepalive(sock: socket.socket) -> None:
 
 def main(args) -> int:
     """``rram provider``: run until SIGTERM/SIGINT."""
+    _bound_malloc()
+    threading.stack_size(256 << 10)  # a thread per connection: keep their stacks small
     try:
         cfg = C.load(args.config)
         provider = Provider(cfg, args.name, args.transport, io_timeout=args.io_timeout)
@@ -331,7 +403,7 @@ def main(args) -> int:
         from ..metrics import serve_metrics
 
         metrics = serve_metrics(provider.node.metrics_port, "rram_provider", provider.stats,
-                                host=provider.node.address, labels={"node": provider.node.name})
+                                host=provider.node.metrics_address, labels={"node": provider.node.name})
     host, port = provider.address
     print(f"rram provider {provider.node.name} ready control={host}:{port} transport={provider.transport_name}",
           flush=True)

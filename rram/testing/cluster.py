@@ -57,7 +57,8 @@ class LocalCluster:
         cap = C.format_size(C.parse_size(capacity))
         nodes = [{"name": f"p{i}", "address": "127.0.0.1", "port": free_port(), "capacity": cap,
                   "roles": ["provider"]} for i in range(n_providers)]
-        data = {"name": "local", "secret": self.secret, "transport": transport, "nodes": nodes, **cluster_opts}
+        data = {"name": "local", "secret": self.secret, "transport": transport, "nodes": nodes,
+                "keys_dir": os.path.join(self.workdir, "keys"), **cluster_opts}
         if replicas is not None:  # else the cluster default: 2 copies where there are 2 providers
             data["replicas"] = replicas
         self.config_path = os.path.join(self.workdir, "cluster.yaml")
@@ -116,13 +117,36 @@ class LocalCluster:
         except OSError:
             return "(no log)"
 
+    def credential(self, name: str, role: str = "requester"):
+        """A key for ``name`` in ``role``, derived from the cluster's master key (the harness holds it)."""
+        from ..control import keys
+
+        return keys.credential(self.config, name, role)
+
+    def client(self, node: str, name: str, role: str = "requester", **kwargs):
+        """A connected ProviderClient to provider ``node`` as ``name`` in ``role``."""
+        from ..control.client import ProviderClient
+
+        c = ProviderClient(self.config.node(node), self.credential(name, role), **kwargs)
+        try:
+            c.connect()
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def save_config(self) -> None:
+        """Write ``self.config`` back (after a test changed quotas or revocations; then reload)."""
+        with open(self.config_path, "w") as f:
+            f.write(C.dump(self.config))
+
     def provider_stats(self, requester: str = "cluster-observer") -> dict[str, dict]:
-        """Each running provider's ``stats`` reply, by name (asked over an authenticated control connection)."""
+        """Each running provider's ``stats`` reply, by name (asked as an operator)."""
         from ..control.client import ProviderClient
 
         out = {}
         for name in self.providers:
-            with ProviderClient(self.config.node(name), self.config.secret_bytes(), requester) as client:
+            with ProviderClient(self.config.node(name), self.credential(requester, "operator")) as client:
                 client.connect()
                 out[name] = client.stats()
         return out

@@ -272,14 +272,15 @@ def swaps() -> list[str]:
 
 
 def start_requester(config_path: str, name: str, size: int, sock: str, log_path: str,
-                    timeout: float = READY_TIMEOUT) -> tuple[subprocess.Popen, str]:
-    """``rram requester`` serving ``sock``; returns (process, its ready line).  It locks its memory."""
+                    timeout: float = READY_TIMEOUT, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """``rram requester`` serving ``sock`` (``extra_args``: more of its options); returns (process,
+    its ready line).  It locks its memory."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     out_path = log_path + ".out"
     with open(log_path, "a") as log, open(out_path, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "rram.frontends.requester", "--config", config_path,
-                                 "--name", name, "--export-size", str(size), "--socket", sock],
+                                 "--name", name, "--export-size", str(size), "--socket", sock, *extra_args],
                                 stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

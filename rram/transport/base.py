@@ -280,7 +280,12 @@ class ProviderTransport(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def open_session(self, session_id: str) -> ProviderSession: ...
+    def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:
+        """A session for one requester.  ``secret``: bytes both ends derived from the control
+        handshake and never sent; a transport whose connections the requester dials (tcp) makes
+        each one prove it.  The requester side finds it as ``session_secret`` (hex) in the
+        parameters its control client hands to ``Endpoint.connect``.  None (in-process tools and
+        tests): the transport makes one up and returns it in ``accept``'s parameters."""
 
     def _add_session(self, session_id: str, make) -> ProviderSession:
         """The body of most ``open_session``s: unique ids, refused once closed.

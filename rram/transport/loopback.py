@@ -76,7 +76,7 @@ class ProviderTransportImpl(ProviderTransport):
         self._stats = ProviderStats()
         self._closed = False
 
-    def open_session(self, session_id: str) -> ProviderSession:
+    def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # in-process: unused
         return self._add_session(session_id, lambda: _LoopbackSession(self, session_id))
 
     def _drop(self, session: _LoopbackSession) -> None:

@@ -1,10 +1,12 @@
 """One-sided READ/WRITE emulated over TCP.
 
 Provider: one data listener; ``session.accept({})`` mints a random token bound to the session
-and returns ``{"host", "port", "token"}``.  The requester dials, sends the token (HELLO) and
-waits for HELLO_OK; the connection then belongs to that session and can only reach its
-regions.  A token stays valid while its session lives, so ``recover()`` re-dials with it; a
-new dial with a token replaces that token's previous connection.  One thread per data
+and returns ``{"host", "port", "token"}``.  The requester dials, gets a CHALLENGE, answers
+with the token and a MAC of the challenge keyed with the session's secret (HELLO), and checks
+the provider's MAC in HELLO_OK (wire.py); the connection then belongs to that session and can
+only reach its regions.  A sniffed token is useless without the secret, and a replayed HELLO
+fails the fresh challenge.  A token stays valid while its session lives, so ``recover()``
+re-dials with it; a new proven dial with a token replaces that token's previous connection.  One thread per data
 connection: Python reads the HELLO, then one C call (``_tcpwire.WireServer.serve``, GIL
 released) receives, checks, executes and answers every REQUEST until the peer leaves or
 breaks the protocol; Python then words the error from wire.py and sends the ERROR frame.
@@ -17,6 +19,7 @@ pure-Python decoder remains the reference (fuzzed) and handles the HELLO exchang
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import secrets
@@ -28,6 +31,7 @@ import numpy as np
 
 from .. import errors
 from . import wire
+from .admission import Admission, Busy, Ticket
 from .base import (
     COMPLETION_DTYPE,
     OP_DTYPE,
@@ -48,6 +52,8 @@ except ImportError:  # pragma: no cover - unavailable_reason() says why
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+#: data-connection buffers of a provider, all connections together (see IoBudget)
+DEFAULT_IO_BUDGET = 256 << 20
 CONNECT_TIMEOUT = 10.0
 SHUT_TIMEOUT = 1.0
 #: how long the requester's ``poll`` spins on a non-blocking recv before sleeping in poll():
@@ -58,13 +64,23 @@ DEFAULT_SPIN_US = 20
 DEFAULT_PROVIDER_SPIN_US = 0
 
 
-def _recv_exact(sock: socket.socket, n: int, before: int = 0) -> bytearray | None:
-    """n bytes from ``sock``; None if it closed before the first byte of a frame."""
+def _recv_exact(sock: socket.socket, n: int, before: int = 0, deadline: float | None = None) -> bytearray | None:
+    """n bytes from ``sock``; None if it closed before the first byte of a frame.  With a
+    ``deadline`` (time.monotonic()), the whole read must end by then: a peer cannot keep a
+    connection in its handshake by dripping bytes."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:])
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.ProtocolError(f"handshake not finished in time ({before + got} bytes received)")
+            sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:])
+        except socket.timeout:
+            raise errors.ProtocolError(f"handshake not finished in time ({before + got} bytes received)") from None
         if k == 0:
             if got or before:
                 raise errors.ProtocolError(f"connection closed inside a frame ({before + got} bytes buffered)")
@@ -73,13 +89,13 @@ def _recv_exact(sock: socket.socket, n: int, before: int = 0) -> bytearray | Non
     return buf
 
 
-def _read_frame(sock: socket.socket, accept: frozenset):
+def _read_frame(sock: socket.socket, accept: frozenset, deadline: float | None = None):
     """One whole frame as a wire event (HELLO exchange only), or None at a clean EOF."""
-    raw = _recv_exact(sock, wire.HEADER.size)
+    raw = _recv_exact(sock, wire.HEADER.size, 0, deadline)
     if raw is None:
         return None
     h = wire.parse_header(raw, 0, accept)
-    body = _recv_exact(sock, h.body_len, wire.HEADER.size) if h.body_len else bytearray()
+    body = _recv_exact(sock, h.body_len, wire.HEADER.size, deadline) if h.body_len else bytearray()
     return wire.parse_body(h, memoryview(body))
 
 
@@ -89,14 +105,16 @@ def _read_frame(sock: socket.socket, accept: frozenset):
 class _DataConnection:
     """One accepted data socket, served by its own thread."""
 
-    def __init__(self, provider: ProviderTransportImpl, sock: socket.socket, peer):
+    def __init__(self, provider: ProviderTransportImpl, sock: socket.socket, peer, ticket: Ticket):
         self.provider = provider
         self.sock = sock
         self.peer = peer
+        self.ticket = ticket
         self.session: _TcpSession | None = None
         self.token: bytes | None = None
-        self.core = _tcpwire.WireServer(sock.fileno())
+        self.core = _tcpwire.WireServer(sock.fileno(), provider.budget)  # BufferError: budget taken
         self.core.spin_ns = int(provider.spin_us * 1000)
+        self.core.frame_timeout_ns = self.core.send_timeout_ns = int(provider.io_timeout * 1e9)
 
     def shut(self, code: int, message: str) -> None:
         """Tell the peer why, then close (callable from any thread, idempotent)."""
@@ -109,6 +127,10 @@ class _DataConnection:
             log.info("data connection from %s: %s", self.peer, exc)
             self.provider._stats.error()
             self.shut(wire.E_BAD_FRAME, str(exc))
+        except Busy as exc:
+            log.warning("data connection from %s: %s; dropping it", self.peer, exc)
+            self.provider._stats.error()
+            self.shut(wire.E_BUSY, str(exc))
         except OSError as exc:
             log.debug("data connection from %s dropped: %s", self.peer, exc)
         except Exception:  # keep the provider serving whatever one connection does
@@ -119,29 +141,38 @@ class _DataConnection:
                 self.session._detach(self)
             self.provider._forget(self)
             self.core.mark_closed()
+            self.core.release()
             self.sock.close()
+            self.ticket.close()
 
     def _serve(self) -> None:
-        self.sock.settimeout(HELLO_TIMEOUT)
-        ev = _read_frame(self.sock, wire.TO_PROVIDER)
+        deadline = time.monotonic() + self.provider.io_timeout  # for the whole handshake
+        nonce = secrets.token_bytes(wire.NONCE_SIZE)
+        if not self.core.send_frame(wire.challenge(nonce)):
+            return
+        ev = _read_frame(self.sock, wire.TO_PROVIDER, deadline)
         if ev is None:
             return
         if not isinstance(ev, wire.Hello):
             raise errors.ProtocolError(f"expected HELLO first, got {type(ev).__name__.upper()}")
         session = self.provider._session_for(ev.token)
-        if session is None:
+        if session is None or not hmac.compare_digest(ev.mac, wire.hello_mac(session.secret, nonce, ev.token)):
             self.provider._stats.error()
-            self.shut(wire.E_BAD_TOKEN, "unknown or expired session token")
+            log.warning("data connection from %s: %s", self.peer, "unknown token" if session is None else
+                        f"HELLO for session {session.session_id} not proven with its secret (sniffed token?)")
+            self.shut(wire.E_BAD_TOKEN, "unknown or expired session token, or a HELLO not proven with its secret")
             return
         self.session, self.token = session, ev.token
+        self.ticket.authenticated()
         session._attach(self)
         self.sock.settimeout(None)
-        if self.core.send_frame(wire.hello_ok()):
+        self.core.set_frame_key(wire.frame_key(session.secret, nonce, ev.token))
+        if self.core.send_frame(wire.hello_ok(wire.hello_ok_mac(session.secret, nonce, ev.token))):
             self._check(self.core.serve(session.table))
 
     def _check(self, code: int) -> None:
         """Turn how ``WireServer.serve`` ended into an exception (or nothing for a clean end)."""
-        a, _b, _c = self.core.detail()
+        a, b, _c = self.core.detail()
         if code == _tcpwire.R_SHUT or (code == _tcpwire.R_EOF and a == 0):
             return
         if code == _tcpwire.R_EOF:
@@ -159,13 +190,25 @@ class _DataConnection:
             raise errors.ProtocolError(f"batch reads {a} bytes; the limit is {wire.MAX_PAYLOAD}")
         if code == _tcpwire.R_NOMEM:
             raise MemoryError("cannot grow a data connection buffer")
+        if code == _tcpwire.R_BUDGET:
+            budget = self.provider.budget
+            raise Busy(f"a frame needing a {a}-byte buffer does not fit the provider's I/O budget "
+                       f"({budget.available} of {budget.total} bytes free)")
+        if code == _tcpwire.R_BAD_MAC:
+            raise errors.ProtocolError(f"request {a} on this connection: missing or bad MAC, or sequence number {b} "
+                                       "(altered, replayed, reordered or not signed with the connection's key)")
+        if code == _tcpwire.R_TIMEOUT:
+            raise errors.ProtocolError(f"frame not finished within {self.provider.io_timeout:g}s "
+                                       f"({a} bytes received)")
         raise RuntimeError(f"unexpected result {code} from the data connection loop")
 
 
 class _TcpSession(RegionTableSession):
-    def __init__(self, provider: ProviderTransportImpl, session_id: str):
+    def __init__(self, provider: ProviderTransportImpl, session_id: str, secret: bytes | None):
         self.provider = provider
         self.session_id = session_id
+        self._share_secret = secret is None  # made up here: accept() hands it over (in-process use)
+        self.secret = secret if secret is not None else secrets.token_bytes(32)
         self.table = _regions.RegionTable()
         self.tokens: set[bytes] = set()
         self.connections: dict[bytes, _DataConnection] = {}
@@ -176,11 +219,18 @@ class _TcpSession(RegionTableSession):
         if self.closed:
             raise errors.TransportError(f"session {self.session_id} is closed")
         token = secrets.token_bytes(wire.TOKEN_SIZE)
+        cap = self.provider.max_session_connections
         with self._lock:
+            if len(self.tokens) >= cap:  # each token is a connection that may fill a buffer
+                raise errors.CapacityError(f"session {self.session_id} already has {cap} data connections "
+                                           f"(limits.max_data_connections)")
             self.tokens.add(token)
         self.provider._add_token(token, self)
         host, port = self.provider.address
-        return {"host": host, "port": port, "token": token.hex()}
+        params = {"host": host, "port": port, "token": token.hex()}
+        if self._share_secret:
+            params["session_secret"] = self.secret.hex()
+        return params
 
     def _attach(self, conn: _DataConnection) -> None:
         with self._lock:
@@ -215,11 +265,21 @@ class ProviderTransportImpl(ProviderTransport):
 
     name = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: float = DEFAULT_PROVIDER_SPIN_US):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, spin_us: float = DEFAULT_PROVIDER_SPIN_US, *,
+                 admission: Admission | None = None, io_budget: int = DEFAULT_IO_BUDGET,
+                 io_timeout: float = HELLO_TIMEOUT, max_session_connections: int = 8):
+        """``admission`` caps connections (the provider shares its own); ``io_budget`` bounds the
+        buffers of every data connection together; ``io_timeout`` is the deadline for a whole
+        HELLO, for a started frame and for a reply to leave; a session mints at most
+        ``max_session_connections`` tokens (one connection each)."""
         reason = unavailable_reason()
         if reason:
             raise errors.TransportUnavailable(reason)
         self.spin_us = spin_us
+        self.admission = admission or Admission()
+        self.budget = _tcpwire.IoBudget(io_budget)
+        self.io_timeout = io_timeout
+        self.max_session_connections = max_session_connections
         try:
             self._listener = socket.create_server((host, port), reuse_port=False)
         except OSError as exc:
@@ -235,13 +295,14 @@ class ProviderTransportImpl(ProviderTransport):
                                         daemon=True)
         self._thread.start()
 
-    def open_session(self, session_id: str) -> ProviderSession:
-        return self._add_session(session_id, lambda: _TcpSession(self, session_id))
+    def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:
+        return self._add_session(session_id, lambda: _TcpSession(self, session_id, secret))
 
     def stats(self) -> dict:
         with self._lock:
             out = self._stats.snapshot(conn.core.counters() for conn in self._conns)
             out["connections"] = len(self._conns)
+            out["io_budget"], out["io_budget_free"] = self.budget.total, self.budget.available
             out["regions"] = sum(len(s.table) for s in self._sessions.values())
         return out
 
@@ -275,8 +336,19 @@ class ProviderTransportImpl(ProviderTransport):
                 log.warning("data listener accept failed", exc_info=True)
                 time.sleep(0.1)
                 continue
+            try:
+                ticket = self.admission.admit(peer[0], "data")
+            except Busy as exc:
+                _refuse(sock, wire.error(wire.E_BUSY, str(exc)))
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _DataConnection(self, sock, peer)
+            try:
+                conn = _DataConnection(self, sock, peer, ticket)
+            except BufferError as exc:
+                ticket.close()
+                self.admission.refuse(peer[0], "data", str(exc))
+                _refuse(sock, wire.error(wire.E_BUSY, f"provider busy: {exc}"))
+                continue
             with self._lock:
                 if self._closed:
                     sock.close()
@@ -306,6 +378,36 @@ class ProviderTransportImpl(ProviderTransport):
                 del self._sessions[session.session_id]
 
 
+def handshake(sock: socket.socket, token: bytes, secret: bytes, where: str = "provider") -> bytes:
+    """The requester's side of the data handshake on a connected socket (CHALLENGE, HELLO,
+    HELLO_OK); returns the connection's frame key.  Raises ConnectionLost if the provider
+    refuses, AuthError if it cannot prove itself."""
+    nonce = None
+    ev = _read_frame(sock, wire.TO_REQUESTER)
+    if isinstance(ev, wire.Challenge):
+        nonce = ev.nonce
+        sock.sendall(wire.hello(token, wire.hello_mac(secret, nonce, token)))
+        ev = _read_frame(sock, wire.TO_REQUESTER)
+    if ev is None:
+        raise errors.ConnectionLost(f"provider {where} closed the connection during HELLO")
+    if isinstance(ev, wire.Error):
+        raise errors.ConnectionLost(f"provider {where} refused the connection ({ev.describe()})")
+    if not isinstance(ev, wire.HelloOk) or nonce is None:
+        raise errors.ProtocolError(f"expected CHALLENGE then HELLO_OK, got {type(ev).__name__}")
+    if not hmac.compare_digest(ev.mac, wire.hello_ok_mac(secret, nonce, token)):
+        raise errors.AuthError(f"data port {where} did not prove it holds the session's secret")
+    return wire.frame_key(secret, nonce, token)
+
+
+def _refuse(sock: socket.socket, frame: bytes) -> None:
+    """Say why (if the socket takes it at once) and close: the accept loop never waits on a peer."""
+    try:
+        sock.send(frame, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+
+
 # -- requester --------------------------------------------------------------------------------
 
 
@@ -318,7 +420,7 @@ class TcpEndpoint(RegionTableEndpoint):
         self._local = _regions.RegionTable()
         self._core = _tcpwire.WireRequester(self._local, self.max_outstanding, self.max_batch)
         self._core.spin_ns = int(spin_us * 1000)
-        self._params: tuple[str, int, bytes] | None = None
+        self._params: tuple[str, int, bytes, bytes] | None = None
         self._sock: socket.socket | None = None
         self._broken: str | None = "not connected"
         self._closed = False
@@ -332,13 +434,15 @@ class TcpEndpoint(RegionTableEndpoint):
         try:
             host, port = str(remote_params["host"]), int(remote_params["port"])
             token = bytes.fromhex(remote_params["token"])
+            secret = bytes.fromhex(remote_params["session_secret"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise errors.ProtocolError(f"tcp connect parameters need host, port and a hex token: {exc}") from exc
+            raise errors.ProtocolError(f"tcp connect parameters need host, port, a hex token and the "
+                                       f"session_secret (the control client adds it): {exc}") from exc
         if len(token) != wire.TOKEN_SIZE:
             raise errors.ProtocolError(f"tcp token must be {wire.TOKEN_SIZE} bytes, got {len(token)}")
         if self._closed:
             raise errors.TransportError("endpoint is closed")
-        self._params = (host, port, token)
+        self._params = (host, port, token, secret)
         self._dial()
 
     def recover(self) -> None:
@@ -350,21 +454,14 @@ class TcpEndpoint(RegionTableEndpoint):
 
     def _dial(self) -> None:
         self._disconnect("reconnecting")
-        host, port, token = self._params
+        host, port, token, secret = self._params
         try:
             sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             raise errors.ConnectionLost(f"cannot reach provider data port {host}:{port}: {exc}", exc.errno) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(wire.hello(token))
-            ev = _read_frame(sock, wire.TO_REQUESTER)
-            if ev is None:
-                raise errors.ConnectionLost(f"provider {host}:{port} closed the connection during HELLO")
-            if isinstance(ev, wire.Error):
-                raise errors.ConnectionLost(f"provider {host}:{port} refused the connection ({ev.describe()})")
-            if not isinstance(ev, wire.HelloOk):
-                raise errors.ProtocolError(f"expected HELLO_OK, got {type(ev).__name__}")
+            key = handshake(sock, token, secret, f"{host}:{port}")
         except OSError as exc:
             sock.close()
             raise errors.ConnectionLost(f"data connection to {host}:{port} failed: {exc}", exc.errno) from exc
@@ -373,6 +470,7 @@ class TcpEndpoint(RegionTableEndpoint):
             raise
         sock.setblocking(False)
         self._core.attach(sock.fileno())
+        self._core.set_frame_key(key)
         self._sock, self._broken = sock, None
 
     def _disconnect(self, why: str) -> None:
@@ -451,8 +549,8 @@ class TcpEndpoint(RegionTableEndpoint):
             return self._lost("provider closed the data connection")
         if rc == _tcpwire.R_BAD_HEADER:
             try:
-                wire.parse_header(core.header(), 0, wire.TO_REQUESTER)
-                why = "unexpected header"
+                h = wire.parse_header(core.header(), 0, wire.TO_REQUESTER)
+                why = f"unexpected {wire.TYPE_NAMES[h.type]} frame after the handshake"
             except errors.ProtocolError as exc:
                 why = str(exc)
             return self._lost(f"bad frame from provider: {why}")

@@ -251,6 +251,9 @@ class VerbsSession(ProviderSession):
                 old = self.qps.pop((old_qpn, gid.hex()), None)
                 if old is not None:
                     old.close()
+            cap = self.provider.max_session_connections
+            if len(self.qps) >= cap:
+                raise errors.CapacityError(f"session already has {cap} QPs (limits.max_data_connections)")
             qp = _verbs.QP(self.pd, self.cq, 1, 1)
             psn = _new_psn()
             try:
@@ -279,14 +282,16 @@ class VerbsSession(ProviderSession):
 class ProviderTransportImpl(ProviderTransport):
     name = "verbs"
 
-    def __init__(self, device: str | None = None, gid_index: int = 0, port_num: int = 1):
+    def __init__(self, device: str | None = None, gid_index: int = 0, port_num: int = 1,
+                 max_session_connections: int = 8):
         self.device = _Device(device, gid_index, port_num)
+        self.max_session_connections = max_session_connections  # QPs per requester session
         self._lock = threading.Lock()
         self._sessions: dict[str, VerbsSession] = {}
         self._closed = False
         log.info("verbs provider on %s port %d, GID index %d", self.device.name, port_num, gid_index)
 
-    def open_session(self, session_id: str) -> ProviderSession:
+    def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # QPs are not dialled
         return self._add_session(session_id, lambda: VerbsSession(self, session_id))
 
     def _drop(self, session: VerbsSession) -> None:

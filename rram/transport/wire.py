@@ -5,21 +5,23 @@ Every frame starts with one 32-byte header (little-endian)::
     offset size field
      0     4    magic        b"RRMD"
      4     1    version      1
-     5     1    type         HELLO 1, HELLO_OK 2, REQUEST 3, COMPLETION 4, ERROR 5
-     6     2    flags        0 (reserved)
+     5     1    type         HELLO 1, HELLO_OK 2, REQUEST 3, COMPLETION 4, ERROR 5, CHALLENGE 6
+     6     2    flags        REQUEST: FLAG_MAC (1) once the handshake set a frame key; else 0
      8     8    batch_id     REQUEST / COMPLETION: the requester's batch id; else 0
     16     4    count        REQUEST: operations (1..MAX_OPS); COMPLETION: index of the first
                              failing op (n on success); ERROR: error code; else 0
     20     4    status       COMPLETION: ibv_wc_status (signed); else 0
     24     4    payload_len  bytes after the header and the op descriptors
-    28     4    reserved     0
+    28     4    seq          REQUEST with FLAG_MAC: its number on the connection (0, 1, ...); else 0
 
 Bodies::
 
-    HELLO       payload = session token (TOKEN_SIZE bytes)          requester -> provider
-    HELLO_OK    empty                                               provider -> requester
+    CHALLENGE   payload = a fresh nonce (NONCE_SIZE bytes)           provider -> requester, first
+    HELLO       payload = session token (TOKEN_SIZE) + hello_mac     requester -> provider
+    HELLO_OK    payload = hello_ok_mac (MAC_SIZE)                    provider -> requester
     REQUEST     count x WIRE_OP descriptors, then the WRITE data of the batch concatenated in
-                op order (payload_len = sum of the WRITE lengths)
+                op order (payload_len = sum of the WRITE lengths), then with FLAG_MAC a
+                MAC_TRAILER-byte request_mac over the header and descriptors
     COMPLETION  payload = the READ data of the executed ops, concatenated in op order
     ERROR       payload = UTF-8 message (<= MAX_MESSAGE); the sender closes the connection
 
@@ -31,6 +33,14 @@ One WIRE_OP descriptor (24 bytes)::
     16  1  opcode        0 READ, 1 WRITE
     17  7  reserved
 
+The handshake binds a connection to its session: both MACs are keyed with the session's
+secret, which each side derived from the control handshake (never sent), and cover the
+provider's fresh nonce, so a sniffed token or a replayed HELLO is refused, and a requester
+knows it reached the provider that holds its session.  Both then derive the connection's
+frame key (``frame_key``): every REQUEST carries its sequence number and a MAC of its header
+and descriptors, so an on-path attacker cannot alter where a batch reads or writes, nor
+replay, reorder or inject one.  (WRITE data and completions are not covered yet.)
+
 A bad key or range is an error COMPLETION (the connection stays usable); broken framing
 (wrong magic/version/type, lengths over the limits) is a ``ProtocolError``: the receiver sends
 an ERROR frame and closes.  The decoder checks every length against the limits *before*
@@ -38,6 +48,8 @@ buffering for it, so hostile headers cannot make it allocate.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 
@@ -53,25 +65,32 @@ HELLO_OK = 2
 REQUEST = 3
 COMPLETION = 4
 ERROR = 5
-TYPE_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", REQUEST: "REQUEST", COMPLETION: "COMPLETION", ERROR: "ERROR"}
+CHALLENGE = 6
+TYPE_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", REQUEST: "REQUEST", COMPLETION: "COMPLETION", ERROR: "ERROR",
+              CHALLENGE: "CHALLENGE"}
 
 #: frames each side may receive
 TO_PROVIDER = frozenset({HELLO, REQUEST})
-TO_REQUESTER = frozenset({HELLO_OK, COMPLETION, ERROR})
+TO_REQUESTER = frozenset({CHALLENGE, HELLO_OK, COMPLETION, ERROR})
 
 MAX_OPS = 4096
 MAX_OP_LENGTH = 1 << 20
 MAX_PAYLOAD = 64 << 20
 MAX_MESSAGE = 4096
 TOKEN_SIZE = 32
+NONCE_SIZE = 32
+MAC_SIZE = 32
+FLAG_MAC = 1
+MAC_TRAILER = 16
 
 # ERROR codes
 E_BAD_FRAME = 1  # framing broken: the connection is closed
 E_BAD_TOKEN = 2  # HELLO named no live session
 E_SESSION_CLOSED = 3  # the provider closed the session
 E_SHUTDOWN = 4  # the provider is shutting down
+E_BUSY = 5  # a cap or the provider's I/O budget refused the connection or the frame
 ERROR_NAMES = {E_BAD_FRAME: "bad frame", E_BAD_TOKEN: "bad token", E_SESSION_CLOSED: "session closed",
-               E_SHUTDOWN: "provider shutting down"}
+               E_SHUTDOWN: "provider shutting down", E_BUSY: "provider busy"}
 
 HEADER = struct.Struct("<4sBBHQIiII")
 assert HEADER.size == 32
@@ -89,22 +108,30 @@ class Header:
     count: int
     status: int
     payload_len: int
+    flags: int = 0
+    seq: int = 0
 
     @property
     def body_len(self) -> int:
         """Bytes that follow the header."""
         ops = self.count * WIRE_OP.itemsize if self.type == REQUEST else 0
-        return ops + self.payload_len
+        return ops + self.payload_len + (MAC_TRAILER if self.flags & FLAG_MAC else 0)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
 
 
 @dataclass(frozen=True)
 class Hello:
     token: bytes
+    mac: bytes
 
 
 @dataclass(frozen=True)
 class HelloOk:
-    pass
+    mac: bytes
 
 
 @dataclass(frozen=True)
@@ -136,7 +163,7 @@ class Error:
 
 def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQUESTER) -> Header:
     """Decode and check one header at ``buf[offset:offset+32]``; raises ProtocolError."""
-    magic, version, ftype, _flags, batch_id, count, status, payload_len, _res = HEADER.unpack_from(buf, offset)
+    magic, version, ftype, flags, batch_id, count, status, payload_len, seq = HEADER.unpack_from(buf, offset)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r} (not an rram data connection?)")
     if version != VERSION:
@@ -153,28 +180,39 @@ def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQU
         if payload_len > MAX_PAYLOAD:
             raise ProtocolError(f"completion payload of {payload_len} bytes exceeds the limit of {MAX_PAYLOAD}")
     elif ftype == HELLO:
-        if payload_len != TOKEN_SIZE:
-            raise ProtocolError(f"hello carries a {payload_len}-byte token, expected {TOKEN_SIZE}")
+        if payload_len != TOKEN_SIZE + MAC_SIZE:
+            raise ProtocolError(f"hello carries {payload_len} bytes, expected a {TOKEN_SIZE}-byte token and a "
+                                f"{MAC_SIZE}-byte MAC")
+    elif ftype == CHALLENGE:
+        if payload_len != NONCE_SIZE:
+            raise ProtocolError(f"challenge carries {payload_len} bytes, expected a {NONCE_SIZE}-byte nonce")
+    elif ftype == HELLO_OK:
+        if payload_len != MAC_SIZE:
+            raise ProtocolError(f"hello_ok carries {payload_len} bytes, expected a {MAC_SIZE}-byte MAC")
     elif ftype == ERROR:
         if payload_len > MAX_MESSAGE:
             raise ProtocolError(f"error message of {payload_len} bytes exceeds the limit of {MAX_MESSAGE}")
     elif payload_len:
         raise ProtocolError(f"{TYPE_NAMES[ftype]} frame with a {payload_len}-byte payload, expected none")
-    return Header(ftype, batch_id, count, status, payload_len)
+    if flags & ~FLAG_MAC or (flags and ftype != REQUEST):
+        raise ProtocolError(f"{TYPE_NAMES[ftype]} frame with unknown flags {flags:#x}")
+    return Header(ftype, batch_id, count, status, payload_len, flags, seq)
 
 
 def parse_body(h: Header, body: memoryview):
     """The event for a checked header and its ``h.body_len`` bytes of body."""
     if h.type == REQUEST:
         split = h.count * WIRE_OP.itemsize
-        return Request(h.batch_id, h.count, body[:split], body[split:])
+        return Request(h.batch_id, h.count, body[:split], body[split : split + h.payload_len])
     if h.type == COMPLETION:
         return Completion(h.batch_id, h.status, h.count, body)
     if h.type == HELLO:
-        return Hello(bytes(body))
+        return Hello(bytes(body[:TOKEN_SIZE]), bytes(body[TOKEN_SIZE:]))
     if h.type == ERROR:
         return Error(h.count, bytes(body).decode("utf-8", "replace"))
-    return HelloOk()
+    if h.type == CHALLENGE:
+        return Challenge(bytes(body))
+    return HelloOk(bytes(body))
 
 
 # -- encoders -----------------------------------------------------------------------------------
@@ -189,14 +227,41 @@ def header(ftype: int, batch_id: int = 0, count: int = 0, status: int = 0, paylo
     return HEADER.pack(MAGIC, VERSION, ftype, 0, batch_id, count, status, payload_len, 0)
 
 
-def hello(token: bytes) -> bytes:
-    if len(token) != TOKEN_SIZE:
-        raise ValueError(f"token must be {TOKEN_SIZE} bytes")
-    return header(HELLO, payload_len=TOKEN_SIZE) + token
+def hello_mac(secret: bytes, nonce: bytes, token: bytes) -> bytes:
+    """The requester's proof that it holds the session's secret, for this connection only."""
+    return hmac.new(secret, b"rram-data-hello\0" + nonce + token, hashlib.sha256).digest()
 
 
-def hello_ok() -> bytes:
-    return header(HELLO_OK)
+def hello_ok_mac(secret: bytes, nonce: bytes, token: bytes) -> bytes:
+    """The provider's proof, back (a distinct label: neither MAC can be reflected as the other)."""
+    return hmac.new(secret, b"rram-data-hello-ok\0" + nonce + token, hashlib.sha256).digest()
+
+
+def frame_key(secret: bytes, nonce: bytes, token: bytes) -> bytes:
+    """The key that signs this connection's REQUEST frames (both ends derive it after HELLO)."""
+    return hmac.new(secret, b"rram-data-frames\0" + nonce + token, hashlib.sha256).digest()
+
+
+def request_mac(key: bytes, header_and_descriptors: bytes) -> bytes:
+    return hmac.new(key, header_and_descriptors, hashlib.sha256).digest()[:MAC_TRAILER]
+
+
+def challenge(nonce: bytes) -> bytes:
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+    return header(CHALLENGE, payload_len=NONCE_SIZE) + nonce
+
+
+def hello(token: bytes, mac: bytes) -> bytes:
+    if len(token) != TOKEN_SIZE or len(mac) != MAC_SIZE:
+        raise ValueError(f"token and MAC must be {TOKEN_SIZE} and {MAC_SIZE} bytes")
+    return header(HELLO, payload_len=TOKEN_SIZE + MAC_SIZE) + token + mac
+
+
+def hello_ok(mac: bytes) -> bytes:
+    if len(mac) != MAC_SIZE:
+        raise ValueError(f"MAC must be {MAC_SIZE} bytes")
+    return header(HELLO_OK, payload_len=MAC_SIZE) + mac
 
 
 def error(code: int, message: str) -> bytes:
@@ -204,10 +269,14 @@ def error(code: int, message: str) -> bytes:
     return header(ERROR, count=code, payload_len=len(data)) + data
 
 
-def request(batch_id: int, ops: np.ndarray, payload: bytes = b"") -> bytes:
-    """A REQUEST frame from a ``WIRE_OP`` array (tests and tools; the endpoint builds frames in C)."""
+def request(batch_id: int, ops: np.ndarray, payload: bytes = b"", key: bytes | None = None, seq: int = 0) -> bytes:
+    """A REQUEST frame from a ``WIRE_OP`` array, signed as request ``seq`` when a frame ``key``
+    is given (tests and tools; the endpoint builds frames in C)."""
     descs = np.ascontiguousarray(ops, dtype=WIRE_OP)
-    return header(REQUEST, batch_id, len(descs), payload_len=len(payload)) + descs.tobytes() + bytes(payload)
+    if key is None:
+        return header(REQUEST, batch_id, len(descs), payload_len=len(payload)) + descs.tobytes() + bytes(payload)
+    head = HEADER.pack(MAGIC, VERSION, REQUEST, FLAG_MAC, batch_id, len(descs), 0, len(payload), seq)
+    return head + descs.tobytes() + bytes(payload) + request_mac(key, head + descs.tobytes())
 
 
 def completion(batch_id: int, status: int, index: int, data: bytes = b"") -> bytes:

@@ -27,14 +27,14 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
-def client(cluster, name="p0", requester="test", secret=None) -> ProviderClient:
-    c = ProviderClient(cluster.config.node(name), secret or cluster.config.secret_bytes(), requester)
+def client(cluster, name="p0", requester="test", role="requester", credential=None) -> ProviderClient:
+    c = ProviderClient(cluster.config.node(name), credential or cluster.credential(requester, role))
     c.connect()
     return c
 
 
 def stats(cluster, name="p0") -> dict:
-    with client(cluster, name, "observer") as c:
+    with client(cluster, name, "observer", "operator") as c:
         return c.stats()
 
 
@@ -46,7 +46,7 @@ class RawPeer:
     def __init__(self, cluster, name="p0"):
         RawPeer.opened.append(self)
         node = cluster.config.node(name)
-        self.secret = cluster.config.secret_bytes()
+        self.cluster = cluster
         self.sock = socket.create_connection((node.address, node.port), timeout=5)
         self.dec = M.Decoder("reply")
 
@@ -68,11 +68,11 @@ class RawPeer:
         except ConnectionResetError:
             return True
 
-    def login(self, requester="raw"):
-        nonce = auth.new_nonce()
-        self.send(M.encode(M.request("hello", 1, requester=requester, nonce=nonce)))
+    def login(self, requester="raw", role="requester"):
+        nonce, cred = auth.new_nonce(), self.cluster.credential(requester, role)
+        self.send(M.encode(M.request("hello", 1, requester=requester, role=role, generation=1, nonce=nonce)))
         challenge = self.recv()["challenge"]
-        self.send(M.encode(M.request("auth", 2, mac=auth.requester_mac(self.secret, challenge, nonce, requester))))
+        self.send(M.encode(M.request("auth", 2, mac=auth.requester_mac(cred.key, challenge, nonce, requester))))
         welcome = self.recv()
         assert welcome["ok"], welcome
         return welcome
@@ -90,8 +90,8 @@ def _close_raw_peers():
 
 def test_wrong_secret_is_refused_and_the_provider_keeps_serving(cluster):
     good = client(cluster)
-    with pytest.raises(errors.AuthError, match="wrong cluster secret"):
-        client(cluster, secret=b"not-the-secret")
+    with pytest.raises(errors.AuthError, match="wrong key"):
+        client(cluster, credential=auth.derive(b"not-the-master-key", "test", "requester"))
     lease = good.alloc_slab(MiB)  # the authenticated client is unaffected
     assert lease.region.length == MiB
     s = stats(cluster)
@@ -105,17 +105,19 @@ def test_provider_must_prove_the_secret_too(cluster):
     assert welcome["node"] == "p0" and welcome["transport"] == "tcp" and welcome["capacity"] == 8 * MiB
     peer.close()
     # a client whose secret differs is refused before the provider proves anything to it
-    c = ProviderClient(cluster.config.node("p0"), b"x", "r")
+    c = ProviderClient(cluster.config.node("p0"), auth.derive(b"x", "r", "requester"))
     with pytest.raises(errors.AuthError):
         c.connect()
 
 
 @pytest.mark.parametrize("data,match", [
-    (struct.pack(">I", 0x7FFFFFFF), "exceeds the 1048576-byte limit"),
+    (struct.pack(">I", 0x7FFFFFFF), "exceeds the 4096-byte limit"),
+    (struct.pack(">I", M.MAX_HANDSHAKE_FRAME + 1), "exceeds the 4096-byte limit"),  # before auth: a few KiB
     (struct.pack(">I", 9) + b"{not json", "not valid JSON"),
     (M.encode({"v": 9, "type": "hello", "id": 1}), "unsupported protocol version 9"),
     (M.encode({"v": 1, "type": "reboot", "id": 1}), "unknown request type 'reboot'"),
-    (M.encode({"v": 1, "type": "hello", "id": 1, "requester": 5, "nonce": "00"}), "'requester' must be string"),
+    (M.encode({"v": 1, "type": "hello", "id": 1, "requester": 5, "role": "requester", "generation": 1,
+               "nonce": "00"}), "'requester' must be string"),
     (M.encode({"v": 1, "type": "stats", "id": 1}), "expected hello first"),
 ])
 def test_bad_frames_before_auth(cluster, data, match):
@@ -137,7 +139,7 @@ def test_bad_frames_after_auth_and_bad_fields(cluster):
     assert rep["error"]["code"] == "bad_request" and "multiple of 4096" in rep["error"]["message"]
     peer.send(M.encode(M.request("free_slab", 4, lease=999)))
     assert peer.recv()["error"]["code"] == "not_found"
-    peer.send(M.encode(M.request("hello", 5, requester="x", nonce=auth.new_nonce())))
+    peer.send(M.encode(M.request("hello", 5, requester="x", role="requester", generation=1, nonce=auth.new_nonce())))
     assert peer.recv()["error"]["code"] == "state"
     peer.send(M.encode(M.request("heartbeat", 6)))
     assert peer.recv()["state"] == "serving"
@@ -236,9 +238,10 @@ def test_data_path_and_stats_counters(cluster):
 REQUESTER = textwrap.dedent("""
     import sys, time
     from rram import config
+    from rram.control import keys
     from rram.control.client import ProviderClient
     cfg = config.load(sys.argv[1])
-    c = ProviderClient(cfg.node("p0"), cfg.secret_bytes(), "doomed")
+    c = ProviderClient(cfg.node("p0"), keys.credential(cfg, "doomed", "requester"))
     c.connect()
     for _ in range(3):
         c.alloc_slab(1 << 20)
@@ -258,13 +261,14 @@ def test_killed_requester_leases_are_reclaimed_after_grace(cluster):
         proc.stdout.close()
     other = client(cluster, requester="survivor")
     other.alloc_slab(MiB)  # the provider keeps serving others
-    s = other.stats()
+    assert {p["requester"] for p in other.stats()["per_session"]} == {"survivor"}  # no one else's
+    s = stats(cluster)  # an operator sees every session
     doomed = [p for p in s["per_session"] if p["requester"] == "doomed"]
     assert s["used"] == 4 * MiB and doomed and doomed[0]["leases"] == 3
     deadline = time.monotonic() + LEASE_GRACE + 3
     while time.monotonic() < deadline and other.stats()["used"] != MiB:
         time.sleep(0.1)
-    s = other.stats()
+    s = stats(cluster)
     assert s["used"] == MiB and s["leases"] == 1 and s["counters"]["sessions_expired"] >= 1
     assert not [p for p in s["per_session"] if p["requester"] == "doomed"]
     other.close()

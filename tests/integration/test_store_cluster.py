@@ -10,7 +10,7 @@ from rram import PAGE_SIZE
 from rram.control.client import ProviderClient
 from rram.cluster import open_store
 from rram.testing.pages import make_pages, page_checksums
-from rram.transport import wire
+from rram.transport import tcp, wire
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_100k_random_pages_verified_invalidated_and_space_reused(cluster):
             missing = np.zeros(PAGE_SIZE * 10, dtype=np.uint8)
             assert not store.get_many(pool, 5, idx[drop[:10]], missing).any()
             for name in big.providers:
-                with ProviderClient(big.config.node(name), big.config.secret_bytes(), "check") as c:
+                with ProviderClient(big.config.node(name), big.credential("check")) as c:
                     c.connect()
                     st = c.stats()
                     assert st["used"] <= st["capacity"]
@@ -88,11 +88,11 @@ def test_bad_data_frames_to_a_real_provider_get_an_error_and_others_go_on(cluste
         pool = store.create_pool()
         data = make_pages(2000, seed=3)
         store.put_many(pool, 0, np.arange(2000), data)
-        with ProviderClient(cfg.node("p0"), cfg.secret_bytes(), "hostile") as bad:
+        with ProviderClient(cfg.node("p0"), cluster.credential("hostile")) as bad:
             bad.connect()
             params = bad.connect_data({})
             sock = socket.create_connection((params["host"], params["port"]), timeout=5)
-            sock.sendall(wire.hello(bytes.fromhex(params["token"])))
+            tcp.handshake(sock, bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"]))
             sock.sendall(garbage)
             sock.shutdown(socket.SHUT_WR)
             events, closed = _events(sock)
@@ -108,12 +108,12 @@ def test_bad_data_frames_to_a_real_provider_get_an_error_and_others_go_on(cluste
 
 def test_bad_key_and_out_of_bounds_from_a_real_provider(cluster):
     cfg = cluster.config
-    with ProviderClient(cfg.node("p0"), cfg.secret_bytes(), "prober") as c:
+    with ProviderClient(cfg.node("p0"), cluster.credential("prober")) as c:
         c.connect()
         lease = c.alloc_slab(1 << 20)
         params = c.connect_data({})
         sock = socket.create_connection((params["host"], params["port"]), timeout=5)
-        sock.sendall(wire.hello(bytes.fromhex(params["token"])))
+        key = tcp.handshake(sock, bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"]))
         region = lease.region
         cases = [(region.addr, 4096, region.rkey ^ 0x5A5A),            # bad key
                  (region.addr + region.length - 100, 4096, region.rkey),  # past the end
@@ -121,7 +121,7 @@ def test_bad_key_and_out_of_bounds_from_a_real_provider(cluster):
         for batch, (addr, length, rkey) in enumerate(cases, 1):
             ops = np.zeros(1, dtype=wire.WIRE_OP)
             ops[0]["remote_addr"], ops[0]["length"], ops[0]["rkey"], ops[0]["opcode"] = addr, length, rkey, 0
-            sock.sendall(wire.header(wire.REQUEST, batch_id=batch, count=1) + ops.tobytes())
+            sock.sendall(wire.request(batch, ops, key=key, seq=batch - 1))
         dec = wire.Decoder(wire.TO_REQUESTER)
         got = []
         while len(got) < len(cases):

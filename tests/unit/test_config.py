@@ -46,11 +46,24 @@ def test_defaults_and_accessors():
     assert a.hugepages == "off" and a.mlock is False and a.failure_domain is None
     assert [n.name for n in cfg.providers()] == ["a", "b"]
     assert cfg.secret_bytes() == b"s3cret"
-    assert cfg.transport_options("tcp", a) == {"host": "127.0.0.1", "port": 0}
-    assert cfg.transport_options("verbs", a) == {"device": None, "gid_index": 0}
+    assert cfg.transport_options("tcp", a) == {"host": "127.0.0.1", "port": 0, "io_budget": 256 << 20,
+                                               "max_session_connections": 8}
+    assert cfg.transport_options("verbs", a) == {"device": None, "gid_index": 0, "max_session_connections": 8}
+    assert a.metrics_address == "127.0.0.1"  # /metrics stays on loopback unless told otherwise
     assert cfg.transport_options("loopback", a) == {}
     with pytest.raises(ConfigError, match="no node named 'zz'"):
         cfg.node("zz")
+
+
+def test_limits_are_checked_and_round_trip():
+    cfg = C.from_dict(base(limits={"max_connections": 10, "io_budget": "32MiB"}))
+    assert cfg.limits.max_connections == 10 and cfg.limits.io_budget == 32 << 20
+    assert cfg.limits.max_sessions_per_requester == 8  # the others keep their defaults
+    assert C.from_dict(yaml.safe_load(C.dump(cfg))) == cfg
+    with pytest.raises(ConfigError, match=r"limits.max_handshakes: expected an integer >= 1, got 0"):
+        C.from_dict(base(limits={"max_handshakes": 0}))
+    with pytest.raises(ConfigError, match=r"limits.max_conections: unknown key"):
+        C.from_dict(base(limits={"max_conections": 3}))
 
 
 def test_dump_round_trips():

@@ -21,7 +21,7 @@ def raw(obj) -> bytes:
 
 
 VALID = [
-    M.request("hello", 1, requester="r1", nonce="00" * 32),
+    M.request("hello", 1, requester="r1", role="requester", generation=1, nonce="00" * 32),
     M.request("auth", 2, mac="ab" * 32),
     M.request("alloc_slab", 3, size=1 << 20),
     M.request("free_slab", 4, lease=7),

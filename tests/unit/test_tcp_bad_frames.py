@@ -27,11 +27,16 @@ def provider():
     pt.close()
 
 
-def dial(session, token: bytes | None = None) -> socket.socket:
+def dial(session, token: bytes | None = None, secret: bytes | None = None) -> tuple[socket.socket, bytes]:
+    """A connection that sent its HELLO, and the frame key it will have if the provider takes it."""
     params = session.accept({})
     sock = socket.create_connection((params["host"], params["port"]), timeout=5)
-    sock.sendall(wire.hello(token if token is not None else bytes.fromhex(params["token"])))
-    return sock
+    challenge = read_event(sock)
+    assert isinstance(challenge, wire.Challenge)
+    token = token if token is not None else bytes.fromhex(params["token"])
+    secret = secret if secret is not None else bytes.fromhex(params["session_secret"])
+    sock.sendall(wire.hello(token, wire.hello_mac(secret, challenge.nonce, token)))
+    return sock, wire.frame_key(secret, challenge.nonce, token)
 
 
 def read_event(sock: socket.socket):
@@ -47,10 +52,10 @@ def read_event(sock: socket.socket):
     return ev
 
 
-def hello_done(session) -> socket.socket:
-    sock = dial(session)
+def hello_done(session) -> tuple[socket.socket, bytes]:
+    sock, key = dial(session)
     assert isinstance(read_event(sock), wire.HelloOk)
-    return sock
+    return sock, key
 
 
 def one_op(region, rkey, offset=0, length=PAGE, opcode=OP_READ):
@@ -96,12 +101,12 @@ BAD_FRAMES = {
 def test_bad_frame_gets_error_frame_and_close(provider, case):
     pt, session, region, rkey = provider
     frame, words = BAD_FRAMES[case]
+    sock, key = hello_done(session)
     if case == "payload mismatch":
-        frame = wire.request(1, one_op(region, rkey, opcode=OP_WRITE), b"short")
+        frame = wire.request(1, one_op(region, rkey, opcode=OP_WRITE), b"short", key)
     elif case == "reads over limit":
         ops = np.concatenate([one_op(region, rkey, length=2**32 - 1)] * 20)
-        frame = wire.request(1, ops)
-    sock = hello_done(session)
+        frame = wire.request(1, ops, key=key)
     sock.sendall(frame)
     expect_error(sock, wire.E_BAD_FRAME, words)
     assert_good_client_works(session, region, rkey)
@@ -110,8 +115,8 @@ def test_bad_frame_gets_error_frame_and_close(provider, case):
 
 def test_truncated_frame_then_close(provider):
     pt, session, region, rkey = provider
-    sock = hello_done(session)
-    sock.sendall(wire.request(1, one_op(region, rkey, opcode=OP_WRITE), bytes(PAGE))[:100])
+    sock, key = hello_done(session)
+    sock.sendall(wire.request(1, one_op(region, rkey, opcode=OP_WRITE), bytes(PAGE), key)[:100])
     sock.shutdown(socket.SHUT_WR)
     expect_error(sock, wire.E_BAD_FRAME, "closed inside a frame")
     assert_good_client_works(session, region, rkey)
@@ -119,12 +124,41 @@ def test_truncated_frame_then_close(provider):
 
 def test_garbage_hello_token(provider):
     pt, session, region, rkey = provider
-    sock = dial(session, token=b"\xee" * wire.TOKEN_SIZE)
+    sock, _ = dial(session, token=b"\xee" * wire.TOKEN_SIZE)
     expect_error(sock, wire.E_BAD_TOKEN, "unknown or expired session token")
     sock = socket.create_connection(pt.address, timeout=5)
+    assert isinstance(read_event(sock), wire.Challenge)  # first, so one read cannot swallow both frames
     sock.sendall(b"hello there, this is not a frame at all")
     expect_error(sock, wire.E_BAD_FRAME, "bad magic")
     assert_good_client_works(session, region, rkey)
+
+
+def test_a_sniffed_token_or_a_replayed_hello_is_refused(provider):
+    pt, session, region, rkey = provider
+    params = session.accept({})
+    token, secret = bytes.fromhex(params["token"]), bytes.fromhex(params["session_secret"])
+    owner = socket.create_connection(pt.address, timeout=5)
+    nonce = read_event(owner).nonce
+    hello = wire.hello(token, wire.hello_mac(secret, nonce, token))
+    owner.sendall(hello)
+    assert isinstance(read_event(owner), wire.HelloOk)
+    key = wire.frame_key(secret, nonce, token)
+    # an eavesdropper has the token (and this HELLO) but not the secret
+    thief = socket.create_connection(pt.address, timeout=5)
+    assert isinstance(read_event(thief), wire.Challenge)
+    thief.sendall(hello)  # replayed: the MAC is for another challenge
+    expect_error(thief, wire.E_BAD_TOKEN, "not proven with its secret")
+    thief = socket.create_connection(pt.address, timeout=5)
+    nonce = read_event(thief).nonce
+    thief.sendall(wire.hello(token, wire.hello_mac(b"guess" * 8, nonce, token)))
+    expect_error(thief, wire.E_BAD_TOKEN, "not proven with its secret")
+    # the owner's connection was not replaced: it still serves
+    ops = np.zeros(1, wire.WIRE_OP)
+    ops["remote_addr"], ops["length"], ops["rkey"] = region.ctypes.data, 8, rkey
+    owner.sendall(wire.request(5, ops, key=key))
+    ev = read_event(owner)
+    assert isinstance(ev, wire.Completion) and ev.status == 0 and ev.batch_id == 5
+    owner.close()
 
 
 @pytest.mark.parametrize("offset,length,rkey_delta,status", [
@@ -135,14 +169,14 @@ def test_garbage_hello_token(provider):
 ])
 def test_bad_op_is_an_error_completion_and_connection_survives(provider, offset, length, rkey_delta, status):
     pt, session, region, rkey = provider
-    sock = hello_done(session)
+    sock, key = hello_done(session)
     region[:PAGE] = 7
     ops = np.concatenate([one_op(region, rkey), one_op(region, rkey ^ rkey_delta, offset, length)])
-    sock.sendall(wire.request(5, ops))
+    sock.sendall(wire.request(5, ops, key=key, seq=0))
     ev = read_event(sock)
     assert (ev.batch_id, ev.status, ev.index) == (5, status, 1)
     assert ev.data == bytes([7]) * PAGE  # op 0 ran and its data came back
-    sock.sendall(wire.request(6, one_op(region, rkey)))
+    sock.sendall(wire.request(6, one_op(region, rkey), key=key, seq=1))
     ev = read_event(sock)
     assert (ev.batch_id, ev.status, ev.index, len(ev.data)) == (6, WC_SUCCESS, 1, PAGE)
     sock.close()
@@ -150,7 +184,7 @@ def test_bad_op_is_an_error_completion_and_connection_survives(provider, offset,
 
 def test_session_close_tells_the_client(provider):
     pt, session, region, rkey = provider
-    sock = hello_done(session)
+    sock, _ = hello_done(session)
     session.close()
     expect_error(sock, wire.E_SESSION_CLOSED, "closed")
     assert pt.stats()["regions"] == 0
@@ -176,3 +210,24 @@ def test_endpoint_reports_lost_connection_and_recovers(provider):
         assert (buf == 3).all()
     finally:
         ep.close()
+
+
+def test_requests_are_signed_in_order_and_an_altered_one_is_refused(provider):
+    pt, session, region, rkey = provider
+    sock, key = hello_done(session)
+    sock.sendall(wire.request(1, one_op(region, rkey), key=key, seq=0))
+    assert read_event(sock).status == WC_SUCCESS
+    replay = wire.request(2, one_op(region, rkey), key=key, seq=1)
+    sock.sendall(replay)
+    assert read_event(sock).status == WC_SUCCESS
+    sock.sendall(replay)  # the same frame again: its sequence number is spent
+    expect_error(sock, wire.E_BAD_FRAME, "missing or bad MAC, or sequence number 1")
+    sock, key = hello_done(session)
+    frame = bytearray(wire.request(3, one_op(region, rkey), key=key, seq=0))
+    frame[wire.HEADER.size] ^= 0x40  # an on-path attacker moves the op's remote address
+    sock.sendall(bytes(frame))
+    expect_error(sock, wire.E_BAD_FRAME, "missing or bad MAC")
+    sock, key = hello_done(session)
+    sock.sendall(wire.request(4, one_op(region, rkey)))  # not signed at all
+    expect_error(sock, wire.E_BAD_FRAME, "missing or bad MAC")
+    assert_good_client_works(session, region, rkey)

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(transport.unavailable_reason("tcp") is not None,
 PAGE = 4096
 
 
+SECRET = bytes(range(32))  # the fake provider's session secret
+
 def crc(a) -> int:
     return zlib.crc32(memoryview(a).cast("B"))
 
@@ -113,8 +115,10 @@ def fake_provider(reply: bytes):
         conn, _ = lsock.accept()
         with conn:
             f = conn.makefile("rb")
-            f.read(wire.HEADER.size + wire.TOKEN_SIZE)
-            conn.sendall(wire.hello_ok())
+            nonce = bytes(wire.NONCE_SIZE)
+            conn.sendall(wire.challenge(nonce))
+            f.read(wire.HEADER.size + wire.TOKEN_SIZE + wire.MAC_SIZE)
+            conn.sendall(wire.hello_ok(wire.hello_ok_mac(SECRET, nonce, bytes(wire.TOKEN_SIZE))))
             h = wire.parse_header(f.read(wire.HEADER.size), 0, wire.TO_PROVIDER)
             f.read(h.body_len)
             conn.sendall(reply)
@@ -123,7 +127,8 @@ def fake_provider(reply: bytes):
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    params = {"host": "127.0.0.1", "port": lsock.getsockname()[1], "token": bytes(wire.TOKEN_SIZE).hex()}
+    params = {"host": "127.0.0.1", "port": lsock.getsockname()[1], "token": bytes(wire.TOKEN_SIZE).hex(),
+              "session_secret": SECRET.hex()}
     return params, lsock, t
 
 
@@ -135,7 +140,7 @@ BAD_REPLIES = {
     "error frame": (wire.error(wire.E_SHUTDOWN, "bye"), "provider shutting down: bye"),
     "bad magic": (b"JUNK" + wire.completion(7, 0, 1)[4:], "bad magic"),
     "request to requester": (wire.request(7, np.zeros(1, dtype=wire.WIRE_OP)), "unexpected frame REQUEST"),
-    "hello ok again": (wire.hello_ok(), "HELLO_OK"),
+    "hello ok again": (wire.hello_ok(bytes(wire.MAC_SIZE)), "HELLO_OK"),
     "closed mid frame": (wire.completion(7, 0, 1, bytes(PAGE))[:100], "closed the data connection"),
 }
 

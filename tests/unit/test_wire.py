@@ -45,12 +45,14 @@ def test_frames_round_trip_in_any_chunking(chunk):
     ops = sample_ops(3)
     payload = bytes(range(256)) * 48
     token = bytes(range(32))
-    stream = (wire.hello(token) + wire.hello_ok() + wire.request(7, ops, payload)
+    nonce, mac = bytes(range(32, 64)), bytes(range(64, 96))
+    stream = (wire.challenge(nonce) + wire.hello(token, mac) + wire.hello_ok(mac) + wire.request(7, ops, payload)
               + wire.completion(7, 10, 2, b"abc") + wire.error(wire.E_BAD_FRAME, "nope"))
     events = decode_all(stream, chunk=chunk)
     assert events == [
-        wire.Hello(token),
-        wire.HelloOk(),
+        wire.Challenge(nonce),
+        wire.Hello(token, mac),
+        wire.HelloOk(mac),
         ("req", 7, 3, ops.tobytes(), payload),
         ("comp", 7, 10, 2, b"abc"),
         wire.Error(wire.E_BAD_FRAME, "nope"),
@@ -82,9 +84,11 @@ def test_limits_and_framing_errors_are_clear():
     assert "exceeds the limit" in bad({"payload_len": wire.MAX_PAYLOAD + 1})
     assert "exceeds the limit" in bad({"ftype": wire.COMPLETION, "payload_len": 2**32 - 1})
     assert "token" in bad({"ftype": wire.HELLO, "payload_len": 3})
+    assert "token" in bad({"ftype": wire.HELLO, "payload_len": wire.TOKEN_SIZE})  # a token without its proof
+    assert "nonce" in bad({"ftype": wire.CHALLENGE, "payload_len": 3})
     assert "unexpected frame COMPLETION" in bad({"ftype": wire.COMPLETION}, wire.TO_PROVIDER)
     assert "unknown type 77" in bad({"ftype": 77})
-    assert "expected none" in bad({"ftype": wire.HELLO_OK, "payload_len": 5})
+    assert "32-byte MAC" in bad({"ftype": wire.HELLO_OK, "payload_len": 5})
 
 
 def test_decoder_does_not_allocate_ahead_of_the_bytes():
@@ -97,11 +101,12 @@ def test_decoder_does_not_allocate_ahead_of_the_bytes():
 
 
 VALID = [
-    wire.hello(bytes(32)),
+    wire.challenge(bytes(32)),
+    wire.hello(bytes(32), bytes(32)),
     wire.request(3, sample_ops(2), b"p" * 8192),
     wire.completion(3, 0, 2, b"d" * 100),
     wire.error(wire.E_BAD_TOKEN, "bad token"),
-    wire.hello_ok(),
+    wire.hello_ok(bytes(32)),
 ]
 
 
@@ -143,3 +148,18 @@ def test_fuzz_truncated_and_mutated_frames(frame, data):
 def test_fuzz_header_counts_and_lengths(ftype, count, payload_len):
     hdr = wire.HEADER.pack(wire.MAGIC, wire.VERSION, ftype, 0, 1, count, 0, payload_len, 0)
     feed_checked(hdr + bytes(64), 37)
+
+
+def test_signed_requests_parse_and_the_c_mac_matches_the_reference():
+    from rram._ext import _tcpwire
+
+    key, ops = bytes(range(32)), sample_ops(3)
+    frame = wire.request(9, ops, b"w" * 10, key=key, seq=41)
+    h = wire.parse_header(frame, 0, wire.TO_PROVIDER)
+    assert (h.flags, h.seq, h.body_len) == (wire.FLAG_MAC, 41, 3 * 24 + 10 + wire.MAC_TRAILER)
+    ev = decode_all(frame, wire.TO_PROVIDER)[0]
+    assert ev[4] == b"w" * 10  # the payload ends before the MAC
+    signed = frame[: wire.HEADER.size + 3 * 24]
+    assert frame[-wire.MAC_TRAILER :] == wire.request_mac(key, signed) == _tcpwire.frame_mac(key, signed)
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        wire.parse_header(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.COMPLETION, 1, 0, 0, 0, 0, 0))

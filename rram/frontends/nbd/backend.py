@@ -62,6 +62,11 @@ class Backend(abc.ABC):
         for i, page in enumerate(pages.tolist()):
             self.write(page * PAGE_SIZE, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
 
+    def request_path(self):
+        """(a rram._ext._reqpath.RequestPath, the page key of block 0) when single-block READs and
+        WRITEs can be served in C (block i is key | i), else None."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -221,6 +226,10 @@ class PageStoreBackend(Backend):
 
     def flush(self):
         self.store.flush()
+
+    def request_path(self):
+        path = self.store.requests
+        return None if path is None else (path, (self.pool << 56) | (self.obj << 32))
 
     def read_pages(self, pages, out):
         self.store.get_many(self.pool, self.obj, pages, out)  # absent pages come back zeroed

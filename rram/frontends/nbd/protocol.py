@@ -356,6 +356,20 @@ class ServerConnection:
             self._need = REQUEST.size
         return taken
 
+    def transmission_buffer(self):
+        """(receive buffer, start, end) while plain transmission goes on, for a C loop that takes
+        requests itself (rram._ext._nbdserve.serve_loop) and reports back with consumed(); else None."""
+        if self._state != _TRANSMISSION or self._discard:
+            return None
+        return self._buf, self._start, self._end
+
+    def consumed(self, start: int, end: int) -> None:
+        """The C loop's new buffer bounds (it may have moved the unread bytes to the front)."""
+        if not 0 <= start <= end <= len(self._buf):
+            raise ValueError(f"bad buffer range {start}..{end} of {len(self._buf)}")
+        self._start, self._end = start, end
+        self._need = REQUEST.size
+
     def next_event(self):
         """The next event, or NEED_DATA.  Raises StreamError when the connection must be dropped."""
         while True:

@@ -3,8 +3,12 @@
 One thread per connection.  Requests come in runs: a client with a deep queue sends many
 READs (or WRITEs) back to back, and the C parser (rram._ext._nbdwire.RequestRun) takes every
 consecutive plain READ or WRITE of whole 4 KiB blocks already in the receive buffer in one
-call.  A run is served with one backend call (one store lock, one LZ4 batch) and one send
-for all its replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
+call.  While requests come one at a time (the kernel's swap I/O, mostly: READs and WRITEs
+of a block or a few) and the backend offers a request path, the connection runs in C (rram._ext._nbdserve:
+recv, parse, the store's tables, the reply packed and sent, no GIL) and comes back here for
+anything else; a request that path declines is served on the Python path.  A longer run is
+served with one backend call (one store lock, one LZ4 batch) and one send for all its
+replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
 flagged requests, protocol errors) goes through the sans-IO parser one request at a time,
 after the run before it, so a FLUSH follows the writes before it and a READ sees every
 earlier WRITE.  Buffers are allocated once per connection.  Several connections run in
@@ -25,6 +29,11 @@ import time
 from ... import errors
 from ..._ext._nbdwire import RequestRun
 from ...units import PAGE_SIZE
+
+try:  # built with the native codec only
+    from ..._ext._nbdserve import LOOP_DECLINED, LOOP_EOF, LOOP_IDLE, LOOP_RUN, serve_loop
+except ImportError:  # pragma: no cover - a build without liblz4
+    serve_loop = None
 from . import protocol as P
 from .backend import Backend
 
@@ -69,8 +78,11 @@ class NBDServer:
 
     def __init__(self, backend: Backend, *, export_name: str = "", description: str = "rram remote memory",
                  min_block: int = 1, max_block: int = P.DEFAULT_MAX_BLOCK,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, spin_us: float = DEFAULT_SPIN_US):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, spin_us: float = DEFAULT_SPIN_US,
+                 c_requests: bool = True):
         self.backend = backend
+        # (RequestPath, key of block 0): single requests in C; None: all in Python
+        self._c_path = backend.request_path() if c_requests and serve_loop is not None else None
         self.export = P.Export(name=export_name, size=backend.size, description=description,
                                min_block=min_block, max_block=max_block)
         self.handshake_timeout = handshake_timeout
@@ -87,7 +99,7 @@ class NBDServer:
         self._accept_thread: threading.Thread | None = None
         self._closed = False
         self.counters = {"connections": 0, "disconnected_bad_clients": 0, "requests": 0, "errors": 0,
-                         "runs": 0, "run_requests": 0}
+                         "runs": 0, "run_requests": 0, "c_requests": 0, "c_declined": 0}
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -165,7 +177,20 @@ class NBDServer:
             sock.settimeout(self.handshake_timeout)
             sock.sendall(conn.data_to_send())
             while True:
-                if run is not None and conn.take_run(run):
+                if run is not None and self._c_path is not None and (where := conn.transmission_buffer()):
+                    why = self._serve_in_c(conn, sock, run, where)
+                    if why == LOOP_EOF:
+                        log.debug("nbd client %s went away", peer)
+                        return
+                    if why == LOOP_DECLINED:  # one request, which the Python path serves
+                        reply = self._handle(conn, sock, P.Request(*run.request(0)), reply)
+                        run.clear()
+                        continue
+                    if why == LOOP_RUN:
+                        reply = self._serve_run(conn, sock, run, reply)
+                        continue
+                    # LOOP_PARSER: the head of the buffer is for the Python parser below
+                elif run is not None and conn.take_run(run):
                     reply = self._serve_run(conn, sock, run, reply)
                     continue
                 event = conn.next_event()
@@ -197,6 +222,24 @@ class NBDServer:
             with self._lock:
                 self._clients.pop(sock, None)
             sock.close()
+
+    def _serve_in_c(self, conn: P.ServerConnection, sock: socket.socket, run: RequestRun, where) -> int:
+        """Run the connection in C (serve_loop) until something needs Python; why it returned."""
+        path, key_base = self._c_path
+        buf, start, end = where
+        e = self.export
+        c = self.counters
+        block = False
+        while True:
+            start, end, why, served, declined = serve_loop(run, path, key_base, sock.fileno(), buf, start, end,
+                                                           e.size, e.max_block, e.min_block, self._spin_ns, block)
+            c["requests"] += served
+            c["c_requests"] += served
+            c["c_declined"] += declined
+            if why != LOOP_IDLE:
+                conn.consumed(start, end)
+                return why
+            block = True  # the counters are current: now sleep until the next request
 
     def _recv(self, sock: socket.socket, buf: memoryview, transmitting: bool) -> int:
         """recv_into ``buf``, polling for up to spin_us first once requests are flowing."""

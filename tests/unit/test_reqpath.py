@@ -1,0 +1,254 @@
+"""The store's C request path (ext/_reqpath.pyx): single pages read and written without the GIL.
+
+Every test drives a real PageStore (local pool + an in-process provider over the loopback
+transport), with a local budget small enough that pages go remote, so the C path both serves
+requests and declines them (remote page, full local pool, remote copy to replace); a declined
+request is then served by the Python path, as the NBD server does.  The contents are checked
+against a reference model, and the C path against the Python path byte for byte.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rram import PAGE_SIZE
+from rram.testing.inproc import InProcessProvider, make_store
+
+_reqpath = pytest.importorskip("rram._ext._reqpath", reason="built without liblz4: no C request path")
+DONE, REMOTE, LOCAL_FULL, OLD_REMOTE = (_reqpath.REQ[k] for k in ("done", "remote", "local_full", "old_remote"))
+OBJ = 3
+
+
+def page_of(seed: int, kind: str = "half") -> bytes:
+    """A page: ``zero``, ``raw`` (incompressible) or ``half`` (about 2:1, like swapped heap)."""
+    if kind == "zero":
+        return bytes(PAGE_SIZE)
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+    if kind == "half":
+        data[PAGE_SIZE // 2:] = seed & 0xFF
+    return data.tobytes()
+
+
+class Store:
+    """A store, its pool and the two ways to serve one page (C first, as the NBD server does)."""
+
+    def __init__(self, local_budget: int = 256 << 10, providers: int = 1, replicas: int = 1):
+        self.providers = [InProcessProvider(f"p{i}", 32 << 20) for i in range(providers)]
+        self.store = make_store(self.providers, local_budget=local_budget, slab_size=1 << 20, replicas=replicas)
+        self.pool = self.store.create_pool(persistent=True)
+        self.base = (self.pool << 56) | (OBJ << 32)
+        self.path = self.store.requests
+
+    def write(self, index: int, page: bytes) -> int:
+        rc = self.path.write(self.base | index, page)
+        if rc != DONE:
+            self.store.put(self.pool, OBJ, index, page)
+        return rc
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        out = bytearray(PAGE_SIZE)
+        rc = self.path.read(self.base | index, out)
+        if rc != DONE:
+            out = bytearray(PAGE_SIZE)
+            if self.store.get(self.pool, OBJ, index, out) is None:
+                out[:] = bytes(PAGE_SIZE)
+        return bytes(out), rc
+
+    def python_read(self, index: int) -> bytes:
+        out = bytearray(PAGE_SIZE)
+        return bytes(out) if self.store.get(self.pool, OBJ, index, out) is None else bytes(out)
+
+    def close(self) -> None:
+        self.store.close()
+        for p in self.providers:
+            p.close()
+
+
+@pytest.fixture
+def s():
+    st_ = Store()
+    yield st_
+    st_.close()
+
+
+def test_local_pages_are_served_in_c(s):
+    pages = {i: page_of(i, kind) for i, kind in enumerate(["half", "raw", "zero", "half"])}
+    for i, page in pages.items():
+        assert s.write(i, page) == DONE
+    for i, page in pages.items():
+        got, rc = s.read(i)
+        assert rc == DONE and got == page
+        assert s.python_read(i) == page  # the Python path sees what C wrote
+    assert s.read(99) == (bytes(PAGE_SIZE), DONE)  # never written: zeros
+    stats = s.store.stats()
+    assert stats["c_writes"] == 4 and stats["c_reads"] == 5
+    assert stats["pages"] == 4 and stats["zero_pages"] == 1 and stats["local_pages"] == 3
+    assert stats["puts"] == 4 and stats["failed_gets"] == 1
+
+
+def test_declines_remote_full_and_closed(s):
+    n = 200  # ~2 KiB each: far more than the 256 KiB local budget
+    for i in range(n):
+        s.write(i, page_of(i))
+    c = s.path.counters()
+    assert c["write_done"] > 0 and c["write_local_full"] > 0  # remotify ran in Python in between
+    assert s.store.stats()["remote_pages"] > 0
+    outcomes = {s.read(i)[1] for i in range(n)}
+    assert {DONE, REMOTE} <= outcomes
+    for i in range(n):
+        assert s.read(i)[0] == page_of(i)
+    remote = next(i for i in range(n) if s.path.read(s.base | i, bytearray(PAGE_SIZE)) == REMOTE)
+    before = s.store.stats()["remote_pages"]
+    assert s.path.write(s.base | remote, page_of(7)) == DONE  # the remote copy is retired...
+    assert s.path.nretired == 1
+    assert s.read(remote)[0] == page_of(7)
+    assert s.store.stats()["remote_pages"] == before - 1  # ...and freed when Python next holds the lock
+    assert s.path.nretired == 0
+    s.path.enabled = False
+    assert s.path.read(s.base | 0, bytearray(PAGE_SIZE)) == _reqpath.REQ["unavailable"]
+    s.path.enabled = True
+    s.store.invalidate_pool(s.pool)  # the pool is gone: C must not resurrect it
+    assert s.path.write(s.base | 0, page_of(1)) == _reqpath.REQ["unavailable"]
+    s.store.close()
+    assert s.path.read(s.base | 0, bytearray(PAGE_SIZE)) == _reqpath.REQ["unavailable"]
+
+
+def test_retired_remote_copies_are_bounded():
+    """Zero pages written in C over remote pages need no local slot, so only the retired list
+    bounds them: once full, C declines until Python frees the list."""
+    s = Store(local_budget=128 << 10)
+    try:
+        n = _reqpath.RETIRED_CAPACITY + 200
+        idx = np.arange(n, dtype=np.uint32)
+        s.store.put_many(s.pool, OBJ, idx, b"".join(page_of(i) for i in range(n)))
+        remote = [i for i in range(n) if s.path.read(s.base | i, bytearray(PAGE_SIZE)) == REMOTE]
+        assert len(remote) > _reqpath.RETIRED_CAPACITY
+        codes = [s.path.write(s.base | i, bytes(PAGE_SIZE)) for i in remote]
+        assert codes.count(DONE) == _reqpath.RETIRED_CAPACITY and set(codes[_reqpath.RETIRED_CAPACITY:]) == {OLD_REMOTE}
+        used = s.store.stats()["remote_pages"]  # frees the retired copies
+        assert used == len(remote) - _reqpath.RETIRED_CAPACITY
+        for i in remote[_reqpath.RETIRED_CAPACITY:]:
+            assert s.write(i, bytes(PAGE_SIZE)) == DONE
+        assert s.store.stats()["remote_pages"] == 0
+        for i in range(n):
+            assert s.read(i)[0] == (bytes(PAGE_SIZE) if i in set(remote) else page_of(i))
+    finally:
+        s.close()
+
+
+def test_bad_buffers_are_refused(s):
+    with pytest.raises(ValueError, match="4096"):
+        s.path.read(s.base, bytearray(100))
+    with pytest.raises(ValueError, match="4096"):
+        s.path.write(s.base, bytes(4097))
+    assert s.read(0) == (bytes(PAGE_SIZE), DONE)  # still serving
+
+
+_ops = st.lists(st.tuples(st.sampled_from(["c_write", "py_write", "read", "invalidate", "repatriate"]),
+                          st.integers(0, 95), st.integers(0, 1 << 30),
+                          st.sampled_from(["half", "raw", "zero"])), min_size=1, max_size=120)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ops)
+def test_agrees_with_python_path(ops):
+    """Random mixes of C and Python writes, reads, invalidations and repatriation agree with a model,
+    and every page read in C equals the page the Python path reads."""
+    s = Store(local_budget=128 << 10)
+    model: dict[int, bytes] = {}
+    try:
+        for op, index, seed, kind in ops:
+            if op == "c_write":
+                model[index] = page_of(seed, kind)
+                s.write(index, model[index])
+            elif op == "py_write":
+                model[index] = page_of(seed, kind)
+                s.store.put(s.pool, OBJ, index, model[index])
+            elif op == "read":
+                got, rc = s.read(index)
+                assert got == model.get(index, bytes(PAGE_SIZE))
+                assert s.python_read(index) == got
+            elif op == "invalidate":
+                s.store.invalidate_page(s.pool, OBJ, index)
+                model.pop(index, None)
+            else:
+                s.store.repatriate(16)
+        for index in range(96):
+            assert s.read(index)[0] == model.get(index, bytes(PAGE_SIZE)), index
+        st_ = s.store.stats()
+        assert st_["pages"] == len(model)
+    finally:
+        s.close()
+
+
+def test_concurrent_c_and_python_writers_keep_every_page():
+    """C requests (several threads, no GIL) race Python batches, remotify and repatriation on one
+    store: the lock must keep the tables whole, and every acknowledged write must read back."""
+    s = Store(local_budget=192 << 10)
+    rounds, span = 6, 64
+    errors: list[BaseException] = []
+    final: dict[int, bytes] = {}
+    lock = threading.Lock()
+
+    def c_worker(t: int) -> None:
+        try:
+            for r in range(rounds):
+                for i in range(span):
+                    index = t * span + i
+                    page = page_of(index * 131 + r)
+                    s.write(index, page)
+                    got, _ = s.read(index)
+                    assert got == page, (t, r, i)
+            with lock:
+                for i in range(span):
+                    final[t * span + i] = page_of((t * span + i) * 131 + rounds - 1)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    def py_worker(t: int) -> None:
+        try:
+            idx = np.arange(t * span, (t + 1) * span, dtype=np.uint32)
+            for r in range(rounds):
+                pages = b"".join(page_of(int(i) * 17 + r) for i in idx)
+                s.store.put_many(s.pool, OBJ, idx, pages)
+                out = bytearray(len(pages))
+                s.store.get_many(s.pool, OBJ, idx, out)
+                assert bytes(out) == pages
+                s.store.repatriate(32)
+            with lock:
+                for i in idx.tolist():
+                    final[i] = page_of(i * 17 + rounds - 1)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=c_worker, args=(t,)) for t in range(3)]
+    threads += [threading.Thread(target=py_worker, args=(t,)) for t in range(3, 5)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not errors, errors[0]
+        digest = {i: hashlib.sha256(p).hexdigest() for i, p in final.items()}
+        for i in sorted(final):
+            assert hashlib.sha256(s.read(i)[0]).hexdigest() == digest[i], i
+        c = s.path.counters()
+        assert c["write_done"] > 0 and c["read_done"] > 0
+        assert s.store.stats()["pages"] == len(final)
+    finally:
+        s.close()
+
+
+def test_store_lock_is_reentrant_and_checks_the_owner(s):
+    lock = s.store._lock
+    with lock:
+        with lock:  # the store re-enters (put -> put_many)
+            assert s.write(0, page_of(0)) == DONE  # the C path in the same thread re-enters too
+    with pytest.raises(RuntimeError, match="does not hold"):
+        lock.release()
