@@ -244,14 +244,15 @@ cdef class Router:
         return 0
 
     cdef int _read(self, uint64_t loc, uint64_t dst, const int64_t *lkeys) noexcept nogil:
-        """READ one page from the first ready replica on a live link (RemoteTier.read's choice)."""
+        """READ one page from a ready replica on a live link, the slab's own one first (RemoteTier.read's
+        choice: starting at replica ``slab % nrep`` spreads the reads of a cluster over every copy)."""
         cdef uint64_t slab = loc_slab(loc)
         cdef Py_ssize_t k
         cdef int j, li
         if slab >= <uint64_t>self.width:
             return -1
         for j in range(self.nrep):
-            k = j * self.width + <Py_ssize_t>slab
+            k = <Py_ssize_t>((slab + <uint64_t>j) % <uint64_t>self.nrep) * self.width + <Py_ssize_t>slab
             li = self.rep_link[k]
             if 0 <= li < self.nlinks and self.alive[li] and self.rep_ready[k]:
                 return self._add(li, OP_READ, dst, self.rep_addr[k] + loc_offset(loc), loc_size(loc),

@@ -1,4 +1,4 @@
-"""The `rram` command: provider, status, demo, requester, drain, undrain, reload, keys.
+"""The `rram` command: provider, status, demo, requester, drain, undrain, reload, keys, reclaim.
 
 Logging is configured here (rram/logsetup.py), never by the modules a subcommand runs.
 Subcommands written in other modules are imported when used, so the CLI works (and says
@@ -79,7 +79,7 @@ def _status_table(cfg, results: dict) -> None:
     from .config import format_size
 
     table = Table(title=f"cluster {cfg.name}")
-    right = ("incarnation", "capacity", "used", "free", "leases", "sessions", "read", "written", "uptime")
+    right = ("incarnation", "capacity", "used", "free", "leases", "sessions", "degraded", "read", "written", "uptime")
     for col in ("node", "control", "state", "transport") + right:
         table.add_column(col, justify="right" if col in right else "left")
     problems, detail = [], []
@@ -87,16 +87,20 @@ def _status_table(cfg, results: dict) -> None:
         r = results[node.name]
         where = f"{node.address}:{node.port}"
         if "error" in r:
-            table.add_row(node.name, where, "[red]unreachable[/]", *[""] * 10)
+            table.add_row(node.name, where, "[red]unreachable[/]", *[""] * 11)
             problems.append(f"{node.name}: {r['error']}")
             continue
+        # degraded: the most slabs with too few copies that one of its requesters reports
+        degraded = max((s.get("degraded", 0) for s in r.get("per_session", [])), default=0)
         table.add_row(node.name, where, r["state"], r["transport"], str(r["incarnation"]), format_size(r["capacity"]),
                       format_size(r["used"]), format_size(r["free"]), str(r["leases"]), str(r["sessions"]),
+                      f"[yellow]{degraded}[/]" if degraded else "0",
                       f"{r.get('bytes_read', 0) / 2**20:.1f}MiB", f"{r.get('bytes_written', 0) / 2**20:.1f}MiB",
                       f"{r['uptime']:.0f}s")
         for s in r.get("per_session", []):
             if s["leases"]:
                 detail.append(f"{node.name} <- {s['requester']}: {s['leases']} leases, {format_size(s['bytes'])}"
+                              + (f", {s['degraded']} degraded slabs" if s.get("degraded") else "")
                               + ("" if s["connected"] else f", detached {s['detached_for']}s"))
     console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole lines
     console.print(table)
@@ -174,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_lazy("rram.frontends.requester"))
+
+    p = sub.add_parser("reclaim", help="give memory of a provider back to its host (requesters drop "
+                       "ephemeral pages there, then move slabs away)")
+    p.add_argument("--config", required=True, help="cluster file (YAML)")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("bytes", metavar="BYTES", help="how much, e.g. 64MiB")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    p.set_defaults(func=_lazy("rram.control.reclaim"))
 
     p = sub.add_parser("drain", help="move every lease off a provider, then stop leasing there")
     p.add_argument("--config", required=True, help="cluster file (YAML)")

@@ -16,7 +16,7 @@ from . import config as C
 from . import errors
 from .control import keys
 from .control.client import ProviderClient
-from .control.keeper import Keeper
+from .control.keeper import Keeper, control_timeout
 from .datapath.remote import Link, RemoteTier
 from .datapath.store import PageStore
 from .transport import choose, requester_transport
@@ -45,9 +45,10 @@ def link(client, rt, name: str, failure_domain: str | None = None) -> Link:
     return Link(index=-1, name=name, client=client, endpoint=ep, failure_domain=failure_domain)
 
 
-def link_provider(node, rt, credential) -> Link:
-    """Authenticate to provider ``node`` (a NodeConfig) with ``credential`` and link it."""
-    client = ProviderClient(node, credential)
+def link_provider(node, rt, credential, timeout: float = 5.0) -> Link:
+    """Authenticate to provider ``node`` (a NodeConfig) with ``credential`` and link it;
+    ``timeout`` bounds each control request (``control_timeout(cfg)`` in a store)."""
+    client = ProviderClient(node, credential, timeout=timeout)
     try:
         client.connect()
         return link(client, rt, node.name, node.failure_domain)
@@ -69,14 +70,20 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     tname, why = choose(transport or cfg.transport)
     log.info("requester %s: transport %s (%s)", requester, tname, why)
     replicas = replicas or cfg.replicas
+    if replicas < cfg.min_replicas:
+        raise errors.ConfigError(f"{cfg.source}: replicas={replicas} is below min_replicas={cfg.min_replicas}")
     rt = requester_transport(tname, **_requester_options(tname, cfg, requester))
-    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas)
+    # a replica that has not completed a batch within the suspect threshold is suspended (and
+    # resumed or declared dead by the keeper); reads hedge to another replica after half that
+    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, io_timeout=cfg.suspect_threshold,
+                        read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas)
     credential = keys.credential(cfg, requester, "requester")
+    timeout = control_timeout(cfg)
     for node in cfg.providers():
         if node.name == requester:
             continue  # symmetric topology: never place our pages on ourselves
         try:
-            remote.add_link(link_provider(node, rt, credential))
+            remote.add_link(link_provider(node, rt, credential, timeout))
         except errors.AuthError:
             remote.close()
             raise
@@ -91,6 +98,6 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     store.transport_reason = why
     store.requester = requester
     if keeper:
-        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, credential),
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, credential, timeout),
                               requester=requester).start()
     return store

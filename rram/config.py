@@ -98,6 +98,7 @@ class RequesterConfig:
     local_budget: int = _f(64 << 20, "size")
     remotify_batch: int = _f(256, "int", minimum=1)
     repatriate_rate: int = _f(1000, "int")  # pages/s moved back home when local memory allows; 0 = never
+    #: deadline of one control request (heartbeat, lease, resume); capped at suspect_threshold
     heartbeat_timeout: float = _f(2.0, "float", positive=True)
 
 
@@ -135,6 +136,8 @@ class ClusterConfig:
     dead_threshold: float = _f(5.0, "float", positive=True)
     lease_grace: float = _f(10.0, "float", positive=True)
     replicas: int = _f(2, "int", minimum=1)
+    #: copies a persistent write needs; below, it fails (ReplicationError) instead of weakening
+    min_replicas: int = _f(1, "int", minimum=1)
     nodes: list = field(default_factory=list, metadata={"kind": "nodes"})
     requester: RequesterConfig = field(default_factory=RequesterConfig, metadata={"kind": "requester"})
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"kind": "limits"})
@@ -328,6 +331,8 @@ def _check(ctx: _Ctx, cfg: ClusterConfig) -> None:
     providers = len(cfg.providers())
     if cfg.nodes and cfg.replicas > providers:
         ctx.fail("replicas", f"at most the number of providers ({providers})", cfg.replicas)
+    if cfg.min_replicas > cfg.replicas:
+        ctx.fail("min_replicas", f"at most replicas ({cfg.replicas})", cfg.min_replicas)
 
 
 def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> ClusterConfig:
@@ -345,14 +350,44 @@ def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> Cluster
     return cfg
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``safe_load`` that refuses a repeated mapping key: PyYAML keeps the last one silently,
+    so a second ``capacity:`` in a node would quietly win over the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the base class says what is wrong with it
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path) -> ClusterConfig:
     """Read and validate a cluster file; ``secret_file`` is relative to the file's directory."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on line {exc.first}); "
+                          "expected each key once") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:

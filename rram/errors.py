@@ -83,6 +83,11 @@ class StoreFullError(RramError):
     """Neither the local pool nor any provider has room for a persistent page."""
 
 
+class ReplicationError(StoreFullError):
+    """Fewer live copies than ``min_replicas``: a persistent write is refused rather than kept
+    with too few copies (Ceph's ``min_size``)."""
+
+
 class CapacityError(RramError):
     """A provider cannot lease more memory without exceeding its configured capacity."""
 

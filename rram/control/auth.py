@@ -38,8 +38,8 @@ _IDENTITY = b"rram-identity\0"
 
 #: what each role may ask a provider (hello and auth come before any role is known)
 ROLES = {
-    "requester": frozenset({"alloc_slab", "free_slab", "connect", "stats", "heartbeat", "resume", "bye"}),
-    "operator": frozenset({"stats", "heartbeat", "drain", "undrain", "shutdown", "reload", "bye"}),
+    "requester": frozenset({"alloc_slab", "free_slab", "connect", "stats", "heartbeat", "resume", "report", "bye"}),
+    "operator": frozenset({"stats", "heartbeat", "drain", "undrain", "shutdown", "reload", "reclaim", "bye"}),
     "provider": frozenset({"stats", "heartbeat", "bye"}),
 }
 #: longest identity name (it travels in hello frames before authentication)

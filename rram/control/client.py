@@ -104,17 +104,32 @@ class ProviderClient:
                     for item in rep["leases"]]
 
     def close(self) -> None:
-        """Idempotent: say bye (the provider releases every lease of the session) and hang up."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        """Idempotent: say bye (the provider releases every lease of the session) and hang up.
+
+        Never waits longer than ``timeout`` for another thread's request (a heartbeat to a
+        hung provider): the socket is shut under it instead, and the provider releases the
+        leases after its lease_grace.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._lock.acquire(timeout=self.timeout):
+            sock = self._sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
+                except OSError:
+                    pass
+            return
+        try:
             if self._sock is not None:
                 try:
                     self._call_locked("bye")
                 except errors.RramError as exc:
                     log.debug("bye to %s failed: %s", self.node.name, exc)
             self._hangup()
+        finally:
+            self._lock.release()
 
     def __enter__(self):
         return self
@@ -141,9 +156,20 @@ class ProviderClient:
     def stats(self) -> dict:
         return self._call("stats")["stats"]
 
-    def heartbeat(self) -> dict:
-        rep = self._call("heartbeat")
-        return {k: rep[k] for k in ("incarnation", "capacity", "free", "load", "state")}
+    def heartbeat(self, timeout: float | None = None) -> dict:
+        """The provider's state; ``timeout`` (default: the client's) bounds this one request."""
+        rep = self._call("heartbeat", _timeout=timeout)
+        out = {k: rep[k] for k in ("incarnation", "capacity", "free", "load", "state")}
+        out["reclaim"] = rep.get("reclaim", 0)  # bytes the provider asks us to give back
+        return out
+
+    def report(self, degraded: int) -> None:
+        """Tell the provider how many of our slabs are degraded (shown by ``rram status``)."""
+        self._call("report", degraded=int(degraded))
+
+    def reclaim(self, nbytes: int) -> dict:
+        """Ask the provider to give ``nbytes`` of its capacity back (``rram reclaim``)."""
+        return self._call("reclaim", bytes=int(nbytes))
 
     def shutdown(self) -> str:
         """Ask a drained provider to exit."""
@@ -161,15 +187,22 @@ class ProviderClient:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _call(self, kind: str, **fields) -> dict:
+    def _call(self, kind: str, _timeout: float | None = None, **fields) -> dict:
         with self._lock:
             if self._closed:
                 raise errors.ConnectionLost(f"client for {self.node.name} is closed")
             if self._sock is None:
                 raise errors.ConnectionLost(f"not connected to provider {self.node.name} (connect() or resume())")
-            return self._call_locked(kind, **fields)
+            if _timeout is None:
+                return self._call_locked(kind, **fields)
+            self._sock.settimeout(_timeout)
+            try:
+                return self._call_locked(kind, _timeout=_timeout, **fields)
+            finally:
+                if self._sock is not None:
+                    self._sock.settimeout(self.timeout)
 
-    def _call_locked(self, kind: str, **fields) -> dict:
+    def _call_locked(self, kind: str, _timeout: float | None = None, **fields) -> dict:
         msg_id = next(self._ids)
         try:
             self._sock.sendall(M.encode(M.request(kind, msg_id, **fields)))
@@ -183,7 +216,7 @@ class ProviderClient:
         except socket.timeout as exc:
             self._hangup()
             raise errors.ConnectionLost(f"provider {self.node.name} did not answer {kind} "
-                                        f"within {self.timeout:g}s") from exc
+                                        f"within {_timeout or self.timeout:g}s") from exc
         except OSError as exc:
             self._hangup()
             raise errors.ConnectionLost(f"control connection to {self.node.name} lost during {kind}: {exc}") from exc

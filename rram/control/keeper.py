@@ -1,30 +1,46 @@
-"""The requester's control loop: membership from heartbeats, failures, repair, repatriation.
+"""The requester's control loop: membership from heartbeats, failures, resume, repair, repatriation.
 
-One background thread per page store.  Each round it
+A *prober* thread per provider does every blocking exchange with that provider and nothing
+else, so one slow or hung node never holds up the others (RAMster and our first keeper
+heartbeated nodes one after another and waited ~5 s on each reconnect to a hung one):
 
-1. heartbeats every provider it is linked to and feeds the replies into ``Membership``; a
-   provider whose connection is refused or reset is dead at once (no need to wait for the
-   dead threshold when the kernel already told us), one that merely stops answering goes
-   suspect, then dead after ``dead_threshold``;
-2. acts on membership events: dead -> stop using it now (its slabs become degraded);
-   draining -> move every slab off it; joined / restarted / rejoined -> (re)connect and
-   offer it for placement and repairs;
-3. runs ``store.repair()`` for a bounded slice (re-replication and drain copying);
-4. brings remote pages home at ``repatriate_rate`` pages/s while the local pool has room
+* a linked provider gets a heartbeat every ``heartbeat_interval``, bounded by the control
+  timeout (``requester.heartbeat_timeout``, at most ``suspect_threshold``);
+* a suspended link (the data path timed out or broke) or a dropped control connection is
+  *resumed*: the same session and leases (``resume``, inside the provider's lease_grace),
+  the data endpoint recovered; a provider that refuses the connection or no longer has the
+  session is dead at once (the kernel, or the provider, already told us);
+* an unlinked provider is linked (a new session), at most every two heartbeat intervals.
+
+A heartbeat reply may ask for memory back (``rram reclaim``): the store drops ephemeral pages
+there first, then moves slabs off it as in a drain.
+
+Probers only post what they found; the keeper thread applies it in order:
+
+1. heartbeats feed ``Membership``: silent for ``suspect_threshold`` -> suspect (no new slabs
+   there), for ``dead_threshold`` -> dead: its slabs are degraded and re-replicated;
+2. a resumed provider is used again; only the copies that missed writes while it was
+   suspended are copied again (nothing is re-replicated after a blip);
+3. ``store.repair()`` for a bounded slice (re-replication, resync, drain copying), which only
+   ever talks to live providers;
+4. remote pages come home at ``repatriate_rate`` pages/s while the local pool has room
    (RAMster's "frontswap selfshrinking").
 
-Policy lives here; the store only exposes mechanisms (mark_dead, drain, repair, repatriate).
+Policy lives here; the store only exposes mechanisms (provider_failed, resume_provider, drain,
+repair, repatriate).
 """
 from __future__ import annotations
 
+import errno
 import logging
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 
 from .. import errors
-from .membership import DEAD, Membership, NodeInfo
+from .membership import KNOWN, Membership, NodeInfo
 from .placement import Candidate, choose_targets
 from .ratelimit import TokenBucket
 
@@ -47,10 +63,14 @@ class Keeper:
                 self.membership.add(node.name, failure_domain=node.failure_domain, capacity=node.capacity)
         rate = cfg.requester.repatriate_rate
         self.bucket = TokenBucket(rate, max(rate, store.batch), clock=clock, initial=0) if rate > 0 else None
+        #: one control request's deadline: a reply later than the suspect threshold is no use
+        self.call_timeout = control_timeout(cfg)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._next_reconnect: dict[str, float] = {}
-        self.counters = {"rounds": 0, "reconnects": 0, "repatriated": 0, "repair_bytes": 0}
+        self._probers: list[threading.Thread] = []
+        self._found: queue.SimpleQueue = queue.SimpleQueue()  # (kind, link, detail) from the probers
+        self._wake = threading.Event()  # set with every finding: the keeper acts on it at once
+        self.counters = {"rounds": 0, "reconnects": 0, "resumes": 0, "repatriated": 0, "repair_bytes": 0}
         store.set_placement(self.place)
 
     # -- placement: power of two choices over live, non-draining providers ---------------
@@ -63,7 +83,7 @@ class Keeper:
                 cands.append(cand)
         known = {c.name for c in cands}
         for lk in candidates:  # linked but not heartbeated yet: offer with what the config says
-            if lk.name not in known and self.membership.state(lk.name) != DEAD:
+            if lk.name not in known and self.membership.state(lk.name) == KNOWN:  # (not a suspect one)
                 cands.append(Candidate(lk.name, free=1 << 62, failure_domain=lk.failure_domain))
         if not cands:
             return []
@@ -79,12 +99,22 @@ class Keeper:
     def start(self) -> Keeper:
         self._thread = threading.Thread(target=self._run, name="rram-keeper", daemon=True)
         self._thread.start()
+        for node in self.cfg.providers():
+            if node.name != self.requester:
+                t = threading.Thread(target=self._probe, args=(node,), name=f"rram-probe-{node.name}", daemon=True)
+                t.start()
+                self._probers.append(t)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every thread; waits at most one control timeout (a prober may be in a call to a
+        hung provider: it is a daemon thread and ends at its socket's timeout)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        self._wake.set()
+        deadline = time.monotonic() + (self.call_timeout if timeout is None else timeout)
+        for t in [self._thread, *self._probers]:
+            if t is not None and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -99,16 +129,16 @@ class Keeper:
             except Exception:  # a bug must not silently end failure handling
                 log.exception("keeper round crashed")
                 busy = False
-            if not busy:
-                self._stop.wait(max(0.0, self.cfg.heartbeat_interval - (self.clock() - started)))
+            if not busy:  # sleep until the next round, or until a prober finds something
+                self._wake.wait(max(0.0, self.cfg.heartbeat_interval - (self.clock() - started)))
+            self._wake.clear()
 
     def step(self) -> bool:
         """One round; True when repair or repatriation still has work (run again soon)."""
         self.counters["rounds"] += 1
-        self._heartbeats()
+        self._apply_found()
         for event in self.membership.tick():
             self._on_event(event)
-        self._reconnect()
         busy = False
         copied = self.store.repair(self.repair_slice)
         self.counters["repair_bytes"] += copied
@@ -120,30 +150,48 @@ class Keeper:
                 self.counters["repatriated"] += moved
         return busy
 
-    def _heartbeats(self) -> None:
-        remote = self.store.remote
-        for link in [lk for lk in remote.links if lk.alive]:
+    # -- applying what the probers found (keeper thread only) ---------------------------------
+
+    def _apply_found(self) -> None:
+        while True:
             try:
-                reply = link.client.heartbeat()
-                info = NodeInfo.from_heartbeat(reply, link.failure_domain)
-            except (errors.ConnectionLost, ConnectionError) as exc:
-                self.store.provider_failed(link.index, f"control connection lost: {exc}")
-                continue
-            except (errors.RramError, OSError) as exc:
-                log.debug("heartbeat to %s failed: %s", link.name, exc)  # suspect, then dead by timing
-                continue
-            if link.incarnation is None:
-                link.incarnation = info.incarnation
-            elif info.incarnation != link.incarnation:
-                # restarted behind our back: the memory behind our leases is gone
-                self.store.provider_failed(link.index, "provider restarted")
-                continue
-            for event in self.membership.join(link.name, info):
-                self._on_event(event)
+                kind, link, detail = self._found.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "linked":
+                if self._stop.is_set():
+                    self._close_link(link)
+                    continue
+                self.store.add_provider(link)
+                self.counters["reconnects"] += 1
+                log.info("provider %s linked", link.name)
+            elif kind == "lost":
+                self.store.provider_failed(link.index, detail)
+            elif kind == "resumed":
+                if link.suspended and link.incarnation in (None, detail.incarnation):
+                    self.store.resume_provider(link.index)
+                    self.counters["resumes"] += 1
+                self._beat(link, detail)  # a restart behind our back: dead here
+            elif kind == "beat":
+                self._beat(link, detail)
+            elif kind == "reclaim" and link.alive:
+                self.store.reclaim(link.index, detail)
+
+    def _beat(self, link, info: NodeInfo) -> None:
+        if not (link.alive or link.suspended):
+            return  # declared dead while the heartbeat was on its way
+        if link.incarnation is None:
+            link.incarnation = info.incarnation
+        elif info.incarnation != link.incarnation:
+            # restarted behind our back: the memory behind our leases is gone
+            self.store.provider_failed(link.index, "provider restarted")
+            return
+        for event in self.membership.join(link.name, info):
+            self._on_event(event)
 
     def _on_event(self, event) -> None:
         log.info("membership: %s %s (epoch %d)", event.kind, event.name, event.epoch)
-        links = [lk for lk in self.store.remote.links if lk.name == event.name and lk.alive]
+        links = [lk for lk in self.store.remote.links if lk.name == event.name and (lk.alive or lk.suspended)]
         if event.kind == "dead":
             for lk in links:
                 self.store.provider_failed(lk.index, "no heartbeat for the dead threshold")
@@ -152,21 +200,115 @@ class Keeper:
                 if not lk.draining:
                     self.store.drain(event.name)
 
-    def _reconnect(self) -> None:
-        """Link providers we are not (or no longer) connected to, at most every dead_threshold."""
-        now = self.clock()
-        linked = {lk.name for lk in self.store.remote.links if lk.alive}
-        for node in self.cfg.providers():
-            if node.name == self.requester or node.name in linked:
-                continue
-            if self._next_reconnect.get(node.name, 0) > now:
-                continue
-            self._next_reconnect[node.name] = now + self.cfg.heartbeat_interval * 2
+    # -- probers: all blocking I/O with one provider, in that provider's own thread -----------
+
+    def _post(self, finding: tuple) -> None:
+        self._found.put(finding)
+        self._wake.set()
+
+    def _link_of(self, name: str):
+        """The link in use (alive or suspended) for provider ``name``, or None."""
+        for lk in reversed(list(self.store.remote.links)):  # appended only: a snapshot is safe
+            if lk.name == name and (lk.alive or lk.suspended):
+                return lk
+        return None
+
+    def _probe(self, node) -> None:
+        next_link = 0.0
+        while not self._stop.is_set():
+            started = self.clock()
+            link = self._link_of(node.name)
             try:
-                link = self._connect(node)
-            except (errors.RramError, OSError) as exc:
-                log.debug("provider %s still unreachable: %s", node.name, exc)
-                continue
-            self.store.add_provider(link)
-            self.counters["reconnects"] += 1
-            log.info("provider %s linked", node.name)
+                if link is None:
+                    if started >= next_link:
+                        next_link = started + 2 * self.cfg.heartbeat_interval
+                        self._try_link(node)
+                elif link.suspended or not link.client.connected:
+                    self._try_resume(link)
+                else:
+                    self._heartbeat(link)
+                    if link.unfreed:
+                        self._free_unfreed(link)
+            except Exception:  # a bug must not silently end this provider's failure handling
+                log.exception("prober of %s crashed a round", node.name)
+            self._stop.wait(max(0.0, self.cfg.heartbeat_interval - (self.clock() - started)))
+
+    def _heartbeat(self, link) -> None:
+        try:
+            reply = link.client.heartbeat(timeout=self.call_timeout)
+            self._post(("beat", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
+            if reply["reclaim"] > 0:  # its host wants memory back: our share, in bytes
+                self._post(("reclaim", link, reply["reclaim"]))
+            degraded = len(self.store.remote.degraded)
+            if degraded != link.reported_degraded:  # for `rram status`, only when it changes
+                link.client.report(degraded)
+                link.reported_degraded = degraded
+        except errors.ConnectionLost as exc:
+            if _timed_out(exc):  # silent: suspect, then dead by timing; resumed when it answers
+                log.debug("heartbeat to %s: %s", link.name, exc)
+            else:  # reset or closed: resume now (a dead process refuses: dead at once)
+                self._try_resume(link)
+        except (errors.RramError, OSError) as exc:
+            log.debug("heartbeat to %s failed: %s", link.name, exc)
+
+    def _try_resume(self, link) -> None:
+        """Back to the same session and leases; dead when the provider refuses or forgot them."""
+        client = link.client
+        try:
+            if client.connected:
+                reply = client.heartbeat(timeout=self.call_timeout)
+            else:
+                client.resume()
+                reply = client.heartbeat(timeout=self.call_timeout)
+            if link.suspended:
+                link.endpoint.recover()  # drops whatever was in flight when it was suspended
+        except errors.NotFound as exc:
+            self._post(("lost", link, f"resume refused: {exc}"))
+            return
+        except (errors.RramError, OSError) as exc:
+            if _refused(exc):
+                self._post(("lost", link, f"connection refused: {exc}"))
+            else:
+                log.debug("provider %s not back yet: %s", link.name, exc)
+            return
+        self._post(("resumed", link, NodeInfo.from_heartbeat(reply, link.failure_domain)))
+
+    def _try_link(self, node) -> None:
+        try:
+            link = self._connect(node)
+        except (errors.RramError, OSError) as exc:
+            log.debug("provider %s still unreachable: %s", node.name, exc)
+            return
+        self._post(("linked", link, None))
+
+    def _free_unfreed(self, link) -> None:
+        while link.unfreed and link.alive:
+            lease = link.unfreed.pop()
+            try:
+                link.client.free_slab(lease)
+            except errors.RramError as exc:
+                log.debug("freeing lease %s on %s: %s", lease, link.name, exc)
+
+    @staticmethod
+    def _close_link(link) -> None:
+        for closer in (link.endpoint.close, link.client.close):
+            try:
+                closer()
+            except (errors.RramError, OSError):
+                pass
+
+
+def control_timeout(cfg) -> float:
+    """How long a requester waits for one control reply: ``requester.heartbeat_timeout``, but
+    never past the suspect threshold (a later answer would come from a suspect node anyway)."""
+    return min(cfg.requester.heartbeat_timeout, cfg.suspect_threshold)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc.__cause__, TimeoutError)
+
+
+def _refused(exc: BaseException) -> bool:
+    """The peer's kernel said nobody listens (or reset us at connect): the process is gone."""
+    cause = exc.__cause__
+    return isinstance(cause, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED

@@ -74,12 +74,13 @@ class Failover:
             addr = np.zeros(len(todo), dtype=np.uint64)
             rkey = np.zeros(len(todo), dtype=np.uint32)
             s = slabs[todo]
-            for j in range(tier.replicas):
-                cand = tier.rep_link[j, s]
-                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)] & tier.rep_ready[j, s]
+            for k in range(tier.replicas):
+                jj = (s + k) % tier.replicas  # spread reads: each slab starts at its own replica
+                cand = tier.rep_link[jj, s]
+                usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)] & tier.rep_ready[jj, s]
                 link[usable] = cand[usable]
-                addr[usable] = tier.rep_addr[j, s[usable]] + offs[todo[usable]]
-                rkey[usable] = tier.rep_rkey[j, s[usable]]
+                addr[usable] = tier.rep_addr[jj[usable], s[usable]] + offs[todo[usable]]
+                rkey[usable] = tier.rep_rkey[jj[usable], s[usable]]
             if tier.repairing:  # a slab being moved off a draining node reads from its old copy
                 cand = tier.mv_link[0, s]
                 usable = (link < 0) & (cand >= 0) & alive[np.maximum(cand, 0)]
@@ -94,14 +95,15 @@ class Failover:
             failed = tier.run_plans(OP_READ, [(link, addr, rkey)], local_addrs[todo], sizes[todo], local_base)
             if not failed:
                 return
+            tier.counters["read_retries"] += 1  # a replica failed or timed out: read elsewhere
             todo = todo[np.isin(link, list(failed))]
         raise errors.TransportError("reads kept failing on every replica")
 
     def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
         """WRITE each page to every live replica (and to the copy a drain is moving away from).
 
-        A provider that fails meanwhile is marked dead and its slabs degraded (re-replication
-        restores them); a page whose every replica failed raises TransportError.
+        A provider that fails meanwhile is suspended (then resumed, or declared dead and its
+        slabs re-replicated); a page whose every replica failed raises TransportError.
         """
         tier = self.tier
         sizes = L.loc_size(remote_locs).astype(np.uint32)

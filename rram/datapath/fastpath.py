@@ -10,8 +10,8 @@ repair is copying a slab, and every posted batch succeeds.  Then
   READ: the latency path);
 * a remote write or read is one ``Router.route`` call, then the posts and polls.
 
-In any other case it answers None or False, with nothing to undo (a link that failed is marked
-dead), and ``PageStore`` hands the whole batch to the failover path (failover.py).
+In any other case it answers None or False, with nothing to undo (a link that failed is
+suspended), and ``PageStore`` hands the whole batch to the failover path (failover.py).
 """
 from __future__ import annotations
 
@@ -95,13 +95,14 @@ class FastPath:
             return False
         router, lkeys = tier.router(local_base)
         batches = router.route(True, remote_locs, local_addrs, len(remote_locs), lkeys)
-        return batches is not None and tier.run_routed(batches) == set()
+        return batches is not None and tier.run_routed(batches, tier.io_timeout) == set()
 
     def _read_one(self, loc: int, dst_addr: int) -> bool:
         """One page's stored bytes into ``dst_addr`` (in the staging arena): scalar, one READ."""
         tier = self.tier
         slab = loc >> L.SLAB_SHIFT
-        for j in range(tier.replicas):
+        for k in range(tier.replicas):
+            j = (slab + k) % tier.replicas  # spread reads: each slab starts at its own replica
             li = int(tier.rep_link[j, slab])
             if li >= 0 and tier.rep_ready[j, slab] and tier.links[li].alive:
                 break
@@ -121,13 +122,13 @@ class FastPath:
         link.next_batch += 1
         try:
             ep.post(f["ops"], batch)
-            n = ep.poll(self._comp, tier.io_timeout)
+            n = ep.poll(self._comp, tier.read_timeout)
         except errors.TransportError as exc:
-            tier.mark_dead(li, str(exc))
+            tier.suspend(li, str(exc))  # the failover path reads another replica
             return False
         c = self._comp[0]
         if n == 0 or c["status"] in LINK_FAILURE_STATUSES:
-            tier.mark_dead(li, "no completion" if n == 0 else "link failure")
+            tier.suspend(li, f"no completion in {tier.read_timeout:g}s" if n == 0 else "link failure")
             return False
         if c["status"] != WC_SUCCESS or int(c["batch_id"]) != batch:
             raise completion_error(int(c["status"]), int(c["batch_id"]), int(c["index"]), link.name)

@@ -7,13 +7,16 @@ this table, not the page map.
 
 Per-slab facts are kept in numpy arrays indexed by slab id (replica address, rkey, link index).
 This module owns those tables and the engine that posts batches and reaps completions
-(``run_routed`` for what the C router wrote, ``run_plans`` for numpy plans), marks failed links
-dead, and repairs degraded slabs.  Which operations a get or put posts is decided by the two
+(``run_routed`` for what the C router wrote, ``run_plans`` for numpy plans), suspends links
+that fail or time out (the keeper resumes them or declares them dead), and repairs degraded
+slabs (re-replication, drain and reclaim moves, resync of copies that missed writes).  Which operations a get or put posts is decided by the two
 paths above it: fastpath.py (the common case, in C) and failover.py (every other case).
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +48,12 @@ class Link:
     next_batch: int = 1
     slabs_placed: int = 0
     incarnation: int | None = None  # the provider's start time, from its first heartbeat: a restart changes it
+    #: out of use after a timeout or a broken connection, not (yet) dead: its copies are kept
+    #: and read again if it resumes; ``missed`` are the slabs whose writes skipped it meanwhile
+    suspended: bool = False
+    missed: set[int] = field(default_factory=set)
+    unfreed: list = field(default_factory=list)  # leases released while suspended: freed on resume
+    reported_degraded: int = 0  # the degraded-slab count this provider last heard from us
 
     def lkey_for(self, addr: int) -> int:
         return self.lkeys[addr]
@@ -67,11 +76,14 @@ class VirtualSlab:
 class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
-    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB):
+    def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB,
+                 io_timeout: float = 10.0, read_timeout: float | None = None, min_replicas: int = 1):
         if first_slab_id < L.FIRST_REMOTE_SLAB:  # below it, slab ids name local pool slabs
             raise ValueError(f"remote slab ids start at {L.FIRST_REMOTE_SLAB} or above, not {first_slab_id}")
         self.slab_size = slab_size
         self.replicas = replicas
+        #: live copies a persistent write needs (callers pass ``min_copies``); fewer: ReplicationError
+        self.min_replicas = min_replicas
         self.links: list[Link] = []
         self.slabs: dict[int, VirtualSlab] = {}
         self._next_slab = first_slab_id
@@ -86,10 +98,18 @@ class RemoteTier:
         self.mv_addr = np.zeros((1, first_slab_id + 64), dtype=np.uint64)
         self.mv_rkey = np.zeros((1, first_slab_id + 64), dtype=np.uint32)
         self.degraded: set[int] = set()  # slab ids with fewer than `replicas` live copies
+        self.evicting: set[tuple[int, int]] = set()  # (slab id, link): copies a reclaim moves away
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
-                         "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0}
-        self._repair: dict[int, list] = {}  # slab id -> [replica slot, next offset, old replica]
-        self.io_timeout = 10.0
+                         "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
+                         "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0,
+                         "slabs_leased_degraded": 0}
+        # slab id -> [replica slot, next offset, old replica, "copy" | "resync"]
+        self._repair: dict[int, list] = {}
+        #: a batch not complete after this long suspends its link (writes, repair copies)
+        self.io_timeout = io_timeout
+        #: reads give up on a replica sooner and go to another one (hedged reads): a hung
+        #: provider costs a read this long, not the time it takes to declare it dead
+        self.read_timeout = io_timeout if read_timeout is None else read_timeout
         self._ops = {}  # link index -> preallocated ops array
         self._comp = new_completions(64)
         self._comp_batch = self._comp["batch_id"]  # field views: the fast path checks one completion
@@ -126,13 +146,14 @@ class RemoteTier:
             setattr(self, name, arr)
         self.invalidate_routes()
 
-    def lease_slab(self, place) -> VirtualSlab:
+    def lease_slab(self, place, min_copies: int = 1) -> VirtualSlab:
         """Lease one virtual slab on up to ``replicas`` distinct live providers.
 
         ``place(candidates, n, chosen) -> links`` is the placement policy (preference
         order).  A provider that is full or unreachable is skipped for the next one.  With
-        fewer live providers than ``replicas`` the slab starts degraded (re-replication
-        completes it when providers join); with none, StoreFullError.
+        fewer live providers than ``replicas`` the slab starts degraded (a WARNING;
+        re-replication completes it when providers join); with none, StoreFullError; with
+        fewer than ``min_copies``, ReplicationError (and nothing stays leased).
         """
         chosen: list[Link] = []
         leases: list[Replica] = []
@@ -152,20 +173,27 @@ class RemoteTier:
                     continue
                 except (errors.ConnectionLost, errors.ProtocolError, OSError) as exc:
                     excluded.add(link.index)
-                    self.mark_dead(link.index, f"lease failed: {exc}")
+                    self.suspend(link.index, f"lease failed: {exc}")
                     continue
                 chosen.append(link)
                 leases.append(Replica(link.index, lease.lease_id, lease.region))
         if not leases:
             raise errors.StoreFullError(f"no live provider has {self.slab_size} bytes free for a slab")
+        if len(leases) < min_copies:
+            for r in leases:
+                self._free_lease(r)
+            raise errors.ReplicationError(
+                f"only {len(leases)} live provider(s) could lease a slab, min_replicas is {min_copies}: "
+                "refusing a persistent write with fewer copies")
         slab_id = self._next_slab
         self._next_slab += 1
         vs = VirtualSlab(slab_id, self.slab_size, leases + [None] * (self.replicas - len(leases)))
         self._install(vs)
         if len(leases) < self.replicas:
             self.degraded.add(slab_id)
-            log.info("slab %d has %d of %d replicas until more providers are available",
-                     slab_id, len(leases), self.replicas)
+            self.counters["slabs_leased_degraded"] += 1
+            log.warning("slab %d has %d of %d replicas until more providers are available",
+                        slab_id, len(leases), self.replicas)
         return vs
 
     def _install(self, vs: VirtualSlab) -> None:
@@ -184,6 +212,8 @@ class RemoteTier:
         if rep is None:
             return
         link = self.links[rep.link]
+        if link.suspended:
+            link.unfreed.append(rep.lease)
         if not link.alive:
             return
         try:
@@ -193,6 +223,8 @@ class RemoteTier:
 
     def release_slab(self, slab_id: int) -> None:
         vs = self.slabs.pop(slab_id)
+        if self.evicting:
+            self.evicting = {e for e in self.evicting if e[0] != slab_id}
         for rep in vs.replicas:
             self._free_lease(rep)
         self.rep_link[:, slab_id] = -1
@@ -233,12 +265,40 @@ class RemoteTier:
             self._lkeys[local_base] = lkeys
         return self._router, lkeys
 
+    def note_missed(self, remote_locs: np.ndarray) -> None:
+        """After a write: the slabs it touched are stale on every suspended link holding a copy."""
+        suspended = [lk.index for lk in self.links if lk.suspended]
+        if not suspended:
+            return
+        slabs = np.unique(L.loc_slab(remote_locs).astype(np.intp))
+        for j in range(self.replicas):
+            link = self.rep_link[j, slabs]
+            for li in suspended:
+                self.links[li].missed.update(slabs[link == li].tolist())
+
+    def require_copies(self, remote_locs: np.ndarray, min_copies: int, when: str) -> None:
+        """ReplicationError unless every page's slab has ``min_copies`` copies on live links."""
+        if min_copies <= 1:
+            return
+        slabs = np.unique(L.loc_slab(remote_locs).astype(np.intp))
+        alive = self.alive_mask()
+        link = self.rep_link[:, slabs]
+        copies = ((link >= 0) & alive[np.maximum(link, 0)]).sum(axis=0)
+        short = slabs[copies < min_copies]
+        if len(short):
+            raise errors.ReplicationError(
+                f"{len(short)} slab(s) have {int(copies.min())} live copies {when} the write, min_replicas is "
+                f"{min_copies} (providers out: {', '.join(lk.name for lk in self.links if not lk.alive) or 'none'})")
+
     def alive_mask(self) -> np.ndarray:
         """Per link index: alive (a 1-element False array when there are no links)."""
         return np.array([lk.alive for lk in self.links] or [False], dtype=bool)
 
-    def run_routed(self, batches: list[tuple[int, int]]) -> set[int] | None:
+    def run_routed(self, batches: list[tuple[int, int]], timeout: float | None = None) -> set[int] | None:
         """Post the batches the router wrote (one per link) and wait for every one of them.
+
+        ``timeout``: how long a link may take before it is suspended; default ``read_timeout``
+        (a get's batches are reads; writes pass ``io_timeout``).
 
         Returns the links that failed as a whole (now marked dead; the failover path redoes the
         I/O), or None when nothing was posted because a link still has batches outstanding (the
@@ -246,6 +306,7 @@ class RemoteTier:
         bounds...), like ``run_plans``.
         """
         links = self.links
+        timeout = self.read_timeout if timeout is None else timeout
         for li, _count in batches:
             if links[li].endpoint.outstanding:
                 return None
@@ -263,22 +324,22 @@ class RemoteTier:
                 continue
             posted.append((link, batch))
         for link, batch in posted:
-            self._wait(link, batch, failed, errs)
+            self._wait(link, batch, failed, errs, timeout)
         if errs:
             raise errs[0]
         return failed
 
-    def _wait(self, link: Link, batch: int, failed: set, errs: list) -> None:
+    def _wait(self, link: Link, batch: int, failed: set, errs: list, timeout: float) -> None:
         """Reap the one batch posted on ``link``; anything but its lone success goes through ``_take``."""
-        n = self._poll(link, failed)
+        n = self._poll(link, failed, timeout)
         if n is None:
             return
         if n == 1 and self._comp_batch[0] == batch and self._comp_status[0] == WC_SUCCESS:
             return
         pending = {link.index: {batch}}
-        self._take(link, n, pending, failed, errs)
+        self._take(link, n, pending, failed, errs, timeout)
         while pending[link.index] and link.index not in failed:
-            self._reap(link, pending, failed, errs)
+            self._reap(link, pending, failed, errs, timeout)
 
     def run_plans(self, opcode, plans, local_addrs, sizes, local_base) -> set[int]:
         """Post one batch per (link, chunk) of every plan, then wait for all of them.
@@ -289,6 +350,7 @@ class RemoteTier:
         pending: dict[int, set[int]] = {}
         failed: set[int] = set()
         errs: list[Exception] = []
+        timeout = self.read_timeout if opcode == OP_READ else self.io_timeout
         for link_idx_arr, raddr, rkey in plans:
             for li in np.unique(link_idx_arr):
                 if li < 0 or li in failed or not self.links[int(li)].alive:
@@ -300,7 +362,7 @@ class RemoteTier:
                 for start in range(0, len(sel), ep.max_batch):
                     part = sel[start : start + ep.max_batch]
                     while ep.outstanding >= ep.max_outstanding and link.index not in failed:
-                        self._reap(link, pending, failed, errs)
+                        self._reap(link, pending, failed, errs, timeout)
                     if link.index in failed:
                         break
                     ops = self._ops[link.index][: len(part)]
@@ -320,28 +382,28 @@ class RemoteTier:
                     pending.setdefault(link.index, set()).add(batch)
         for li in list(pending):
             while pending.get(li) and li not in failed:
-                self._reap(self.links[li], pending, failed, errs)
+                self._reap(self.links[li], pending, failed, errs, timeout)
         if errs:
             raise errs[0]
         return failed
 
-    def _reap(self, link: Link, pending: dict, failed: set, errs: list) -> None:
-        n = self._poll(link, failed)
+    def _reap(self, link: Link, pending: dict, failed: set, errs: list, timeout: float) -> None:
+        n = self._poll(link, failed, timeout)
         if n is not None:
-            self._take(link, n, pending, failed, errs)
+            self._take(link, n, pending, failed, errs, timeout)
 
-    def _poll(self, link: Link, failed: set) -> int | None:
-        """One poll of ``link`` into ``self._comp``: the completions, or None when the link failed (marked dead)."""
+    def _poll(self, link: Link, failed: set, timeout: float) -> int | None:
+        """One poll of ``link`` into ``self._comp``: the completions, or None when the link failed (suspended)."""
         try:
-            return link.endpoint.poll(self._comp, self.io_timeout)
+            return link.endpoint.poll(self._comp, timeout)
         except errors.TransportError as exc:
             self._link_failed(link, exc, failed)
             return None
 
-    def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list) -> None:
+    def _take(self, link: Link, n: int, pending: dict, failed: set, errs: list, timeout: float) -> None:
         """Account for the ``n`` completions a poll of ``link`` left in ``self._comp`` (0: it timed out)."""
         if n == 0:
-            self._link_failed(link, errors.TransportError(f"no completion in {self.io_timeout}s"), failed)
+            self._link_failed(link, errors.TransportError(f"no completion in {timeout:g}s"), failed)
             return
         for c in self._comp[:n]:
             pending.get(link.index, set()).discard(int(c["batch_id"]))
@@ -354,15 +416,72 @@ class RemoteTier:
 
     def _link_failed(self, link: Link, exc: Exception, failed: set) -> None:
         failed.add(link.index)
-        self.mark_dead(link.index, str(exc))
+        self.suspend(link.index, str(exc))
 
-    def mark_dead(self, index: int, why: str) -> None:
-        """Stop using a provider at once: its replicas no longer count, its slabs are degraded."""
+    def suspend(self, index: int, why: str) -> None:
+        """Stop I/O to a provider that timed out or whose connection broke, without giving up on it.
+
+        Its copies stay in the tables; reads go to other replicas, writes skip it and note
+        the slabs in ``missed``.  The keeper then either ``resume``s it (the copies it missed
+        are copied again, nothing else) or, when it stays silent, marks it dead.
+
+        Our buffers are deregistered from its endpoint at once: a READ answered late (verbs
+        DMAs it without our polling) must not land in a staging buffer that another batch
+        uses by then.  The store registers them again when the link resumes.
+        """
         link = self.links[index]
         if not link.alive:
             return
+        log.warning("provider %s suspended (%s): no I/O to it until it resumes or is declared dead",
+                    link.name, why)
+        link.alive = False
+        link.suspended = True
+        self.invalidate_routes()
+        self.counters["providers_suspended"] += 1
+        for lkey in link.lkeys.values():
+            try:
+                link.endpoint.deregister_local(lkey)
+            except (errors.RramError, OSError) as exc:
+                log.debug("deregistering local memory from %s: %s", link.name, exc)
+        link.lkeys.clear()
+        self.invalidate_routes()
+
+    def resume(self, index: int) -> int:
+        """A suspended provider is back with its leases (endpoint recovered): use it again.
+
+        The copies it holds of slabs written meanwhile are stale: they are not read until
+        ``repair_step`` has copied them again in place.  Returns how many.
+        """
+        link = self.links[index]
+        if not link.suspended:
+            return 0
+        stale = 0
+        for slab_id in link.missed:
+            vs = self.slabs.get(slab_id)
+            if vs is None:
+                continue
+            for j, rep in enumerate(vs.replicas):
+                if rep is not None and rep.link == index:
+                    self.rep_ready[j, slab_id] = False
+                    self.degraded.add(slab_id)
+                    stale += 1
+        link.missed.clear()
+        link.suspended = False
+        link.alive = True
+        self.invalidate_routes()
+        self.counters["providers_resumed"] += 1
+        log.info("provider %s resumed; %d of its slab copies missed writes and are copied again", link.name, stale)
+        return stale
+
+    def mark_dead(self, index: int, why: str) -> None:
+        """Stop using a provider for good: its replicas no longer count, its slabs are degraded."""
+        link = self.links[index]
+        if not link.alive and not link.suspended:
+            return
         log.warning("provider %s is dead (%s); its slabs are degraded", link.name, why)
         link.alive = False
+        link.suspended = False
+        link.missed.clear()
         self.invalidate_routes()
         self.counters["providers_lost"] += 1
         for vs in self.slabs.values():
@@ -376,11 +495,29 @@ class RemoteTier:
 
     # -- repair: re-replication and drain ------------------------------------------------
 
-    def _needs_move(self, rep: Replica | None) -> bool:
+    def _needs_move(self, rep: Replica | None, slab_id: int) -> bool:
+        """A copy to replace elsewhere: missing, on a dead link, on a draining one or evicted by a
+        reclaim (not one on a suspended link: it may come back)."""
         if rep is None:
             return True
         link = self.links[rep.link]
-        return not link.alive or link.draining
+        return (not link.alive and not link.suspended) or link.draining or (slab_id, rep.link) in self.evicting
+
+    def evict(self, index: int, slab_ids) -> int:
+        """Move the copies of ``slab_ids`` off provider ``index`` (a reclaim); ``repair_step``
+        copies them elsewhere, then frees them there.  Returns how many were scheduled."""
+        n = 0
+        for slab_id in slab_ids:
+            vs = self.slabs.get(slab_id)
+            if vs is not None and any(r is not None and r.link == index for r in vs.replicas):
+                self.evicting.add((slab_id, index))
+                self.degraded.add(slab_id)
+                n += 1
+        return n
+
+    def _waiting(self, vs: VirtualSlab) -> bool:
+        """A copy of ``vs`` sits on a suspended link: wait for it rather than call the slab lost."""
+        return any(rep is not None and self.links[rep.link].suspended for rep in vs.replicas)
 
     def _source(self, vs: VirtualSlab, skip: int, old: Replica | None) -> Replica | None:
         """A live, complete copy of ``vs`` to copy from: another replica, else the one being moved."""
@@ -412,8 +549,7 @@ class RemoteTier:
         the new replica too.  Returns the bytes copied; 0 when there is nothing to do now.
         """
         chunk = min(staging_len, 1 << 20)
-        while self.degraded:
-            slab_id = min(self.degraded)
+        for slab_id in sorted(self.degraded):
             vs = self.slabs.get(slab_id)
             if vs is None:
                 self.degraded.discard(slab_id)
@@ -427,11 +563,20 @@ class RemoteTier:
                 self.mv_link[0, slab_id] = -1
                 state = None
             if state is None:
-                j = next((j for j, rep in enumerate(vs.replicas) if self._needs_move(rep)), None)
+                # a copy that missed writes while its provider was suspended: copied again in place
+                j = next((j for j, rep in enumerate(vs.replicas) if rep is not None and self.links[rep.link].alive
+                          and not self.rep_ready[j, slab_id]), None)
+                if j is not None and self._source(vs, j, None) is not None:
+                    state = self._repair[slab_id] = [j, 0, None, "resync"]
+            if state is None:
+                j = next((j for j, rep in enumerate(vs.replicas) if self._needs_move(rep, slab_id)), None)
                 if j is None:
-                    self.degraded.discard(slab_id)
+                    if not self._waiting(vs) and self.rep_ready[:, slab_id].sum() == len(vs.replicas):
+                        self.degraded.discard(slab_id)
                     continue
                 if self._source(vs, j, vs.replicas[j]) is None:
+                    if self._waiting(vs):
+                        continue  # the only good copy is on a suspended provider: wait for it
                     log.error("slab %d lost: no live replica left", slab_id)
                     self.counters["slabs_lost"] += 1
                     self.degraded.discard(slab_id)
@@ -443,8 +588,11 @@ class RemoteTier:
                 for lk in (place(cands, len(cands), holders) if cands else []):
                     try:
                         lease = lk.client.alloc_slab(vs.size)
-                    except (errors.CapacityError, errors.ConnectionLost, errors.ProtocolError, OSError) as exc:
+                    except (errors.CapacityError, errors.ProtocolError) as exc:
                         log.debug("repair target %s refused: %s", lk.name, exc)
+                        continue
+                    except (errors.ConnectionLost, OSError) as exc:
+                        self.suspend(lk.index, f"lease for a repair failed: {exc}")  # don't ask it again
                         continue
                     target = Replica(lk.index, lease.lease_id, lease.region)
                     break
@@ -457,10 +605,13 @@ class RemoteTier:
                     self.mv_link[0, slab_id] = old.link
                     self.mv_addr[0, slab_id] = old.region.addr
                     self.mv_rkey[0, slab_id] = old.region.rkey
-                state = self._repair[slab_id] = [j, 0, old]
-            j, off, old = state
+                state = self._repair[slab_id] = [j, 0, old, "copy"]
+            j, off, old, kind = state
             src = self._source(vs, j, old)
             if src is None:
+                if self._waiting(vs):
+                    self._repair.pop(slab_id)
+                    continue
                 log.error("slab %d lost during repair: no live copy left", slab_id)
                 self.counters["slabs_lost"] += 1
                 self._repair.pop(slab_id)
@@ -478,30 +629,44 @@ class RemoteTier:
                          np.array([staging_addr], np.uint64), np.array([n], np.uint32), staging_addr):
                 return 0
             state[1] = off + n
+            moved = old is not None and self.links[old.link].alive
+            what = "resynced" if kind == "resync" else "moved" if moved else "rereplicated"
             if state[1] >= vs.size:
                 self._repair.pop(slab_id)
                 self.rep_ready[j, slab_id] = True
                 self.mv_link[0, slab_id] = -1
-                moved = old is not None and self.links[old.link].alive
                 self._free_lease(old)
-                self.counters["slabs_moved" if moved else "slabs_rereplicated"] += 1
-                if not any(self._needs_move(rep) for rep in vs.replicas):
+                self.counters[f"slabs_{what}"] += 1
+                if old is not None:
+                    self.evicting.discard((slab_id, old.link))
+                if not any(self._needs_move(rep, slab_id) for rep in vs.replicas) and not self._waiting(vs) \
+                        and self.rep_ready[:, slab_id].all():
                     self.degraded.discard(slab_id)
-            self.counters["bytes_moved" if old is not None and self.links[old.link].alive
-                          else "bytes_rereplicated"] += n
+            self.counters[f"bytes_{what}"] += n
             return n
         return 0
 
-    def close(self) -> None:
-        for vs in list(self.slabs.values()):
-            for rep in vs.replicas:
-                self._free_lease(rep)
+    def close(self, timeout: float = 2.0) -> None:
+        """Hang up on every provider at once; each one's ``bye`` releases our leases there.
+
+        Links close concurrently and this returns after ``timeout`` at the latest: a hung
+        provider gets no ``bye`` and releases our leases after its lease_grace instead.
+        """
         self.slabs.clear()
-        for link in self.links:
+        threads = [threading.Thread(target=self._close_link, args=(link,), name=f"rram-close-{link.name}",
+                                    daemon=True) for link in self.links]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @staticmethod
+    def _close_link(link: Link) -> None:
+        try:
+            link.endpoint.close()
+        finally:
             try:
-                link.endpoint.close()
-            finally:
-                try:
-                    link.client.close()
-                except errors.RramError as exc:
-                    log.debug("closing %s: %s", link.name, exc)
+                link.client.close()
+            except (errors.RramError, OSError) as exc:
+                log.debug("closing %s: %s", link.name, exc)

@@ -230,7 +230,12 @@ class PageStore:
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
                 )
-            self._remote_io(True, rlocs, srcs[rest], self.staging.addr)
+            try:
+                self._remote_io(True, rlocs, srcs[rest], self.staging.addr, self._min_copies(persistent))
+            except errors.ReplicationError:
+                self.remote_alloc.free(rlocs, len(rlocs))
+                self._unswept = True
+                raise
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
 
@@ -270,15 +275,21 @@ class PageStore:
             if done == m:
                 break
             try:
-                vs = self.remote.lease_slab(self._choose)
+                vs = self.remote.lease_slab(self._choose, self._min_copies(persistent))
             except (errors.StoreFullError, errors.CapacityError) as exc:
                 log.info("cannot lease a remote slab: %s", exc)
                 if done:
                     self.remote_alloc.free(out[:done], done)
                     self._unswept = True
+                if isinstance(exc, errors.ReplicationError):
+                    raise
                 return None
             self.remote_alloc.add_slab(vs.slab_id, vs.size)
         return out
+
+    def _min_copies(self, persistent: bool) -> int:
+        """Live copies a remote write of this kind needs: ephemeral pages may always have one."""
+        return self.remote.min_replicas if persistent else 1
 
     def _remotify(self, want_bytes: int) -> bool:
         """Move cold local pages (about ``want_bytes`` of them) to remote slabs. False when nothing moved."""
@@ -289,10 +300,19 @@ class PageStore:
             if got == 0:
                 break
             sizes = L.loc_size(locs).astype(np.uint32)
-            rlocs = self._remote_alloc(sizes, True)
+            rlocs = None
+            try:
+                rlocs = self._remote_alloc(sizes, True)
+                if rlocs is not None:
+                    self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr, self._min_copies(True))
+            except errors.ReplicationError as exc:  # too few copies: persistent pages stay local
+                log.warning("not moving pages out: %s", exc)
+                if rlocs is not None:
+                    self.remote_alloc.free(rlocs, len(rlocs))
+                    self._unswept = True
+                rlocs = None
             if rlocs is None:  # remote tier full: ephemeral pages may go, persistent ones stay
                 return self._drop_ephemeral(locs, owners) > 0 or moved > 0
-            self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr)
             ok = np.empty(got, dtype=np.uint8)
             self.map.cas(owners, locs, rlocs, ok)
             moved_mask = ok.astype(bool)
@@ -407,16 +427,23 @@ class PageStore:
         c["remote_gets"] += nremote
         return found
 
-    def _remote_io(self, write: bool, rlocs: np.ndarray, addrs: np.ndarray, base: int) -> None:
+    def _remote_io(self, write: bool, rlocs: np.ndarray, addrs: np.ndarray, base: int, min_copies: int = 1) -> None:
         """WRITE the pages at ``addrs`` (in the arena at ``base``) to every replica of ``rlocs``,
-        or READ their stored bytes into ``addrs``."""
+        or READ their stored bytes into ``addrs``.  A write needs ``min_copies`` live copies of
+        every page before and after (ReplicationError), and leaves the slabs it touched noted as
+        stale on suspended providers (copied again when they resume)."""
         fast, failover = (self._fast.write, self._failover.write) if write else (self._fast.read, self._failover.read)
         what = "remote_writes" if write else "remote_reads"
+        if write:
+            self.remote.require_copies(rlocs, min_copies, "before")
         if self.fast_path and fast(rlocs, addrs, base):
             self.counters["fast_" + what] += 1
-            return
-        self.counters["failover_" + what] += 1
-        failover(rlocs, addrs, base)
+        else:
+            self.counters["failover_" + what] += 1
+            failover(rlocs, addrs, base)
+        if write:
+            self.remote.require_copies(rlocs, min_copies, "after")
+            self.remote.note_missed(rlocs)
 
     # -- invalidate -----------------------------------------------------------------------
 
@@ -541,11 +568,63 @@ class PageStore:
         with self._lock:
             self.remote.mark_dead(index, why)
 
+    def resume_provider(self, index: int) -> int:
+        """A suspended provider is back with its leases; returns its copies to bring up to date."""
+        with self._lock:
+            stale = self.remote.resume(index)
+            self._register_arenas(self.remote.links[index])  # suspend deregistered them
+            return stale
+
+
     def wants_repatriation(self) -> bool:
         """True while remote pages exist and over half of the local pool is free."""
         with self._lock:  # the C request path changes the local pool without the GIL
             return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
                     and self.local.free_bytes > self.local.capacity_bytes // 2)
+
+    def reclaim(self, index: int, nbytes: int) -> int:
+        """Give ``nbytes`` back to provider link ``index`` (its host needs the memory).
+
+        Ephemeral pages in its slabs go first (tmem: they may be dropped; they simply miss
+        later) and slabs left empty are released; then whole slabs are moved off it as in a
+        drain, the emptiest first.  Bytes already being moved away count.  Returns the bytes
+        released or newly scheduled to move.
+        """
+        with self._lock:
+            remote = self.remote
+            pending = remote.slab_size * sum(1 for _s, li in remote.evicting if li == index)
+            want = nbytes - pending
+            if want <= 0:
+                return 0
+            mine = [vs.slab_id for vs in remote.slabs.values()
+                    if any(r is not None and r.link == index for r in vs.replicas)
+                    and (vs.slab_id, index) not in remote.evicting]
+            eph = np.array([not self._pools.get(p, True) for p in range(K.MAX_POOLS)], dtype=bool)
+            done = 0
+            for slab_id in mine if eph.any() else ():
+                keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), 0)
+                drop = eph[(keys >> np.uint64(56)).astype(np.intp)]
+                if drop.any():
+                    ok = np.zeros(int(drop.sum()), dtype=np.uint8)
+                    dl = np.ascontiguousarray(locs[drop])
+                    self.map.cas(np.ascontiguousarray(keys[drop]), dl, np.zeros(len(dl), dtype=np.uint64), ok)
+                    freed = np.ascontiguousarray(dl[ok.astype(bool)])
+                    self.remote_alloc.free(freed, len(freed))
+                    self.counters["ephemeral_dropped"] += len(freed)
+                if self.remote_alloc.slab_used_bytes(slab_id) == 0:
+                    self.remote_alloc.remove_slab(slab_id)
+                    remote.release_slab(slab_id)
+                    done += remote.slab_size
+                    if done >= want:
+                        return done
+            left = sorted((self.remote_alloc.slab_used_bytes(s), s) for s in mine if s in remote.slabs)
+            for _used, slab_id in left:
+                if done >= want:
+                    break
+                done += remote.slab_size * remote.evict(index, [slab_id])
+            log.info("giving %d bytes back to provider %s (%d already on their way)", done,
+                     remote.links[index].name, pending)
+            return done
 
     def drain(self, provider: str) -> int:
         """Start moving every slab off ``provider``; ``repair()`` does the copying."""
@@ -595,7 +674,8 @@ class PageStore:
                 c["replicas"] = self.remote.replicas
                 c["remote_slabs"] = len(self.remote.slabs)
                 c["remote_leased_bytes"] = self.remote.leased_bytes()
-                c["providers"] = {lk.name: ("dead" if not lk.alive else "draining" if lk.draining else "alive")
+                c["providers"] = {lk.name: ("suspended" if lk.suspended else "dead" if not lk.alive
+                                            else "draining" if lk.draining else "alive")
                                   for lk in self.remote.links}
                 c["degraded_slabs"] = len(self.remote.degraded)
                 c["route_generation"] = self.remote.route_generation

@@ -216,7 +216,7 @@ class ControlConnection:
         if kind == "stats":  # operators see everyone; a requester only its own sessions
             return {"stats": p.stats(None if role == "operator" else self.session.requester)}
         if kind == "heartbeat":
-            return p.heartbeat()
+            return p.heartbeat(self.session)
         if kind == "resume":
             self.session = p.resume(self.session, msg["session"], msg["token"], self)
             return {"session": self.session.id, "token": self.session.token,
@@ -224,6 +224,10 @@ class ControlConnection:
                                for s in self.session.slabs.values()]}
         if kind == "drain":
             return {"state": p.drain()}
+        if kind == "reclaim":
+            return p.reclaim(msg["bytes"])
+        if kind == "report":
+            return p.report(self.session, msg["degraded"])
         if kind == "undrain":
             return {"state": p.undrain()}
         if kind == "reload":

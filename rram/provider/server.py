@@ -46,6 +46,7 @@ class RequesterSession:
     slabs: dict[int, Slab] = field(default_factory=dict)
     detached_at: float | None = None
     released: bool = False
+    degraded: int = 0  # the requester's slabs with fewer copies than it wants (its last report)
 
     @property
     def used(self) -> int:
@@ -324,16 +325,43 @@ class Provider:
         self.stopping.set()
         return self.state
 
-    def heartbeat(self) -> dict:
-        return {"incarnation": self.incarnation, "capacity": self.pool.capacity, "free": self.pool.free,
-                "load": round(os.getloadavg()[0], 2), "state": self.state}
+    def reclaim(self, nbytes: int) -> dict:
+        """Give ``nbytes`` of memory back to the host (memory pressure).  Slabs are mapped only
+        while leased, so that means ``nbytes`` fewer leased bytes: the capacity drops to what is
+        leased now minus ``nbytes`` (no new leases past it), and every requester is asked, in its
+        heartbeats, for its share of the excess (ephemeral pages first, then slabs moved away)."""
+        if nbytes < 0:
+            raise Refused("bad_request", f"reclaim needs a byte count >= 0, got {nbytes}")
+        with self._lock:
+            self.pool.capacity = max(0, min(self.pool.capacity, self.pool.used) - nbytes)
+            excess = max(0, self.pool.used - self.pool.capacity)
+        log.warning("provider %s gives back %d bytes: capacity now %d, %d leased beyond it",
+                    self.node.name, nbytes, self.pool.capacity, excess)
+        return {"capacity": self.pool.capacity, "excess": excess}
+
+    def report(self, session: RequesterSession | None, degraded: int) -> dict:
+        """A requester's state for ``rram status``: how many of its slabs are degraded."""
+        if session is None or degraded < 0:
+            raise Refused("bad_request", f"report needs a session and a count >= 0, got {degraded}")
+        session.degraded = degraded
+        return {}
+
+    def heartbeat(self, session: RequesterSession | None = None) -> dict:
+        """Our state; ``reclaim``: the bytes ``session`` should give back (its share of what is
+        leased beyond the capacity after a reclaim), rounded up to whole bytes."""
+        with self._lock:
+            used, excess = self.pool.used, max(0, self.pool.used - self.pool.capacity)
+            mine = session.used if session is not None else 0
+        share = -(-excess * mine // used) if excess and used else 0
+        return {"incarnation": self.incarnation, "capacity": self.pool.capacity, "free": max(0, self.pool.free),
+                "load": round(os.getloadavg()[0], 2), "state": self.state, "reclaim": share}
 
     def stats(self, requester: str | None = None) -> dict:
         """Everything, or (``requester``) only that requester's own sessions."""
         now = time.monotonic()
         with self._lock:
             per_session = [{"session": s.id, "requester": s.requester, "role": s.role, "leases": len(s.slabs),
-                            "bytes": s.used, "connected": s.conn is not None,
+                            "bytes": s.used, "connected": s.conn is not None, "degraded": s.degraded,
                             "detached_for": None if s.detached_at is None else round(now - s.detached_at, 3)}
                            for s in self._sessions.values() if requester in (None, s.requester)]
             counters = dict(self._counters)

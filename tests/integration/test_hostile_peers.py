@@ -218,9 +218,11 @@ def test_capacity_bypass_with_many_tokens_and_big_batches_is_refused(provider):
         except OSError as exc:
             results[i] = exc
 
-    def watch(stop):
+    def watch(stop):  # samples at least once even if the attack is over within one period
+        peaks.append(rss(pid))
         while not stop.wait(0.05):
             peaks.append(rss(pid))
+        peaks.append(rss(pid))
 
     stop = threading.Event()
     watcher = threading.Thread(target=watch, args=(stop,))

@@ -180,7 +180,7 @@ def test_provider_killed_mid_run(tmp_path):
                 t.join(120)
             assert not errors, errors[0]
             assert _settled(srv)["c_requests"] > 0 and srv.counters["errors"] == 0
-        assert store.stats()["providers"]["p0"] == "dead"
+        assert store.stats()["providers"]["p0"] == "suspended"  # dead is the keeper's call (none here)
     finally:
         store.close()
         for p in providers:

@@ -78,6 +78,9 @@ class RecordingEndpoint:
         self.done.clear()
         return n
 
+    def deregister_local(self, lkey):
+        pass  # a suspended link gives its buffers up (RemoteTier.suspend)
+
     def close(self):
         pass
 
@@ -127,9 +130,10 @@ def posted_ops(tier) -> dict[int, list[tuple]]:
 
 def remote_io(tier, op: str, locs, addrs, fast: bool = True) -> None:
     """``op`` ("read" or "write") as PageStore dispatches it: the fast path, else the failover path."""
-    if fast and getattr(FastPath(tier, None, None, BASE), op)(locs, addrs, BASE):
-        return
-    getattr(Failover(tier, None, BASE, None), op)(locs, addrs, BASE)
+    if not (fast and getattr(FastPath(tier, None, None, BASE), op)(locs, addrs, BASE)):
+        getattr(Failover(tier, None, BASE, None), op)(locs, addrs, BASE)
+    if op == "write":
+        tier.note_missed(locs)
 
 
 def run_both(tier, op: str, locs, addrs):
@@ -212,7 +216,7 @@ def test_router_is_bound_again_when_links_or_tables_change():
     assert router.route(False, far, addrs, 1, lkeys) is None
 
 
-def test_a_failing_link_mid_batch_falls_back_and_marks_it_dead():
+def test_a_failing_link_mid_batch_falls_back_and_suspends_it():
     tier = random_tier(3, replicas=2, nlinks=2, nslabs=1, max_batch=64)
     tier.rep_link[:, FIRST] = [0, 1]
     tier.rep_ready[:, FIRST] = True
@@ -225,11 +229,12 @@ def test_a_failing_link_mid_batch_falls_back_and_marks_it_dead():
     locs = np.array([L.make_location(FIRST, 64 * i, 64) for i in range(3)], dtype=np.uint64)
     addrs = np.full(3, BASE, dtype=np.uint64)
     remote_io(tier, "read", locs, addrs)
-    assert not tier.links[0].alive and tier.counters["providers_lost"] == 1
+    assert tier.links[0].suspended and tier.counters["providers_suspended"] == 1  # dead: the keeper's call
     assert [len(b) for b in tier.links[1].endpoint.posted] == [3], "the pages were read from the other replica"
     tier.links[1].endpoint.posted.clear()
     remote_io(tier, "write", locs, addrs)
     assert [len(b) for b in tier.links[1].endpoint.posted] == [3]
+    assert tier.links[0].missed == {FIRST}, "the suspended copy missed that write"
 
 
 # -- StorePath against the numpy classification ----------------------------------------------------
@@ -358,7 +363,8 @@ def test_stores_with_and_without_the_fast_path_agree(replicas):
                             break
                 stats = store.stats()
                 assert (stats["fast_gets"] > 0) == fast and (stats["failover_gets"] > 0 or fast)
-                for k in ("providers", "route_generation", "providers_lost", *PATH_COUNTERS):
+                for k in ("providers", "route_generation", "providers_lost", "providers_suspended", "read_retries",
+                          *PATH_COUNTERS):
                     stats.pop(k)
                 results.append((sums, stats))
         finally:
