@@ -50,8 +50,8 @@ def layer_of(module: str):
 
 
 def _is_module(name: str, root: Path) -> bool:
-    if name.startswith("rram._ext."):
-        return name.count(".") == 2  # compiled: rram/_ext/*.so (sources in ext/*.pyx)
+    if name.startswith("rram._ext._"):
+        return name.count(".") == 2  # compiled: rram/_ext/_*.so (sources in ext/*.pyx)
     rel = Path(*name.split("."))
     return (root / rel).with_suffix(".py").exists() or (root / rel / "__init__.py").exists()
 
