@@ -7,10 +7,14 @@ Public surface::
     store.put(pool, obj, index, page)              # 4 KiB
     store.get(pool, obj, index)                    # bytes, or None on a miss
 
+    with rram.FarMemory("cluster.yaml", size=1 << 30, budget=64 << 20) as region:
+        a = region.array("float64", (1 << 27,))    # pages arrive from rram on first touch
+
 This package face sits on top of the house (docs/architecture.md): it hands on names defined
 below it, and no module of rram imports from it but the CLI (``__version__``).  ``connect``
-imports the composition root (rram/cluster.py) when called, not here, so that importing
-``rram.errors`` or ``rram.units`` loads nothing else.
+imports the composition root (rram/cluster.py) when called, and ``FarMemory`` its frontend
+(rram/frontends/farmem) when first named, not here, so that importing ``rram.errors`` or
+``rram.units`` loads nothing else.
 """
 from __future__ import annotations
 
@@ -26,6 +30,14 @@ def connect(config, **options):
     from .cluster import open_store
 
     return open_store(config, **options)
+
+
+def __getattr__(name: str):
+    if name == "FarMemory":  # a frontend: loaded on first use (userfaultfd, numpy, a handler)
+        from .frontends.farmem import FarMemory
+
+        return FarMemory
+    raise AttributeError(f"module 'rram' has no attribute {name!r}")
 
 
 def build_info() -> dict[str, str]:

@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"default {DEFAULT_SPIN_US}): trades a little CPU for latency")
     p.add_argument("--no-nbd-c-path", action="store_true",
                    help="serve every NBD request on the Python path, none in C (diagnosis, comparisons)")
+    p.add_argument("--farmem-socket", metavar="PATH",
+                   help="also serve far-memory regions (rram.FarMemory(..., service=PATH)) from this store")
+    p.add_argument("--farmem-budget", default="256MiB", metavar="SIZE",
+                   help="resident bytes all far-memory regions may hold together (default 256MiB)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus /metrics (the page store's counters) on 127.0.0.1:PORT (0: any)")
 
@@ -105,7 +109,7 @@ def main(args) -> int:
         print(f"rram requester: cannot open the page store: {exc}", file=sys.stderr)
         return 1
     name = getattr(store, "requester", None) or args.name or f"pid{os.getpid()}"
-    server = metrics = None
+    server = metrics = regions = None
     try:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=0, size=size)
         server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}",
@@ -120,6 +124,12 @@ def main(args) -> int:
         if not getattr(args, "no_mlock", False):
             lock_all_memory()  # after the store's arenas exist, before the first client
         server.start()
+        if getattr(args, "farmem_socket", None):
+            from .farmem.service import RegionService  # the same store serves regions too
+
+            regions = RegionService(store, args.farmem_socket, C.parse_size(args.farmem_budget))
+            threading.Thread(target=regions.serve_forever, name="farmem-service", daemon=True).start()
+            where.append(f"farmem={args.farmem_socket}")
         if getattr(args, "metrics_port", None) is not None:
             from ..metrics import serve_metrics
 
@@ -136,6 +146,8 @@ def main(args) -> int:
         print(f"rram requester: {exc}", file=sys.stderr)
         return 1
     finally:
+        if regions is not None:
+            regions.close()
         if metrics is not None:
             metrics.close()
         if server is not None:

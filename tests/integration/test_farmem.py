@@ -470,3 +470,25 @@ def test_one_service_serves_regions_of_several_processes_under_one_budget(cluste
     finally:
         svc.kill()
         svc.communicate()
+
+
+def test_rram_requester_serves_far_memory_beside_its_nbd_export(cluster, tmp_path):
+    """`rram requester --farmem-socket`: one store behind the NBD export and the regions."""
+    sock, nbd = str(tmp_path / "farmem.sock"), str(tmp_path / "nbd.sock")
+    req = subprocess.Popen([sys.executable, "-m", "rram", "requester", "--config", cluster.config_path,
+                            "--name", "req", "--export-size", "16MiB", "--socket", nbd, "--no-mlock",
+                            "--farmem-socket", sock, "--farmem-budget", "512KiB"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = req.stdout.readline()
+        assert "ready" in ready and f"farmem={sock}" in ready, ready + req.stderr.read()
+        with FarMemory(None, size=2 << 20, budget=512 << 10, service=sock) as mem:
+            assert mem.handler_pid == req.pid
+            a = mem.array(np.uint64, (2 << 20) // 8)
+            a[:] = np.arange(len(a), dtype=np.uint64)
+            assert np.array_equal(a, np.arange(len(a), dtype=np.uint64))  # 4x the budget: pages came back
+            assert mem.stats()["resident_pages"] <= (512 << 10) // PAGE_SIZE
+            del a
+    finally:
+        req.terminate()
+        req.communicate(timeout=30)

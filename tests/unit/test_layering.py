@@ -21,7 +21,7 @@ LAYERS = [
     (3, "provider", ("rram.provider",)),
     (3, "composition root", ("rram.cluster",)),
     (4, "frontends", ("rram.frontends",)),
-    (4, "package face", ("rram",)),  # rram/__init__.py: hands on PAGE_SIZE, connect, ...
+    (5, "package face", ("rram",)),  # rram/__init__.py: hands on PAGE_SIZE, connect, FarMemory ...
     (5, "testing", ("rram.testing",)),
     (6, "entry points", ("rram.cli", "rram.demo", "rram.__main__")),
 ]
@@ -196,3 +196,12 @@ def test_the_check_finds_circles(tmp_path):
     root = _tree(tmp_path, {"rram/datapath/__init__.py": "", "rram/datapath/store.py": "from . import remote\n",
                             "rram/datapath/remote.py": "def f():\n    from .store import PageStore\n"})
     assert violations(root) == ["import circle: rram.datapath.remote -> rram.datapath.store -> rram.datapath.remote"]
+
+
+def test_package_face_hands_on_far_memory_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, rram; assert 'rram.frontends.farmem' not in sys.modules; "
+            "from rram.frontends.farmem import FarMemory; assert rram.FarMemory is FarMemory")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
