@@ -300,6 +300,12 @@ class ProviderTransport(abc.ABC):
             session = self._sessions[session_id] = make()
         return session
 
+    def _drop(self, session: ProviderSession) -> None:
+        """Forget a closed ``session``, unless a newer one has taken its id meanwhile."""
+        with self._lock:
+            if self._sessions.get(session.session_id) is session:
+                del self._sessions[session.session_id]
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

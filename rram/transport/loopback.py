@@ -79,11 +79,6 @@ class ProviderTransportImpl(ProviderTransport):
     def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # in-process: unused
         return self._add_session(session_id, lambda: _LoopbackSession(self, session_id))
 
-    def _drop(self, session: _LoopbackSession) -> None:
-        with self._lock:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
-
     def stats(self) -> dict:
         out = self._stats.snapshot()
         with _registry_lock, self._lock:

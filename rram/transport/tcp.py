@@ -374,8 +374,7 @@ class ProviderTransportImpl(ProviderTransport):
         with self._lock:
             for token in tokens:
                 self._tokens.pop(token, None)
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
+        self._drop(session)
 
 
 def handshake(sock: socket.socket, token: bytes, secret: bytes, where: str = "provider") -> bytes:

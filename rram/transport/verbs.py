@@ -294,11 +294,6 @@ class ProviderTransportImpl(ProviderTransport):
     def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # QPs are not dialled
         return self._add_session(session_id, lambda: VerbsSession(self, session_id))
 
-    def _drop(self, session: VerbsSession) -> None:
-        with self._lock:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
-
     def stats(self) -> dict:
         with self._lock:
             sessions = list(self._sessions.values())
