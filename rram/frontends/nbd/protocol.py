@@ -27,6 +27,8 @@ import struct
 
 from ... import errors
 
+# The constants below are spelled as in the NBD spec, one per line (ovirt-imageio's way): blocks of
+# them share a shape, not logic, so they stay a table to read against the spec.
 # -- magic numbers ------------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
