@@ -157,11 +157,14 @@ NOT_MEASURED = """\
   O_DIRECT disk): these need the soft-RoCE guest, `scripts/bench-vm.sh`.  It emulates both the
   CPU (TCG) and the RDMA device, so only its ratios mean anything, and this report has none of
   its numbers.
-* **A real application swapping** (`bench/app`: Redis in a memory cgroup at about half its
+"""
+
+#: added when this run did not measure them (no --swap)
+NOT_MEASURED_SWAP = """* **A real application swapping** (`bench/app`: Redis in a memory cgroup at about half its
   dataset, redis-benchmark GETs, swap on zram / a disk file / nbdkit / rram through nbdfuse +
   loop) and **the swap-bound workload** (`bench/swap`): both turn on swap for the whole machine
   and need root, so the report runs them only when asked (`scripts/bench-report.sh --swap`, on
-  a machine nobody else is using); below, they are measured only if that was asked.
+  a machine nobody else is using).
 """
 
 
@@ -470,7 +473,8 @@ def render(out: str) -> str:
         else:
             lines += [f"{title}: not measured.", ""]
 
-    lines += [NOT_MEASURED, "## How each figure is taken", "",
+    swap_measured = any(APP.format("rram") in r for r in runs)
+    lines += [NOT_MEASURED + ("" if swap_measured else NOT_MEASURED_SWAP), "## How each figure is taken", "",
               "The suites' docstrings say what each benchmark times and against what (`bench/*.py`); "
               "bench/README.md lists them.  Raw pytest-benchmark JSON and logs are in `raw/`."]
     page = "\n".join(lines) + "\n"
