@@ -310,16 +310,7 @@ def plot_cdf(out: str, fname: str, title: str, series: list[tuple[str, list[floa
         us = np.sort(np.asarray(data) * 1e6)
         ax.step(us, np.arange(1, len(us) + 1) / len(us), where="post",
                 label=f"{label} (p50 {np.median(us):.1f} µs, p99 {np.percentile(us, 99):.1f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("latency, µs (log)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, fname), dpi=110)
-    plt.close(fig)
-    return True
+    return _save_cdf(plt, fig, ax, out, fname, title, "latency, µs (log)", "fraction of requests")
 
 
 def plot_percentiles(out: str, fname: str, title: str, series: list[tuple[str, dict]]) -> bool:
@@ -331,9 +322,14 @@ def plot_percentiles(out: str, fname: str, title: str, series: list[tuple[str, d
     for label, pct in series:
         points = sorted((v, float(k) / 100) for k, v in pct.items())
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+    return _save_cdf(plt, fig, ax, out, fname, title, "completion latency, µs (log)", "fraction of I/Os")
+
+
+def _save_cdf(plt, fig, ax, out: str, fname: str, title: str, xlabel: str, ylabel: str) -> bool:
+    """The axes every latency-distribution plot shares (log x), then the PNG."""
     ax.set_xscale("log")
-    ax.set_xlabel("completion latency, µs (log)")
-    ax.set_ylabel("fraction of I/Os")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
