@@ -9,6 +9,7 @@ else comes here, the whole batch at once:
   the only complete one) and written (so the move does not lose a put that lands meanwhile);
 * a link failing mid-batch: a READ is retried on another replica, a WRITE is checked to have
   reached at least one live replica of every page;
+* an ephemeral page (one copy) whose provider is suspended or dead: a get misses it;
 * a link with batches still outstanding, or a batch larger than a link's ``max_batch``.
 
 ``PageStore`` decides which path runs (``_get_locs``, ``_remote_io``);
@@ -52,16 +53,26 @@ class Failover:
             srcs[local] = self._local_addrs(locs[local])
         remote = np.flatnonzero(L.is_remote(locs))
         if len(remote):
-            self.read(np.ascontiguousarray(locs[remote]), self._staging_addrs[remote], self._staging_base)
+            missed = np.zeros(len(remote), dtype=bool)
+            self.read(np.ascontiguousarray(locs[remote]), self._staging_addrs[remote], self._staging_base, missed)
             srcs[remote] = self._staging_addrs[remote]
+            if missed.any():  # zero-filled, like any other miss of get_many
+                gone = remote[missed]
+                found[gone] = False
+                sizes[gone] = 0
+                srcs[gone] = 0
+                remote = remote[~missed]
         codec.decompress_pages(srcs, sizes, n, dst)
         return found, int(found.sum()), int(local.sum()), len(remote)
 
-    def read(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
+    def read(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int,
+             missed: np.ndarray | None = None) -> None:
         """READ each page's stored bytes from one live, in-sync replica into local_addrs[i].
 
         Retries on another replica when a link fails; reads the copy a drain is moving away
         from when no other copy is ready; TransportError names the pages with no live replica.
+        With ``missed`` (bool per page), ephemeral pages with no live copy are flagged there
+        (not read, a miss) instead.
         """
         tier = self.tier
         sizes = L.loc_size(remote_locs).astype(np.uint32)
@@ -87,6 +98,14 @@ class Failover:
                 link[usable] = cand[usable]
                 addr[usable] = tier.mv_addr[0, s[usable]] + offs[todo[usable]]
                 rkey[usable] = tier.mv_rkey[0, s[usable]]
+            if missed is not None and (link < 0).any():
+                gone = (link < 0) & tier.one_copy[0, s]
+                if gone.any():
+                    missed[todo[gone]] = True
+                    tier.counters["ephemeral_unreachable"] += int(gone.sum())
+                    todo, link, addr, rkey = todo[~gone], link[~gone], addr[~gone], rkey[~gone]
+                    if not len(todo):
+                        return
             if (link < 0).any():
                 raise errors.TransportError(
                     f"{int((link < 0).sum())} pages have no live replica (providers lost: "

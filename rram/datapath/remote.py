@@ -5,6 +5,11 @@ the same size on distinct nodes; a page at offset X of the virtual slab lives at
 every replica.  Page locations therefore never name a node: re-replication and drain change
 this table, not the page map.
 
+Slabs of ephemeral pages (tmem's cleancache-like pools, where a miss is allowed) have one copy
+and are never repaired: when their provider dies, leaves (drain) or wants memory back
+(reclaim), or when a write to them may have half landed, they go to ``dropped`` and the store
+forgets their pages, which miss from then on.
+
 Per-slab facts are kept in numpy arrays indexed by slab id (replica address, rkey, link index).
 This module owns those tables and the engine that posts batches and reaps completions
 (``run_routed`` for what the C router wrote, ``run_plans`` for numpy plans), suspends links
@@ -71,6 +76,8 @@ class VirtualSlab:
     slab_id: int
     size: int
     replicas: list[Replica | None]  # None: a missing copy (degraded slab)
+    #: one copy of ephemeral pages: never degraded nor repaired, dropped when that copy is gone
+    ephemeral: bool = False
 
 
 class RemoteTier:
@@ -97,12 +104,17 @@ class RemoteTier:
         self.mv_link = np.full((1, first_slab_id + 64), -1, dtype=np.int32)
         self.mv_addr = np.zeros((1, first_slab_id + 64), dtype=np.uint64)
         self.mv_rkey = np.zeros((1, first_slab_id + 64), dtype=np.uint32)
+        self.one_copy = np.zeros((1, first_slab_id + 64), dtype=bool)  # row 0: the slab is ephemeral
         self.degraded: set[int] = set()  # slab ids with fewer than `replicas` live copies
         self.evicting: set[tuple[int, int]] = set()  # (slab id, link): copies a reclaim moves away
+        #: ephemeral slabs to forget, and the store counter their pages go to: "ephemeral_lost"
+        #: (the copy died or may hold a half-landed write) or "ephemeral_dropped" (drain, reclaim)
+        self.dropped: dict[int, str] = {}
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
                          "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
                          "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0,
-                         "slabs_leased_degraded": 0}
+                         "slabs_leased_degraded": 0,
+                         "ephemeral_unreachable": 0}
         # slab id -> [replica slot, next offset, old replica, "copy" | "resync"]
         self._repair: dict[int, list] = {}
         #: a batch not complete after this long suspends its link (writes, repair copies)
@@ -138,7 +150,7 @@ class RemoteTier:
         if slab_id < self.rep_addr.shape[1]:
             return
         new = max(slab_id + 1, self.rep_addr.shape[1] * 2)
-        for name in ("rep_addr", "rep_rkey", "rep_link", "rep_ready", "mv_link", "mv_addr", "mv_rkey"):
+        for name in ("rep_addr", "rep_rkey", "rep_link", "rep_ready", "mv_link", "mv_addr", "mv_rkey", "one_copy"):
             old = getattr(self, name)
             fill = -1 if name.endswith("_link") else 0
             arr = np.full((old.shape[0], new), fill, dtype=old.dtype)
@@ -146,8 +158,8 @@ class RemoteTier:
             setattr(self, name, arr)
         self.invalidate_routes()
 
-    def lease_slab(self, place, min_copies: int = 1) -> VirtualSlab:
-        """Lease one virtual slab on up to ``replicas`` distinct live providers.
+    def lease_slab(self, place, min_copies: int = 1, ephemeral: bool = False) -> VirtualSlab:
+        """Lease one virtual slab on up to ``replicas`` distinct live providers (one when ``ephemeral``).
 
         ``place(candidates, n, chosen) -> links`` is the placement policy (preference
         order).  A provider that is full or unreachable is skipped for the next one.  With
@@ -155,13 +167,14 @@ class RemoteTier:
         re-replication completes it when providers join); with none, StoreFullError; with
         fewer than ``min_copies``, ReplicationError (and nothing stays leased).
         """
+        copies = 1 if ephemeral else self.replicas
         chosen: list[Link] = []
         leases: list[Replica] = []
         excluded: set[int] = set()
-        while len(chosen) < self.replicas:
+        while len(chosen) < copies:
             taken = {lk.index for lk in chosen} | excluded
             cands = [lk for lk in self.live_links() if lk.index not in taken]
-            picks = place(cands, self.replicas - len(chosen), chosen) if cands else []
+            picks = place(cands, copies - len(chosen), chosen) if cands else []
             if not picks:
                 break
             for link in picks:
@@ -187,9 +200,9 @@ class RemoteTier:
                 "refusing a persistent write with fewer copies")
         slab_id = self._next_slab
         self._next_slab += 1
-        vs = VirtualSlab(slab_id, self.slab_size, leases + [None] * (self.replicas - len(leases)))
+        vs = VirtualSlab(slab_id, self.slab_size, leases + [None] * (copies - len(leases)), ephemeral)
         self._install(vs)
-        if len(leases) < self.replicas:
+        if len(leases) < copies:
             self.degraded.add(slab_id)
             self.counters["slabs_leased_degraded"] += 1
             log.warning("slab %d has %d of %d replicas until more providers are available",
@@ -199,6 +212,7 @@ class RemoteTier:
     def _install(self, vs: VirtualSlab) -> None:
         self._grow(vs.slab_id)
         self.slabs[vs.slab_id] = vs
+        self.one_copy[0, vs.slab_id] = vs.ephemeral
         for j, rep in enumerate(vs.replicas):
             self._set_replica(vs.slab_id, j, rep, ready=True)
 
@@ -229,6 +243,8 @@ class RemoteTier:
             self._free_lease(rep)
         self.rep_link[:, slab_id] = -1
         self.mv_link[0, slab_id] = -1
+        self.one_copy[0, slab_id] = False
+        self.dropped.pop(slab_id, None)
         state = self._repair.pop(slab_id, None)
         if state is not None:
             self._free_lease(state[2])
@@ -289,6 +305,19 @@ class RemoteTier:
             raise errors.ReplicationError(
                 f"{len(short)} slab(s) have {int(copies.min())} live copies {when} the write, min_replicas is "
                 f"{min_copies} (providers out: {', '.join(lk.name for lk in self.links if not lk.alive) or 'none'})")
+
+    def held(self, remote_locs: np.ndarray) -> np.ndarray:
+        """Per page: its slab has a copy on a live link (True) or none left to read or write."""
+        slabs = L.loc_slab(remote_locs).astype(np.intp)
+        alive = self.alive_mask()
+        link = self.rep_link[:, slabs]
+        return ((link >= 0) & alive[np.maximum(link, 0)]).any(axis=0)
+
+    def drop(self, slab_ids, counter: str) -> None:
+        """Ephemeral slabs whose pages the store is to forget; ``counter``: where their pages count."""
+        for slab_id in slab_ids:
+            if slab_id in self.slabs:
+                self.dropped.setdefault(int(slab_id), counter)
 
     def alive_mask(self) -> np.ndarray:
         """Per link index: alive (a 1-element False array when there are no links)."""
@@ -460,6 +489,9 @@ class RemoteTier:
             vs = self.slabs.get(slab_id)
             if vs is None:
                 continue
+            if vs.ephemeral:  # its one copy missed a write: nothing to resync from
+                self.drop([slab_id], "ephemeral_lost")
+                continue
             for j, rep in enumerate(vs.replicas):
                 if rep is not None and rep.link == index:
                     self.rep_ready[j, slab_id] = False
@@ -486,7 +518,10 @@ class RemoteTier:
         self.counters["providers_lost"] += 1
         for vs in self.slabs.values():
             if any(rep is not None and rep.link == index for rep in vs.replicas):
-                self.degraded.add(vs.slab_id)
+                if vs.ephemeral:  # its one copy is gone: the pages miss from now on
+                    self.drop([vs.slab_id], "ephemeral_lost")
+                else:
+                    self.degraded.add(vs.slab_id)
         for closer in (link.endpoint.close, link.client.close):
             try:
                 closer()
@@ -505,14 +540,18 @@ class RemoteTier:
 
     def evict(self, index: int, slab_ids) -> int:
         """Move the copies of ``slab_ids`` off provider ``index`` (a reclaim); ``repair_step``
-        copies them elsewhere, then frees them there.  Returns how many were scheduled."""
+        copies them elsewhere, then frees them there; ephemeral slabs are dropped instead.
+        Returns how many were scheduled."""
         n = 0
         for slab_id in slab_ids:
             vs = self.slabs.get(slab_id)
             if vs is not None and any(r is not None and r.link == index for r in vs.replicas):
+                n += 1
+                if vs.ephemeral:
+                    self.drop([slab_id], "ephemeral_dropped")
+                    continue
                 self.evicting.add((slab_id, index))
                 self.degraded.add(slab_id)
-                n += 1
         return n
 
     def _waiting(self, vs: VirtualSlab) -> bool:
@@ -529,14 +568,18 @@ class RemoteTier:
         return None
 
     def start_drain(self, index: int) -> int:
-        """Stop placing on provider ``index`` and schedule moving its slabs; returns their number."""
+        """Stop placing on provider ``index`` and schedule moving its slabs; returns their number.
+
+        Its ephemeral slabs are dropped, not moved: their pages may miss, and a drain should
+        not spend the network on copies the kernel can read again from disk."""
         link = self.links[index]
         link.draining = True
         self.invalidate_routes()
-        mine = [vs.slab_id for vs in self.slabs.values()
-                if any(rep is not None and rep.link == index for rep in vs.replicas)]
-        self.degraded.update(mine)
-        return len(mine)
+        mine = [vs for vs in self.slabs.values() if any(rep is not None and rep.link == index for rep in vs.replicas)]
+        self.drop([vs.slab_id for vs in mine if vs.ephemeral], "ephemeral_dropped")
+        move = [vs.slab_id for vs in mine if not vs.ephemeral]
+        self.degraded.update(move)
+        return len(move)
 
     def slabs_on(self, index: int) -> int:
         return sum(1 for vs in self.slabs.values() if any(r is not None and r.link == index for r in vs.replicas))

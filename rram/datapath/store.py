@@ -2,7 +2,10 @@
 
 Pools are *persistent* (swap-like: a page is never lost while a replica lives; puts fail with
 StoreFullError rather than drop anything) or *ephemeral* (page-cache-like: pages may be dropped
-under pressure and simply miss).  Keys are (pool, obj, index).
+under pressure and simply miss).  Keys are (pool, obj, index).  Remote pages of ephemeral pools
+live in their own slabs with one copy (``eph_alloc``): a put that finds no room or no live
+provider drops the pages (they miss), and when that copy is lost the slab's pages are forgotten
+(``_drop_slabs``).
 
 put:  compress (native LZ4, batch) -> slot in the local pool (size-class allocator)
       -> when the local pool is full, *remotify* the coldest local blocks in batches: one-sided
@@ -54,7 +57,7 @@ LOCAL_SLAB_MAX = 64 << 20
 _COUNTERS = (
     "puts", "succ_puts", "failed_puts", "gets", "succ_gets", "failed_gets",
     "local_gets", "remote_gets", "zero_pages_put", "invalidates", "pages_remoted",
-    "remotify_batches", "pages_repatriated", "ephemeral_dropped", "bytes_in", "bytes_stored_in",
+    "remotify_batches", "pages_repatriated", "ephemeral_dropped", "ephemeral_lost", "bytes_in", "bytes_stored_in",
     # which path ran, in batches
     "fast_gets", "failover_gets", "fast_remote_writes", "failover_remote_writes",
     "fast_remote_reads", "failover_remote_reads",
@@ -92,12 +95,14 @@ class PageStore:
         # staging: compressed images of a batch (compress output, remote READ target)
         self.staging = Arena(self.batch * PAGE_SIZE)
         self.remote = remote
-        self.remote_alloc = L.SlotAllocator(track_owners=False)
+        self.remote_alloc = L.SlotAllocator(track_owners=False)  # slabs with r copies (persistent pools)
+        self.eph_alloc = L.SlotAllocator(track_owners=False)  # slabs with one copy (ephemeral pools)
         self._choose = choose_targets or _round_robin
         if remote is not None:
             for link in remote.links:
                 self._register_arenas(link)
         self._pools: dict[int, bool] = {}  # pool id -> persistent
+        self._eph_pool = np.zeros(K.MAX_POOLS, dtype=bool)  # pool id -> ephemeral, for a key's top byte
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.closed = False
         self.keeper = None  # rram.control.keeper.Keeper, when the store runs one
@@ -139,6 +144,7 @@ class PageStore:
             for pool in range(K.MAX_POOLS):
                 if pool not in self._pools:
                     self._pools[pool] = persistent
+                    self._eph_pool[pool] = not persistent
                     if self.requests is not None:
                         self.requests.set_pool(pool, True)
                     return pool
@@ -226,6 +232,8 @@ class PageStore:
         if done < m:
             rest = slice(done, m)
             rlocs = self._remote_alloc(sizes[rest], persistent)
+            if not persistent:
+                return self._put_ephemeral_remote(keys[rest], rlocs, srcs[rest])
             if rlocs is None:
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
@@ -238,6 +246,42 @@ class PageStore:
                 raise
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
+
+    def _put_ephemeral_remote(self, keys, rlocs, srcs) -> None:
+        """Ephemeral pages straight to one-copy slabs; those with no room or no live copy are
+        dropped (a put to an ephemeral pool may fail silently): their keys then miss, never
+        read an older version."""
+        written = np.zeros(len(keys), dtype=bool) if rlocs is None else \
+            self._write_ephemeral(rlocs, srcs, self.staging.addr)
+        if written.any():
+            self._commit(np.ascontiguousarray(keys[written]), np.ascontiguousarray(rlocs[written]))
+            self.counters["pages_remoted"] += int(written.sum())
+        if not written.all():
+            lost = np.ascontiguousarray(keys[~written])
+            old = np.zeros(len(lost), dtype=np.uint64)
+            self.map.remove(lost, old)
+            self._free(old)
+            self.counters["ephemeral_dropped"] += len(lost)
+
+    def _write_ephemeral(self, rlocs: np.ndarray, addrs: np.ndarray, base: int) -> np.ndarray:
+        """WRITE ephemeral pages to their one copy; the mask of those that landed.  The slots
+        of the others are freed, and a slab whose provider failed during the write is dropped:
+        the write may have half landed there, and it has no other copy to resync from."""
+        before = self.remote.held(rlocs)
+        try:
+            self._remote_io(True, rlocs, addrs, base, 1)
+            return before
+        except errors.TransportError:
+            after = self.remote.held(rlocs)
+            if after.all():  # not a lost provider: an error completion is a bug, not a miss
+                raise
+        self.remote.drop(np.unique(L.loc_slab(rlocs[before & ~after])).tolist(), "ephemeral_lost")
+        landed = after & ~np.isin(L.loc_slab(rlocs), list(self.remote.dropped))
+        lost = np.ascontiguousarray(rlocs[~landed])
+        self.eph_alloc.free(lost, len(lost))
+        self._unswept = True
+        self._drop_slabs()
+        return landed
 
     def _local_addrs(self, locs: np.ndarray) -> np.ndarray:
         """Addresses of local slots (a new array)."""
@@ -254,14 +298,30 @@ class PageStore:
             self.local.free(out, n_local)
         if n_remote:
             freed = out[n_local : n_local + n_remote]
-            self.remote_alloc.free(freed, n_remote)
+            self._free_remote(freed)
             if n_remote > 8 or self._unswept:
                 self._release_empty_slabs()
             else:  # a few pages: only their slabs can have emptied (a full sweep costs O(slabs))
                 for slab_id in {(loc >> L.SLAB_SHIFT) & L.SLAB_FIELD for loc in freed.tolist()}:
-                    if self.remote_alloc.slab_used_bytes(slab_id) == 0:
-                        self.remote_alloc.remove_slab(slab_id)
+                    alloc = self._alloc_of(slab_id)
+                    if alloc.slab_used_bytes(slab_id) == 0:
+                        alloc.remove_slab(slab_id)
                         self.remote.release_slab(slab_id)
+
+    def _alloc_of(self, slab_id: int):
+        """The allocator a remote slab belongs to: one copy (ephemeral pools) or r copies."""
+        return self.eph_alloc if self.remote.one_copy[0, slab_id] else self.remote_alloc
+
+    def _free_remote(self, rlocs: np.ndarray) -> None:
+        """Free remote slots, each in the allocator of its slab."""
+        one = self.remote.one_copy[0, L.loc_slab(rlocs).astype(np.intp)]
+        if not one.any():
+            self.remote_alloc.free(rlocs, len(rlocs))
+            return
+        for alloc, sel in ((self.eph_alloc, one), (self.remote_alloc, ~one)):
+            part = np.ascontiguousarray(rlocs[sel])
+            if len(part):
+                alloc.free(part, len(part))
 
     # -- remotify -------------------------------------------------------------------------
 
@@ -269,22 +329,23 @@ class PageStore:
         """Remote locations for ``sizes``, leasing new slabs as needed; None when out of room."""
         m = len(sizes)
         out = np.zeros(m, dtype=np.uint64)
+        alloc = self.remote_alloc if persistent else self.eph_alloc
         done = 0
         while done < m:
-            done += self.remote_alloc.alloc(sizes[done:], out[done:], None, m - done)
+            done += alloc.alloc(sizes[done:], out[done:], None, m - done)
             if done == m:
                 break
             try:
-                vs = self.remote.lease_slab(self._choose, self._min_copies(persistent))
+                vs = self.remote.lease_slab(self._choose, self._min_copies(persistent), ephemeral=not persistent)
             except (errors.StoreFullError, errors.CapacityError) as exc:
                 log.info("cannot lease a remote slab: %s", exc)
                 if done:
-                    self.remote_alloc.free(out[:done], done)
+                    alloc.free(out[:done], done)
                     self._unswept = True
                 if isinstance(exc, errors.ReplicationError):
                     raise
                 return None
-            self.remote_alloc.add_slab(vs.slab_id, vs.size)
+            alloc.add_slab(vs.slab_id, vs.size)
         return out
 
     def _min_copies(self, persistent: bool) -> int:
@@ -292,42 +353,67 @@ class PageStore:
         return self.remote.min_replicas if persistent else 1
 
     def _remotify(self, want_bytes: int) -> bool:
-        """Move cold local pages (about ``want_bytes`` of them) to remote slabs. False when nothing moved."""
+        """Move cold local pages (about ``want_bytes`` of them) to remote slabs: those of persistent
+        pools to slabs with r copies, ephemeral ones to one-copy slabs (or dropped when no
+        provider takes them).  False when nothing left the local pool."""
         freed = moved = 0
         while freed < want_bytes:
             locs, owners = self._victims(self.batch)
-            got = len(locs)
-            if got == 0:
+            if len(locs) == 0:
                 break
-            sizes = L.loc_size(locs).astype(np.uint32)
-            rlocs = None
-            try:
-                rlocs = self._remote_alloc(sizes, True)
-                if rlocs is not None:
-                    self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr, self._min_copies(True))
-            except errors.ReplicationError as exc:  # too few copies: persistent pages stay local
-                log.warning("not moving pages out: %s", exc)
-                if rlocs is not None:
-                    self.remote_alloc.free(rlocs, len(rlocs))
-                    self._unswept = True
-                rlocs = None
-            if rlocs is None:  # remote tier full: ephemeral pages may go, persistent ones stay
-                return self._drop_ephemeral(locs, owners) > 0 or moved > 0
-            ok = np.empty(got, dtype=np.uint8)
-            self.map.cas(owners, locs, rlocs, ok)
-            moved_mask = ok.astype(bool)
-            self.local.free(np.ascontiguousarray(locs[moved_mask]), int(moved_mask.sum()))
-            if not moved_mask.all():  # overwritten meanwhile: the new copy stays local
-                stale = np.ascontiguousarray(rlocs[~moved_mask])
-                self.remote_alloc.free(stale, len(stale))
-                self._unswept = True
-            moved += int(moved_mask.sum())
-            freed += int(sizes[moved_mask].sum())
-            if not moved_mask.any():
+            eph = self._eph_pool[(owners >> np.uint64(56)).astype(np.intp)]
+            full = False
+            before = moved
+            for persistent, sel in ((True, ~eph), (False, eph)):
+                if sel.any():
+                    got = self._move_out(np.ascontiguousarray(locs[sel]), np.ascontiguousarray(owners[sel]), persistent)
+                    if got is None:  # no remote room for persistent pages: they stay local
+                        full = True
+                    else:
+                        moved += got[0]
+                        freed += got[1]
+            if full or moved == before:
                 break
-            self.counters["pages_remoted"] += int(moved_mask.sum())
             self.counters["remotify_batches"] += 1
         return moved > 0
+
+    def _move_out(self, locs: np.ndarray, owners: np.ndarray, persistent: bool) -> tuple[int, int] | None:
+        """Move the local pages at ``locs`` (owned by ``owners``, all of one kind) to remote slabs;
+        (pages that left the local pool, bytes freed there), or None when persistent ones cannot
+        go (no room, too few copies).  Ephemeral pages that find no room or no live provider are
+        dropped: they count as gone."""
+        sizes = L.loc_size(locs).astype(np.uint32)
+        rlocs = None
+        try:
+            rlocs = self._remote_alloc(sizes, persistent)
+            if rlocs is not None and persistent:
+                self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr, self._min_copies(True))
+        except errors.ReplicationError as exc:  # too few copies: persistent pages stay local
+            log.warning("not moving pages out: %s", exc)
+            if rlocs is not None:
+                self.remote_alloc.free(rlocs, len(rlocs))
+                self._unswept = True
+            return None
+        if rlocs is None:  # no room: persistent pages stay, ephemeral ones go
+            return None if persistent else self._drop_local(locs, owners)
+        gone = freed = 0
+        if not persistent:
+            landed = self._write_ephemeral(rlocs, self._local_addrs(locs), self.local_arena.addr)
+            if not landed.all():  # no live provider for these (their remote slots are freed): dropped
+                gone, freed = self._drop_local(np.ascontiguousarray(locs[~landed]),
+                                               np.ascontiguousarray(owners[~landed]))
+                locs, owners, rlocs, sizes = (np.ascontiguousarray(a[landed]) for a in (locs, owners, rlocs, sizes))
+        ok = np.empty(len(locs), dtype=np.uint8)
+        self.map.cas(owners, locs, rlocs, ok)
+        moved_mask = ok.astype(bool)
+        self.local.free(np.ascontiguousarray(locs[moved_mask]), int(moved_mask.sum()))
+        if not moved_mask.all():  # overwritten meanwhile: the new copy stays local
+            stale = np.ascontiguousarray(rlocs[~moved_mask])
+            self._free_remote(stale)
+            self._unswept = True
+        n = int(moved_mask.sum())
+        self.counters["pages_remoted"] += n
+        return n + gone, int(sizes[moved_mask].sum()) + freed
 
     def _victims(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``k`` distinct cold local slots (the clock may hand them out a block at a time)."""
@@ -342,29 +428,55 @@ class PageStore:
         locs, first = np.unique(locs[:total], return_index=True)  # a full lap may come round again
         return locs, owners[:total][first]
 
-    def _drop_ephemeral(self, locs: np.ndarray, owners: np.ndarray) -> int:
-        pools = (owners >> np.uint64(56)).astype(np.intp)
-        eph = np.array([not self._pools.get(int(p), True) for p in range(K.MAX_POOLS)], dtype=bool)[pools]
-        if not eph.any():
-            return 0
-        zeros = np.zeros(int(eph.sum()), dtype=np.uint64)
-        ok = np.zeros(len(zeros), dtype=np.uint8)
-        self.map.cas(np.ascontiguousarray(owners[eph]), np.ascontiguousarray(locs[eph]), zeros, ok)
-        dropped = np.ascontiguousarray(locs[eph][ok.astype(bool)])
+    def _drop_local(self, locs: np.ndarray, owners: np.ndarray) -> tuple[int, int]:
+        """Drop the ephemeral pages at local ``locs`` (their keys miss from now on); (pages, bytes) freed."""
+        zeros = np.zeros(len(locs), dtype=np.uint64)
+        ok = np.zeros(len(locs), dtype=np.uint8)
+        self.map.cas(owners, locs, zeros, ok)
+        dropped = np.ascontiguousarray(locs[ok.astype(bool)])
         self.local.free(dropped, len(dropped))
         self.counters["ephemeral_dropped"] += len(dropped)
-        return len(dropped)
+        return len(dropped), int(L.loc_size(dropped).sum())
 
     def _release_empty_slabs(self) -> None:
         self._unswept = False
-        for slab_id in self.remote_alloc.empty_slabs():
-            self.remote_alloc.remove_slab(slab_id)
-            self.remote.release_slab(slab_id)
+        for alloc in (self.remote_alloc, self.eph_alloc):
+            for slab_id in alloc.empty_slabs():
+                alloc.remove_slab(slab_id)
+                self.remote.release_slab(slab_id)
+
+    def _drop_slabs(self) -> None:
+        """Forget the pages of the ephemeral slabs the remote tier dropped (their one copy died or
+        may hold a half-landed write, or its provider leaves or wants memory back), and release
+        the slabs: those pages miss from now on."""
+        remote = self.remote
+        if remote is None or not remote.dropped:
+            return
+        if self.requests is not None and self.requests.nretired:  # C writes replaced some of their pages
+            n = self.requests.take_retired(self._retired)
+            self._free(self._retired[:n])
+        while remote.dropped:
+            slab_id, counter = remote.dropped.popitem()
+            keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), 0)
+            if len(keys):
+                self.map.remove(keys, np.zeros(len(keys), dtype=np.uint64))
+                self.eph_alloc.free(locs, len(locs))
+            self.counters[counter] += len(keys)
+            if self.eph_alloc.slab_used_bytes(slab_id) == 0:
+                self.eph_alloc.remove_slab(slab_id)
+                remote.release_slab(slab_id)
+            else:  # a slot no page owns: a leak to fix, but never place in the slab again
+                log.error("ephemeral slab %d still has %d bytes allocated after its pages were dropped",
+                          slab_id, self.eph_alloc.slab_used_bytes(slab_id))
+                self.eph_alloc.retire_slab(slab_id)
 
     # -- get ------------------------------------------------------------------------------
 
     def get(self, pool: int, obj: int, index: int, out=None) -> bytes | None:
         """One page, or None on a miss (the latency path: one page, one remote op at most).
+
+        A miss leaves ``out`` as it was, but for an ephemeral page whose provider is out of
+        reach (zero-filled).
 
         With ``out`` (a writable 4096-byte buffer) the page is decompressed into it and
         ``out`` is returned; without, a new bytes object.
@@ -379,7 +491,9 @@ class PageStore:
                 self.counters["gets"] += 1
                 self.counters["failed_gets"] += 1
                 return None
-            self._get_locs(loc, dst)
+            found = self._get_locs(loc, dst)
+            if found is not True and not found[0]:  # an ephemeral page whose one copy is out of reach
+                return None
             return bytes(dst) if out is None else out
 
     def get_many(self, pool: int, obj: int, indexes, out) -> np.ndarray:
@@ -480,6 +594,7 @@ class PageStore:
             _, locs = self.map.remove_range(lo, lo + (1 << 56))
             self._free(locs)
             del self._pools[pool]
+            self._eph_pool[pool] = False
             if self.requests is not None:
                 self.requests.set_pool(pool, False)
             self.counters["invalidates"] += len(locs)
@@ -504,6 +619,7 @@ class PageStore:
             if self.remote is None:
                 return 0
             for slab_id in list(self.remote.slabs):
+                one_copy = bool(self.remote.one_copy[0, slab_id])
                 while moved < max_pages:
                     k = min(self.batch, max_pages - moved)
                     keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), k)
@@ -514,7 +630,14 @@ class PageStore:
                         return moved
                     n = len(keys)
                     stage = self._staging_addrs[:n]
-                    self._remote_io(False, locs, stage, self.staging.addr)
+                    if one_copy and not self.remote.held(locs[:1])[0]:
+                        break  # an ephemeral slab whose provider is out: its pages miss, nothing to bring
+                    try:
+                        self._remote_io(False, locs, stage, self.staging.addr)
+                    except errors.TransportError:
+                        if not one_copy:
+                            raise
+                        break  # its provider failed meanwhile (the keeper sees to it)
                     llocs = np.zeros(n, dtype=np.uint64)
                     got = self.local.alloc(sizes, llocs, keys, n)
                     if got < n:
@@ -525,7 +648,7 @@ class PageStore:
                     self.map.cas(keys, locs, llocs, ok)
                     okb = ok.astype(bool)
                     self.local.free(np.ascontiguousarray(llocs[~okb]), int((~okb).sum()))
-                    self.remote_alloc.free(np.ascontiguousarray(locs[okb]), int(okb.sum()))
+                    self._free_remote(np.ascontiguousarray(locs[okb]))
                     self._unswept = True
                     moved += int(okb.sum())
                     self.counters["pages_repatriated"] += int(okb.sum())
@@ -549,6 +672,7 @@ class PageStore:
         while time.monotonic() < deadline:
             with self._lock:
                 self._check_open()
+                self._drop_slabs()
                 n = self.remote.repair_step(self._choose, self.staging.addr, self.staging.length)
                 if n == 0:
                     self._release_empty_slabs()
@@ -567,61 +691,49 @@ class PageStore:
         """Stop using provider link ``index`` at once (its slabs become degraded)."""
         with self._lock:
             self.remote.mark_dead(index, why)
+            self._drop_slabs()  # its ephemeral slabs: their pages miss from now on
 
     def resume_provider(self, index: int) -> int:
         """A suspended provider is back with its leases; returns its copies to bring up to date."""
         with self._lock:
             stale = self.remote.resume(index)
             self._register_arenas(self.remote.links[index])  # suspend deregistered them
+            self._drop_slabs()
             return stale
 
 
     def wants_repatriation(self) -> bool:
         """True while remote pages exist and over half of the local pool is free."""
         with self._lock:  # the C request path changes the local pool without the GIL
-            return (self.remote is not None and self.remote_alloc.stats()["slots_used"] > 0
+            return (self.remote is not None and (self.remote_alloc.stats()["slots_used"] > 0
+                                                 or self.eph_alloc.stats()["slots_used"] > 0)
                     and self.local.free_bytes > self.local.capacity_bytes // 2)
 
     def reclaim(self, index: int, nbytes: int) -> int:
         """Give ``nbytes`` back to provider link ``index`` (its host needs the memory).
 
-        Ephemeral pages in its slabs go first (tmem: they may be dropped; they simply miss
-        later) and slabs left empty are released; then whole slabs are moved off it as in a
+        Its ephemeral slabs go first (tmem: their pages may be dropped; they simply miss
+        later) and are released at once; then persistent slabs are moved off it as in a
         drain, the emptiest first.  Bytes already being moved away count.  Returns the bytes
         released or newly scheduled to move.
         """
         with self._lock:
+            self._check_open()
             remote = self.remote
             pending = remote.slab_size * sum(1 for _s, li in remote.evicting if li == index)
             want = nbytes - pending
             if want <= 0:
                 return 0
-            mine = [vs.slab_id for vs in remote.slabs.values()
+            mine = [vs for vs in remote.slabs.values()
                     if any(r is not None and r.link == index for r in vs.replicas)
                     and (vs.slab_id, index) not in remote.evicting]
-            eph = np.array([not self._pools.get(p, True) for p in range(K.MAX_POOLS)], dtype=bool)
+            mine.sort(key=lambda vs: (not vs.ephemeral, self._alloc_of(vs.slab_id).slab_used_bytes(vs.slab_id)))
             done = 0
-            for slab_id in mine if eph.any() else ():
-                keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), 0)
-                drop = eph[(keys >> np.uint64(56)).astype(np.intp)]
-                if drop.any():
-                    ok = np.zeros(int(drop.sum()), dtype=np.uint8)
-                    dl = np.ascontiguousarray(locs[drop])
-                    self.map.cas(np.ascontiguousarray(keys[drop]), dl, np.zeros(len(dl), dtype=np.uint64), ok)
-                    freed = np.ascontiguousarray(dl[ok.astype(bool)])
-                    self.remote_alloc.free(freed, len(freed))
-                    self.counters["ephemeral_dropped"] += len(freed)
-                if self.remote_alloc.slab_used_bytes(slab_id) == 0:
-                    self.remote_alloc.remove_slab(slab_id)
-                    remote.release_slab(slab_id)
-                    done += remote.slab_size
-                    if done >= want:
-                        return done
-            left = sorted((self.remote_alloc.slab_used_bytes(s), s) for s in mine if s in remote.slabs)
-            for _used, slab_id in left:
+            for vs in mine:
                 if done >= want:
                     break
-                done += remote.slab_size * remote.evict(index, [slab_id])
+                done += remote.slab_size * remote.evict(index, [vs.slab_id])
+            self._drop_slabs()
             log.info("giving %d bytes back to provider %s (%d already on their way)", done,
                      remote.links[index].name, pending)
             return done
@@ -632,7 +744,9 @@ class PageStore:
             link = next((lk for lk in self.remote.links if lk.name == provider), None) if self.remote else None
             if link is None:
                 raise errors.NotFound(f"no provider named {provider!r} in this store")
-            return self.remote.start_drain(link.index)
+            n = self.remote.start_drain(link.index)
+            self._drop_slabs()  # its ephemeral slabs are not moved: their pages miss from now on
+            return n
 
     # -- stats / lifetime -----------------------------------------------------------------
 
@@ -657,12 +771,13 @@ class PageStore:
                 c["c_declined"] = sum(v for k, v in r.items() if k.startswith(("read_", "write_"))
                                       and not k.endswith("_done"))
             local = self.local.stats()
-            remote = self.remote_alloc.stats()
+            remote, eph = self.remote_alloc.stats(), self.eph_alloc.stats()
             c["pages"] = len(self.map)
             c["local_pages"] = int(local["slots_used"])
-            c["remote_pages"] = int(remote["slots_used"])
+            c["remote_pages"] = int(remote["slots_used"]) + int(eph["slots_used"])
+            c["ephemeral_remote_pages"] = int(eph["slots_used"])  # of remote_pages, in one-copy slabs
             c["local_compressed_bytes"] = int(local["bytes_stored"])
-            c["remote_compressed_bytes"] = int(remote["bytes_stored"])
+            c["remote_compressed_bytes"] = int(remote["bytes_stored"]) + int(eph["bytes_stored"])
             c["local_budget"] = int(self.local.capacity_bytes)
             c["local_free_bytes"] = int(self.local.free_bytes)
             stored = c["local_compressed_bytes"] + c["remote_compressed_bytes"]
@@ -673,6 +788,7 @@ class PageStore:
             if self.remote is not None:
                 c["replicas"] = self.remote.replicas
                 c["remote_slabs"] = len(self.remote.slabs)
+                c["ephemeral_slabs"] = int(sum(vs.ephemeral for vs in self.remote.slabs.values()))
                 c["remote_leased_bytes"] = self.remote.leased_bytes()
                 c["providers"] = {lk.name: ("suspended" if lk.suspended else "dead" if not lk.alive
                                             else "draining" if lk.draining else "alive")

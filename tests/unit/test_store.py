@@ -290,3 +290,90 @@ def test_reads_and_writes_during_a_drain(providers):
             assert store.get_many(pool, 0, np.arange(3000), out).all()
             assert np.array_equal(page_checksums(out, 3000), page_checksums(data, 3000))
         assert providers[0].used == 0
+
+
+def _eph_and_persistent(store, n=3000):
+    """A persistent and an ephemeral pool, n pages each, most of them remote."""
+    pool, eph = store.create_pool(), store.create_pool(persistent=False)
+    data, eph_data = roundtrip(store, pool, n, seed=3), roundtrip(store, eph, n, seed=4)
+    return pool, eph, data, eph_data
+
+
+def _check_ephemeral(store, eph, eph_data, n):
+    """Every ephemeral page either misses or reads back right; the found mask."""
+    out = np.zeros(n * PAGE_SIZE, dtype=np.uint8)
+    found = store.get_many(eph, 0, np.arange(n), out)
+    assert np.array_equal(page_checksums(out, n)[found], page_checksums(eph_data, n)[found]), "wrong bytes"
+    return found
+
+
+def test_ephemeral_pages_live_in_one_copy_slabs_persistent_ones_in_r(providers):
+    with make_store(providers, replicas=2, slab_size=1 << 20, local_budget=1 << 20) as store:
+        _eph_and_persistent(store)
+        slabs = store.remote.slabs.values()
+        eph = [vs for vs in slabs if vs.ephemeral]
+        assert eph and len(eph) < len(slabs)
+        assert all(len(vs.replicas) == 1 for vs in eph)
+        assert all(len(vs.replicas) == 2 and None not in vs.replicas for vs in slabs if not vs.ephemeral)
+        s = store.stats()
+        assert s["degraded_slabs"] == 0 and s["ephemeral_slabs"] == len(eph) and s["ephemeral_remote_pages"] > 0
+        # what the providers hold: one slab per ephemeral slab, two per persistent one
+        assert sum(p.used for p in providers) == (1 << 20) * (len(eph) + 2 * (len(slabs) - len(eph)))
+
+
+def test_a_lost_provider_turns_its_ephemeral_pages_into_misses_persistent_ones_stay(providers):
+    with make_store(providers, replicas=2, slab_size=1 << 20, local_budget=1 << 20) as store:
+        n = 3000
+        pool, eph, data, eph_data = _eph_and_persistent(store, n)
+        on_p0 = [vs.slab_id for vs in store.remote.slabs.values() if vs.ephemeral and vs.replicas[0].link == 0]
+        assert on_p0, "round robin puts some ephemeral slabs on p0"
+        providers[0].kill()
+        found = _check_ephemeral(store, eph, eph_data, n)  # suspended: missed, not yet forgotten
+        assert 0 < found.sum() < n and store.stats()["ephemeral_unreachable"] > 0
+        misses = np.flatnonzero(~found)
+        assert store.get(eph, 0, int(misses[0])) is None  # the one-page path misses the same way
+        store.provider_failed(0, "gone for good")  # the keeper's call: its ephemeral slabs are dropped
+        s = repair_all(store)  # and the persistent ones re-replicated
+        assert s["ephemeral_lost"] == n - found.sum() and s["slabs_lost"] == 0 and s["degraded_slabs"] == 0
+        assert not any(sid in store.remote.slabs for sid in on_p0)
+        assert np.array_equal(_check_ephemeral(store, eph, eph_data, n), found)
+        out = np.zeros_like(data)
+        assert store.get_many(pool, 0, np.arange(n), out).all()
+        assert np.array_equal(page_checksums(out, n), page_checksums(data, n))
+        # the lost keys take new pages again
+        again = make_pages(len(misses), seed=5)
+        store.put_many(eph, 0, misses, again)
+        got = np.zeros_like(again)
+        assert store.get_many(eph, 0, misses, got).all() and np.array_equal(got, again)
+
+
+def test_ephemeral_puts_to_a_dead_provider_drop_the_pages_never_return_old_ones(providers):
+    with make_store(providers[:1], replicas=1, slab_size=1 << 20, local_budget=1 << 20) as store:
+        n = 2000
+        eph = store.create_pool(persistent=False)
+        roundtrip(store, eph, n, seed=6)
+        providers[0].kill()
+        new = make_pages(n, seed=7)
+        store.put_many(eph, 0, np.arange(n), new)  # no error: what cannot be stored is dropped
+        found = _check_ephemeral(store, eph, new, n)  # misses or the new bytes, never the old ones
+        assert found.sum() < n and store.stats()["ephemeral_dropped"] > 0
+
+
+def test_drain_and_reclaim_drop_ephemeral_slabs_instead_of_moving_them(providers):
+    with make_store(providers, replicas=1, slab_size=1 << 20, local_budget=1 << 20) as store:
+        n = 3000
+        pool, eph, data, eph_data = _eph_and_persistent(store, n)
+        mine = [vs for vs in store.remote.slabs.values() if vs.replicas[0].link == 1]
+        eph_bytes = (1 << 20) * sum(vs.ephemeral for vs in mine)
+        assert 0 < eph_bytes < providers[1].used
+        assert store.reclaim(1, eph_bytes) == eph_bytes  # the ephemeral slabs are enough: nothing moves
+        assert providers[1].used == (1 << 20) * (len(mine) - eph_bytes // (1 << 20))
+        assert store.stats()["ephemeral_dropped"] > 0 and not store.remote.evicting
+        moved = store.drain("p0")
+        assert moved == sum(1 for vs in store.remote.slabs.values() if vs.replicas[0].link == 0)
+        s = repair_all(store)
+        assert providers[0].used == 0 and s["slabs_moved"] == moved
+        assert 0 < _check_ephemeral(store, eph, eph_data, n).sum() < n
+        out = np.zeros_like(data)
+        assert store.get_many(pool, 0, np.arange(n), out).all()
+        assert np.array_equal(page_checksums(out, n), page_checksums(data, n))
