@@ -268,3 +268,74 @@ def test_a_bad_reclaim_is_refused_and_the_provider_keeps_serving(tmp_path):
             assert admin.reclaim(0) == {"capacity": 0, "excess": 0}  # nothing leased: nothing left to lease
             assert admin.heartbeat()["reclaim"] == 0
         assert c.alive("p0")
+
+
+def _slabs_by_provider(store):
+    """(ephemeral, persistent) slab counts per provider name, from the store's tables."""
+    out: dict[str, list[int]] = {}
+    for vs in store.remote.slabs.values():
+        for rep in vs.replicas:
+            if rep is not None:
+                out.setdefault(store.remote.links[rep.link].name, [0, 0])[0 if vs.ephemeral else 1] += 1
+    return out
+
+
+def test_ephemeral_pages_take_one_copy_and_a_killed_provider_makes_them_misses(tmp_path):
+    n = 12_000
+    data, eph_data = make_pages(n, seed=29), make_pages(n, seed=30)
+    sums, eph_sums = page_checksums(data, n), page_checksums(eph_data, n)
+    slab = 2 << 20
+    with tcp_cluster(n_providers=3, capacity="256MiB", replicas=2, workdir=str(tmp_path), slab_size="2MiB",
+                     requester={"repatriate_rate": 0}, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=1 << 20) as store:
+        pool, eph = store.create_pool(), store.create_pool(persistent=False)
+        put_range(store, pool, data, 0, n)
+        put_range(store, eph, eph_data, 0, n)
+        s = store.stats()
+        per = _slabs_by_provider(store)
+        assert s["ephemeral_slabs"] > 0 and s["degraded_slabs"] == 0
+        # provider-side bytes: one slab per ephemeral slab, r=2 per persistent one
+        used = {name: st["used"] for name, st in c.provider_stats().items()}
+        assert sum(used.values()) == slab * (s["ephemeral_slabs"] + 2 * (s["remote_slabs"] - s["ephemeral_slabs"]))
+        assert all(used[name] == slab * sum(k) for name, k in per.items()), (used, per)
+        victim = max(per, key=lambda name: per[name][0])
+        c.kill(victim, signal.SIGKILL)
+        wait_for(lambda: store.stats()["providers"][victim] == "dead", 10, f"{victim} declared dead")
+        wait_for(lambda: store.stats()["degraded_slabs"] == 0, 60, "persistent slabs re-replicated")
+        s = store.stats()
+        out = np.zeros(n * PAGE_SIZE, dtype=np.uint8)
+        found = store.get_many(eph, 0, np.arange(n), out)
+        assert s["ephemeral_lost"] == n - found.sum() > 0, "the victim's ephemeral pages miss, counted"
+        assert found.sum() > 0, "the other providers' ephemeral pages are still there"
+        assert np.array_equal(page_checksums(out, n)[found], eph_sums[found]), "never wrong bytes"
+        assert s["slabs_lost"] == 0 and s["slabs_rereplicated"] == per[victim][1]
+        verify(store, pool, data, sums, n)
+        put_range(store, eph, eph_data, 0, n)  # and ephemeral puts go on, on the survivors
+        assert store.get_many(eph, 0, np.arange(n), out).all()
+        assert np.array_equal(page_checksums(out, n), eph_sums)
+
+
+def test_reclaim_drops_ephemeral_slabs_before_moving_any_persistent_one(tmp_path):
+    from rram.control.reclaim import reclaim
+
+    n = 12_000
+    data, eph_data = make_pages(n, seed=31), make_pages(n, seed=32)
+    with tcp_cluster(n_providers=3, capacity="256MiB", replicas=2, workdir=str(tmp_path), slab_size="2MiB",
+                     requester={"repatriate_rate": 0}, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=1 << 20) as store:
+        pool, eph = store.create_pool(), store.create_pool(persistent=False)
+        put_range(store, pool, data, 0, n)
+        put_range(store, eph, eph_data, 0, n)
+        per = _slabs_by_provider(store)
+        victim = max(per, key=lambda name: per[name][0])
+        before = c.provider_stats()[victim]["used"]
+        ask = (2 << 20) * per[victim][0]  # exactly its ephemeral slabs
+        stats = reclaim(c.config, victim, ask, timeout=30)
+        assert before - stats["used"] == ask
+        s = store.stats()
+        assert s["slabs_moved"] == 0 and s["ephemeral_dropped"] > 0 and _slabs_by_provider(store)[victim][0] == 0
+        out = np.zeros(n * PAGE_SIZE, dtype=np.uint8)
+        found = store.get_many(eph, 0, np.arange(n), out)
+        assert 0 < found.sum() < n
+        assert np.array_equal(page_checksums(out, n)[found], page_checksums(eph_data, n)[found])
+        verify(store, pool, data, page_checksums(data, n), n)
