@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: swap for the whole machine, as root: only with --swap, on a machine nobody else is using
 SWAP_SUITES = ("app/test_redis_swap_bench.py", "swap/test_swap_bench.py")
 SUITES = ("test_codec_bench.py", "test_store_bench.py", "test_transport_latency.py", "test_nbd_bench.py",
-          "test_nbd_fio_bench.py", "test_nbd_cpu_bench.py", "test_control_bench.py", "test_metadata_bench.py",
-          "test_placement_bench.py", "test_frame_mac_bench.py")
+          "test_nbd_fio_bench.py", "test_nbd_cpu_bench.py", "test_control_bench.py", "test_faults_bench.py",
+          "test_metadata_bench.py", "test_placement_bench.py", "test_frame_mac_bench.py")
 BUDGET_S = 25 * 60  # the whole full report, on the 2-CPU machine it is sized for
 SUITE_TIMEOUT_S = 600  # a test that hangs fails (pytest-timeout) instead of holding the report
 PIN_MODES = {"split": "requester / clients on CPU 0, providers / servers on CPU 1",
@@ -93,6 +93,18 @@ PAIRS = (
          "time", 1.1, "swap-bound workload vs nbdkit"),
     Pair("write path r=2 / r=1, pages/s", "test_control_bench.py::test_put_many_by_replicas[2]",
          "test_control_bench.py::test_put_many_by_replicas[1]", "rate", 0.6, "write path r=2 vs r=1"),
+    Pair("longest stall of a verifying workload after SIGSTOP of a provider / with no fault, s",
+         "test_faults_bench.py::test_stall_after_a_provider_fault[SIGSTOP]",
+         "test_faults_bench.py::test_stall_after_a_provider_fault[none]", "time"),
+    Pair("longest stall of a verifying workload after SIGKILL of a provider / with no fault, s",
+         "test_faults_bench.py::test_stall_after_a_provider_fault[SIGKILL]",
+         "test_faults_bench.py::test_stall_after_a_provider_fault[none]", "time"),
+    Pair("back to 2 copies after a 1 s blackhole (resume) / after a SIGKILL (re-replication), s",
+         "test_faults_bench.py::test_back_to_r_copies[blip]", "test_faults_bench.py::test_back_to_r_copies[SIGKILL]",
+         "time"),
+    Pair("reclaim MB/s, half the pages ephemeral (dropped) / all persistent (moved)",
+         "test_faults_bench.py::test_reclaim_rate[half-ephemeral]", "test_faults_bench.py::test_reclaim_rate[persistent]",
+         "rate"),
     Pair("native codec compress / python-lz4, pages/s", "test_codec_bench.py::test_compress[native]",
          "test_codec_bench.py::test_compress[python]", "rate"),
     Pair("allocator alloc+free / pure Python", "test_metadata_bench.py::test_alloc_free_1024_mixed[native]",
@@ -115,6 +127,18 @@ FIGURES = (
     ("time to detect a SIGKILLed provider", "test_control_bench.py::test_failure_detection", "s", 1, ""),
     ("time to restore 2 copies after a SIGKILL", "test_control_bench.py::test_rereplication", "s", 1, ""),
     ("time to drain a provider (pages readable throughout)", "test_control_bench.py::test_drain", "s", 1, ""),
+    ("longest stall after SIGSTOP of 1 of 3 providers (a hung node)",
+     "test_faults_bench.py::test_stall_after_a_provider_fault[SIGSTOP]", "s", 1, "<= 0.6 s (the suspect threshold)"),
+    ("longest stall after SIGKILL of 1 of 3 providers", "test_faults_bench.py::test_stall_after_a_provider_fault[SIGKILL]",
+     "s", 1, ""),
+    ("longest stall with no fault (the workload's own)", "test_faults_bench.py::test_stall_after_a_provider_fault[none]",
+     "s", 1, ""),
+    ("time back to 2 copies after a 1 s blackhole (resume, missed copies resynced)",
+     "test_faults_bench.py::test_back_to_r_copies[blip]", "s", 1, ""),
+    ("time back to 2 copies after a SIGKILL (re-replication)", "test_faults_bench.py::test_back_to_r_copies[SIGKILL]",
+     "s", 1, ""),
+    ("reclaim, half the pages ephemeral", "test_faults_bench.py::test_reclaim_rate[half-ephemeral]", "MB/s", 1, ""),
+    ("reclaim, every page persistent", "test_faults_bench.py::test_reclaim_rate[persistent]", "MB/s", 1, ""),
     ("placement, two choices, per call", "test_placement_bench.py::test_choose_two_choices", "µs", 1e6, ""),
     ("placement, greedy baseline, per call", "test_placement_bench.py::test_choose_greedy_baseline", "µs", 1e6, ""),
 )
@@ -235,6 +259,8 @@ def _rate(b: dict) -> float:
     for key in ("pages_per_s", "iops", "ops_per_s"):
         if key in info:
             return float(info[key])
+    if info.get("unit", "").endswith("/s"):  # the timed value is a rate itself (bench/conftest.py ``figure``)
+        return float(b["stats"]["median"])
     return 1.0 / b["stats"]["median"]
 
 

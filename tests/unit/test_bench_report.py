@@ -58,3 +58,16 @@ def test_render_from_raw_json(tmp_path):
     assert "latency_nbd.png" not in page  # no data: said in words, not drawn
     assert "| Redis GETs with swap on rram / on nbdkit memory (same nbdfuse + loop path), ops/s | 0.50 |" in page
     assert "| rram | 3,200 | 14.0 | 30.0 | 127.0 |" in page and (tmp_path / "app_redis.png").exists()
+
+
+def test_a_figure_that_is_a_rate_is_compared_as_one(tmp_path):
+    """bench/conftest.py ``figure`` with a unit in "/s" (reclaim MB/s): the timed value is the rate."""
+    report = _report()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    eph, per = "test_faults_bench.py::test_reclaim_rate[half-ephemeral]", "test_faults_bench.py::test_reclaim_rate[persistent]"
+    doc = {"benchmarks": [_bench(eph, 300.0, unit="MB/s"), _bench(per, 100.0, unit="MB/s")]}
+    (raw / "run1-test_faults_bench.json").write_text(json.dumps(doc))
+    page = report.render(str(tmp_path))
+    assert "| reclaim MB/s, half the pages ephemeral (dropped) / all persistent (moved) | 3.00 |" in page
+    assert "| reclaim, half the pages ephemeral | 300 MB/s |" in page
