@@ -233,12 +233,13 @@ def test_rereplication_restores_copies_after_a_death(providers):
         assert np.array_equal(page_checksums(out, 3000), page_checksums(data, 3000))
 
 
-def test_slabs_start_degraded_with_too_few_providers_and_heal_when_one_joins():
+def test_slabs_start_degraded_with_too_few_providers_and_heal_when_one_joins(caplog):
     one = [InProcessProvider("a", 64 << 20)]
     with make_store(one, replicas=2, slab_size=1 << 20, local_budget=1 << 20) as store:
         pool = store.create_pool()
         data = roundtrip(store, pool, 2000)
         assert store.stats()["degraded_slabs"] > 0
+        assert any(r.levelname == "WARNING" and "has 1 of 2 replicas" in r.getMessage() for r in caplog.records)
         assert repair_all(store)["degraded_slabs"] > 0, "no second provider yet: stays degraded"
         from rram.datapath.remote import Link
 
