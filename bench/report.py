@@ -548,6 +548,11 @@ def _extras(runs: list[dict]) -> list[str]:
     mbs = last("test_control_bench.py::test_drain", "mb_per_s")
     if mbs is not None:
         notes.append(f"* drain: {mbs} MB/s ({last('test_control_bench.py::test_drain', 'drained_mb')} MB moved)")
+    blip, kill = "test_faults_bench.py::test_back_to_r_copies[blip]", "test_faults_bench.py::test_back_to_r_copies[SIGKILL]"
+    if last(blip, "mb_copied") is not None and last(kill, "detect_s") is not None:
+        notes.append(f"* back to 2 copies: after the blip {last(blip, 'mb_copied')} MB of missed copies were resynced; "
+                     f"after the SIGKILL {last(kill, 'mb_copied')} MB re-replicated, {last(kill, 'detect_s')} s of the "
+                     "time spent detecting the death (dead threshold 2 s)")
     key = "test_metadata_bench.py::test_store_all_in_bytes_per_page"
     held = {f: last(key, f) for f in ("stored", "local", "remote", "pages", "heap_bytes", "pagemap_counted_bytes",
                                       "whole_fill_bytes_per_page")}
