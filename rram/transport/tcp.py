@@ -513,6 +513,12 @@ class TcpEndpoint(RegionTableEndpoint):
         if rc:
             raise self._post_error(rc)
 
+    def c_core(self):
+        return self._core if self._broken is None else None
+
+    def c_failure(self, code: int, detail: int) -> str:
+        return str(self._post_error(code))  # the core kept the detail; disconnects like a failed post
+
     def _post_error(self, rc: int) -> errors.TransportError:
         a, b, _c = self._core.detail()
         if rc == _tcpwire.R_TOO_MANY:
