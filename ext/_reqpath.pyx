@@ -515,8 +515,8 @@ cdef class RequestPath:
     def counters(self):
         """What this path did, for the store's stats: outcomes per direction and what it stored."""
         out = {}
-        for d, name in ((READ, "read"), (WRITE, "write")):
-            for k in range(REQ_OUTCOMES):
+        for d, name, last in ((READ, "read", REQ_OUTCOMES), (WRITE, "write", REQ_NO_ROUTE)):  # writes never go remote
+            for k in range(last):
                 out[f"{name}_{OUTCOMES[k]}"] = self.outcomes[d][k]
         out.update(zero_reads=self.zero_reads, absent_reads=self.absent_reads, zero_writes=self.zero_writes,
                    bytes_in=self.bytes_in, bytes_stored=self.bytes_stored, remote_reads=self.remote_reads,
