@@ -7,8 +7,9 @@
 
 Each provider is ``python -m rram provider`` with its stdout and log in ``workdir``; the
 harness waits for its ready line.  Control connections run TLS 1.3 (a CA and provider
-certificates in ``workdir/tls``) unless ``tls=False``; ``cluster.tls`` is the client context.  Children die with the harness (PR_SET_PDEATHSIG) and
-``stop()`` terminates, then kills, so no process outlives a test.
+certificates in ``workdir/tls``) unless ``tls=False``; ``cluster.tls`` is the client context.
+Children die with the harness (PR_SET_PDEATHSIG) and ``stop()`` terminates, then kills, so no
+process outlives a test.
 """
 from __future__ import annotations
 

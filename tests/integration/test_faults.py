@@ -263,7 +263,8 @@ def test_a_bad_reclaim_is_refused_and_the_provider_keeps_serving(tmp_path):
             admin.connect()
             with pytest.raises(errors.ProtocolError, match="byte count >= 0"):
                 admin.reclaim(-1)
-        with ProviderClient(node, c.credential("admin", "operator"), tls=c.tls) as admin:  # a refusal hangs the client up
+        # a refusal hangs the client up
+        with ProviderClient(node, c.credential("admin", "operator"), tls=c.tls) as admin:
             admin.connect()
             assert admin.reclaim(0) == {"capacity": 0, "excess": 0}  # nothing leased: nothing left to lease
             assert admin.heartbeat()["reclaim"] == 0
