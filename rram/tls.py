@@ -37,10 +37,12 @@ CERT_DAYS = 825
 # -- contexts -------------------------------------------------------------------------------------
 
 
-def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
-    """A TLS 1.3-only server context; with ``client_ca`` clients must show a certificate it signed."""
+def server_context(cert: str, key: str, client_ca: str | None = None, *,
+                   minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> ssl.SSLContext:
+    """A server context, TLS 1.3 only unless ``minimum`` says otherwise; with ``client_ca`` clients
+    must show a certificate it signed."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.minimum_version = minimum
     _load_chain(ctx, cert, key)
     if client_ca is not None:
         _load_ca(ctx, client_ca)

@@ -256,3 +256,17 @@ def test_requester_serves_tls_to_nbdcopy_from_the_providers(cluster, certs, imag
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_nbd_client_negotiates_tls(memory_server, certs):
+    """Debian's nbd-client (GnuTLS, TLS 1.2) on the host: option haggling only (``-l``), since
+    the host has no kernel NBD device; tests/vm/test_nbd_tls.py attaches it in the VM."""
+    need("nbd-client")
+    server, _, (host, port) = memory_server
+    c = certs["client"]
+    before = server.counters["tls_connections"]
+    listed = run("nbd-client", "-l", host, str(port), "-certfile", f"{c}/client-cert.pem", "-keyfile",
+                 f"{c}/client-key.pem", "-cacertfile", f"{c}/ca-cert.pem", "-tlshostname", "127.0.0.1")
+    assert "Negotiation" in listed.stdout and server.counters["tls_connections"] == before + 1
+    plain = run("nbd-client", "-l", host, str(port), check=False)
+    assert "requires TLS" in plain.stdout + plain.stderr
