@@ -43,6 +43,9 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
     must show a certificate it signed."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = minimum
+    # no session tickets: nobody resumes (a control connection lives long, an NBD one too), and
+    # TLS 1.3 sends them after the handshake, as more small writes in the peer's way
+    ctx.num_tickets = 0
     _load_chain(ctx, cert, key)
     if client_ca is not None:
         _load_ca(ctx, client_ca)

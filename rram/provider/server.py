@@ -153,6 +153,9 @@ class Provider:
                 _refuse(sock, exc)
                 continue
             _keepalive(sock)
+            # replies are small and the TLS handshake is several flights: Nagle would hold
+            # each behind the peer's delayed ACK (40 ms a round on Linux)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = ControlConnection(self, sock, peer, self.io_timeout, ticket)
             with self._lock:
                 if self._stop.is_set():
