@@ -1,7 +1,11 @@
 """NBD_OPT_STARTTLS in the sans-IO parser: the spec's FORCEDTLS mode, byte by byte."""
 from __future__ import annotations
 
+import struct
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rram import errors
 from rram.frontends.nbd import protocol as P
@@ -56,3 +60,36 @@ def test_a_plaintext_server_still_declines_starttls():
     assert p.option_replies()[0][1] == P.NBD_REP_ERR_POLICY
     with pytest.raises(errors.ProtocolError):
         p.conn.tls_started()
+
+
+_options = st.builds(opt, st.sampled_from([P.NBD_OPT_STARTTLS, P.NBD_OPT_GO, P.NBD_OPT_EXPORT_NAME, P.NBD_OPT_LIST,
+                                           P.NBD_OPT_STRUCTURED_REPLY, P.NBD_OPT_ABORT, 42]),
+                     st.sampled_from([b"", go_data("rram"), b"x" * 7]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_options, max_size=10), st.integers(1, 41), st.booleans())
+def test_fuzz_no_transmission_without_tls(options, step, handshake_ok):
+    """Whatever options arrive in whatever pieces, a TLS-only connection reaches transmission
+    only through StartTLS and tls_started(), and fails only with StreamError."""
+    conn = P.ServerConnection(P.Export(name="rram", size=1 << 20), tls=True)
+    stream = struct.pack(">I", 3) + b"".join(options)
+    try:
+        for i in range(0, len(stream), step):
+            conn.receive_data(stream[i:i + step])
+            while True:
+                ev = conn.next_event()
+                conn.data_to_send()
+                if isinstance(ev, P.StartTLS):
+                    if not handshake_ok:
+                        return  # the server hangs up when the handshake fails
+                    conn.tls_started()
+                    continue
+                if isinstance(ev, P.Ready):
+                    assert conn.tls_active
+                if ev is P.NEED_DATA or isinstance(ev, (P.Closed, P.Ready)):
+                    break
+            if isinstance(ev, (P.Closed, P.Ready)):
+                break
+    except P.StreamError:
+        pass
