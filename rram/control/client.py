@@ -278,7 +278,11 @@ class ProviderClient:
             T.handshake(tls_sock, time.monotonic() + self.timeout)
         except errors.RramError as exc:
             tls_sock.close()
-            raise type(exc)(f"provider {self.node.name} at {self.node.address}:{self.node.port}: {exc}") from None
+            # a provider over a connection cap answers in plaintext before any TLS: say it may be that
+            hint = " (a plaintext provider, or one refusing connections at a cap?)" \
+                if isinstance(exc, errors.ProtocolError) else ""
+            raise type(exc)(f"provider {self.node.name} at {self.node.address}:{self.node.port}: {exc}{hint}") \
+                from None
         tls_sock.settimeout(self.timeout)
         return tls_sock
 
