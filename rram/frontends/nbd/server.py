@@ -211,7 +211,7 @@ class NBDServer:
                 if out:
                     sock.sendall(out)
                 if event is P.NEED_DATA:
-                    n = self._recv(sock, conn.get_buffer(), run is not None and c_path is not None)
+                    n = self._recv(sock, conn.get_buffer(), run is not None and not conn.tls_active)
                     if n == 0:
                         log.debug("nbd client %s went away", peer)
                         return
