@@ -89,20 +89,25 @@ def write(path, cred: auth.Credential) -> None:
         f.write(text)
 
 
-def init(cfg) -> list[str]:
-    """The master key, and with tls_dir the CA and every provider's certificate; files written."""
+def init(cfg) -> tuple[str | None, list[str]]:
+    """The master key, and with tls_dir the CA and every provider's certificate that is missing:
+    (the master key's file or None when it existed, the certificate files written).  A cluster
+    that turns TLS on later runs init again: its master key stays."""
     if cfg.secret is not None:
         raise errors.ConfigError(f"{cfg.source}: the master key is inline (`secret`); use secret_file to "
                                  "keep it in a file only providers can read")
     if cfg.secret_file is None:
         raise errors.ConfigError(f"{cfg.source}: secret_file: expected the path for the master key")
     if os.path.exists(cfg.secret_file):
+        certs = certificates(cfg)
+        if certs:
+            return None, certs
         raise errors.ConfigError(f"{cfg.secret_file} already exists; remove it first to start a new cluster "
                                  "(every key issued from it stops working)")
     fd = os.open(cfg.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(auth.new_master_key().hex() + "\n")
-    return [cfg.secret_file] + certificates(cfg)
+    return cfg.secret_file, certificates(cfg)
 
 
 def certificates(cfg) -> list[str]:
@@ -150,12 +155,13 @@ def main(args) -> int:
     try:
         cfg = C.load(args.config)
         if args.keys_command == "init":
-            secret, *certs = init(cfg)
-            print(f"rram keys: master key written to {secret}; give it to providers only")
+            secret, certs = init(cfg)
+            if secret is not None:
+                print(f"rram keys: master key written to {secret}; give it to providers only")
             if certs:
                 print(f"rram keys: cluster CA and provider certificates in {cfg.tls_dir}: give each provider "
                       f"{T.CA_CERT}, NODE.pem and NODE-key.pem, everyone else {T.CA_CERT}; keep {T.CA_KEY} here")
-            else:
+            elif cfg.tls_dir is None:
                 print("rram keys: no tls_dir in the cluster file: control connections stay plaintext")
         elif args.keys_command == "tls":
             written = nbd_tls(cfg, args.name, args.out, client=args.client, hosts=args.host or ())

@@ -6,6 +6,7 @@ CA and the certificates for a new cluster.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -142,6 +143,13 @@ def test_keys_init_makes_a_tls_cluster(tmp_path):
         c.do_handshake()
         t.join()
         assert c.version() == "TLSv1.3"
+    # a plaintext cluster turns TLS on later: init again makes what is missing, the master key stays
+    key = (tmp_path / "master.key").read_bytes()
+    shutil.rmtree(tls_dir)
+    rc = subprocess.run([sys.executable, "-m", "rram", "keys", "init", "--config", str(cfg_path)],
+                        capture_output=True, text=True, env=env, timeout=60)
+    assert rc.returncode == 0 and "master key" not in rc.stdout, rc.stdout + rc.stderr
+    assert (tls_dir / "mem2.pem").exists() and (tmp_path / "master.key").read_bytes() == key
     # a newcomer provider gets its certificate with `rram keys add NODE --role provider`
     cfg_path.write_text(cfg_path.read_text() + "  - {name: mem3, address: 10.0.0.13, port: 7777, capacity: 1GiB}\n")
     rc = subprocess.run([sys.executable, "-m", "rram", "keys", "add", "mem3", "--role", "provider", "--config",
