@@ -1,12 +1,15 @@
 """The kernel's NBD client over TLS (the soft-RoCE VM has /dev/nbd*): Debian's nbd-client does
 STARTTLS with a client certificate against `rram requester --nbd-tls`, attaches /dev/nbd1 and
 the block device reads back what was written, by checksum; without the certificate it is refused.
+nbd-client dials the requester's unix socket, which requires TLS as its TCP listener does: in
+the guest, nbd-client's getaddrinfo (AI_ADDRCONFIG) finds no IPv4 for 127.0.0.1.
 
 Certificates come from `rram keys tls` signed by the cluster's CA (LocalCluster makes it).
 """
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -16,7 +19,7 @@ import tempfile
 
 import pytest
 
-from rram.testing.cluster import _ROOT, LocalCluster, free_port
+from rram.testing.cluster import _ROOT, LocalCluster
 from tests.conftest import require_or_skip
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -53,8 +56,6 @@ def _sha256(path: str, length: int) -> str:
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        import mmap
-
         buf = mmap.mmap(-1, MiB)  # page-aligned, as O_DIRECT wants
         done = 0
         while done < length:
@@ -76,32 +77,32 @@ def test_nbd_client_over_tls_reads_back_what_it_wrote():
         _rram("keys", "tls", "req", "--server", "--host", "127.0.0.1", "--out", server_dir,
               "--config", cluster.config_path)
         _rram("keys", "tls", "vm", "--client", "--out", client_dir, "--config", cluster.config_path)
-        port = free_port()
+        sock = os.path.join(tmp, "nbd.sock")
         log_path = os.path.join(tmp, "requester.log")
         with open(log_path, "w") as log:
             req = subprocess.Popen([sys.executable, "-m", "rram.frontends.requester", "--config", cluster.config_path,
-                                    "--name", "req", "--export-size", str(EXPORT), "--listen", f"127.0.0.1:{port}",
+                                    "--name", "req", "--export-size", str(EXPORT), "--socket", sock,
                                     "--nbd-tls", server_dir, "--no-mlock"],
                                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, env=_env())
         attached = False
         try:
             assert "tls=required" in req.stdout.readline()
             # without a certificate: refused before any export is offered
-            plain = subprocess.run(["nbd-client", "127.0.0.1", str(port), DEV, "-N", "", "-b", "4096"],
+            plain = subprocess.run(["nbd-client", "-unix", sock, DEV, "-b", "4096"],
                                    capture_output=True, text=True, timeout=30)
-            assert plain.returncode != 0, plain.stdout + plain.stderr
+            assert plain.returncode != 0 and "requires TLS" in plain.stdout + plain.stderr, plain.stdout + plain.stderr
             tls = ["-certfile", f"{client_dir}/client-cert.pem", "-keyfile", f"{client_dir}/client-key.pem",
                    "-cacertfile", f"{client_dir}/ca-cert.pem", "-tlshostname", "127.0.0.1"]
-            up = subprocess.run(["nbd-client", "127.0.0.1", str(port), DEV, "-N", "", "-b", "4096", *tls],
+            up = subprocess.run(["nbd-client", "-unix", sock, DEV, "-b", "4096", *tls],
                                 capture_output=True, text=True, timeout=60)
             assert up.returncode == 0, up.stdout + up.stderr
             attached = True
-            data = os.path.join(tmp, "data")
+            data, payload = os.path.join(tmp, "data"), os.urandom(WRITE)
             with open(data, "wb") as f:
-                f.write(os.urandom(WRITE))
+                f.write(payload)
             subprocess.run(["dd", f"if={data}", f"of={DEV}", "bs=1M", "oflag=direct", "conv=fsync"], check=True,
                            capture_output=True, timeout=120)
-            assert _sha256(DEV, WRITE) == hashlib.sha256(open(data, "rb").read()).hexdigest()
+            assert _sha256(DEV, WRITE) == hashlib.sha256(payload).hexdigest()
             stats = cluster.provider_stats("nbd-tls-vm-observer")
             assert sum(s["used"] for s in stats.values()) >= 4 * MiB  # the pages went to the providers
         finally:
