@@ -114,12 +114,19 @@ def _fuse_swap(sock: str, tmp: str, server: subprocess.Popen, pin, servers):
             raise RuntimeError(f"swap teardown: {errors}")
 
 
+def rram_cluster(size: int, workdir: str | None = None) -> LocalCluster:
+    """The providers behind rram's swap device of ``size`` bytes: two tcp providers, the cluster's
+    default replicas, and a cluster file giving requesters 4 MiB of local compressed pages.
+    Whatever is compared with swap on rram (FarMemory) runs on this same configuration."""
+    return LocalCluster(n_providers=2, capacity=f"{2 * size >> 20}MiB", transport="tcp", workdir=workdir,
+                        slab_size="4MiB", verbose=False, requester={"local_budget": "4MiB"})
+
+
 @contextlib.contextmanager
 def _rram(size, pin, servers):
     tmp = tempfile.mkdtemp(prefix="rram-swap-")
     try:
-        with LocalCluster(n_providers=2, capacity=f"{2 * size >> 20}MiB", transport="tcp", workdir=tmp,
-                          slab_size="4MiB", verbose=False, requester={"local_budget": "4MiB"}) as cluster:
+        with rram_cluster(size, tmp) as cluster:
             for proc in cluster.procs.values():
                 pin(proc.pid)
                 servers.append(proc.pid)
