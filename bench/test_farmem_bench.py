@@ -229,7 +229,8 @@ def test_random_faults(benchmark, figure, cluster, data):
                 view[p * PAGE_SIZE]
             elapsed = time.perf_counter() - t0
             s = mem.stats()
-            return (s["missing_faults"] + s["minor_faults"] - before["missing_faults"] - before["minor_faults"]) / elapsed
+            faults = s["missing_faults"] + s["minor_faults"] - before["missing_faults"] - before["minor_faults"]
+            return faults / elapsed
 
         figure(measure, unit="faults/s", rounds=ROUNDS)
         s = mem.stats()

@@ -52,23 +52,26 @@ def _pin(pid: int) -> None:
         subprocess.run(["taskset", "-a", "-c", "-p", SERVER_CPU, str(pid)], capture_output=True)
 
 
-def _workload(where: str, *args: str) -> dict:
-    """One run of the workload in a new process on the workload's CPU; its checked summary."""
+def _workload(where: str, *args: str, limit: MemoryLimit | None = None) -> dict:
+    """One run of the workload in a new process on the workload's CPU; its checked summary.
+    ``limit``: the cgroup it runs in, whose events (an OOM kill) explain a failure."""
     argv = [sys.executable, "-m", "rram.testing.numpyload", "--mib", str(WORKING_SET_MIB), "--where", where, *args]
     if _split():
         argv = ["taskset", "-c", WORKLOAD_CPU] + argv + (["--server-cpu", SERVER_CPU] if where == "farmem" else [])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    events = f" (cgroup memory.events {limit.events()})" if limit is not None else ""
+    assert proc.returncode == 0, \
+        f"{where}: exit {proc.returncode}{events}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ok"], summary["wrong"]
     return summary
 
 
-def _measure(benchmark, figure, name: str, where: str, *args: str) -> None:
+def _measure(benchmark, figure, name: str, where: str, *args: str, limit: MemoryLimit | None = None) -> None:
     last = {}
 
     def run():
-        last.update(_workload(where, *args))
+        last.update(_workload(where, *args, limit=limit))
         return last["seconds"]
 
     _seconds[name] = figure(run, unit="s", rounds=ROUNDS)
@@ -83,7 +86,8 @@ def _ratios(benchmark) -> None:
     if not {"plain", "farmem", "swap"} <= _seconds.keys():
         return
     t = _seconds
-    ratios = {"swap_over_farmem": round(t["swap"] / t["farmem"], 2), "farmem_over_plain": round(t["farmem"] / t["plain"], 2),
+    ratios = {"swap_over_farmem": round(t["swap"] / t["farmem"], 2),
+              "farmem_over_plain": round(t["farmem"] / t["plain"], 2),
               "swap_over_plain": round(t["swap"] / t["plain"], 2)}
     benchmark.extra_info.update(ratios)
     print(f"numpy workload, {WORKING_SET_MIB} MiB in {BUDGET >> 20} MiB resident: seconds {t} {ratios} "
@@ -120,7 +124,7 @@ def test_numpy_workload_swap_on_rram(benchmark, figure):
         pytest.skip(f"no memory cgroup: {MemoryLimit.reason}")
     try:
         with limit, D.swap_device("rram", SWAP_SIZE, pin=_pin):
-            _measure(benchmark, figure, "swap", "cgroup", "--cgroup", limit.path, "--budget", str(BUDGET))
+            _measure(benchmark, figure, "swap", "cgroup", "--cgroup", limit.path, "--budget", str(BUDGET), limit=limit)
     except D.Unavailable as exc:
         pytest.skip(str(exc))
     assert benchmark.extra_info["pswpout"] > 0, "the cgroup never swapped: the limit did not bind"
