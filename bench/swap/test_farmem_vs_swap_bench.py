@@ -64,6 +64,8 @@ def _workload(where: str, *args: str, limit: MemoryLimit | None = None) -> dict:
         f"{where}: exit {proc.returncode}{events}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ok"], summary["wrong"]
+    if where == "farmem" and _split():
+        assert summary["handler_cpus"] == [int(SERVER_CPU)], summary
     return summary
 
 

@@ -210,6 +210,7 @@ def main(argv=None) -> int:
         region = FarMemory(a.config, size=size, budget=budget)
         if a.server_cpu is not None:
             _pin_process(region.handler_pid, a.server_cpu)
+        report["handler_cpus"] = sorted(os.sched_getaffinity(region.handler_pid))
         arr = region.array(np.uint64, n)
     else:
         mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
