@@ -603,6 +603,11 @@ def _farmem_extras(last) -> list[str]:
         notes.append(f"* numpy workload ({mib} MiB array, a quarter of it resident), seconds per pass in the last run: "
                      + "; ".join(f"{label} " + ", ".join(f"{k} {v}" for k, v in p.items())
                                  for label, p in passes.items() if p))
+    counts = last(NUMPY.format("farmem"), "pass_counts")
+    if counts:  # FarMemory's dirty tracking shows here: a WP fault at each page's first write
+        notes.append("* numpy workload in FarMemory, faults per pass in the last run (missing / write-protect / "
+                     "minor): " + "; ".join(f"{k} {c['missing_faults']:,} / {c['wp_faults']:,} / {c['minor_faults']:,}"
+                                          for k, c in counts.items()))
     return notes
 
 

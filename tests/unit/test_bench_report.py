@@ -76,7 +76,8 @@ def test_far_memory_figures_and_a_floor_made_of_parts(tmp_path):
         _bench(f"{fm}test_sequential_scan[no-prefetch]", 0.2, unit="GB/s"),
         _bench(f"{fm}test_random_faults", 60000.0, unit="faults/s", prefetched=1000, wasted_pct=4.0)]}
     (raw / "run1-test_farmem_bench.json").write_text(json.dumps(doc))
-    doc = {"benchmarks": [_bench(numpy.format(k), t, unit="s", working_set_mib=256, pass_seconds={"fill": t})
+    doc = {"benchmarks": [_bench(numpy.format(k), t, unit="s", working_set_mib=256, pass_seconds={"fill": t},
+                                 pass_counts={"fill": {"missing_faults": 9, "wp_faults": 16375, "minor_faults": 67}})
                           for k, t in (("plain", 0.5), ("farmem", 4.0), ("swap_on_rram", 12.0))]}
     (raw / "run1-test_farmem_vs_swap_bench.json").write_text(json.dumps(doc))
 
@@ -93,3 +94,4 @@ def test_far_memory_figures_and_a_floor_made_of_parts(tmp_path):
     assert "4.0 % of the 1,000 prefetched pages wasted" in page
     assert "local page: 90.0 µs (floor parts' p99: bare round trip 40.0 µs, store.get 9.0 µs)" in page
     assert "FarMemory fill 4.0; swap on rram fill 12.0" in page
+    assert "(missing / write-protect / minor): fill 9 / 16,375 / 67" in page
