@@ -103,7 +103,7 @@ class RemoteTier:
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
                          "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
                          "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0,
-                         "slabs_leased_degraded": 0}
+                         "stale_completions": 0, "slabs_leased_degraded": 0}
         # slab id -> [replica slot, next offset, old replica, "copy" | "resync"]
         self._repair: dict[int, list] = {}
         #: a batch not complete after this long suspends its link (writes, repair copies)
@@ -414,8 +414,16 @@ class RemoteTier:
         if n == 0:
             self._link_failed(link, errors.TransportError(f"no completion in {timeout:g}s"), failed)
             return
+        mine = pending.get(link.index, set())
         for c in self._comp[:n]:
-            pending.get(link.index, set()).discard(int(c["batch_id"]))
+            batch = int(c["batch_id"])
+            if batch not in mine:
+                # a batch given up on when the link was suspended, completing now: its I/O was
+                # redone elsewhere, and its error (its buffers were deregistered under it: a
+                # local protection error) is not this call's
+                self.counters["stale_completions"] += 1
+                continue
+            mine.discard(batch)
             status = int(c["status"])
             if status != WC_SUCCESS:
                 if status in LINK_FAILURE_STATUSES:

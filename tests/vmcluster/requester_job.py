@@ -177,6 +177,11 @@ def main() -> int:
                 with open(os.path.join("/tmp/rram-run", name)) as f:
                     outputs[name] = f.read()
                 log(f"{name} (tail):\n{outputs[name][-3000:]}")
+                events = [line[:240] for line in outputs[name].splitlines() if " WARNING " in line or " ERROR " in line]
+                if len(events) > 60:  # the first faults explain the rest
+                    events = events[:40] + [f"... {len(events) - 60} more ..."] + events[-20:]
+                if events:
+                    log(f"{name}: warnings and errors:\n" + "\n".join(events))
             except OSError:
                 pass
     # The requester must have seen the machine go: a run where the victim stayed "alive" lost

@@ -67,8 +67,8 @@ def cluster_file(path: str) -> None:
                        "slab_size": "1MiB", "replicas": 2, "heartbeat_interval": 0.5,
                        # TCG guests on a loaded 2-core host can stall for seconds: a 4 s dead
                        # threshold once declared the surviving provider dead too (in a run with
-                       # the host's load at 5), and its pages were gone with it
-                       "suspect_threshold": 3.0, "dead_threshold": 10.0, "lease_grace": 20.0,
+                       # the host's load at 5; 10 s at a load of 6), and its pages were gone with it
+                       "suspect_threshold": 3.0, "dead_threshold": 15.0, "lease_grace": 30.0,
                        "nodes": nodes, "requester": {"local_budget": "2MiB"}}, source=path)
     with open(path, "w") as f:
         f.write(C.dump(cfg))
