@@ -122,8 +122,18 @@ def rram_cluster(size: int, workdir: str | None = None) -> LocalCluster:
                         slab_size="4MiB", verbose=False, requester={"local_budget": "4MiB"})
 
 
+def _need_fuse_loop() -> None:
+    """The host route to an NBD server as swap: nbdfuse, /dev/fuse and losetup."""
+    missing = [what for what, ok in (("nbdfuse", shutil.which("nbdfuse")), ("/dev/fuse", os.path.exists("/dev/fuse")),
+                                     ("losetup", shutil.which("losetup"))) if not ok]
+    if missing:
+        raise Unavailable(f"swap on an NBD server here goes through nbdfuse + a loop device; missing: "
+                          f"{', '.join(missing)}")
+
+
 @contextlib.contextmanager
 def _rram(size, pin, servers):
+    _need_fuse_loop()
     tmp = tempfile.mkdtemp(prefix="rram-swap-")
     try:
         with rram_cluster(size, tmp) as cluster:
@@ -145,6 +155,7 @@ def _rram(size, pin, servers):
 def _nbdkit(size, pin, servers):
     if shutil.which("nbdkit") is None:
         raise Unavailable("nbdkit is not installed")
+    _need_fuse_loop()
     tmp = tempfile.mkdtemp(prefix="rram-swap-nbdkit-")
     sock = os.path.join(tmp, "nbdkit.sock")
     server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(size)], stdin=subprocess.DEVNULL)
