@@ -385,6 +385,8 @@ def load(path) -> ClusterConfig:
             data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:  # the file is opened as UTF-8 text: a ValueError, not a YAMLError
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a YAML file") from None
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on line {exc.first}); "
                           "expected each key once") from None
