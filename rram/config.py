@@ -11,6 +11,7 @@ silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -228,6 +229,9 @@ def _value(ctx: _Ctx, path: str, f: dataclasses.Field, raw):
     if kind == "float":
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             ctx.fail(path, "a number of seconds", raw)
+        # YAML reads .nan and .inf, and integers too big for a float (OverflowError in float())
+        if isinstance(raw, int) and abs(raw) > 1 << 53 or not math.isfinite(raw):
+            ctx.fail(path, "a finite number of seconds", str(raw)[:40])
         if f.metadata.get("positive") and raw <= 0:
             ctx.fail(path, "a positive number of seconds", raw)
         return float(raw)
@@ -386,7 +390,7 @@ def load(path) -> ClusterConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:  # the file is opened as UTF-8 text: a ValueError, not a YAMLError
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a YAML file") from None
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); expected a YAML file") from None
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on line {exc.first}); "
                           "expected each key once") from None

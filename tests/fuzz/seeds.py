@@ -30,7 +30,8 @@ def control_frames() -> dict[str, bytes]:
     reqs = {
         "hello": dict(requester="app1", role="requester", generation=1, nonce=NONCE),
         "auth": dict(mac="ab" * 32), "alloc_slab": dict(size=1 << 20), "free_slab": dict(lease=3),
-        "connect": dict(params={"qpn": 17, "gid": "fe80::1"}), "stats": {}, "heartbeat": {},
+        "connect": dict(params={"transport": "verbs", "qpn": 17, "psn": 5, "mtu": 3, "gid": "fe80" + "00" * 14,
+                                "replaces": 16}), "stats": {}, "heartbeat": {},
         "resume": dict(session="s1", token="00ff"), "drain": {}, "reclaim": dict(bytes=4096),
         "report": dict(degraded=1), "undrain": {}, "shutdown": {}, "reload": {}, "bye": {},
     }
@@ -49,6 +50,9 @@ def control_frames() -> dict[str, bytes]:
     out["handshake"] = out["request-hello"] + out["request-auth"] + out["request-heartbeat"]
     out["unicode-name"] = M.encode(M.request("hello", 1, requester="\u00e9\u4e2d", role="operator", generation=7,
                                              nonce=NONCE))
+    body = json.dumps({"v": 1, "type": "hello", "id": 1, "requester": "a\ud800", "role": "requester",
+                       "generation": 1, "nonce": NONCE}).encode()
+    out["surrogate-name"] = M.LENGTH.pack(len(body)) + body
     body = json.dumps({"v": 1, "type": "alloc_slab", "id": 2, "size": 1e300}).encode()
     out["float-size"] = M.LENGTH.pack(len(body)) + body
     body = b'{"v":1,"type":"stats","id":1,"x":' + b"[" * 40 + b"]" * 40 + b"}"
@@ -145,7 +149,9 @@ def config_files() -> dict[str, bytes]:
     cfg = config.from_dict(small)
     return {"example": example, "small": config.dump(cfg).encode(),
             "flow": b"{secret: x, nodes: [{name: a, address: h, port: 1, capacity: 4k}], hugepages: off}\n",
-            "anchors": b"a: &x {name: n}\nnodes: [*x, *x]\nsecret: s\n"}
+            "anchors": b"a: &x {name: n}\nnodes: [*x, *x]\nsecret: s\n",
+            "floats": b"secret: s\nlease_grace: .nan\nheartbeat_interval: 0.5\ndead_threshold: .inf\n"
+                      b"suspect_threshold: 100000000000000000000000000000\nnodes: []\n"}
 
 
 def farmem_wire() -> dict[str, bytes]:

@@ -4,7 +4,8 @@ The same bytes go to a Decoder of each role, whole and in two pieces; every mess
 out must be a dict that passed its role's check, and a successful reply is checked against
 every request type's reply schema.  A hello and an auth request also go through the checks
 the provider's handshake makes of their fields (rram/provider/connection.py: nonce, identity,
-key derivation, MAC).  Only ProtocolError (and AuthError from the handshake) may escape.
+key derivation, MAC), and a connect request's parameters go through the verbs transport's
+parser (rram/transport/verbs.py; tcp takes none).  Only ProtocolError (and AuthError from the handshake) may escape.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.fuzz import driver
 with driver.instrumented():
     from rram.control import auth
     from rram.control import messages as M
+    from rram.transport import verbs
 from rram.errors import AuthError, ProtocolError
 
 MASTER = bytes(32)
@@ -28,6 +30,8 @@ def _handshake_fields(msg: dict) -> None:
         auth.requester_mac(key, SERVER_NONCE, msg["nonce"], msg["requester"])
         auth.provider_proof(key, SERVER_NONCE, msg["nonce"], msg["requester"])
         auth.session_secret(key, SERVER_NONCE, msg["nonce"])
+    elif msg["type"] == "connect":
+        verbs._parse_params(msg["params"])
     elif msg["type"] == "auth":
         assert auth.verify("00" * 32, msg["mac"]) is False or msg["mac"] == "00" * 32
 
