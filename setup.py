@@ -104,7 +104,7 @@ setup(
     ext_modules=extensions(),
     python_requires=">=3.10",
     install_requires=["numpy", "lz4>=4", "pyyaml>=6", "prometheus_client", "rich", "tqdm"],
-    extras_require={"test": ["pytest>=8", "hypothesis", "pytest-benchmark", "pytest-timeout"],
+    extras_require={"test": ["pytest>=8", "hypothesis", "pytest-benchmark", "pytest-timeout", "atheris"],
                     "bench": ["pytest-benchmark", "matplotlib"]},
     entry_points={"console_scripts": ["rram=rram.cli:main"]},
     zip_safe=False,

@@ -35,7 +35,7 @@ except ImportError:  # the fallback loop below runs the same targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORPUS = os.path.join(ROOT, "tests", "fuzz", "corpus")
-MAX_LEN = 8192
+MAX_LEN = 12 << 10  # an NBD handshake and two 4 KiB WRITEs; more only slows every target
 
 
 def instrumented():
@@ -45,6 +45,11 @@ def instrumented():
     return atheris.instrument_imports(include=["rram"])
 
 
+def corpus(target: str) -> list[bytes]:
+    """The checked-in inputs of ``target`` (the live-server tests mutate them too)."""
+    return _load([os.path.join(CORPUS, target)])
+
+
 def main(name: str, one_input, argv: list[str] | None = None) -> None:
     if name != "__main__":
         return
@@ -52,6 +57,9 @@ def main(name: str, one_input, argv: list[str] | None = None) -> None:
     if atheris is not None and os.environ.get("RRAM_FUZZ_ENGINE") != "mutate":
         if not any(a.startswith("-max_len=") for a in argv):
             argv.insert(1, f"-max_len={MAX_LEN}")
+        # libFuzzer's -merge re-runs argv[0] through the shell: make it run this module again
+        module = os.path.relpath(os.path.abspath(argv[0]), ROOT).removesuffix(".py").replace(os.sep, ".")
+        argv[0] = f"cd {ROOT} && {sys.executable} -m {module}"
         atheris.Setup(argv, one_input)
         atheris.Fuzz()
     sys.exit(_mutate_loop(one_input, argv[1:]))

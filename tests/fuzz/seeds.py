@@ -122,7 +122,7 @@ def nbd() -> dict[str, bytes]:
     go = _opt(P.NBD_OPT_GO, _go("", (P.NBD_INFO_BLOCK_SIZE, P.NBD_INFO_NAME)))
     structured = _opt(P.NBD_OPT_STRUCTURED_REPLY)
     reads = b"".join(_req(P.NBD_CMD_READ, 4096 * i, 4096, handle=i) for i in range(4))
-    writes = b"".join(_req(P.NBD_CMD_WRITE, 8192 * i, 8192, P.NBD_CMD_FLAG_FUA, i, bytes(8192)) for i in range(2))
+    writes = b"".join(_req(P.NBD_CMD_WRITE, 8192 * i, 4096, P.NBD_CMD_FLAG_FUA * i, i, bytes(4096)) for i in range(2))
     others = (_req(P.NBD_CMD_FLUSH) + _req(P.NBD_CMD_TRIM, 0, 4096) + _req(P.NBD_CMD_WRITE_ZEROES, 4096, 8192, 2)
               + _req(P.NBD_CMD_READ, 512, 512) + _req(9, 0, 0) + _req(P.NBD_CMD_READ, 1 << 40, 4096))
     return {
@@ -133,8 +133,8 @@ def nbd() -> dict[str, bytes]:
             P.NBD_OPT_STARTTLS) + _opt(99, b"xyz") + _opt(P.NBD_OPT_ABORT),
         "export-name": struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE) + _opt(P.NBD_OPT_EXPORT_NAME, b"rram") + reads,
         "big-write": flags + go + _req(P.NBD_CMD_WRITE, 0, 128 << 10, handle=5) + bytes(200) + _req(P.NBD_CMD_DISC),
-        "overlap": flags + go + _req(P.NBD_CMD_WRITE, 0, 8192, 0, 1, bytes(8192)) + _req(P.NBD_CMD_WRITE, 4096, 4096,
-                                                                                         0, 2, bytes(4096)),
+        "overlap": flags + go + _req(P.NBD_CMD_WRITE, 4096, 4096, 0, 1, bytes(4096)) + _req(P.NBD_CMD_WRITE, 4096, 4096,
+                                                                                            0, 2, bytes(4096)),
     }
 
 

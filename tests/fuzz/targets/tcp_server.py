@@ -57,7 +57,7 @@ def _serve(data: bytes, keyed: bool) -> tuple[int, bytes, bytes]:
         if keyed:
             core.set_frame_key(KEY)
         DRAIN.jobs.put(peer)
-        peer.sendall(data)  # 8 KiB at most: fits the socket's buffer
+        peer.sendall(data)  # MAX_LEN (12 KiB) at most: fits the socket's buffer
         peer.shutdown(socket.SHUT_WR)
         rc = core.serve(TABLE)
         head = core.header()
