@@ -155,9 +155,10 @@ def config_files() -> dict[str, bytes]:
 
 
 def farmem_wire() -> dict[str, bytes]:
-    msgs = [{"type": "hello", "pid": 42, "size": 1 << 30}, {"type": "stats"},
-            {"type": "prefetch", "start": 4096, "length": 1 << 20}, {"type": "advise", "advice": "cold"},
-            {"type": "close"}]
+    msgs = [{"op": "hello", "name": "r", "size": 1 << 23, "budget": 1 << 21, "minor": True, "spin_us": 0,
+             "store": {"local_budget": 1 << 20}}, {"op": "stats"}, {"op": "prefetch", "offset": 4096, "length": 1 << 20},
+            {"op": "prefetch", "offset": -1, "length": 1 << 40}, {"op": "advise", "advice": "sequential"},
+            {"op": "close"}]
     lines = b"".join(json.dumps(m, separators=(",", ":")).encode() + b"\n" for m in msgs)
     return {"session": lines, "partial": lines[:-7], "not-object": b"[1,2]\n", "nested": b"[" * 50 + b"\n"}
 

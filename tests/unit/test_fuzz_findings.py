@@ -103,3 +103,27 @@ def test_a_successful_completion_must_name_every_sent_op():
     finally:
         ep.close()
         peer.close()
+
+
+# -- far-memory channel -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("msg,pages", [
+    ({"offset": 4096, "length": 8192}, (1, 3)),
+    ({"offset": -8192, "length": 4097}, (0, 0)),     # clipped, as before
+    ({"offset": 1 << 70, "length": 1}, (16, 16)),    # beyond the region: nothing
+])
+def test_prefetch_range_clips_to_the_region(msg, pages):
+    from rram.frontends.farmem import wire as W
+
+    assert W.prefetch_range(msg, 16, 4096) == pages
+
+
+@pytest.mark.parametrize("msg", [{}, {"offset": "0", "length": 1}, {"offset": 0, "length": 1.5},
+                                 {"offset": True, "length": 1}])
+def test_a_bad_prefetch_request_is_a_protocol_error(msg):
+    # int(msg["offset"]) raised KeyError/ValueError in the handler, which failed the whole region
+    from rram.frontends.farmem import wire as W
+
+    with pytest.raises(errors.ProtocolError, match="prefetch (offset|length) must be an integer"):
+        W.prefetch_range(msg, 16, 4096)
