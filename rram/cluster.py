@@ -76,7 +76,8 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     # a replica that has not completed a batch within the suspect threshold is suspended (and
     # resumed or declared dead by the keeper); reads hedge to another replica after half that
     remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, io_timeout=cfg.suspect_threshold,
-                        read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas)
+                        read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas,
+                        suspension_wait=cfg.dead_threshold + 2 * cfg.heartbeat_interval)
     credential = keys.credential(cfg, requester, "requester")
     timeout = control_timeout(cfg)
     for node in cfg.providers():
