@@ -229,12 +229,15 @@ def _value(ctx: _Ctx, path: str, f: dataclasses.Field, raw):
     if kind == "float":
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             ctx.fail(path, "a number of seconds", raw)
-        # YAML reads .nan and .inf, and integers too big for a float (OverflowError in float())
-        if isinstance(raw, int) and abs(raw) > 1 << 53 or not math.isfinite(raw):
+        try:
+            value = float(raw)  # YAML reads .nan and .inf too
+        except OverflowError:  # an integer past the largest float
+            value = math.inf
+        if not math.isfinite(value):
             ctx.fail(path, "a finite number of seconds", str(raw)[:40])
-        if f.metadata.get("positive") and raw <= 0:
+        if f.metadata.get("positive") and value <= 0:
             ctx.fail(path, "a positive number of seconds", raw)
-        return float(raw)
+        return value
     if kind == "bool":
         if not isinstance(raw, bool):
             ctx.fail(path, "true or false", raw)
