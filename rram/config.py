@@ -399,6 +399,13 @@ def load(path) -> ClusterConfig:
                           "expected each key once") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not valid YAML for a cluster file: nested too deeply") from None
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        # PyYAML's constructors raise these, not a YAMLError, for a malformed explicitly tagged
+        # scalar (`!!float`, `!!int 0x`, `!!bool`, `!!timestamp 2020-99-99`, `!!timestamp 200112-`)
+        raise ConfigError(f"{path}: not valid YAML: a tagged value cannot be read "
+                          f"({type(exc).__name__}: {exc})") from exc
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected a mapping with at least `nodes`")
     return from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -38,11 +38,12 @@ CORPUS = os.path.join(ROOT, "tests", "fuzz", "corpus")
 MAX_LEN = 12 << 10  # an NBD handshake and two 4 KiB WRITEs; more only slows every target
 
 
-def instrumented():
-    """Import the target's modules inside this: atheris adds coverage counters to rram's code."""
+def instrumented(*also: str):
+    """Import the target's modules inside this: atheris adds coverage counters to rram's code
+    (and to the pure-Python libraries named in ``also``, such as yaml for the cluster file)."""
     if atheris is None or os.environ.get("RRAM_FUZZ_NO_INSTRUMENT") == "1":
         return contextlib.nullcontext()
-    return atheris.instrument_imports(include=["rram"])
+    return atheris.instrument_imports(include=["rram", *also])
 
 
 def corpus(target: str) -> list[bytes]:

@@ -151,7 +151,9 @@ def config_files() -> dict[str, bytes]:
             "flow": b"{secret: x, nodes: [{name: a, address: h, port: 1, capacity: 4k}], hugepages: off}\n",
             "anchors": b"a: &x {name: n}\nnodes: [*x, *x]\nsecret: s\n",
             "floats": b"secret: s\nlease_grace: .nan\nheartbeat_interval: 0.5\ndead_threshold: .inf\n"
-                      b"suspect_threshold: 100000000000000000000000000000\nnodes: []\n"}
+                      b"suspect_threshold: 100000000000000000000000000000\nnodes: []\n",
+            "tags": b"secret: !!str s\nreplicas: !!int 0x1\nlease_grace: !!float 2.5\nslab_size: !!int 1_048_576\n"
+                    b"nodes: !!seq []\nrequester: !!map {}\nlimits: {}\nname: !!timestamp 2001-12-14\n"}
 
 
 def farmem_wire() -> dict[str, bytes]:

@@ -40,6 +40,19 @@ def test_seconds_must_be_finite(tmp_path, value):
         config.load(path)
 
 
+@pytest.mark.parametrize("text,words", [
+    ("!!float", "IndexError"), ("!!int 0x", "ValueError"), ("!!bool", "KeyError"),
+    ("nodes: !!timestamp 2020-99-99", "ValueError"), ("name: !!timestamp 200112-", "AttributeError"),
+    ("[" * 3000, "nested too deeply"),
+])
+def test_a_malformed_tagged_value_or_deep_nesting_is_a_config_error(tmp_path, text, words):
+    # PyYAML's constructors raise these, not a YAMLError; deep nesting hits the recursion limit
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(errors.ConfigError, match=f"cluster.yaml: not valid YAML.*{words}"):
+        config.load(path)
+
+
 # -- control frames -------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import tempfile
 
 from tests.fuzz import driver
 
-with driver.instrumented():
+with driver.instrumented("yaml"):
     from rram import config
 from rram.errors import ConfigError
 
