@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -36,6 +37,8 @@ LIMIT = 12 * MiB
 #: pages swapped out before the power-off: by then every provider holds replicas
 KILL_AFTER_PSWPOUT = 2500
 RUN = os.environ.get("RXE_RUN_DIR", "/run/rxe-run")
+#: the requester's Prometheus /metrics inside this guest: the job reads degraded_slabs there
+METRICS_PORT = 9109
 NETEM = ["delay", "50ms", "loss", "20%"]
 
 
@@ -68,6 +71,32 @@ def power_off(victim: str, timeout: float = 60.0) -> None:
             raise SystemExit("the host did not power the victim off")
         time.sleep(0.2)
     log(f"{victim} is powered off")
+
+
+def requester_stat(name: str) -> float | None:
+    """One numeric stat of the requester (its /metrics gauge rram_requester_<name>)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"rram_requester_{name}{{") or line.startswith(f"rram_requester_{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def wait_until_whole(timeout: float = 180.0) -> None:
+    """Until every slab has all its copies: slabs leased while a provider was suspended (the
+    lossy link) start with one copy and are re-replicated once it resumes.  Powering the other
+    provider off before that would lose pages that never had a second copy, which is no test
+    of surviving a machine loss."""
+    deadline = time.monotonic() + timeout
+    while (degraded := requester_stat("degraded_slabs")) != 0:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"slabs still degraded after {timeout:.0f}s: {degraded}")
+        time.sleep(0.5)
+    log("every slab has its copies")
 
 
 def sh(*argv: str) -> None:
@@ -123,7 +152,7 @@ def main() -> int:
     cfg = C.load(config_path)
     wait_for_providers(cfg)
     env = dict(os.environ, RRAM_RUN="/tmp/rram-run", RRAM_STEP_TIMEOUT="60",
-               RRAM=f"{sys.executable} -m rram requester", PYTHONPATH=ROOT)
+               RRAM=f"{sys.executable} -m rram requester --metrics-port {METRICS_PORT}", PYTHONPATH=ROOT)
     script = os.path.join(ROOT, "scripts", "requester.sh")
     up = subprocess.run(["bash", script, "up", config_path, "req", "128MiB", DEV, "100"], env=env,
                         capture_output=True, text=True, timeout=300)
@@ -151,6 +180,7 @@ def main() -> int:
                 base = vmstat()
             while vmstat()["pswpout"] - base["pswpout"] < KILL_AFTER_PSWPOUT and work.poll() is None:
                 time.sleep(0.2)
+            wait_until_whole()
             at_kill = vmstat()
             log(f"{at_kill['pswpout'] - base['pswpout']} pages swapped out: powering {victim} off")
             t_kill = time.monotonic()

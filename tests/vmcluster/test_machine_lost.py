@@ -11,9 +11,11 @@ must keep going and every page must verify (tests/vmcluster/requester_job.py).
 The flaky variant (RRAM_VM_FLAKY=1; not reliable yet, see its skip reason) first makes the link
 to the provider that will survive lose 20 % of its packets and delay the rest by 50 ms, both
 ways (tc netem in the requester's guest), for FLAKY_SECONDS of the workload while both providers
-live; then it heals and the other provider's machine is powered off.
-(A lossy link that is the *only* one left is not survived yet: RC retransmission over it cannot
-keep up with swap, and the cgroup OOM-kills the workload.)
+live; then it heals, the slabs leased meanwhile with one copy are re-replicated, and the other
+provider's machine is powered off.
+(A lossy link that is the *only* one left is not tested: reads of its pages now wait while its
+provider is suspended instead of failing, but RC retransmission over 20 % loss may not keep up
+with swap.)
 
 Boots three TCG guests (a few minutes on two cores): scripts/ci-vm.sh runs it with
 RRAM_VM_CLUSTER=1; elsewhere it skips with that reason.
@@ -113,9 +115,9 @@ class Guest:
     False,
     pytest.param(True, marks=pytest.mark.skipif(
         os.environ.get("RRAM_VM_FLAKY") != "1",
-        reason="not reliable yet: in 1 of 3 runs the lossy link's provider was suspended and resumed "
-               "over and over, swap I/O stalled 2 s at a time and the cgroup OOM-killed the workload; "
-               "RRAM_VM_FLAKY=1 runs it")),
+        reason="not reliable on a loaded host yet: at a host load of 5-8, qemu's socket netdev once "
+               "stalled the surviving provider's link for 15 s (virtio-net TX watchdog in its guest) and "
+               "the requester rightly declared it dead; 1 of 2 runs passed; RRAM_VM_FLAKY=1 runs it")),
 ])
 def test_provider_machine_powered_off_mid_swap(flaky):
     if shutil.which("qemu-system-x86_64") is None:
