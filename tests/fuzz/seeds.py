@@ -131,6 +131,7 @@ def nbd() -> dict[str, bytes]:
         "go-others": flags + structured + go + others,
         "options": flags + _opt(P.NBD_OPT_LIST) + _opt(P.NBD_OPT_INFO, _go("rram", (0, 1, 2, 3))) + _opt(
             P.NBD_OPT_STARTTLS) + _opt(99, b"xyz") + _opt(P.NBD_OPT_ABORT),
+        "starttls": flags + _opt(P.NBD_OPT_LIST) + _opt(P.NBD_OPT_STARTTLS) + structured + go + reads,
         "export-name": struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE) + _opt(P.NBD_OPT_EXPORT_NAME, b"rram") + reads,
         "big-write": flags + go + _req(P.NBD_CMD_WRITE, 0, 128 << 10, handle=5) + bytes(200) + _req(P.NBD_CMD_DISC),
         "overlap": flags + go + _req(P.NBD_CMD_WRITE, 4096, 4096, 0, 1, bytes(4096)) + _req(P.NBD_CMD_WRITE, 4096, 4096,

@@ -1,5 +1,6 @@
 """Fuzz a real provider process through its sockets, where in-process targets cannot reach the
-state of its connection loops: mutated control frames before and after authentication, and data
+state of its connection loops: mutated control frames before and after authentication (inside
+TLS, as LocalCluster runs it; some plaintext at the TLS handshake), and data
 frames after a proven HELLO (raw mutations, and mutated batches signed with the connection's key
 so that they reach execution).  Every input goes on its own connection.  Oracle: the provider
 stays up, never logs an internal error, and an honest requester (control session, lease, tcp
@@ -45,7 +46,7 @@ def drain(sock: socket.socket) -> None:
     try:
         while sock.recv(1 << 16):
             pass
-    except (socket.timeout, ConnectionResetError):
+    except OSError:  # a timeout, a reset, or a TLS alert: the provider hung up on us
         pass
 
 
@@ -56,11 +57,20 @@ def recv_frame(sock: socket.socket, dec: M.Decoder) -> dict:
             return got[0]
 
 
-def authenticated(cluster, name: str) -> socket.socket:
-    """A raw control connection that passed hello/auth as requester ``name``."""
-    cred = cluster.credential(name)
+def control(cluster, plaintext: bool = False) -> socket.socket:
+    """A control connection to p0 that has done nothing yet: inside TLS as a client's would be
+    (the cluster's CA; LocalCluster runs TLS), or plaintext bytes at the TLS port."""
     node = cluster.config.node("p0")
     sock = socket.create_connection((node.address, node.port), timeout=5)
+    if cluster.tls is None or plaintext:
+        return sock
+    return cluster.tls.wrap_socket(sock, server_hostname=node.name)
+
+
+def authenticated(cluster, name: str) -> socket.socket:
+    """A control connection that passed hello/auth as requester ``name``."""
+    cred = cluster.credential(name)
+    sock = control(cluster)
     dec = M.Decoder("reply")
     nonce = auth.new_nonce()
     sock.sendall(M.encode(M.request("hello", 1, requester=name, role="requester", generation=cred.generation,
@@ -95,10 +105,9 @@ class Checker:
 
 def test_control_frames_before_authentication(cluster):
     rng, seeds, check = random.Random(1), driver.corpus("control_frames"), Checker(cluster)
-    node = cluster.config.node("p0")
     for _ in range(RUNS):
         data = driver.mutate(rng, rng.choice(seeds), seeds)
-        with socket.create_connection((node.address, node.port), timeout=5) as s:
+        with control(cluster, plaintext=rng.random() < 0.2) as s:  # some at the TLS layer itself
             try:
                 s.sendall(data)
                 s.shutdown(socket.SHUT_WR)
@@ -151,7 +160,7 @@ def test_data_frames_after_a_proven_hello(cluster):
 
     rng, check = random.Random(3), Checker(cluster)
     seeds = driver.corpus("tcp_server")
-    client = ProviderClient(cluster.config.node("p0"), cluster.credential("data-fuzzer"))
+    client = ProviderClient(cluster.config.node("p0"), cluster.credential("data-fuzzer"), tls=cluster.tls)
     client.connect()
     lease = client.alloc_slab(1 << 20)
     params = client.connect_data({})

@@ -3,7 +3,8 @@ the C request parser it hands plain READ/WRITE runs to (ext/_nbdwire.pyx, Reques
 
 The bytes are a client's stream from its flags on, fed in pieces to a ServerConnection the way
 the server does (recv into get_buffer, next_event, take_run once in transmission), for an
-export without and with a block size.  Oracle: only NBDError (a ProtocolError) escapes; every
+export without and with a block size, and for one that requires TLS (FORCEDTLS: a StartTLS
+event is answered with ``tls_started()``, as the server does once its handshake succeeds).  Oracle: only NBDError (a ProtocolError) escapes; every
 Request and every request the C run takes is inside the export, aligned and within max_block;
 replies go out for every event.
 """
@@ -16,8 +17,9 @@ with driver.instrumented():
 from rram._ext._nbdwire import RequestRun
 
 SIZE = 1 << 20
-EXPORTS = (P.Export(name="rram", size=SIZE, max_block=64 << 10),
-           P.Export(name="", size=SIZE - 4096, min_block=4096, max_block=32 << 10))
+EXPORTS = ((P.Export(name="rram", size=SIZE, max_block=64 << 10), False),
+           (P.Export(name="", size=SIZE - 4096, min_block=4096, max_block=32 << 10), False),
+           (P.Export(name="rram", size=SIZE), True))
 
 
 def _check(e: P.Export, cmd: int, offset: int, length: int) -> None:
@@ -25,8 +27,8 @@ def _check(e: P.Export, cmd: int, offset: int, length: int) -> None:
     assert length <= e.max_block or cmd not in (P.NBD_CMD_READ, P.NBD_CMD_WRITE), (cmd, length)
 
 
-def _serve(e: P.Export, data: bytes, step: int) -> None:
-    conn = P.ServerConnection(e, initial_buffer=64)
+def _serve(e: P.Export, tls: bool, data: bytes, step: int) -> None:
+    conn = P.ServerConnection(e, tls=tls, initial_buffer=64)
     conn.data_to_send()
     run = None
     pos = 0
@@ -48,12 +50,18 @@ def _serve(e: P.Export, data: bytes, step: int) -> None:
             if pos >= len(data):
                 return
             room = conn.get_buffer()
-            n = min(len(room), step, len(data) - pos)
+            # before TLS a client waits for STARTTLS's reply: bytes after it in one recv are an
+            # error, so the first bytes on a TLS-only export come one at a time
+            n = min(len(room), 1 if tls and not conn.tls_active and pos < 256 else step, len(data) - pos)
             room[:n] = data[pos : pos + n]
             conn.buffer_updated(n)
             pos += n
         elif isinstance(ev, P.Ready):
+            assert conn.tls_active or not tls, "transmission without TLS on a TLS-only export"
             run = RequestRun(16, ev.structured_replies)
+        elif isinstance(ev, P.StartTLS):
+            assert tls and not conn.tls_active
+            conn.tls_started()
         elif isinstance(ev, P.Request):
             _check(e, ev.command, ev.offset, ev.length)
             if ev.command == P.NBD_CMD_READ:
@@ -70,9 +78,9 @@ def _serve(e: P.Export, data: bytes, step: int) -> None:
 
 def one_input(data: bytes) -> None:
     step = 4096 >> (data[-1] % 13) if data else 1  # the last byte picks recv sizes of 1..4096 bytes
-    for e in EXPORTS:
+    for e, tls in EXPORTS:
         try:
-            _serve(e, data, step)
+            _serve(e, tls, data, step)
         except P.NBDError:
             pass
 
