@@ -591,8 +591,10 @@ cdef class WireServer:
             avail = _fb_avail(rx)
             if avail >= HDR:
                 h = <const header_t *>(rx.buf + rx.start)
+                # flags other than FLAG_MAC are refused as wire.parse_header does; an unsigned
+                # connection takes no FLAG_MAC either (its trailer would be read as the next frame)
                 if (not _magic_ok(h) or h.type != T_REQUEST or h.count < 1 or h.count > MAX_OPS
-                        or h.payload_len > MAX_PAYLOAD):
+                        or h.payload_len > MAX_PAYLOAD or h.flags & ~FLAG_MAC or (h.flags and not self.keyed)):
                     return R_BAD_HEADER
                 total = HDR + <size_t>h.count * sizeof(wire_op_t) + h.payload_len
                 if self.keyed:
@@ -1051,7 +1053,7 @@ cdef class WireRequester:
             self.a, self.b, self.c = h.batch_id, p.batch_id, self.count != 0
             return R_WRONG_BATCH
         done = p.sent if h.status == WC_SUCCESS else h.count
-        if done > p.sent:
+        if done > p.sent or (h.status == WC_SUCCESS and h.count != p.sent):  # success names every sent op
             self.a, self.b, self.c = h.count, p.sent, p.batch_id
             return R_BAD_INDEX
         if h.payload_len > p.nread:  # more than the batch could return: refuse before buffering it

@@ -181,6 +181,8 @@ class _DataConnection:
             raise OSError(a, os.strerror(a))
         if code == _tcpwire.R_BAD_HEADER:
             h = wire.parse_header(self.core.header(), 0, wire.TO_PROVIDER)  # raises with the reason
+            if h.type == wire.REQUEST:  # valid for the reference; the C loop refused its MAC flag
+                raise errors.ProtocolError(f"REQUEST with flags {h.flags:#x}, which this connection does not expect")
             raise errors.ProtocolError("HELLO sent twice on one connection" if h.type == wire.HELLO
                                        else f"unexpected {wire.TYPE_NAMES[h.type]} frame")
         if code == _tcpwire.R_BAD_PAYLOAD:
