@@ -61,9 +61,10 @@ class Rounds:
 
     def open(self):
         self.stack.close()
+        # the fault proxy reads and rewrites control frames: no TLS behind it (then for both of a pair)
         c = self.stack.enter_context(LocalCluster(n_providers=3, capacity="1GiB", slab_size="2MiB", replicas=2,
                                                   verbose=False, lease_grace=5.0, requester={"repatriate_rate": 0},
-                                                  **TIMING))
+                                                  tls=not self.proxy, **TIMING))
         px = self.stack.enter_context(ProviderProxy(c.config, "p1")) if self.proxy else None
         store = self.stack.enter_context(open_store(px.config if px else c.config, name="req",
                                                     local_budget=2 << 20))

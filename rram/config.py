@@ -11,6 +11,7 @@ silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -124,6 +125,10 @@ class ClusterConfig:
     secret_file: str | None = _f(None, "str", optional=True)
     #: where ``rram keys add`` writes NAME.key and where a requester or operator finds its own
     keys_dir: str = _f("keys", "str")
+    #: the cluster's CA and provider certificates (rram/tls.py): set, every control connection
+    #: runs TLS 1.3 and clients verify providers against it; unset, control connections are
+    #: plaintext (the provider says so in its log).  ``rram keys init`` fills it.
+    tls_dir: str | None = _f(None, "str", optional=True)
     #: bytes each requester may lease on one provider (name -> size); others: default_quota
     quotas: dict = field(default_factory=dict, metadata={"kind": "quotas"})
     default_quota: int | None = _f(None, "size", optional=True)
@@ -228,9 +233,15 @@ def _value(ctx: _Ctx, path: str, f: dataclasses.Field, raw):
     if kind == "float":
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             ctx.fail(path, "a number of seconds", raw)
-        if f.metadata.get("positive") and raw <= 0:
+        try:
+            value = float(raw)  # YAML reads .nan and .inf too
+        except OverflowError:  # an integer past the largest float
+            value = math.inf
+        if not math.isfinite(value):
+            ctx.fail(path, "a finite number of seconds", str(raw)[:40])
+        if f.metadata.get("positive") and value <= 0:
             ctx.fail(path, "a positive number of seconds", raw)
-        return float(raw)
+        return value
     if kind == "bool":
         if not isinstance(raw, bool):
             ctx.fail(path, "true or false", raw)
@@ -346,6 +357,8 @@ def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> Cluster
         cfg.secret_file = os.path.abspath(os.path.join(base_dir, cfg.secret_file))
     if base_dir is not None:
         cfg.keys_dir = os.path.abspath(os.path.join(base_dir, cfg.keys_dir))
+        if cfg.tls_dir is not None:
+            cfg.tls_dir = os.path.abspath(os.path.join(base_dir, cfg.tls_dir))
     _check(ctx, cfg)
     return cfg
 
@@ -385,11 +398,20 @@ def load(path) -> ClusterConfig:
             data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:  # the file is opened as UTF-8 text: a ValueError, not a YAMLError
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); expected a YAML file") from None
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on line {exc.first}); "
                           "expected each key once") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not valid YAML for a cluster file: nested too deeply") from None
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        # PyYAML's constructors raise these, not a YAMLError, for a malformed explicitly tagged
+        # scalar (`!!float`, `!!int 0x`, `!!bool`, `!!timestamp 2020-99-99`, `!!timestamp 200112-`)
+        raise ConfigError(f"{path}: not valid YAML: a tagged value cannot be read "
+                          f"({type(exc).__name__}: {exc})") from exc
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected a mapping with at least `nodes`")
     return from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
