@@ -3,7 +3,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 
 cdef enum:
-    NCLASSES = 64
+    NCLASSES = 65              # c*64 bytes; 65 holds a sealed raw page (4112 bytes)
     BITMAP_WORDS = 16
     E_OK = 0                   # free() failure reasons (reported with the index of the bad location)
     E_KIND = 1

@@ -9,6 +9,10 @@ put:  compress (native LZ4, batch) -> slot in the local pool (size-class allocat
          WRITE to every replica of a remote virtual slab, then repoint the page map.
 get:  page map -> zero fill | decompress from the local pool | READ into staging, decompress.
 
+Sealed pages (``seal=True``, the default): every image bound for a provider is sealed between
+compression and the WRITE, and opened between the READ and decompression (seal.py); remote
+pages are then READ into the seal buffer instead of staging.  Local pages need no seal.
+
 All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
 a local page).
 
@@ -47,6 +51,7 @@ from .failover import Failover
 from .fastpath import FastPath
 from .pagemap import PageMap
 from .remote import RemoteTier
+from .seal import TAG, PageSeal
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ class PageStore:
         local_budget: int = 64 << 20,
         batch: int = 256,
         choose_targets=None,
+        seal: bool = True,
+        requester: str = "",
     ):
         if local_budget < L.BLOCK_SIZE:
             raise errors.ConfigError(f"local_budget must be at least {L.BLOCK_SIZE} bytes, got {local_budget}")
@@ -92,7 +99,10 @@ class PageStore:
         # staging: compressed images of a batch (compress output, remote READ target)
         self.staging = Arena(self.batch * PAGE_SIZE)
         self.remote = remote
-        self.remote_alloc = L.SlotAllocator(track_owners=False)
+        #: seals what providers store (None: pages go out as plain images); see seal.py
+        self.seal = PageSeal(self.batch, requester) if seal and remote is not None else None
+        # a sealed page's version is its remote slot's owner word (8 bytes a remote page)
+        self.remote_alloc = L.SlotAllocator(track_owners=self.seal is not None)
         self._choose = choose_targets or _round_robin
         if remote is not None:
             for link in remote.links:
@@ -107,15 +117,20 @@ class PageStore:
         self._locs = np.zeros(b, dtype=np.uint64)
         self._old = np.zeros(b, dtype=np.uint64)
         self._staging_addrs = self.staging.addr + np.arange(b, dtype=np.uint64) * PAGE_SIZE
+        # remote pages are READ into the seal buffer when sealing (room for an image and its tag)
+        self._read_base = self.seal.base if self.seal is not None else self.staging.addr
+        self._read_addrs = self.seal.addrs if self.seal is not None else self._staging_addrs
         self._ok = np.zeros(b, dtype=np.uint8)
         self._zero_locs = np.full(b, L.ZERO_LOCATION, dtype=np.uint64)
         self._freed = np.zeros(b, dtype=np.uint64)
-        self._path = StorePath(self.local_base, n_local, self.staging.addr, b)  # C batch steps + their scratch
+        self._path = StorePath(self.local_base, n_local, self.staging.addr, b, self._read_base,
+                               int(self._read_addrs[1] - self._read_addrs[0]) if b > 1 else PAGE_SIZE)
         self._unswept = False  # remote slots were freed without looking for slabs left empty
         self._one_page = bytearray(PAGE_SIZE)
         self.fast_path = True  # False: every batch takes the failover path (tests, diagnosis)
-        self._fast = FastPath(remote, self._path, self.local_base, self.staging.addr)
-        self._failover = Failover(remote, self._local_addrs, self.staging.addr, self._staging_addrs)
+        opener = self._open_remote if self.seal is not None else None
+        self._fast = FastPath(remote, self._path, self.local_base, self._read_base, opener)
+        self._failover = Failover(remote, self._local_addrs, self._read_base, self._read_addrs, opener)
         #: single-page reads and writes in C on these tables (None: not built)
         self.requests = (RequestPath(self._lock, self.map, self.local, self.local_base, n_local)
                          if RequestPath is not None else None)
@@ -128,7 +143,7 @@ class PageStore:
             self._register_arenas(link)
 
     def _register_arenas(self, link) -> None:
-        for arena in (self.local_arena, self.staging):
+        for arena in (self.local_arena, self.staging) + ((self.seal.buf,) if self.seal is not None else ()):
             link.lkeys[arena.addr] = link.endpoint.register_local(arena.addr, arena.length)
         self.remote.invalidate_routes()
 
@@ -225,17 +240,11 @@ class PageStore:
                 break
         if done < m:
             rest = slice(done, m)
-            rlocs = self._remote_alloc(sizes[rest], persistent)
+            rlocs = self._write_remote(keys[rest], srcs[rest], sizes[rest], self.staging.addr, persistent)
             if rlocs is None:
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
                 )
-            try:
-                self._remote_io(True, rlocs, srcs[rest], self.staging.addr, self._min_copies(persistent))
-            except errors.ReplicationError:
-                self.remote_alloc.free(rlocs, len(rlocs))
-                self._unswept = True
-                raise
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
 
@@ -265,13 +274,51 @@ class PageStore:
 
     # -- remotify -------------------------------------------------------------------------
 
-    def _remote_alloc(self, sizes: np.ndarray, persistent: bool) -> np.ndarray | None:
-        """Remote locations for ``sizes``, leasing new slabs as needed; None when out of room."""
+    def _write_remote(self, keys, srcs, sizes, base: int, persistent: bool) -> np.ndarray | None:
+        """New remote slots for the images at ``srcs`` (in the arena at ``base``), written to every
+        replica, sealed first when sealing: their locations, or None when no provider has room.
+        ReplicationError (too few copies) frees the slots and propagates."""
+        versions = None
+        if self.seal is not None:
+            versions = self.seal.versions(len(keys))
+            rlocs = self._remote_alloc(sizes + np.uint32(TAG), persistent, versions)
+            if rlocs is not None:
+                srcs, base = self.seal.seal(keys, srcs, sizes, versions), self.seal.base
+        else:
+            rlocs = self._remote_alloc(sizes, persistent)
+        if rlocs is None:
+            return None
+        try:
+            self._remote_io(True, rlocs, srcs, base, self._min_copies(persistent))
+        except errors.ReplicationError:
+            self.remote_alloc.free(rlocs, len(rlocs))
+            self._unswept = True
+            raise
+        return rlocs
+
+    def _open_remote(self, rlocs: np.ndarray, keys: np.ndarray, addrs: np.ndarray) -> None:
+        """Open sealed remote pages READ to ``addrs`` in place, re-reading any that fail from their
+        other copies (SealError when none opens).  The fast and failover paths both call this."""
+        versions = np.empty(len(rlocs), dtype=np.uint64)
+        self.remote_alloc.owners(rlocs, versions)
+        failures = self.seal.failures
+        try:
+            self.seal.open(rlocs, keys, addrs, versions,
+                           lambda locs, to, copy: self._failover.read_copy(locs, to, self._read_base, copy))
+        finally:
+            if self.seal.failures != failures:
+                log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - failures,
+                            self.seal.failures)
+
+    def _remote_alloc(self, sizes: np.ndarray, persistent: bool, owners: np.ndarray | None = None) -> np.ndarray | None:
+        """Remote locations for ``sizes`` (with ``owners``: the seal versions), leasing new slabs as
+        needed; None when out of room."""
         m = len(sizes)
         out = np.zeros(m, dtype=np.uint64)
         done = 0
         while done < m:
-            done += self.remote_alloc.alloc(sizes[done:], out[done:], None, m - done)
+            done += self.remote_alloc.alloc(sizes[done:], out[done:], None if owners is None else owners[done:],
+                                            m - done)
             if done == m:
                 break
             try:
@@ -300,16 +347,10 @@ class PageStore:
             if got == 0:
                 break
             sizes = L.loc_size(locs).astype(np.uint32)
-            rlocs = None
             try:
-                rlocs = self._remote_alloc(sizes, True)
-                if rlocs is not None:
-                    self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr, self._min_copies(True))
+                rlocs = self._write_remote(owners, self._local_addrs(locs), sizes, self.local_arena.addr, True)
             except errors.ReplicationError as exc:  # too few copies: persistent pages stay local
                 log.warning("not moving pages out: %s", exc)
-                if rlocs is not None:
-                    self.remote_alloc.free(rlocs, len(rlocs))
-                    self._unswept = True
                 rlocs = None
             if rlocs is None:  # remote tier full: ephemeral pages may go, persistent ones stay
                 return self._drop_ephemeral(locs, owners) > 0 or moved > 0
@@ -379,7 +420,7 @@ class PageStore:
                 self.counters["gets"] += 1
                 self.counters["failed_gets"] += 1
                 return None
-            self._get_locs(loc, dst)
+            self._get_locs(loc, dst, key)
             return bytes(dst) if out is None else out
 
     def get_many(self, pool: int, obj: int, indexes, out) -> np.ndarray:
@@ -404,17 +445,17 @@ class PageStore:
     def _get_batch(self, keys: np.ndarray, dst: np.ndarray) -> np.ndarray:
         locs = self._locs[: len(keys)]
         self.map.lookup(keys, locs)
-        return self._get_locs(locs, dst)
+        return self._get_locs(locs, dst, keys)
 
     # -- the dispatch points: fast path, else failover ------------------------------------
 
-    def _get_locs(self, locs: np.ndarray | int, dst):
-        """Decompress the pages at looked-up ``locs`` (one batch at most; an int: get()'s one page)
-        into ``dst``; the found mask."""
-        got = self._fast.get(locs, dst) if self.fast_path else None
+    def _get_locs(self, locs: np.ndarray | int, dst, keys):
+        """Decompress the pages at looked-up ``locs`` of ``keys`` (one batch at most; ints: get()'s
+        one page) into ``dst``; the found mask."""
+        got = self._fast.get(locs, dst, keys) if self.fast_path else None
         c = self.counters
         if got is None:
-            got = self._failover.get(locs, dst)
+            got = self._failover.get(locs, dst, keys)
             c["failover_gets"] += 1
         else:
             c["fast_gets"] += 1
@@ -509,12 +550,15 @@ class PageStore:
                     keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), k)
                     if len(keys) == 0:
                         break
-                    sizes = L.loc_size(locs).astype(np.uint32)
+                    sizes = L.loc_size(locs).astype(np.uint32)  # sealed sizes until opened
                     if self.local.free_bytes < int(sizes.sum()) + 8 * L.BLOCK_SIZE:
                         return moved
                     n = len(keys)
-                    stage = self._staging_addrs[:n]
-                    self._remote_io(False, locs, stage, self.staging.addr)
+                    stage = self._read_addrs[:n]
+                    self._remote_io(False, locs, stage, self._read_base)
+                    if self.seal is not None:  # opened in place: the local slot holds the plain image
+                        self._open_remote(locs, keys, stage)
+                        sizes -= np.uint32(TAG)
                     llocs = np.zeros(n, dtype=np.uint64)
                     got = self.local.alloc(sizes, llocs, keys, n)
                     if got < n:
@@ -669,7 +713,12 @@ class PageStore:
             c["compressed_bytes"] = stored
             c["zero_pages"] = c["pages"] - c["local_pages"] - c["remote_pages"]
             c["compression_ratio"] = round(c["bytes_stored_in"] and c["bytes_in"] / max(1, c["bytes_stored_in"]), 3)
-            c["metadata_bytes"] = int(self.map.metadata_bytes())
+            c["metadata_bytes"] = int(self.map.metadata_bytes()) + int(remote["owner_bytes"])
+            c["sealed"] = self.seal is not None
+            if self.seal is not None:  # tags that failed (each copy tried counts), pages saved by another copy
+                c["seal_failures"] = self.seal.failures
+                c["seal_recovered"] = self.seal.recovered
+                c["seal_version_bytes"] = int(remote["owner_bytes"])
             if self.remote is not None:
                 c["replicas"] = self.remote.replicas
                 c["remote_slabs"] = len(self.remote.slabs)
@@ -705,6 +754,8 @@ class PageStore:
                 self.remote.close()
             self.staging.close()
             self.local_arena.close()
+            if self.seal is not None:
+                self.seal.close()
 
     def __enter__(self):
         return self
