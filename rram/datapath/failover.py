@@ -106,10 +106,12 @@ class Failover:
             todo = todo[np.isin(link, list(failed))]
         raise errors.TransportError("reads kept failing on every replica")
 
-    def read_copy(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int, copy: int) -> np.ndarray | None:
-        """READ each page from its ``copy``-th copy (replicas in read order, then the copy a drain
-        is moving away from) where that copy is live: the mask of pages read, or None when there
-        is no such copy.  Sealed pages that failed their tag are read again this way."""
+    def read_copy(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int, copy: int,
+                  want: np.ndarray) -> np.ndarray | None:
+        """READ the pages in ``want`` from their ``copy``-th copy (replicas in read order, then the
+        copy a drain is moving away from) where that copy is live: the mask of pages whose copy is
+        usable (those in ``want`` were read), or None past the last copy.  Sealed pages that failed
+        their tag are read again this way."""
         tier = self.tier
         if copy > tier.replicas:
             return None
@@ -123,8 +125,8 @@ class Failover:
         else:
             link, base, rkey = tier.mv_link[0, slabs], tier.mv_addr[0, slabs], tier.mv_rkey[0, slabs]
             usable = (link >= 0) & alive[np.maximum(link, 0)]
-        link = np.where(usable, link, -1).astype(np.int32)
-        if usable.any():
+        link = np.where(usable & want, link, -1).astype(np.int32)
+        if (link >= 0).any():
             sizes = L.loc_size(remote_locs).astype(np.uint32)
             failed = tier.run_plans(OP_READ, [(link, base + offs, rkey)], local_addrs, sizes, local_base)
             usable &= ~np.isin(link, list(failed))

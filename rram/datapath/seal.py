@@ -71,8 +71,8 @@ class PageSeal:
         """Open the sealed images of remote pages ``rlocs`` (READ to ``addrs``) in place.
 
         ``versions``: each page's version (the remote allocator's owner word).  A page that fails
-        is read again through ``reread(rlocs, addrs, copy) -> mask read`` from each copy in turn;
-        SealError when no copy opens.
+        is read again from each of its other copies in turn, through ``reread(rlocs, addrs, copy,
+        want) -> usable mask`` (Failover.read_copy); SealError when no copy opens.
         """
         n = len(rlocs)
         if n == 0:
@@ -92,15 +92,18 @@ class PageSeal:
                   np.array([addr], dtype=np.uint64), np.array([version], dtype=np.uint64), reread)
 
     def _recover(self, bad, rlocs, keys, addrs, sizes, versions, reread) -> None:
+        """Read the pages at ``bad`` from each of their other copies until one opens."""
         todo = bad
+        seen = np.zeros(len(rlocs), dtype=bool)  # the first usable copy is the one that failed
         copy = 0
         while len(todo):
             sub = np.ascontiguousarray(rlocs[todo])
-            got = reread(sub, np.ascontiguousarray(addrs[todo]), copy)
+            got = reread(sub, np.ascontiguousarray(addrs[todo]), copy, seen[todo])
             if got is None:  # no copies left to try
                 break
             copy += 1
-            idx = todo[got]
+            idx = todo[got & seen[todo]]
+            seen[todo[got]] = True
             if not len(idx):
                 continue
             ok = np.zeros(len(idx), dtype=np.uint8)

@@ -304,7 +304,7 @@ class PageStore:
         failures = self.seal.failures
         try:
             self.seal.open(rlocs, keys, addrs, versions,
-                           lambda locs, to, copy: self._failover.read_copy(locs, to, self._read_base, copy))
+                           lambda locs, to, copy, want: self._failover.read_copy(locs, to, self._read_base, copy, want))
         finally:
             if self.seal.failures != failures:
                 log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - failures,
