@@ -189,6 +189,13 @@ cdef class Sealer:
         if bad >= 0:
             raise RramError(f"OpenSSL failed to seal page {bad} of {n}")
 
+    def open_page(self, uint64_t addr, uint32_t sealed_size, uint64_t key, uint64_t version) -> bool:
+        """``open`` for one page (the latency path: no arrays)."""
+        cdef bint good
+        with nogil:
+            good = self.open_one(<uint8_t *><uintptr_t>addr, sealed_size, key, version)
+        return good
+
     def open(self, addrs, sizes, keys, versions, Py_ssize_t n, ok):
         """Open the sealed images at addrs[i] (sizes[i] bytes, tag included) in place; ok[i] = 1
         where the tag verified for (keys[i], versions[i]), else 0 (the bytes are zeroed).

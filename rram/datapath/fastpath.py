@@ -36,7 +36,7 @@ class FastPath:
     """The common case of get batches and remote reads/writes; see the module docstring."""
 
     def __init__(self, tier: RemoteTier | None, path: StorePath | None, local_base: np.ndarray | None,
-                 staging_base: int, opener=None):
+                 staging_base: int, opener=None, open_one=None):
         self.tier = tier
         self.path = path  # the store's C batch steps and their scratch arrays
         # local slab id -> address of the slab (fixed for the store's life); a list, like the
@@ -44,10 +44,9 @@ class FastPath:
         # one-page branch of ``get`` is the latency path
         self.local_base = None if local_base is None else [int(a) for a in local_base]
         self.staging_base = staging_base  # the registered arena remote pages are READ into
-        self.open = opener  # PageStore._open_remote when pages are sealed, else None
-        self._one_loc = np.zeros(1, dtype=np.uint64)  # the latency path's page, for ``open``
-        self._one_key = np.zeros(1, dtype=np.uint64)
-        self._one_addr = np.full(1, staging_base, dtype=np.uint64)
+        # PageStore._open_remote and _open_remote_one when pages are sealed, else None
+        self.open = opener
+        self.open_one = open_one
         self._comp = new_completions(1)
         one = new_ops(1)  # the single READ of the latency path: per-field views, set without numpy dispatch
         one["opcode"] = OP_READ
@@ -76,10 +75,8 @@ class FastPath:
                     return None
                 src = self.staging_base
                 nremote = 1
-                if self.open is not None:
-                    self._one_loc[0] = locs
-                    self._one_key[0] = keys
-                    self.open(self._one_loc, self._one_key, self._one_addr)
+                if self.open_one is not None:
+                    self.open_one(locs, keys, src)
                     size -= TAG
             self._one_src[0] = src
             self._one_size[0] = size

@@ -87,9 +87,13 @@ class PageSeal:
             self._recover(np.flatnonzero(ok == 0), rlocs, keys, addrs, sizes, versions, reread)
 
     def open_one(self, loc: int, key: int, addr: int, version: int, reread) -> None:
-        """``open`` for one page (the latency path)."""
-        self.open(np.array([loc], dtype=np.uint64), np.array([key], dtype=np.uint64),
-                  np.array([addr], dtype=np.uint64), np.array([version], dtype=np.uint64), reread)
+        """``open`` for one page (the latency path: arrays only when its tag fails)."""
+        if self.sealer.open_page(addr, (loc >> L.SIZE_SHIFT) & L.SIZE_FIELD, key, version):
+            return
+        self.failures += 1
+        self._recover(np.zeros(1, dtype=np.intp), np.array([loc], dtype=np.uint64), np.array([key], dtype=np.uint64),
+                      np.array([addr], dtype=np.uint64), np.array([L.loc_size(loc)], dtype=np.uint32),
+                      np.array([version], dtype=np.uint64), reread)
 
     def _recover(self, bad, rlocs, keys, addrs, sizes, versions, reread) -> None:
         """Read the pages at ``bad`` from each of their other copies until one opens."""

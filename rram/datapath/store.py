@@ -129,7 +129,8 @@ class PageStore:
         self._one_page = bytearray(PAGE_SIZE)
         self.fast_path = True  # False: every batch takes the failover path (tests, diagnosis)
         opener = self._open_remote if self.seal is not None else None
-        self._fast = FastPath(remote, self._path, self.local_base, self._read_base, opener)
+        self._fast = FastPath(remote, self._path, self.local_base, self._read_base, opener,
+                              self._open_remote_one if self.seal is not None else None)
         self._failover = Failover(remote, self._local_addrs, self._read_base, self._read_addrs, opener)
         #: single-page reads and writes in C on these tables (None: not built)
         self.requests = (RequestPath(self._lock, self.map, self.local, self.local_base, n_local)
@@ -303,12 +304,24 @@ class PageStore:
         self.remote_alloc.owners(rlocs, versions)
         failures = self.seal.failures
         try:
-            self.seal.open(rlocs, keys, addrs, versions,
-                           lambda locs, to, copy, want: self._failover.read_copy(locs, to, self._read_base, copy, want))
+            self.seal.open(rlocs, keys, addrs, versions, self._reread)
         finally:
             if self.seal.failures != failures:
                 log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - failures,
                             self.seal.failures)
+
+    def _open_remote_one(self, loc: int, key: int, addr: int) -> None:
+        """``_open_remote`` for one page (the latency path: scalars)."""
+        failures = self.seal.failures
+        try:
+            self.seal.open_one(loc, key, addr, self.remote_alloc.owner_of(loc), self._reread)
+        finally:
+            if self.seal.failures != failures:
+                log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - failures,
+                            self.seal.failures)
+
+    def _reread(self, locs, addrs, copy, want):
+        return self._failover.read_copy(locs, addrs, self._read_base, copy, want)
 
     def _remote_alloc(self, sizes: np.ndarray, persistent: bool, owners: np.ndarray | None = None) -> np.ndarray | None:
         """Remote locations for ``sizes`` (with ``owners``: the seal versions), leasing new slabs as
