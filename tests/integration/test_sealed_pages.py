@@ -14,6 +14,7 @@ from rram import PAGE_SIZE, errors
 from rram.cluster import open_store
 from rram.datapath import keys as K
 from rram.datapath import slab as L
+from rram.metrics import StatsCollector
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +88,8 @@ def test_a_page_altered_on_one_replica_is_served_from_the_other(cluster, fast):
         assert np.array_equal(out, data)
         s = store.stats()
         assert s["seal_recovered"] >= 2 and s["failed_gets"] == 0
+        metrics = {m.name: m.samples[0].value for m in StatsCollector("rram_requester", store.stats).collect()}
+        assert metrics["rram_requester_seal_failures"] == s["seal_failures"]
         # the tag itself altered, on another page: the same
         failures = s["seal_failures"]
         pid, addr, size = _copies(cluster, store, pool, 0, 7)[0]
