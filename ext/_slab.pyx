@@ -653,19 +653,28 @@ cdef class SlotAllocator:
         if err != E_OK:
             raise RramError(f"locs[{i}] = {locs[i]:#x} {_REASONS[err]}")
 
-    def owner_of(self, uint64_t loc) -> int:
-        """The owner of one allocated slot (the scalar ``owners``, for one-page paths)."""
+    cdef int _owner(self, uint64_t loc, uint64_t *out) noexcept nogil:
+        """*out = the owner word of allocated slot ``loc`` (a sealed remote page's version): E_OK
+        or the reason it is not an allocated slot.  The allocator must track owners."""
         cdef int32_t gid
         cdef int slot
+        cdef int err = self._decode(loc, &gid, &slot)
+        if err == E_OK and (self._blk(gid).freebits[slot >> 6] >> (slot & 63)) & 1:
+            err = E_DOUBLE
+        if err == E_OK:
+            out[0] = self._blk(gid).owners[slot]
+        return err
+
+    def owner_of(self, uint64_t loc) -> int:
+        """The owner of one allocated slot (the scalar ``owners``, for one-page paths)."""
+        cdef uint64_t owner = 0
         cdef int err
         if not self.track_owners:
             raise RramError("this allocator does not track owners")
-        err = self._decode(loc, &gid, &slot)
-        if err == E_OK and (self._blk(gid).freebits[slot >> 6] >> (slot & 63)) & 1:
-            err = E_DOUBLE
+        err = self._owner(loc, &owner)
         if err != E_OK:
             raise RramError(f"location {loc:#x} {_REASONS[err]}")
-        return self._blk(gid).owners[slot]
+        return owner
 
     def pick_victims(self, Py_ssize_t max_n, uint64_t[:] out_locs, uint64_t[:] out_owners=None) -> int:
         """Up to max_n allocated slots to evict, in clock order over blocks (the hand advances,

@@ -12,7 +12,7 @@ cdef class Sealer:
     cdef void *dec
     cdef readonly uint64_t requester  # bound into every page's associated data
     cdef readonly uint64_t next_version
-    cdef readonly uint64_t sealed     # pages sealed and opened, and tags that failed, since creation
+    cdef readonly uint64_t sealed     # since creation: pages sealed, pages opened, tags that failed
     cdef readonly uint64_t opened
     cdef readonly uint64_t failures
 
@@ -21,7 +21,11 @@ cdef class Sealer:
     # (may equal src).  0, or -1 if OpenSSL failed.
     cdef int seal_one(self, const uint8_t *src, uint8_t *dst, uint32_t size, uint64_t key,
                       uint64_t version) noexcept nogil
-    # One sealed image of ``sealed_size`` bytes at ``buf``, opened in place: 1 when the tag
-    # verifies for (key, version) (buf then holds sealed_size - SEAL_TAG plaintext bytes), 0 when not.
+    # One sealed image of ``sealed_size`` bytes at ``buf`` (the remote location's size), opened in
+    # place: 1 when the tag verifies for (key, version) (buf then holds sealed_size - SEAL_TAG
+    # plaintext bytes), 0 when not (those bytes zeroed; the caller reads another replica).
+    # ``version``: the remote allocator's owner word of that location (SlotAllocator._owner in
+    # rram/_ext/_slab.pxd on PageStore.remote_alloc; the sealer is PageStore.seal.sealer).
+    # A version taken (take_version) must be used for one seal only: it is the GCM nonce.
     cdef int open_one(self, uint8_t *buf, uint32_t sealed_size, uint64_t key, uint64_t version) noexcept nogil
     cdef uint64_t take_version(self) noexcept nogil

@@ -14,7 +14,7 @@ compression and the WRITE, and opened between the READ and decompression (seal.p
 pages are then READ into the seal buffer instead of staging.  Local pages need no seal.
 
 All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
-a local page).
+a local page; seal versions: 8 bytes a sealed remote page).
 
 Single pages (the NBD server's one-block requests) have a C path over the same tables:
 ``requests`` (ext/_reqpath.pyx: a local read or write without the GIL, or a code saying the
@@ -279,7 +279,6 @@ class PageStore:
         """New remote slots for the images at ``srcs`` (in the arena at ``base``), written to every
         replica, sealed first when sealing: their locations, or None when no provider has room.
         ReplicationError (too few copies) frees the slots and propagates."""
-        versions = None
         if self.seal is not None:
             versions = self.seal.versions(len(keys))
             rlocs = self._remote_alloc(sizes + np.uint32(TAG), persistent, versions)
@@ -306,9 +305,7 @@ class PageStore:
         try:
             self.seal.open(rlocs, keys, addrs, versions, self._reread)
         finally:
-            if self.seal.failures != failures:
-                log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - failures,
-                            self.seal.failures)
+            self._log_seal_failures(failures)
 
     def _open_remote_one(self, loc: int, key: int, addr: int) -> None:
         """``_open_remote`` for one page (the latency path: scalars)."""
@@ -316,12 +313,15 @@ class PageStore:
         try:
             self.seal.open_one(loc, key, addr, self.remote_alloc.owner_of(loc), self._reread)
         finally:
-            if self.seal.failures != failures:
-                log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - failures,
-                            self.seal.failures)
+            self._log_seal_failures(failures)
 
     def _reread(self, locs, addrs, copy, want):
         return self._failover.read_copy(locs, addrs, self._read_base, copy, want)
+
+    def _log_seal_failures(self, before: int) -> None:
+        if self.seal.failures != before:  # a provider (or its memory) is not to be trusted: say so
+            log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - before,
+                        self.seal.failures)
 
     def _remote_alloc(self, sizes: np.ndarray, persistent: bool, owners: np.ndarray | None = None) -> np.ndarray | None:
         """Remote locations for ``sizes`` (with ``owners``: the seal versions), leasing new slabs as
