@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: swap for the whole machine, as root: only with --swap, on a machine nobody else is using
-SWAP_SUITES = ("app/test_redis_swap_bench.py", "swap/test_swap_bench.py")
+SWAP_SUITES = ("app/test_redis_swap_bench.py", "swap/test_swap_bench.py", "swap/test_farmem_vs_swap_bench.py")
 SUITES = ("test_codec_bench.py", "test_store_bench.py", "test_transport_latency.py", "test_nbd_bench.py",
           "test_nbd_fio_bench.py", "test_nbd_cpu_bench.py", "test_control_bench.py", "test_metadata_bench.py",
-          "test_placement_bench.py", "test_frame_mac_bench.py", "test_seal_bench.py")
+          "test_placement_bench.py", "test_frame_mac_bench.py", "test_farmem_bench.py", "test_seal_bench.py")
 BUDGET_S = 25 * 60  # the whole full report, on the 2-CPU machine it is sized for
 SUITE_TIMEOUT_S = 600  # a test that hangs fails (pytest-timeout) instead of holding the report
 PIN_MODES = {"split": "requester / clients on CPU 0, providers / servers on CPU 1",
@@ -41,15 +41,19 @@ PIN_MODES = {"split": "requester / clients on CPU 0, providers / servers on CPU 
 @dataclass(frozen=True)
 class Pair:
     """rram's figure against its baseline from the same run.  ``kind`` "time": lower is better,
-    the ratio is rram's median over the baseline's; "rate": higher is better (pages/s or IOPS)."""
+    the ratio is rram's median over the baseline's; "rate": higher is better (pages/s or IOPS).
+    A "time" baseline may be several benchmarks whose medians add up (a floor made of parts)."""
 
     title: str
     rram: str
-    base: str
+    base: str | tuple[str, ...]
     kind: str
     goal: float | None = None  # for "time": ratio <= goal; for "rate": ratio >= goal
     short: str = ""  # label in the headline plot
 
+
+FARMEM = "test_farmem_bench.py::"
+NUMPY = "test_farmem_vs_swap_bench.py::test_numpy_workload_{}"
 
 PAIRS = (
     Pair("store.get of a remote page, p50 / raw socket that spins (same bytes)",
@@ -98,6 +102,22 @@ PAIRS = (
     Pair("swap-bound workload on rram / on nbdkit memory (same path), seconds",
          "test_swap_bench.py::test_swap_bound_workload[rram]", "test_swap_bench.py::test_swap_bound_workload[nbdkit]",
          "time", 1.1, "swap-bound workload vs nbdkit"),
+    *(Pair(f"FarMemory fault service p50, a page {kind} / floor: bare userfaultfd round trip + store.get p50 of "
+           "the same kind of page",
+           f"{FARMEM}test_fault_service_latency[{where}]",
+           (f"{FARMEM}test_floor_bare_userfaultfd_round_trip", f"{FARMEM}test_floor_store_get[{where}]"), "time", 1.5,
+           f"FarMemory fault p50 ({where} page) vs floor")
+      for where, kind in (("local", "in the local pool"), ("remote", "on a provider"))),
+    Pair("FarMemory sequential scan, 4x its budget, GB/s: with prefetch / without",
+         f"{FARMEM}test_sequential_scan[prefetch]", f"{FARMEM}test_sequential_scan[no-prefetch]", "rate", 5.0,
+         "FarMemory scan, prefetch vs none"),
+    Pair("numpy workload on an array 4x its resident memory, seconds: FarMemory / swap on rram (same bytes resident, "
+         "same providers)", NUMPY.format("farmem"), NUMPY.format("swap_on_rram"), "time", 0.5,
+         "numpy workload, FarMemory vs swap on rram"),
+    Pair("numpy workload, seconds: FarMemory / plain memory (no limit)", NUMPY.format("farmem"), NUMPY.format("plain"),
+         "time"),
+    Pair("numpy workload, seconds: swap on rram / plain memory (no limit)", NUMPY.format("swap_on_rram"),
+         NUMPY.format("plain"), "time"),
     Pair("write path r=2 / r=1, pages/s", "test_control_bench.py::test_put_many_by_replicas[2]",
          "test_control_bench.py::test_put_many_by_replicas[1]", "rate", 0.6, "write path r=2 vs r=1"),
     Pair("native codec compress / python-lz4, pages/s", "test_codec_bench.py::test_compress[native]",
@@ -124,6 +144,18 @@ FIGURES = (
     ("time to detect a SIGKILLed provider", "test_control_bench.py::test_failure_detection", "s", 1, ""),
     ("time to restore 2 copies after a SIGKILL", "test_control_bench.py::test_rereplication", "s", 1, ""),
     ("time to drain a provider (pages readable throughout)", "test_control_bench.py::test_drain", "s", 1, ""),
+    ("FarMemory fault service p50, page in the handler's local pool", f"{FARMEM}test_fault_service_latency[local]",
+     "µs", 1e6, ""),
+    ("FarMemory fault service p50, remote page", f"{FARMEM}test_fault_service_latency[remote]", "µs", 1e6, ""),
+    ("bare userfaultfd round trip p50 (a handler process doing UFFDIO_COPY only)",
+     f"{FARMEM}test_floor_bare_userfaultfd_round_trip", "µs", 1e6, ""),
+    ("FarMemory sequential scan with prefetch, region 4x its budget", f"{FARMEM}test_sequential_scan[prefetch]",
+     "GB/s", 1, ">= 1 GB/s over tcp"),
+    ("FarMemory sequential scan without prefetch", f"{FARMEM}test_sequential_scan[no-prefetch]", "GB/s", 1, ""),
+    ("FarMemory random 4 KiB reads, predictor on", f"{FARMEM}test_random_faults", "faults/s", 1, ">= 50,000"),
+    *((f"numpy workload, array 4x its resident memory, {label}", NUMPY.format(key), "s", 1, "")
+      for key, label in (("plain", "plain memory"), ("farmem", "in a FarMemory region"),
+                         ("swap_on_rram", "swapping onto rram (memory cgroup)"))),
     ("placement, two choices, per call", "test_placement_bench.py::test_choose_two_choices", "µs", 1e6, ""),
     ("placement, greedy baseline, per call", "test_placement_bench.py::test_choose_greedy_baseline", "µs", 1e6, ""),
 )
@@ -171,9 +203,10 @@ NOT_MEASURED = """\
 #: added when this run did not measure them (no --swap)
 NOT_MEASURED_SWAP = """* **A real application swapping** (`bench/app`: Redis in a memory cgroup at about half its
   dataset, redis-benchmark GETs, swap on zram / a disk file / nbdkit / rram through nbdfuse +
-  loop) and **the swap-bound workload** (`bench/swap`): both turn on swap for the whole machine
-  and need root, so the report runs them only when asked (`scripts/bench-report.sh --swap`, on
-  a machine nobody else is using).
+  loop), **the swap-bound workload** and **the numpy workload in a FarMemory region vs swapping
+  onto rram** (`bench/swap`): they turn on swap for the whole machine and need root, so the
+  report runs them only when asked (`scripts/bench-report.sh --swap`, on a machine nobody else
+  is using).
 """
 
 
@@ -244,16 +277,23 @@ def _rate(b: dict) -> float:
     for key in ("pages_per_s", "iops", "ops_per_s"):
         if key in info:
             return float(info[key])
+    if info.get("unit", "").endswith("/s"):  # the timed value is a rate itself (bench/conftest.py ``figure``)
+        return float(b["stats"]["median"])
     return 1.0 / b["stats"]["median"]
 
 
 def ratios(runs: list[dict], pair: Pair) -> list[float]:
     """rram over baseline in each run that has both."""
     out = []
+    bases = (pair.base,) if isinstance(pair.base, str) else pair.base
     for r in runs:
-        a, b = r.get(pair.rram), r.get(pair.base)
-        if a and b:
-            out.append(a["stats"]["median"] / b["stats"]["median"] if pair.kind == "time" else _rate(a) / _rate(b))
+        a, bs = r.get(pair.rram), [r.get(k) for k in bases]
+        if not a or not all(bs):
+            continue
+        if pair.kind == "time":
+            out.append(a["stats"]["median"] / sum(b["stats"]["median"] for b in bs))
+        else:
+            out.append(_rate(a) / _rate(bs[0]))
     return out
 
 
@@ -547,9 +587,39 @@ def _extras(runs: list[dict]) -> list[str]:
         if ratio is not None:
             notes.append(f"* tcp frame MAC, {ops}-op READ: signed / unsigned round trip {ratio} (goal <= 1.3; "
                          "test_frame_mac_bench.py derives the unsigned one, the path without MAC no longer exists)")
+    notes += _farmem_extras(last)
     remote = last("test_nbd_bench.py::test_write_read_4k[pagestore]", "remote_gets")
     if remote is not None:
         notes.append(f"* NBD round trips: {remote:,} READs went to a provider in the last run")
+    return notes
+
+
+def _farmem_extras(last) -> list[str]:
+    """FarMemory's tails, wasted prefetch and where the numpy workload's time went."""
+    notes = []
+    for where in ("local", "remote"):
+        p99 = last(f"{FARMEM}test_fault_service_latency[{where}]", "p99_us")
+        if p99 is not None:
+            notes.append(f"* FarMemory fault service p99, {where} page: {p99} µs (floor parts' p99: bare round trip "
+                         f"{last(f'{FARMEM}test_floor_bare_userfaultfd_round_trip', 'p99_us')} µs, store.get "
+                         f"{last(f'{FARMEM}test_floor_store_get[{where}]', 'p99_us')} µs)")
+    wasted = last(f"{FARMEM}test_random_faults", "wasted_pct")
+    if wasted is not None:
+        notes.append(f"* FarMemory random 4 KiB reads: {wasted} % of the "
+                     f"{last(f'{FARMEM}test_random_faults', 'prefetched'):,} prefetched pages wasted (goal < 10 %)")
+    passes = {label: last(NUMPY.format(key), "pass_seconds") for key, label in
+              (("plain", "plain"), ("farmem", "FarMemory"), ("swap_on_rram", "swap on rram"))}
+    if any(passes.values()):
+        mib = next(last(NUMPY.format(k), "working_set_mib") for k in ("plain", "farmem", "swap_on_rram")
+                   if last(NUMPY.format(k), "working_set_mib"))
+        notes.append(f"* numpy workload ({mib} MiB array, a quarter of it resident), seconds per pass in the last run: "
+                     + "; ".join(f"{label} " + ", ".join(f"{k} {v}" for k, v in p.items())
+                                 for label, p in passes.items() if p))
+    counts = last(NUMPY.format("farmem"), "pass_counts")
+    if counts:  # FarMemory's dirty tracking shows here: a WP fault at each page's first write
+        notes.append("* numpy workload in FarMemory, faults per pass in the last run (missing / write-protect / "
+                     "minor): " + "; ".join(f"{k} {c['missing_faults']:,} / {c['wp_faults']:,} / {c['minor_faults']:,}"
+                                          for k, c in counts.items()))
     return notes
 
 

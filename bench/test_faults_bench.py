@@ -66,7 +66,7 @@ def test_resume_after_a_blip(benchmark):
 
     def round_():
         with LocalCluster(n_providers=2, capacity="1GiB", slab_size="8MiB", replicas=2, verbose=False,
-                          lease_grace=5.0, **TIMING) as c, ProviderProxy(c.config, "p1") as px, \
+                          lease_grace=5.0, tls=False, **TIMING) as c, ProviderProxy(c.config, "p1") as px, \
                 open_store(px.config, name="req", local_budget=2 << 20) as store:
             pool = store.create_pool()
             put_range(store, pool, data, 0, N)

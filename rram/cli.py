@@ -48,16 +48,18 @@ def _status(args) -> int:
     from . import errors
     from .control import keys
     from .control.client import ProviderClient
+    from .tls import cluster_client_context
 
     try:
         cfg = C.load(args.config)
         credential = keys.credential(cfg, args.as_, "operator")
+        tls = cluster_client_context(cfg)
     except errors.RramError as exc:
         print(f"rram status: {exc}", file=sys.stderr)
         return 1
     results: dict[str, dict] = {}
     for node in cfg.providers():
-        client = ProviderClient(node, credential, timeout=args.timeout)
+        client = ProviderClient(node, credential, tls=tls, timeout=args.timeout)
         try:
             client.connect()
             results[node.name] = client.stats()
@@ -116,18 +118,20 @@ def _operator_request(args) -> int:
     from . import errors
     from .control import keys
     from .control.client import ProviderClient
+    from .tls import cluster_client_context
 
     try:
         cfg = C.load(args.config)
         credential = keys.credential(cfg, args.as_, "operator")
         nodes = [cfg.node(args.node)] if getattr(args, "node", None) else cfg.providers()
+        tls = cluster_client_context(cfg)
     except errors.RramError as exc:
         print(f"rram {args.command}: {exc}", file=sys.stderr)
         return 1
     failed = 0
     for node in nodes:
         try:
-            with ProviderClient(node, credential, timeout=args.timeout) as client:
+            with ProviderClient(node, credential, tls=tls, timeout=args.timeout) as client:
                 client.connect()
                 result = client.undrain() if args.command == "undrain" else f"{client.reload()} sessions cut"
             print(f"rram {args.command}: {node.name}: {result}")
@@ -209,14 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_operator_request)
 
     p = sub.add_parser("keys", help="create the master key, or a key file for a requester or operator")
-    keys = p.add_subparsers(dest="keys_command", metavar="init|add", required=True)
-    k = keys.add_parser("init", help="write the master key to secret_file (providers only)")
+    keys = p.add_subparsers(dest="keys_command", metavar="init|add|tls", required=True)
+    k = keys.add_parser("init", help="write the master key to secret_file (providers only); with tls_dir, "
+                        "the cluster CA and provider certificates")
     k.add_argument("--config", required=True, help="cluster file (YAML)")
     k = keys.add_parser("add", help="write keys_dir/NAME.key for a new identity")
     k.add_argument("--config", required=True, help="cluster file (YAML)")
     k.add_argument("name", metavar="NAME")
     k.add_argument("--role", required=True, choices=("requester", "operator", "provider"))
     k.add_argument("--out", metavar="FILE", help="write here instead of keys_dir/NAME.key")
+    k = keys.add_parser("tls", help="certificates for the NBD export or an NBD client, signed by the cluster CA")
+    k.add_argument("--config", required=True, help="cluster file (YAML)")
+    k.add_argument("name", metavar="NAME", help="the certificate's name (a server's: the host clients dial)")
+    side = k.add_mutually_exclusive_group(required=True)
+    side.add_argument("--server", action="store_true", help="server-cert.pem/server-key.pem (rram requester)")
+    side.add_argument("--client", action="store_true", help="client-cert.pem/client-key.pem (nbd-client, qemu)")
+    k.add_argument("--host", action="append", metavar="HOST", help="another name or address of the server")
+    k.add_argument("--out", required=True, metavar="DIR", help="directory to write (GnuTLS naming + ca-cert.pem)")
     p.set_defaults(func=_lazy("rram.control.keys"))
     return parser
 

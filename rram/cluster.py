@@ -19,6 +19,7 @@ from .control.client import ProviderClient
 from .control.keeper import Keeper, control_timeout
 from .datapath.remote import Link, RemoteTier
 from .datapath.store import PageStore
+from .tls import cluster_client_context
 from .transport import choose, requester_transport
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,11 @@ def link(client, rt, name: str, failure_domain: str | None = None) -> Link:
     return Link(index=-1, name=name, client=client, endpoint=ep, failure_domain=failure_domain)
 
 
-def link_provider(node, rt, credential, timeout: float = 5.0) -> Link:
-    """Authenticate to provider ``node`` (a NodeConfig) with ``credential`` and link it;
+def link_provider(node, rt, credential, tls, timeout: float = 5.0) -> Link:
+    """Authenticate to provider ``node`` (a NodeConfig) with ``credential`` (over TLS with the
+    client context ``tls``, or plaintext when None) and link it;
     ``timeout`` bounds each control request (``control_timeout(cfg)`` in a store)."""
-    client = ProviderClient(node, credential, timeout=timeout)
+    client = ProviderClient(node, credential, tls=tls, timeout=timeout)
     try:
         client.connect()
         return link(client, rt, node.name, node.failure_domain)
@@ -77,14 +79,16 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     # a replica that has not completed a batch within the suspect threshold is suspended (and
     # resumed or declared dead by the keeper); reads hedge to another replica after half that
     remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, io_timeout=cfg.suspect_threshold,
-                        read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas)
+                        read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas,
+                        suspension_wait=cfg.dead_threshold + 2 * cfg.heartbeat_interval)
     credential = keys.credential(cfg, requester, "requester")
+    tls = cluster_client_context(cfg)  # one context for every control connection of this store
     timeout = control_timeout(cfg)
     for node in cfg.providers():
         if node.name == requester:
             continue  # symmetric topology: never place our pages on ourselves
         try:
-            remote.add_link(link_provider(node, rt, credential, timeout))
+            remote.add_link(link_provider(node, rt, credential, tls, timeout))
         except errors.AuthError:
             remote.close()
             raise
@@ -100,6 +104,6 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     store.transport_reason = why
     store.requester = requester
     if keeper:
-        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, credential, timeout),
+        store.keeper = Keeper(store, cfg, lambda node: link_provider(node, rt, credential, tls, timeout),
                               requester=requester).start()
     return store

@@ -124,6 +124,10 @@ class ClusterConfig:
     secret_file: str | None = _f(None, "str", optional=True)
     #: where ``rram keys add`` writes NAME.key and where a requester or operator finds its own
     keys_dir: str = _f("keys", "str")
+    #: the cluster's CA and provider certificates (rram/tls.py): set, every control connection
+    #: runs TLS 1.3 and clients verify providers against it; unset, control connections are
+    #: plaintext (the provider says so in its log).  ``rram keys init`` fills it.
+    tls_dir: str | None = _f(None, "str", optional=True)
     #: bytes each requester may lease on one provider (name -> size); others: default_quota
     quotas: dict = field(default_factory=dict, metadata={"kind": "quotas"})
     default_quota: int | None = _f(None, "size", optional=True)
@@ -350,6 +354,8 @@ def from_dict(d, source: str = "<dict>", base_dir: str | None = None) -> Cluster
         cfg.secret_file = os.path.abspath(os.path.join(base_dir, cfg.secret_file))
     if base_dir is not None:
         cfg.keys_dir = os.path.abspath(os.path.join(base_dir, cfg.keys_dir))
+        if cfg.tls_dir is not None:
+            cfg.tls_dir = os.path.abspath(os.path.join(base_dir, cfg.tls_dir))
     _check(ctx, cfg)
     return cfg
 

@@ -36,6 +36,11 @@ class TransportError(RramError):
         self.errno = errno
 
 
+class ReplicaSuspended(TransportError):
+    """Some pages' only live copies are on suspended providers: retry once one resumes or is
+    declared dead (PageStore waits up to RemoteTier.suspension_wait before giving up)."""
+
+
 class TransportUnavailable(TransportError):
     """A transport cannot run on this host (no device, no library); the message says why."""
 

@@ -1,7 +1,7 @@
 """The requester's control connection to one provider (blocking, thread-safe).
 
-    client = ProviderClient(node, keys.credential(cfg, "host-1", "requester"))
-    client.connect()                                   # hello/auth, both sides proven
+    client = ProviderClient(node, keys.credential(cfg, "host-1", "requester"), tls=rram.tls.cluster_client_context(cfg))
+    client.connect()                                   # TLS (the provider's certificate), then hello/auth
     lease = client.alloc_slab(64 << 20)                # Lease(lease_id, RemoteRegion)
     ep.connect(client.connect_data(ep.local_params()))
     ...
@@ -10,16 +10,22 @@
 
 Provider error codes become rram.errors exceptions; a broken or timed-out connection is
 ``ConnectionLost`` and the client keeps its session id and token for ``resume()``.
+
+With a TLS context (the cluster has ``tls_dir``) every connection is TLS 1.3 and the provider
+must show a certificate from the cluster CA for the node's *name*; the identity-key proof then
+runs inside the channel.  A provider whose certificate fails is an AuthError.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import socket
+import ssl
 import threading
+import time
 from dataclasses import dataclass
 
-from .. import errors
+from .. import errors, tls as T
 from ..transport.base import RemoteRegion
 from . import auth
 from . import messages as M
@@ -46,8 +52,9 @@ class Lease:
 
 
 class ProviderClient:
-    def __init__(self, node, credential: auth.Credential, timeout: float = 5.0):
+    def __init__(self, node, credential: auth.Credential, *, tls: ssl.SSLContext | None, timeout: float = 5.0):
         self.node = node
+        self.tls = tls  # None: plaintext (a cluster without tls_dir)
         self.credential = credential
         self.requester = credential.name
         self.timeout = timeout
@@ -116,10 +123,7 @@ class ProviderClient:
         if not self._lock.acquire(timeout=self.timeout):
             sock = self._sock
             if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
-                except OSError:
-                    pass
+                T.shutdown(sock)  # wakes the thread blocked in recv
             return
         try:
             if self._sock is not None:
@@ -254,12 +258,33 @@ class ProviderClient:
             raise errors.ConnectionLost(f"cannot reach provider {self.node.name} at {addr[0]}:{addr[1]}: "
                                         f"{exc.strerror or exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            sock = self._start_tls(sock)
         self._sock, self._dec = sock, M.Decoder("reply")
         try:
             self.welcome = self._authenticate()
         except BaseException:
             self._hangup()
             raise
+
+    def _start_tls(self, sock: socket.socket) -> ssl.SSLSocket:
+        """TLS on ``sock`` within ``timeout``: the certificate must be the CA's for this node's name."""
+        try:
+            tls_sock = self.tls.wrap_socket(sock, server_hostname=self.node.name, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise errors.ConnectionLost(f"provider {self.node.name}: cannot start TLS: {exc}") from exc
+        try:
+            T.handshake(tls_sock, time.monotonic() + self.timeout)
+        except errors.RramError as exc:
+            tls_sock.close()
+            # a provider over a connection cap answers in plaintext before any TLS: say it may be that
+            hint = " (a plaintext provider, or one refusing connections at a cap?)" \
+                if isinstance(exc, errors.ProtocolError) else ""
+            raise type(exc)(f"provider {self.node.name} at {self.node.address}:{self.node.port}: {exc}{hint}") \
+                from None
+        tls_sock.settimeout(self.timeout)
+        return tls_sock
 
     def _authenticate(self) -> dict:
         nonce, cred = auth.new_nonce(), self.credential

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from .. import config as C
 from .. import errors
 from . import keys
+from ..tls import cluster_client_context
 from .client import ProviderClient
 
 
@@ -22,7 +23,7 @@ def drain(cfg, node_name: str, *, timeout: float = 3600.0, poll: float = 0.5, ex
           progress: Progress | None = None, operator: str = "operator") -> dict:
     """Drain ``node_name``; returns its final stats. Raises RramError on timeout."""
     node = cfg.node(node_name)
-    with ProviderClient(node, keys.credential(cfg, operator, "operator")) as client:
+    with ProviderClient(node, keys.credential(cfg, operator, "operator"), tls=cluster_client_context(cfg)) as client:
         client.connect()
         client.drain()
         start = client.stats()["used"]

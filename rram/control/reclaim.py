@@ -15,13 +15,15 @@ import time
 from .. import config as C
 from .. import errors
 from . import keys
+from ..tls import cluster_client_context
 from .client import ProviderClient
 
 
 def reclaim(cfg, node_name: str, nbytes: int, *, timeout: float = 600.0, poll: float = 0.5,
             operator: str = "operator") -> dict:
     """Reclaim ``nbytes`` on ``node_name`` and wait until it is within capacity; its final stats."""
-    with ProviderClient(cfg.node(node_name), keys.credential(cfg, operator, "operator")) as client:
+    with ProviderClient(cfg.node(node_name), keys.credential(cfg, operator, "operator"),
+                        tls=cluster_client_context(cfg)) as client:
         client.connect()
         client.reclaim(nbytes)
         deadline = time.monotonic() + timeout

@@ -95,10 +95,7 @@ class Failover:
                 addr[usable] = tier.mv_addr[0, s[usable]] + offs[todo[usable]]
                 rkey[usable] = tier.mv_rkey[0, s[usable]]
             if (link < 0).any():
-                raise errors.TransportError(
-                    f"{int((link < 0).sum())} pages have no live replica (providers lost: "
-                    f"{', '.join(lk.name for lk in tier.links if not lk.alive) or 'none'})"
-                )
+                raise self._unreadable(s[link < 0])
             failed = tier.run_plans(OP_READ, [(link, addr, rkey)], local_addrs[todo], sizes[todo], local_base)
             if not failed:
                 return
@@ -131,6 +128,19 @@ class Failover:
             failed = tier.run_plans(OP_READ, [(link, base + offs, rkey)], local_addrs, sizes, local_base)
             usable &= ~np.isin(link, list(failed))
         return usable
+
+    def _unreadable(self, slabs: np.ndarray) -> errors.TransportError:
+        """The error for pages of ``slabs`` that no live replica holds: ReplicaSuspended when
+        each still has a copy on a suspended provider (worth waiting for), else TransportError."""
+        tier = self.tier
+        suspended = tier.suspended_mask()
+        waiting = np.zeros(len(slabs), dtype=bool)
+        for k in range(tier.replicas):
+            cand = tier.rep_link[k, slabs]
+            waiting |= (cand >= 0) & suspended[np.maximum(cand, 0)]
+        cls = errors.ReplicaSuspended if waiting.all() else errors.TransportError
+        return cls(f"{len(slabs)} pages have no live replica (providers out of use: "
+                   f"{', '.join(lk.name + (' (suspended)' if lk.suspended else '') for lk in tier.links if not lk.alive) or 'none'})")
 
     def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
         """WRITE each page to every live replica (and to the copy a drain is moving away from).

@@ -77,7 +77,8 @@ class RemoteTier:
     """Leases slabs from providers and moves compressed bytes with one-sided READ/WRITE."""
 
     def __init__(self, *, slab_size: int, replicas: int, first_slab_id: int = L.FIRST_REMOTE_SLAB,
-                 io_timeout: float = 10.0, read_timeout: float | None = None, min_replicas: int = 1):
+                 io_timeout: float = 10.0, read_timeout: float | None = None, min_replicas: int = 1,
+                 suspension_wait: float = 0.0):
         if first_slab_id < L.FIRST_REMOTE_SLAB:  # below it, slab ids name local pool slabs
             raise ValueError(f"remote slab ids start at {L.FIRST_REMOTE_SLAB} or above, not {first_slab_id}")
         self.slab_size = slab_size
@@ -102,7 +103,7 @@ class RemoteTier:
         self.counters = {"providers_lost": 0, "slabs_rereplicated": 0, "bytes_rereplicated": 0,
                          "slabs_moved": 0, "bytes_moved": 0, "slabs_lost": 0, "providers_suspended": 0,
                          "providers_resumed": 0, "slabs_resynced": 0, "bytes_resynced": 0, "read_retries": 0,
-                         "slabs_leased_degraded": 0}
+                         "stale_completions": 0, "slabs_leased_degraded": 0}
         # slab id -> [replica slot, next offset, old replica, "copy" | "resync"]
         self._repair: dict[int, list] = {}
         #: a batch not complete after this long suspends its link (writes, repair copies)
@@ -110,6 +111,10 @@ class RemoteTier:
         #: reads give up on a replica sooner and go to another one (hedged reads): a hung
         #: provider costs a read this long, not the time it takes to declare it dead
         self.read_timeout = io_timeout if read_timeout is None else read_timeout
+        #: how long a read whose only live copies sit on suspended providers waits for one of
+        #: them to resume (or be declared dead) instead of failing at once: a lossy or briefly
+        #: silent link to the last replica stalls swap rather than failing it
+        self.suspension_wait = suspension_wait
         self._ops = {}  # link index -> preallocated ops array
         self._comp = new_completions(64)
         self._comp_batch = self._comp["batch_id"]  # field views: the fast path checks one completion
@@ -294,6 +299,10 @@ class RemoteTier:
         """Per link index: alive (a 1-element False array when there are no links)."""
         return np.array([lk.alive for lk in self.links] or [False], dtype=bool)
 
+    def suspended_mask(self) -> np.ndarray:
+        """Per link index: suspended (out of use, not dead: it may resume)."""
+        return np.array([lk.suspended for lk in self.links] or [False], dtype=bool)
+
     def run_routed(self, batches: list[tuple[int, int]], timeout: float | None = None) -> set[int] | None:
         """Post the batches the router wrote (one per link) and wait for every one of them.
 
@@ -405,8 +414,16 @@ class RemoteTier:
         if n == 0:
             self._link_failed(link, errors.TransportError(f"no completion in {timeout:g}s"), failed)
             return
+        mine = pending.get(link.index, set())
         for c in self._comp[:n]:
-            pending.get(link.index, set()).discard(int(c["batch_id"]))
+            batch = int(c["batch_id"])
+            if batch not in mine:
+                # a batch given up on when the link was suspended, completing now: its I/O was
+                # redone elsewhere, and its error (its buffers were deregistered under it: a
+                # local protection error) is not this call's
+                self.counters["stale_completions"] += 1
+                continue
+            mine.discard(batch)
             status = int(c["status"])
             if status != WC_SUCCESS:
                 if status in LINK_FAILURE_STATUSES:

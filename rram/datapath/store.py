@@ -63,7 +63,11 @@ _COUNTERS = (
     # which path ran, in batches
     "fast_gets", "failover_gets", "fast_remote_writes", "failover_remote_writes",
     "fast_remote_reads", "failover_remote_reads",
+    # reads retried while their only live copies were on suspended providers, in 50 ms steps
+    "suspension_waits",
 )
+#: how often a read waiting for a suspended provider looks again
+SUSPENSION_POLL = 0.05
 
 
 class PageStore:
@@ -423,6 +427,9 @@ class PageStore:
         With ``out`` (a writable 4096-byte buffer) the page is decompressed into it and
         ``out`` is returned; without, a new bytes object.
         """
+        return self._retry_while_suspended(self._get_one, pool, obj, index, out)
+
+    def _get_one(self, pool: int, obj: int, index: int, out) -> bytes | None:
         key = K.pack(pool, obj, index)
         dst = self._one_page if out is None else out
         with self._lock:
@@ -441,6 +448,9 @@ class PageStore:
 
         Missing pages are zero-filled.
         """
+        return self._retry_while_suspended(self._get_many, pool, obj, indexes, out)
+
+    def _get_many(self, pool: int, obj: int, indexes, out) -> np.ndarray:
         keys = _pack(pool, obj, indexes)
         n = len(keys)
         dst = _page_bytes(out, n, "output")
@@ -454,6 +464,23 @@ class PageStore:
                 end = min(n, start + self.batch)
                 found[start:end] = self._get_batch(keys[start:end], dst[start * PAGE_SIZE : end * PAGE_SIZE])
         return found
+
+    def _retry_while_suspended(self, op, *args):
+        """``op(*args)``, again while it fails only because the pages' live copies sit on
+        suspended providers, for up to ``remote.suspension_wait`` seconds (the store lock is not
+        held while waiting: the keeper needs it to resume or bury the provider).  Reads are
+        idempotent, so a retry from the start is safe."""
+        deadline = None
+        while True:
+            try:
+                return op(*args)
+            except errors.ReplicaSuspended:
+                now = time.monotonic()
+                deadline = deadline or now + self.remote.suspension_wait
+                if now >= deadline:
+                    raise
+                self.counters["suspension_waits"] += 1
+                time.sleep(SUSPENSION_POLL)
 
     def _get_batch(self, keys: np.ndarray, dst: np.ndarray) -> np.ndarray:
         locs = self._locs[: len(keys)]

@@ -4,6 +4,19 @@
     nbd-client -unix /run/rram/nbd.sock /dev/nbd0 -b 4096 -swap      # scripts/requester.sh up
     mkswap /dev/nbd0 && swapon -p 100 /dev/nbd0
 
+Over the network, the export runs TLS with client certificates::
+
+    rram keys tls app1 --server --host 10.0.0.21 --out /etc/rram/nbd-tls --config cluster.yaml
+    rram keys tls laptop --client --out laptop-tls --config cluster.yaml   # for each client
+    rram requester ... --listen 10.0.0.21:10809 --nbd-tls /etc/rram/nbd-tls
+    nbdinfo 'nbds://10.0.0.21/?tls-certificates=laptop-tls'
+
+``--nbd-tls DIR`` holds ``server-cert.pem``, ``server-key.pem`` and ``ca-cert.pem`` (GnuTLS's
+names, as qemu-nbd reads them): every connection, TCP or unix socket, must negotiate
+NBD_OPT_STARTTLS and show a client certificate signed by ``ca-cert.pem``.  ``--listen`` on
+an address other than loopback without ``--nbd-tls`` is refused: the export would hand the
+whole device to anyone who can reach the port.
+
 Connects the page store (``rram.cluster.open_store``, i.e. ``rram.connect``), creates a persistent pool (a page is never
 dropped: a write fails with ENOSPC rather than lose data), serves it over NBD, locks its
 memory (mlockall) unless --no-mlock, prints ``rram requester NAME ready ...`` once listening,
@@ -30,15 +43,19 @@ connection, nbd-client ``-swap`` (PF_MEMALLOC for the socket).  What the operato
 from __future__ import annotations
 
 import argparse
+import functools
+import ipaddress
 import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 
 from .. import config as C
 from .. import errors
+from .. import tls as T
 from .nbd.backend import PageStoreBackend
 from .nbd.server import DEFAULT_SPIN_US, NBDServer, lock_all_memory
 
@@ -52,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", metavar="PATH", help="serve NBD on this unix socket")
     p.add_argument("--listen", metavar="HOST:PORT", help="serve NBD on this TCP address (port 0: any)")
     p.add_argument("--export-name", default="", metavar="NAME", help="NBD export name (default: empty)")
+    p.add_argument("--nbd-tls", metavar="DIR",
+                   help="require TLS with client certificates: DIR has server-cert.pem, server-key.pem and "
+                        "ca-cert.pem (`rram keys tls NAME --server --out DIR`); needed for a non-loopback --listen")
     p.add_argument("--no-mlock", action="store_true", help="do not mlockall (only when not backing swap)")
     p.add_argument("--nbd-spin-us", type=float, default=DEFAULT_SPIN_US, metavar="US",
                    help="poll a busy NBD connection this long before sleeping in recv (0: never; "
@@ -81,6 +101,26 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def nbd_tls_context(directory: str) -> ssl.SSLContext:
+    """The export's TLS context from a directory in GnuTLS naming; clients must show a certificate.
+
+    TLS 1.2 is still accepted here (control connections take 1.3 only): Debian's nbd-client
+    (3.24) asks GnuTLS for TLS 1.2 alone.  OpenSSL's defaults leave 1.2 with ECDHE and AEAD
+    ciphers only."""
+    path = functools.partial(os.path.join, directory)
+    return T.server_context(path("server-cert.pem"), path("server-key.pem"), client_ca=path("ca-cert.pem"),
+                            minimum=ssl.TLSVersion.TLSv1_2)
+
+
 def main(args) -> int:
     """Run the requester until SIGTERM/SIGINT.  ``args``: an argparse Namespace or argv list."""
     if not isinstance(args, argparse.Namespace):
@@ -95,6 +135,12 @@ def main(args) -> int:
         tcp = _parse_listen(listen) if listen else None
         if not socket_path and not tcp:
             raise errors.ConfigError("give --socket PATH and/or --listen HOST:PORT")
+        tls_dir = getattr(args, "nbd_tls", None)
+        if tcp and not _is_loopback(tcp[0]) and not tls_dir:
+            raise errors.ConfigError(f"--listen {tcp[0]} is reachable from other hosts: the export would serve the "
+                                     "whole device to anyone there; give --nbd-tls DIR (TLS with client "
+                                     "certificates) or listen on 127.0.0.1")
+        tls_ctx = nbd_tls_context(tls_dir) if tls_dir else None
     except errors.ConfigError as exc:
         print(f"rram requester: {exc}", file=sys.stderr)
         return 2
@@ -114,7 +160,7 @@ def main(args) -> int:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=0, size=size)
         server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}",
                            spin_us=getattr(args, "nbd_spin_us", DEFAULT_SPIN_US),
-                           c_requests=not getattr(args, "no_nbd_c_path", False))
+                           c_requests=not getattr(args, "no_nbd_c_path", False), tls=tls_ctx)
         where = []
         if socket_path:
             where.append(f"socket={server.listen_unix(socket_path)}")
@@ -136,6 +182,8 @@ def main(args) -> int:
             metrics = serve_metrics(args.metrics_port, "rram_requester", lambda: _stats(store, server),
                                     labels={"requester": name})
             where.append(f"metrics=127.0.0.1:{metrics.port}")
+        if tls_ctx is not None:
+            where.append("tls=required")
         print(f"rram requester {name} ready {' '.join(where)} size={size} export={export_name!r} "
               f"transport={getattr(store, 'transport', '?')}", flush=True)
         while not stop.wait(1.0):

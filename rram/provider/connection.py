@@ -1,18 +1,24 @@
 """One control connection on the provider: handshake, then requests, one thread each.
 
-A peer that breaks the protocol, fails authentication or stalls inside a frame gets an error
-reply saying why and is dropped; nothing it does reaches other connections.  A connection
+With TLS (the cluster's ``tls_dir``), the connection thread runs the TLS 1.3 handshake first,
+under the same whole-handshake deadline as hello/auth; the accept loop never waits for it.  A
+peer that speaks plaintext or garbage there is logged and dropped.  A peer that breaks the
+protocol, fails authentication or stalls inside a frame gets an error reply saying why and is
+dropped; nothing it does reaches other connections.  A connection
 that ends without ``bye`` leaves its session detached: the provider keeps its leases for
 ``lease_grace`` seconds so the requester can ``resume``.
 """
 from __future__ import annotations
 
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 
 from .. import errors
+from .. import tls as T
 from ..control import auth
 from ..control import messages as M
 
@@ -106,23 +112,33 @@ class ControlConnection:
         try:
             if locked and not self._closed:
                 try:
-                    self.sock.send(data, socket.MSG_DONTWAIT)
-                except OSError:
+                    self._send_now(data)
+                except (OSError, ValueError):
                     pass
             self._closed = True
         finally:
             if locked:
                 self._send_lock.release()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        T.shutdown(self.sock)
+
+    def _send_now(self, data: bytes) -> None:
+        """Send ``data`` only if the socket takes it without waiting."""
+        if not isinstance(self.sock, ssl.SSLSocket):
+            self.sock.send(data, socket.MSG_DONTWAIT)
+            return
+        # TLS has no MSG_DONTWAIT; a writable socket has room for one small record.  (This
+        # write may run while the serving thread reads: OpenSSL keeps the two directions'
+        # record state apart once the TLS 1.3 handshake is over, and writes are serialised.)
+        if select.select((), (self.sock,), (), 0)[1]:
+            self.sock.send(data)
 
     # -- the connection's life --------------------------------------------------------------------
 
     def serve(self) -> None:
         p = self.provider
         try:
+            if p.tls is not None:
+                self.sock = T.accept(p.tls, self.sock, self._deadline)
             self._handshake()
             self._requests()
         except _Closed:
@@ -138,7 +154,7 @@ class ControlConnection:
         except Refused as exc:  # a cap reached before the session began
             log.warning("control connection %s: %s; dropping it", self.peer, exc)
             self.shut(exc.code, str(exc))
-        except OSError as exc:
+        except (OSError, errors.ConnectionLost) as exc:
             log.info("control connection %s lost: %s", self.peer, exc)
         except Exception:
             log.exception("control connection %s failed; dropping it", self.peer)

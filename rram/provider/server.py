@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .. import config as C
 from .. import errors, transport
+from .. import tls as T
 from ..control import messages as M
 from ..transport.admission import Admission, Busy, Caps
 from .connection import ControlConnection, Refused
@@ -63,6 +64,7 @@ class Provider:
         if not self.node.is_provider:
             raise errors.ConfigError(f"{cfg.source}: node {name!r} does not have the provider role")
         self.master = cfg.secret_bytes()  # every identity key derives from it (control/auth.py)
+        self.tls = T.provider_context(cfg, name)  # None: plaintext control connections
         self.requested_transport = transport_name or cfg.transport
         self.io_timeout = io_timeout
         lim = cfg.limits
@@ -105,7 +107,11 @@ class Provider:
             t = threading.Thread(target=target, name=f"rram-provider-{tname_}", daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("provider %s serving %d bytes on %s:%d", self.node.name, self.pool.capacity, *self.address)
+        log.info("provider %s serving %d bytes on %s:%d (control: %s)", self.node.name, self.pool.capacity,
+                 *self.address, "TLS 1.3" if self.tls else "plaintext")
+        if self.tls is None:
+            log.warning("control connections are not encrypted: the cluster file has no tls_dir "
+                        "(README: Security model)")
 
     def close(self) -> None:
         """Orderly shutdown: tell every peer, release every lease, close the transport."""
@@ -147,6 +153,9 @@ class Provider:
                 _refuse(sock, exc)
                 continue
             _keepalive(sock)
+            # replies are small and the TLS handshake is several flights: Nagle would hold
+            # each behind the peer's delayed ACK (40 ms a round on Linux)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = ControlConnection(self, sock, peer, self.io_timeout, ticket)
             with self._lock:
                 if self._stop.is_set():

@@ -6,8 +6,10 @@
         cluster.restart("p0")
 
 Each provider is ``python -m rram provider`` with its stdout and log in ``workdir``; the
-harness waits for its ready line.  Children die with the harness (PR_SET_PDEATHSIG) and
-``stop()`` terminates, then kills, so no process outlives a test.
+harness waits for its ready line.  Control connections run TLS 1.3 (a CA and provider
+certificates in ``workdir/tls``) unless ``tls=False``; ``cluster.tls`` is the client context.
+Children die with the harness (PR_SET_PDEATHSIG) and ``stop()`` terminates, then kills, so no
+process outlives a test.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import time
 
 from .. import config as C
 from .. import errors
+from .. import tls as T
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -48,7 +51,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class LocalCluster:
     def __init__(self, n_providers: int = 2, capacity="256MiB", transport: str = "tcp", secret: str | None = None,
                  replicas: int | None = None, workdir: str | None = None, *, io_timeout: float | None = None,
-                 verbose: bool = True, **cluster_opts):
+                 verbose: bool = True, tls: bool = True, **cluster_opts):
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="rram-cluster-")
         self.secret = secret or secrets.token_hex(16)
@@ -59,10 +62,15 @@ class LocalCluster:
                   "roles": ["provider"]} for i in range(n_providers)]
         data = {"name": "local", "secret": self.secret, "transport": transport, "nodes": nodes,
                 "keys_dir": os.path.join(self.workdir, "keys"), **cluster_opts}
+        if tls:
+            data["tls_dir"] = os.path.join(self.workdir, "tls")
+            T.make_cluster(data["tls_dir"], data["name"], [(n["name"], n["address"]) for n in nodes])
         if replicas is not None:  # else the cluster default: 2 copies where there are 2 providers
             data["replicas"] = replicas
         self.config_path = os.path.join(self.workdir, "cluster.yaml")
         self.config = C.from_dict(data, source=self.config_path)
+        #: the client side of control connections (None: plaintext)
+        self.tls = T.cluster_client_context(self.config)
         with open(self.config_path, "w") as f:
             f.write(C.dump(self.config))
         self.providers = [n["name"] for n in nodes]
@@ -127,6 +135,7 @@ class LocalCluster:
         """A connected ProviderClient to provider ``node`` as ``name`` in ``role``."""
         from ..control.client import ProviderClient
 
+        kwargs.setdefault("tls", self.tls)
         c = ProviderClient(self.config.node(node), self.credential(name, role), **kwargs)
         try:
             c.connect()
@@ -146,7 +155,7 @@ class LocalCluster:
 
         out = {}
         for name in self.providers:
-            with ProviderClient(self.config.node(name), self.credential(requester, "operator")) as client:
+            with ProviderClient(self.config.node(name), self.credential(requester, "operator"), tls=self.tls) as client:
                 client.connect()
                 out[name] = client.stats()
         return out

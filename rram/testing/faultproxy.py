@@ -21,7 +21,8 @@ without a FIN or RST: the requester's socket stays established and nothing ever 
 
 The data port a provider hands out in its ``connect`` reply is the provider's own; the control
 forwarder rewrites those ``params`` (host, port) to a data forwarder it opens on demand, so
-one ``ProviderProxy`` covers both paths with the same faults.  Loopback only.
+one ``ProviderProxy`` covers both paths with the same faults.  Loopback only, and on a
+plaintext cluster (``LocalCluster(tls=False)``): that rewrite is exactly what TLS prevents.
 """
 from __future__ import annotations
 
@@ -266,6 +267,9 @@ class ProviderProxy:
     """Faults on every connection between requesters and one provider: control and data."""
 
     def __init__(self, cfg, name: str, *, seed: int | None = None):
+        if cfg.tls_dir is not None:
+            raise ValueError("the fault proxy rewrites control frames, which TLS hides: give it a cluster "
+                             "without tls_dir (LocalCluster(tls=False))")
         self.name = name
         self.faults = Faults()
         node = cfg.node(name)

@@ -114,12 +114,29 @@ def _fuse_swap(sock: str, tmp: str, server: subprocess.Popen, pin, servers):
             raise RuntimeError(f"swap teardown: {errors}")
 
 
+def rram_cluster(size: int, workdir: str | None = None) -> LocalCluster:
+    """The providers behind rram's swap device of ``size`` bytes: two tcp providers, the cluster's
+    default replicas, and a cluster file giving requesters 4 MiB of local compressed pages.
+    Whatever is compared with swap on rram (FarMemory) runs on this same configuration."""
+    return LocalCluster(n_providers=2, capacity=f"{2 * size >> 20}MiB", transport="tcp", workdir=workdir,
+                        slab_size="4MiB", verbose=False, requester={"local_budget": "4MiB"})
+
+
+def _need_fuse_loop() -> None:
+    """The host route to an NBD server as swap: nbdfuse, /dev/fuse and losetup."""
+    missing = [what for what, ok in (("nbdfuse", shutil.which("nbdfuse")), ("/dev/fuse", os.path.exists("/dev/fuse")),
+                                     ("losetup", shutil.which("losetup"))) if not ok]
+    if missing:
+        raise Unavailable(f"swap on an NBD server here goes through nbdfuse + a loop device; missing: "
+                          f"{', '.join(missing)}")
+
+
 @contextlib.contextmanager
 def _rram(size, pin, servers):
+    _need_fuse_loop()
     tmp = tempfile.mkdtemp(prefix="rram-swap-")
     try:
-        with LocalCluster(n_providers=2, capacity=f"{2 * size >> 20}MiB", transport="tcp", workdir=tmp,
-                          slab_size="4MiB", verbose=False, requester={"local_budget": "4MiB"}) as cluster:
+        with rram_cluster(size, tmp) as cluster:
             for proc in cluster.procs.values():
                 pin(proc.pid)
                 servers.append(proc.pid)
@@ -138,6 +155,7 @@ def _rram(size, pin, servers):
 def _nbdkit(size, pin, servers):
     if shutil.which("nbdkit") is None:
         raise Unavailable("nbdkit is not installed")
+    _need_fuse_loop()
     tmp = tempfile.mkdtemp(prefix="rram-swap-nbdkit-")
     sock = os.path.join(tmp, "nbdkit.sock")
     server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(size)], stdin=subprocess.DEVNULL)

@@ -115,6 +115,12 @@ class MemoryLimit:
 
     ``MemoryLimit.make(limit)`` returns one, or None with ``MemoryLimit.reason`` set.  ``close``
     kills what is left inside and removes the cgroup (and a private mount); idempotent.
+
+    ``throttle=True`` makes ``limit`` memory.high (cgroup v2 only): above it the kernel reclaims
+    and throttles the workload but never OOM-kills it.  A hard memory.max OOM-kills a workload
+    whose swap-out stalls for a few hundred milliseconds (memcg reclaim gives up after a few
+    writeback throttles), which is the kernel's policy, not a lost page: tests of failures
+    that are allowed to stall swap for up to the suspect threshold use ``throttle``.
     """
 
     reason: str | None = None
@@ -123,7 +129,7 @@ class MemoryLimit:
         self.path, self.version, self._mount = path, version, mount
 
     @classmethod
-    def make(cls, limit: int, name: str = "rram-swapload") -> "MemoryLimit | None":
+    def make(cls, limit: int, name: str = "rram-swapload", throttle: bool = False) -> "MemoryLimit | None":
         name = f"{name}-{os.getpid()}"
         if os.geteuid() != 0:
             cls.reason = "making a cgroup needs root"
@@ -133,7 +139,7 @@ class MemoryLimit:
             path = os.path.join(v2, name)
             try:
                 os.mkdir(path)
-                _write(os.path.join(path, "memory.max"), str(limit))
+                _write(os.path.join(path, "memory.high" if throttle else "memory.max"), str(limit))
                 _write(os.path.join(path, "memory.swap.max"), "max")
                 return cls(path, 2, mount)
             except OSError as exc:
@@ -142,6 +148,9 @@ class MemoryLimit:
                 cls.reason = f"cgroup v2 at {v2}: {exc}"
                 return None
         cls._umount(mount)
+        if throttle:
+            cls.reason = "memory.high (throttle without OOM kills) needs cgroup v2 with the memory controller"
+            return None
         v1 = cls._v1_own()
         if v1 is None:
             cls.reason = "no cgroup with a memory controller: neither cgroup v2 (memory) nor v1 memory is available"
@@ -208,6 +217,14 @@ class MemoryLimit:
     def stat(self) -> dict[str, int]:
         try:
             with open(os.path.join(self.path, "memory.stat")) as f:
+                return {k: int(v) for k, v in (line.split() for line in f)}
+        except OSError:
+            return {}
+
+    def events(self) -> dict[str, int]:
+        """memory.events (v2): how often the limit was hit, how many OOM kills; {} on v1."""
+        try:
+            with open(os.path.join(self.path, "memory.events")) as f:
                 return {k: int(v) for k, v in (line.split() for line in f)}
         except OSError:
             return {}

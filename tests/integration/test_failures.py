@@ -58,7 +58,7 @@ def verify(store, pool, data, sums, n):
 
 
 def provider_client(cluster, name):
-    c = ProviderClient(cluster.config.node(name), cluster.credential("test-admin", "operator"))
+    c = ProviderClient(cluster.config.node(name), cluster.credential("test-admin", "operator"), tls=cluster.tls)
     c.connect()
     return c
 

@@ -343,7 +343,7 @@ def test_drain_under_a_region_being_read_and_written(tmp_path):
             a[:] = local
             used = {}
             for name in cl.providers:
-                c = ProviderClient(cl.config.node(name), cl.credential("test-admin", "operator"))
+                c = ProviderClient(cl.config.node(name), cl.credential("test-admin", "operator"), tls=cl.tls)
                 c.connect()
                 used[name] = c.stats()["used"]
                 c.close()

@@ -141,7 +141,7 @@ def test_a_one_second_blackhole_rereplicates_nothing_and_loses_nothing(tmp_path)
     data = make_pages(n, seed=23)
     sums = page_checksums(data, n)
     with tcp_cluster(n_providers=2, capacity="256MiB", replicas=2, workdir=str(tmp_path), slab_size="4MiB",
-                     lease_grace=5.0, **TIMING) as c, ProviderProxy(c.config, "p1", seed=2) as px, \
+                     lease_grace=5.0, tls=False, **TIMING) as c, ProviderProxy(c.config, "p1", seed=2) as px, \
             open_store(px.config, name="req", local_budget=2 << 20) as store:
         pool = store.create_pool()
         put_range(store, pool, data, 0, n)
@@ -259,12 +259,35 @@ def test_a_bad_reclaim_is_refused_and_the_provider_keeps_serving(tmp_path):
 
     with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path)) as c:
         node = c.config.node("p0")
-        with ProviderClient(node, c.credential("admin", "operator")) as admin:
+        with ProviderClient(node, c.credential("admin", "operator"), tls=c.tls) as admin:
             admin.connect()
             with pytest.raises(errors.ProtocolError, match="byte count >= 0"):
                 admin.reclaim(-1)
-        with ProviderClient(node, c.credential("admin", "operator")) as admin:  # a refusal hangs the client up
+        # a refusal hangs the client up
+        with ProviderClient(node, c.credential("admin", "operator"), tls=c.tls) as admin:
             admin.connect()
             assert admin.reclaim(0) == {"capacity": 0, "excess": 0}  # nothing leased: nothing left to lease
             assert admin.heartbeat()["reclaim"] == 0
         assert c.alive("p0")
+
+
+def test_a_read_whose_only_copy_hangs_briefly_waits_for_it_instead_of_failing(tmp_path):
+    """The last live copy on a provider that stalls for less than the dead threshold (a frozen VM,
+    a lossy link): reads stall until it resumes, they do not fail (swap would SIGBUS)."""
+    n = 4000
+    data = make_pages(n, seed=27)
+    with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path), slab_size="1MiB",
+                     lease_grace=5.0, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=256 << 10) as store:
+        pool = store.create_pool()
+        put_range(store, pool, data, 0, n)
+        sums = page_checksums(data, n)
+        c.kill("p0", signal.SIGSTOP)
+        threading.Timer(1.2, c.kill, ("p0", signal.SIGCONT)).start()  # < dead_threshold (2 s)
+        t = time.monotonic()
+        verify(store, pool, data, sums, n)
+        took = time.monotonic() - t
+        s = store.stats()
+        assert s["providers"]["p0"] == "alive" and s["providers_suspended"] >= 1, s["providers"]
+        assert s["suspension_waits"] > 0 and s["slabs_lost"] == 0
+        assert took < 1.2 + 2.0 + SLACK, f"reads took {took:.1f}s to resume"

@@ -12,6 +12,7 @@ from rram.control.client import ProviderClient
 from rram.cluster import open_store
 from rram.testing.faultproxy import ProviderProxy
 from rram.testing.pages import make_pages, page_checksums
+from rram.tls import cluster_client_context
 
 from .conftest import tcp_cluster
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def one(tmp_path_factory):
     with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path_factory.mktemp("fp")),
-                     slab_size="4MiB") as c:
+                     slab_size="4MiB", tls=False) as c:  # the proxy rewrites control frames
         yield c
 
 
@@ -32,7 +33,8 @@ def px(one):
 
 
 def client(px, timeout=5.0):
-    c = ProviderClient(px.config.node("p0"), keys.credential(px.config, "proxy-test", "operator"), timeout=timeout)
+    c = ProviderClient(px.config.node("p0"), keys.credential(px.config, "proxy-test", "operator"),
+                       tls=cluster_client_context(px.config), timeout=timeout)
     c.connect()
     return c
 

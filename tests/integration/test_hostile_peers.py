@@ -67,7 +67,7 @@ class Requester:
     """An honest requester: control session, one data connection, one lease, checksummed I/O."""
 
     def __init__(self, cluster, name="honest"):
-        self.client = ProviderClient(cluster.config.node("p0"), cluster.credential(name))
+        self.client = ProviderClient(cluster.config.node("p0"), cluster.credential(name), tls=cluster.tls)
         self.client.connect()
         self.ep = transport.requester_transport("tcp").endpoint()
         self.params = self.client.connect_data(self.ep.local_params())

@@ -61,7 +61,7 @@ def test_names_and_roles_are_proven_not_asserted(cluster):
     for forged in (auth.Credential("bob", "requester", 1, alice.key),
                    auth.Credential("alice", "operator", 1, alice.key),
                    auth.Credential("alice", "requester", 2, alice.key)):
-        c = ProviderClient(cluster.config.node("p0"), forged)
+        c = ProviderClient(cluster.config.node("p0"), forged, tls=cluster.tls)
         with pytest.raises(errors.AuthError, match="wrong key"):
             c.connect()
     with cluster.client("p0", "admin", "operator") as admin:
@@ -105,8 +105,8 @@ def test_revoking_a_key_cuts_its_sessions_without_a_restart(cluster):
     with pytest.raises(errors.RramError):
         alice.heartbeat()  # her connection was cut and her leases freed
     with pytest.raises(errors.AuthError, match="generation 1\\) is revoked"):
-        ProviderClient(cluster.config.node("p0"), auth.derive(cluster.config.secret_bytes(), "alice", "requester", 1)
-                       ).connect()
+        ProviderClient(cluster.config.node("p0"), auth.derive(cluster.config.secret_bytes(), "alice", "requester", 1),
+                       tls=cluster.tls).connect()
     assert bob.heartbeat()["state"] == "serving"  # others go on
     with cluster.client("p0", "admin", "operator") as admin:
         assert admin.stats()["used"] == 0
@@ -153,7 +153,7 @@ def test_keys_command_issues_a_key_file_that_works_alone(cluster, tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     cred = keys.load(path)
     assert (cred.name, cred.role, cred.generation) == ("carol", "requester", 1)
-    with ProviderClient(cluster.config.node("p0"), cred) as c:
+    with ProviderClient(cluster.config.node("p0"), cred, tls=cluster.tls) as c:
         c.connect()
         c.alloc_slab(MiB)
     again = rram_cli("keys", "add", "carol", "--role", "requester", "--config", cluster.config_path)
@@ -181,7 +181,8 @@ def test_hello_with_a_bad_role_is_a_protocol_error(cluster):
     import socket
 
     node = cluster.config.node("p0")
-    with socket.create_connection((node.address, node.port), timeout=5) as s:
+    with cluster.tls.wrap_socket(socket.create_connection((node.address, node.port), timeout=5),
+                                 server_hostname=node.name) as s:
         s.sendall(M.encode(M.request("hello", 1, requester="x", role="root", generation=1, nonce=auth.new_nonce())))
         rep = M.Decoder("reply").feed(s.recv(4096))[0]
     assert rep["error"]["code"] == "bad_request" and "role must be one of" in rep["error"]["message"]

@@ -191,7 +191,8 @@ def test_nbdcopy_in_and_out(served, image, tmp_path, connections):
 def _provider_stats(cluster, name: str) -> dict:
     from rram.control.client import ProviderClient
 
-    client = ProviderClient(cluster.config.node(name), cluster.credential("nbd-test-observer", "operator"))
+    client = ProviderClient(cluster.config.node(name), cluster.credential("nbd-test-observer", "operator"),
+                            tls=cluster.tls)
     try:
         client.connect()
         return client.stats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -28,7 +29,7 @@ MiB = 1 << 20
 
 
 def client(cluster, name="p0", requester="test", role="requester", credential=None) -> ProviderClient:
-    c = ProviderClient(cluster.config.node(name), credential or cluster.credential(requester, role))
+    c = ProviderClient(cluster.config.node(name), credential or cluster.credential(requester, role), tls=cluster.tls)
     c.connect()
     return c
 
@@ -47,7 +48,9 @@ class RawPeer:
         RawPeer.opened.append(self)
         node = cluster.config.node(name)
         self.cluster = cluster
-        self.sock = socket.create_connection((node.address, node.port), timeout=5)
+        sock = socket.create_connection((node.address, node.port), timeout=5)
+        # over the cluster's TLS, as every client: what is hand-driven is what runs inside it
+        self.sock = cluster.tls.wrap_socket(sock, server_hostname=name) if cluster.tls else sock
         self.dec = M.Decoder("reply")
 
     def send(self, data: bytes):
@@ -65,7 +68,7 @@ class RawPeer:
         self.sock.settimeout(5)
         try:
             return self.sock.recv(1) == b""
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLError):
             return True
 
     def login(self, requester="raw", role="requester"):
@@ -105,7 +108,7 @@ def test_provider_must_prove_the_secret_too(cluster):
     assert welcome["node"] == "p0" and welcome["transport"] == "tcp" and welcome["capacity"] == 8 * MiB
     peer.close()
     # a client whose secret differs is refused before the provider proves anything to it
-    c = ProviderClient(cluster.config.node("p0"), auth.derive(b"x", "r", "requester"))
+    c = ProviderClient(cluster.config.node("p0"), auth.derive(b"x", "r", "requester"), tls=cluster.tls)
     with pytest.raises(errors.AuthError):
         c.connect()
 
@@ -237,11 +240,11 @@ def test_data_path_and_stats_counters(cluster):
 
 REQUESTER = textwrap.dedent("""
     import sys, time
-    from rram import config
+    from rram import config, tls
     from rram.control import keys
     from rram.control.client import ProviderClient
     cfg = config.load(sys.argv[1])
-    c = ProviderClient(cfg.node("p0"), keys.credential(cfg, "doomed", "requester"))
+    c = ProviderClient(cfg.node("p0"), keys.credential(cfg, "doomed", "requester"), tls=tls.cluster_client_context(cfg))
     c.connect()
     for _ in range(3):
         c.alloc_slab(1 << 20)

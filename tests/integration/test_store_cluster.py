@@ -52,7 +52,7 @@ def test_100k_random_pages_verified_invalidated_and_space_reused(cluster, seal):
             missing = np.zeros(PAGE_SIZE * 10, dtype=np.uint8)
             assert not store.get_many(pool, 5, idx[drop[:10]], missing).any()
             for name in big.providers:
-                with ProviderClient(big.config.node(name), big.credential("check")) as c:
+                with ProviderClient(big.config.node(name), big.credential("check"), tls=big.tls) as c:
                     c.connect()
                     st = c.stats()
                     assert st["used"] <= st["capacity"]
@@ -90,7 +90,7 @@ def test_bad_data_frames_to_a_real_provider_get_an_error_and_others_go_on(cluste
         pool = store.create_pool()
         data = make_pages(2000, seed=3)
         store.put_many(pool, 0, np.arange(2000), data)
-        with ProviderClient(cfg.node("p0"), cluster.credential("hostile")) as bad:
+        with ProviderClient(cfg.node("p0"), cluster.credential("hostile"), tls=cluster.tls) as bad:
             bad.connect()
             params = bad.connect_data({})
             sock = socket.create_connection((params["host"], params["port"]), timeout=5)
@@ -110,7 +110,7 @@ def test_bad_data_frames_to_a_real_provider_get_an_error_and_others_go_on(cluste
 
 def test_bad_key_and_out_of_bounds_from_a_real_provider(cluster):
     cfg = cluster.config
-    with ProviderClient(cfg.node("p0"), cluster.credential("prober")) as c:
+    with ProviderClient(cfg.node("p0"), cluster.credential("prober"), tls=cluster.tls) as c:
         c.connect()
         lease = c.alloc_slab(1 << 20)
         params = c.connect_data({})

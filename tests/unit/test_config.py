@@ -78,6 +78,17 @@ def test_example_file_loads():
     assert cfg.node("mem1").hugepages == "transparent"
     assert os.path.isabs(cfg.secret_file) and cfg.secret_file.endswith("cluster.secret")
     assert C.from_dict(yaml.safe_load(C.dump(cfg))) == cfg
+    assert cfg.tls_dir == os.path.join(os.path.dirname(os.path.abspath(EXAMPLE)), "tls")
+
+
+def test_tls_dir_is_optional_and_relative_to_the_file(tmp_path):
+    assert C.from_dict(base()).tls_dir is None  # plaintext control connections
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**base(), "tls_dir": "certs"}))
+    assert C.load(path).tls_dir == str(tmp_path / "certs")
+    path.write_text(yaml.safe_dump({**base(), "tls_dir": ""}))
+    with pytest.raises(ConfigError, match="tls_dir: expected a non-empty string"):
+        C.load(path)
 
 
 def test_secret_file_relative_to_config(tmp_path):

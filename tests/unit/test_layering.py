@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: (floor, group, module prefixes), bottom up.  Groups on one floor do not import each other.
 LAYERS = [
-    (0, "base", ("rram.units", "rram.errors", "rram.config", "rram.memory", "rram.metrics", "rram.logsetup",
+    (0, "base", ("rram.units", "rram.errors", "rram.config", "rram.memory", "rram.metrics", "rram.logsetup", "rram.tls",
                  "rram._ext")),
     (1, "transport", ("rram.transport",)),
     (2, "datapath", ("rram.datapath",)),

@@ -34,8 +34,8 @@ def req(cmd: int, offset: int = 0, length: int = 0, flags: int = 0, handle: int 
 class Peer:
     """Drives a ServerConnection like a client would and decodes what it sends back."""
 
-    def __init__(self, export: P.Export | None = None, client_flags: int = 3):
-        self.conn = P.ServerConnection(export or P.Export(name="rram", size=SIZE, description="test"))
+    def __init__(self, export: P.Export | None = None, client_flags: int = 3, tls: bool = False):
+        self.conn = P.ServerConnection(export or P.Export(name="rram", size=SIZE, description="test"), tls=tls)
         self.out = bytearray(self.conn.data_to_send())
         magic, opt_magic, flags = P.GREETING.unpack_from(self.out)
         assert (magic, opt_magic, flags) == (P.NBDMAGIC, P.IHAVEOPT, 3)

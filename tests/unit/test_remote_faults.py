@@ -6,7 +6,7 @@ import pytest
 
 from rram.datapath import slab as L
 from rram.datapath.remote import Link, RemoteTier, Replica, VirtualSlab
-from rram.transport.base import RemoteRegion
+from rram.transport.base import WC_LOC_PROT_ERR, RemoteRegion
 
 from rram.datapath.fastpath import FastPath
 
@@ -83,3 +83,41 @@ def test_a_suspended_link_declared_dead_is_rereplicated():
     tier.suspend(1, "test")
     tier.mark_dead(1, "dead threshold")
     assert tier.degraded == set(range(FIRST, FIRST + NSLABS)) and not tier.links[1].suspended
+
+
+class LateEndpoint(RecordingEndpoint):
+    """Delivers, before anything else, the error completion of a batch given up on earlier."""
+
+    def __init__(self, max_batch, stale_batch):
+        super().__init__(max_batch)
+        self.stale = [stale_batch]
+
+    @property
+    def outstanding(self) -> int:
+        return 0  # as after a resume: the endpoint's own count was reset with the abandoned batch
+
+    def poll(self, out, timeout=None):
+        n = 0
+        for batch in self.stale:
+            out[n] = (batch, WC_LOC_PROT_ERR, 0)  # its buffer was deregistered by the suspension
+            n += 1
+        self.stale.clear()
+        for batch in self.done:
+            out[n] = (batch, 0, 0)
+            n += 1
+        self.done.clear()
+        return n
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_late_error_completion_of_an_abandoned_batch_is_not_the_current_call_s(op, fast):
+    """Seen in the VM: after a lossy link's provider was suspended and resumed, the error
+    completions of batches abandoned at the suspension failed the next swap writes."""
+    tier = tier_on_two_links()
+    for lk in tier.links:
+        lk.endpoint = LateEndpoint(64, stale_batch=lk.next_batch + 1000)
+    ls = locs(16)
+    remote_io(tier, op, ls, np.full(len(ls), BASE, dtype=np.uint64), fast=fast)
+    assert all(lk.alive for lk in tier.links)
+    assert tier.counters["stale_completions"] >= 1

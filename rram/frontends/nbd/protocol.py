@@ -15,6 +15,14 @@ connection's preallocated receive buffer::
         elif isinstance(event, Request): ... conn.reply(event) ...
         elif isinstance(event, Closed): break
 
+TLS (``ServerConnection(export, tls=True)``) is the spec's FORCEDTLS mode: until the client
+has sent NBD_OPT_STARTTLS, every option but STARTTLS and ABORT is answered with
+NBD_REP_ERR_TLS_REQD and NBD_OPT_EXPORT_NAME (which has no error reply) ends the connection.
+STARTTLS is acknowledged and returns a ``StartTLS`` event: the caller runs the TLS handshake on
+its socket and calls ``tls_started()``; option haggling then goes on inside TLS.  Bytes the client
+sent after STARTTLS without waiting for its reply are plaintext that TLS would not cover, and
+end the connection.
+
 Requests that break a rule the client can recover from (out of bounds, misaligned, unknown
 command or flag) are answered here with the error the spec asks for and never reach the
 caller.  Bytes that cannot be resynchronised (bad magic, an absurd WRITE length, unknown
@@ -71,6 +79,7 @@ NBD_REP_FLAG_ERROR = 1 << 31
 NBD_REP_ERR_UNSUP = NBD_REP_FLAG_ERROR + 1
 NBD_REP_ERR_POLICY = NBD_REP_FLAG_ERROR + 2
 NBD_REP_ERR_INVALID = NBD_REP_FLAG_ERROR + 3
+NBD_REP_ERR_TLS_REQD = NBD_REP_FLAG_ERROR + 5
 NBD_REP_ERR_UNKNOWN = NBD_REP_FLAG_ERROR + 6
 NBD_REP_ERR_BLOCK_SIZE_REQD = NBD_REP_FLAG_ERROR + 8
 
@@ -240,6 +249,11 @@ class Ready:
 
 
 @dataclasses.dataclass(frozen=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: run the TLS handshake, then ``tls_started()``."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Closed:
     """The client ended the session cleanly (NBD_CMD_DISC or NBD_OPT_ABORT)."""
 
@@ -281,8 +295,11 @@ _CLOSED = 3
 class ServerConnection:
     """One client connection's protocol state: handshake, then transmission."""
 
-    def __init__(self, export: Export, *, initial_buffer: int = INITIAL_BUFFER):
+    def __init__(self, export: Export, *, tls: bool = False, initial_buffer: int = INITIAL_BUFFER):
         self.export = export
+        self.tls_required = tls  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
+        self.tls_active = False
+        self._tls_pending = False  # STARTTLS acknowledged, handshake not done yet
         self.structured = False
         self.no_zeroes = False
         self.fixed_newstyle = False
@@ -388,6 +405,8 @@ class ServerConnection:
                 self._error_reply(cmd, handle, err, msg)
                 self._need = REQUEST.size
                 continue
+            if self._tls_pending:
+                raise StreamError("tls_started() was not called after StartTLS")
             if self._end - self._start < self._need:
                 return NEED_DATA
             if self._state == _CLIENT_FLAGS:
@@ -427,6 +446,14 @@ class ServerConnection:
         self._start += OPTION.size
         data = bytes(self._take(length))
         self._need = OPTION.size
+        if option == NBD_OPT_STARTTLS:
+            return self._starttls(data)
+        if self.tls_required and not self.tls_active:
+            if option == NBD_OPT_EXPORT_NAME:  # no error reply exists for it: the spec says hang up
+                raise StreamError("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a TLS-only server")
+            if option != NBD_OPT_ABORT:
+                return self._option_error(option, NBD_REP_ERR_TLS_REQD, "this server requires TLS: "
+                                          "send NBD_OPT_STARTTLS first")
         if option == NBD_OPT_EXPORT_NAME:
             name = _decode_name(data)
             if name is None or not self._known(name):
@@ -455,9 +482,31 @@ class ServerConnection:
             return None
         if option in (NBD_OPT_INFO, NBD_OPT_GO):
             return self._info_or_go(option, data)
-        if option == NBD_OPT_STARTTLS:
-            return self._option_error(option, NBD_REP_ERR_POLICY, "this server does not offer TLS")
         return self._option_error(option, NBD_REP_ERR_UNSUP, f"option {option} is not supported")
+
+    def _starttls(self, data: bytes):
+        option = NBD_OPT_STARTTLS
+        if not self.tls_required:
+            return self._option_error(option, NBD_REP_ERR_POLICY, "this server does not offer TLS")
+        if data:
+            return self._option_error(option, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if self.tls_active:
+            return self._option_error(option, NBD_REP_ERR_INVALID, "TLS is already on")
+        if self._end != self._start:
+            raise StreamError(f"{self._end - self._start} plaintext bytes sent after NBD_OPT_STARTTLS "
+                              "before its reply")
+        self._option_reply(option, NBD_REP_ACK)
+        self._tls_pending = True
+        return StartTLS()
+
+    def tls_started(self) -> None:
+        """The TLS handshake after StartTLS succeeded: haggling goes on, inside TLS."""
+        if not self._tls_pending:
+            raise errors.ProtocolError("tls_started() without a StartTLS event")
+        self._tls_pending = False
+        self.tls_active = True
+        # nothing negotiated before TLS survives it (CVE-2021-3716): only STARTTLS got through
+        self.structured = False
 
     def _info_or_go(self, option: int, data: bytes):
         """Data: 32 bits name length, name, 16 bits number of requests, 16 bits each."""

@@ -15,6 +15,12 @@ earlier WRITE.  Buffers are allocated once per connection.  Several connections 
 parallel (NBD_FLAG_CAN_MULTI_CONN: every connection sees the same backend, and FLUSH/FUA go
 to the shared store).  A client that breaks the protocol is disconnected; the others are
 not affected.
+
+With ``tls`` (an ssl.SSLContext, rram.tls.server_context) every connection must negotiate
+NBD_OPT_STARTTLS first (the spec's FORCEDTLS mode); the TLS handshake runs in the
+connection's thread under ``handshake_timeout``.  A TLS connection is served on the Python
+path (runs and one-by-one requests, with Python's ssl doing the record layer): the C loop
+reads and writes the raw socket, which after STARTTLS carries ciphertext.
 """
 from __future__ import annotations
 
@@ -23,10 +29,12 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import threading
 import time
 
 from ... import errors
+from ... import tls as T
 from ..._ext._nbdwire import RequestRun
 from ...units import PAGE_SIZE
 
@@ -79,8 +87,9 @@ class NBDServer:
     def __init__(self, backend: Backend, *, export_name: str = "", description: str = "rram remote memory",
                  min_block: int = 1, max_block: int = P.DEFAULT_MAX_BLOCK,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, spin_us: float = DEFAULT_SPIN_US,
-                 c_requests: bool = True):
+                 c_requests: bool = True, tls: ssl.SSLContext | None = None):
         self.backend = backend
+        self.tls = tls  # None: plaintext; else TLS required on every connection
         # (RequestPath, key of block 0): single requests in C; None: all in Python
         self._c_path = backend.request_path() if c_requests and serve_loop is not None else None
         self.export = P.Export(name=export_name, size=backend.size, description=description,
@@ -95,11 +104,13 @@ class NBDServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._lock = threading.Lock()
-        self._clients: dict[socket.socket, threading.Thread] = {}
+        #: each connection's thread and its socket (the TLS one once STARTTLS is through)
+        self._clients: dict[threading.Thread, socket.socket] = {}
         self._accept_thread: threading.Thread | None = None
         self._closed = False
         self.counters = {"connections": 0, "disconnected_bad_clients": 0, "requests": 0, "errors": 0,
-                         "runs": 0, "run_requests": 0, "c_requests": 0, "c_declined": 0}
+                         "runs": 0, "run_requests": 0, "c_requests": 0, "c_declined": 0, "tls_connections": 0,
+                         "tls_failures": 0}
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -163,21 +174,23 @@ class NBDServer:
             if self._closed:
                 sock.close()
                 return
-            self._clients[sock] = thread
+            self._clients[thread] = sock
             self.counters["connections"] += 1
         thread.start()
 
     # -- one connection -------------------------------------------------------------------------
 
     def _serve(self, sock: socket.socket, peer) -> None:
-        conn = P.ServerConnection(self.export)
+        conn = P.ServerConnection(self.export, tls=self.tls is not None)
         run: RequestRun | None = None  # made at Ready, once the reply format is known
         reply = bytearray(0)  # the one-by-one READ path's buffer, grown on demand
+        c_path = self._c_path  # None once TLS is on: the C loop speaks to the raw socket
+        started = time.monotonic()
         try:
             sock.settimeout(self.handshake_timeout)
             sock.sendall(conn.data_to_send())
             while True:
-                if run is not None and self._c_path is not None and (where := conn.transmission_buffer()):
+                if run is not None and c_path is not None and (where := conn.transmission_buffer()):
                     why = self._serve_in_c(conn, sock, run, where)
                     if why == LOOP_EOF:
                         log.debug("nbd client %s went away", peer)
@@ -198,13 +211,16 @@ class NBDServer:
                 if out:
                     sock.sendall(out)
                 if event is P.NEED_DATA:
-                    n = self._recv(sock, conn.get_buffer(), run is not None)
+                    n = self._recv(sock, conn.get_buffer(), run is not None and not conn.tls_active)
                     if n == 0:
                         log.debug("nbd client %s went away", peer)
                         return
                     conn.buffer_updated(n)
                 elif type(event) is P.Request:
                     reply = self._handle(conn, sock, event, reply)
+                elif isinstance(event, P.StartTLS):
+                    sock, c_path = self._start_tls(sock, peer, started), None
+                    conn.tls_started()
                 elif isinstance(event, P.Ready):
                     sock.settimeout(None)  # an idle block device is normal
                     run = RequestRun(MAX_BATCH_PAGES, conn.structured)
@@ -213,15 +229,29 @@ class NBDServer:
                 elif isinstance(event, P.Closed):
                     log.debug("nbd client %s: %s", peer, event.reason)
                     return
-        except P.StreamError as exc:
+        except (P.StreamError, errors.ProtocolError, errors.AuthError) as exc:
             self.counters["disconnected_bad_clients"] += 1
             log.warning("nbd client %s disconnected: %s", peer, exc)
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, errors.ConnectionLost) as exc:
             log.info("nbd client %s: connection ended: %s", peer, exc)
         finally:
             with self._lock:
-                self._clients.pop(sock, None)
+                self._clients.pop(threading.current_thread(), None)
             sock.close()
+
+    def _start_tls(self, sock: socket.socket, peer, started: float) -> ssl.SSLSocket:
+        """The server side of the TLS handshake after STARTTLS, within the handshake timeout."""
+        try:
+            tls_sock = T.accept(self.tls, sock, started + self.handshake_timeout)
+        except errors.RramError:
+            self.counters["tls_failures"] += 1
+            raise
+        tls_sock.settimeout(self.handshake_timeout)
+        with self._lock:
+            self._clients[threading.current_thread()] = tls_sock  # close() shuts this one
+            self.counters["tls_connections"] += 1
+        log.info("nbd client %s: TLS on (%s, client %s)", peer, tls_sock.version(), T.peer_name(tls_sock))
+        return tls_sock
 
     def _serve_in_c(self, conn: P.ServerConnection, sock: socket.socket, run: RequestRun, where) -> int:
         """Run the connection in C (serve_loop) until something needs Python; why it returned."""
@@ -241,9 +271,10 @@ class NBDServer:
                 return why
             block = True  # the counters are current: now sleep until the next request
 
-    def _recv(self, sock: socket.socket, buf: memoryview, transmitting: bool) -> int:
-        """recv_into ``buf``, polling for up to spin_us first once requests are flowing."""
-        if transmitting and self._spin_ns:
+    def _recv(self, sock: socket.socket, buf: memoryview, spin: bool) -> int:
+        """recv_into ``buf``, polling for up to spin_us first when ``spin`` (requests flowing on a
+        plain socket: TLS has no MSG_DONTWAIT)."""
+        if spin and self._spin_ns:
             deadline = time.perf_counter_ns() + self._spin_ns
             while True:
                 try:
@@ -365,12 +396,9 @@ class NBDServer:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        for sock, _ in clients:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for _, thread in clients:
+        for _, sock in clients:
+            T.shutdown(sock)
+        for thread, _ in clients:
             thread.join(timeout)
         self._selector.close()
         self._wake_r.close()
