@@ -105,7 +105,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", "lz4>=4", "pyyaml>=6", "prometheus_client", "rich", "tqdm",
                       "cryptography>=41"],  # rram keys: the cluster CA and certificates (rram/tls.py)
-    extras_require={"test": ["pytest>=8", "hypothesis", "pytest-benchmark", "pytest-timeout"],
+    extras_require={"test": ["pytest>=8", "hypothesis", "pytest-benchmark", "pytest-timeout", "atheris"],
                     "bench": ["pytest-benchmark", "matplotlib"]},
     entry_points={"console_scripts": ["rram=rram.cli:main"]},
     zip_safe=False,

@@ -9,6 +9,9 @@ fio then runs RUNTIME seconds per case.  Pinning: fio on CPU 0, the servers (req
 providers, nbdkit) on CPU 1.  The timed value is fio's own figure, seconds per I/O (1/IOPS,
 bench/conftest.py ``figure``); IOPS, fio's completion-latency percentiles and the
 rram/nbdkit ratio (goal >= 1.0x) in extra_info and printed.
+
+``RRAM_BENCH_NBD_SPIN_US=0`` runs rram's NBD server with ``--nbd-spin-us 0``: it then sleeps in
+recv between requests as nbdkit does, instead of spinning 50 us (like for like at queue depth 1).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ REGION = f"{scaled(64, 16)}M"
 RUNTIME = scaled(4, 1)
 ROUNDS = 1  # a round is RUNTIME seconds of I/O; bench/report.py takes the median of 3 runs
 CLIENT_CPU, SERVER_CPU = "0", "1"
+NBD_SPIN_US = os.environ.get("RRAM_BENCH_NBD_SPIN_US")  # None: the requester's default
 _iops: dict[tuple[str, str, int], float] = {}
 
 
@@ -70,6 +74,8 @@ def _rram(tmp, *requester_args: str):
         for p in cluster.procs.values():
             _pin(p.pid)
         sock = os.path.join(tmp, "nbd.sock")
+        if NBD_SPIN_US is not None:
+            requester_args += ("--nbd-spin-us", NBD_SPIN_US)
         proc, _ = start_requester(cluster.config_path, "req", EXPORT, sock, os.path.join(tmp, "requester.log"),
                                   extra_args=requester_args)
         try:

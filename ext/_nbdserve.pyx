@@ -6,8 +6,8 @@ one at a time.  ``serve_loop`` runs the connection while that lasts, without the
 recv (polling for a while first, then sleeping), parse with _nbdwire.RequestRun, serve the blocks
 through the store's RequestPath (ext/_reqpath.pyx), pack the reply and send it.  It returns to
 the Python server (rram/frontends/nbd/server.py) as soon as something needs Python: a run of
-several requests (one batched store call), a request the request path declined (a remote page,
-a full local pool, ...: nothing was changed or sent), any other command or a protocol error
+several requests (one batched store call), a request the request path declined (a remote page
+it could not read, a full local pool, ...: nothing was changed or sent), any other command or a protocol error
 (the sans-IO parser answers those), the peer closing, or a request bigger than the buffer.
 """
 from libc.errno cimport errno, EAGAIN, EINTR
@@ -86,10 +86,9 @@ cdef int serve_one(RequestRun run, RequestPath path, uint64_t key_base, int fd, 
     err[0] = 0
     if run.command == CMD_READ:
         hsz = run._read_header(&run._out[0], 0)
-        for i in range(run.npages):
-            rc = path.read_page(key_base | run._pages[i], &run._out[hsz + i * PAGE])
-            if rc != REQ_DONE:
-                return rc
+        rc = path.read_pages(key_base, &run._pages[0], run.npages, &run._out[hsz])  # remote pages too
+        if rc != REQ_DONE:
+            return rc
         err[0] = send_all(fd, &run._out[0], hsz + run.npages * PAGE)
     else:
         for i in range(run.npages):

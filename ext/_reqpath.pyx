@@ -1,46 +1,69 @@
 # cython: language_level=3
-"""The page store's request path: one 4 KiB page read or written in C, without the GIL.
+"""The page store's request path: one NBD request's pages read or written in C, without the GIL.
 
 The kernel's swap I/O arrives mostly as single 4 KiB requests, and for those the Python store
 (a dozen C calls stitched together per page) costs several times what the work does.  A
-RequestPath serves one page on the store's own tables, cimported (rram/_ext/*.pxd), so that no
-Python object is made or touched between them:
+RequestPath serves one request on the store's own tables, cimported (rram/_ext/*.pxd), so that
+no Python object is made or touched between them:
 
-  read_page:  page map -> zero fill (absent, zero page) | expand from the local pool
+  read_pages: page map -> zero fill (absent, zero page) | expand from the local pool
+              | remote: Router picks a ready replica on a live link (the tier's own router and
+                choice), one READ batch per link posted on the link's C core (_tcpwire's
+                WireRequester) and polled to completion, into the staging arena -> unseal
+                (``_unseal``) -> expand
   write_page: compress -> local slot (owner = the key) -> copy -> page map -> free the old slot
 
 A write that replaces a remote copy leaves the old remote location on a short list, and the
 store frees those (remote slots, then slabs left empty: policy) the next time Python holds its
 lock (``PageStore._reap_retired``); until then the slot is merely not reused.
 
-Anything else it does not try: a page in a remote slab, a full local pool (remotify is policy),
-a full list of retired remote copies, a corrupt image, a closed store or a pool that is gone.  It then answers a REQ_* code having changed nothing, and
-the caller serves that request on the Python path, which keeps control, policy and errors.
+Anything else it does not try: a full local pool (remotify is policy), a full list of retired
+remote copies, a corrupt image, a closed store or a pool that is gone; and for remote pages: no
+route bound, no ready replica on a live link, a link busy with Python's batches or without a C
+core (verbs, loopback), a link that fails, times out (RemoteTier.read_timeout) or answers with
+an error.  It then answers a REQ_* code having changed nothing and sent nothing to the client,
+and the caller serves that request on the Python path (hedged reads, failover), which keeps
+control, policy and errors.  A link that failed under C is noted (``take_failures``); the store
+suspends it the next time Python holds its lock, as Python's own fast path would have.
+
+Remote routes: ``bind_remote`` (Python, under the lock) points this path at the RemoteTier's
+router, the staging arena's lkeys and each link's C core; ``unbind_remote`` runs from
+RemoteTier.invalidate_routes, under the same lock, whenever links, their state or the tables'
+arrays change (failover, drain, suspension, growth), so C never uses a stale binding; the
+store binds again before its next operation.  Values inside the tables (a replica becoming
+ready, a repair's target) change in place, under the lock, and C reads them under it.
+C's batch ids have bit 63 set (Python's count up from 1), and C posts only on a link with no
+batch outstanding, and holds the store lock until its batches complete, so Python never sees
+them in flight.
 
 Sealing (an AEAD over the compressed image, for pages that leave this host) goes between
-compress and the remote WRITE and between the remote READ and expand; this path touches only
-local images today, so it has no seal step yet: a remote READ added here would open the image
-in the staging buffer before ``expand``.
+compress and the remote WRITE and between the remote READ and expand: ``_unseal`` is where a
+remote image is opened in the staging buffer before ``expand`` (a no-op until sealing lands).
 
 Mutual exclusion: the store's lock is a StoreLock, a recursive pthread mutex.  Python takes it
 (``with store._lock``) around every use of the tables, releasing the GIL while it waits; this
-path takes it around each page.  So a request sees the tables between two Python operations
-(a put, a remotify, a repair step), never in the middle of one, and the Python path never sees
-a half-done request.  Nobody waits for the mutex while holding the GIL, so the two cannot
-deadlock.  The tables' ``busy`` flags are checked as a second line: a Python call that
-somehow runs without the lock makes this path step aside rather than corrupt anything.
+path takes it around each request (a remote READ's round trip included, as Python's get does).
+So a request sees the tables between two Python operations (a put, a remotify, a repair step),
+never in the middle of one, and the Python path never sees a half-done request.  Nobody waits
+for the mutex while holding the GIL, so the two cannot deadlock.  The tables' ``busy`` flags
+are checked as a second line: a Python call that somehow runs without the lock makes this path
+step aside rather than corrupt anything.
 """
 from libc.errno cimport EBUSY
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import numpy as np
 
 from location cimport FIRST_REMOTE_SLAB, KIND_MASK, KIND_STORED, KIND_ZERO, loc_offset, loc_size, loc_slab
+from ops cimport WC_FATAL_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR, completion_t
 from rram._ext._codec cimport compress_page, expand
 from rram._ext._pagemap cimport PageMap
 from rram._ext._slab cimport E_OK, SlotAllocator
+from rram._ext._storepath cimport Router
+from rram._ext._tcpwire cimport C_EINTR, WireRequester
 
 from rram.errors import RramError
 
@@ -64,8 +87,23 @@ cdef enum:
     RETIRED_MAX = 1024         # remote copies replaced between two visits of Python
     READ = 0
     WRITE = 1
+    CHUNK = 16                 # pages of a request read remotely per round trip (staging holds >= 16)
+    FAIL_TIMEOUT = 1           # fail_rc: no completion within the read timeout (detail: ms)
+    FAIL_STATUS = 2            # fail_rc: a completion with a link-failure status (detail: it)
+                               # (negative fail_rc: the core's R_* code; detail: errno or 0)
 
-OUTCOMES = ("done", "remote", "local_full", "old_remote", "corrupt", "unavailable")
+# bit 63 of C's batch ids: Python's ids (Link.next_batch) count up from 1 and never reach it
+cdef uint64_t C_BATCH_BIT = (<uint64_t>1) << 63
+
+OUTCOMES = ("done", "remote", "local_full", "old_remote", "corrupt", "unavailable",
+            "no_route", "link_busy", "link_failed", "remote_error")
+FAILURES = {"timeout": FAIL_TIMEOUT, "status": FAIL_STATUS}
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef class StoreLock:
@@ -138,9 +176,24 @@ cdef class RequestPath:
             raise MemoryError()
         self.retired_cap = RETIRED_MAX
         self.nretired = 0
+        self.remote_bound = False
+        self.router = None
+        self.cores = NULL
+        self.fail_rc = self.fail_detail = NULL
+        self.nlinks = self.nfailed = 0
+        self.batch_seq = self.remote_reads = self.remote_batches = 0
 
     def __dealloc__(self):
         free(self.retired)
+        self._free_links()
+
+    cdef void _free_links(self):
+        free(self.cores)
+        free(self.fail_rc)
+        free(self.fail_detail)
+        self.cores = NULL
+        self.fail_rc = self.fail_detail = NULL
+        self.nlinks = self.nfailed = 0
 
     # -- control (Python calls these holding the store's lock) -------------------------------
 
@@ -151,6 +204,70 @@ cdef class RequestPath:
 
     def close(self):
         self.closed = True
+        self.unbind_remote()
+
+    def bind_remote(self, Router router, lkeys, cores, uint64_t staging, Py_ssize_t staging_pages,
+                    double read_timeout):
+        """Read remote pages in C from now on: ``router`` bound to the RemoteTier's current tables
+        (RemoteTier.router), ``lkeys`` its int64 lkey per link of the arena at ``staging``
+        (``staging_pages`` pages, C's READ target), ``cores`` per link a WireRequester or None (no
+        C core: its pages decline), ``read_timeout`` in seconds.  Failures not yet taken are kept."""
+        cdef const int64_t[::1] lk = lkeys
+        cdef int i, n = len(cores)
+        cdef void **c
+        cdef int32_t *rc
+        cdef int32_t *det
+        if lk.shape[0] < n or router.nlinks != n:
+            raise ValueError(f"{n} cores, {lk.shape[0]} lkeys and a router bound to {router.nlinks} links")
+        if staging_pages < CHUNK:
+            raise ValueError(f"the staging arena must hold at least {CHUNK} pages, not {staging_pages}")
+        for core in cores:
+            if core is not None and not isinstance(core, WireRequester):
+                raise TypeError(f"a link's C core must be a WireRequester or None, not {type(core).__name__}")
+        self.remote_bound = False
+        c = <void **>calloc(max(1, n), sizeof(void *))
+        rc = <int32_t *>calloc(max(1, n), sizeof(int32_t))
+        det = <int32_t *>calloc(max(1, n), sizeof(int32_t))
+        if c == NULL or rc == NULL or det == NULL:
+            free(c)
+            free(rc)
+            free(det)
+            raise MemoryError()
+        for i in range(min(n, self.nlinks)):  # links only ever join: indexes stay
+            rc[i], det[i] = self.fail_rc[i], self.fail_detail[i]
+        for i in range(n):
+            c[i] = <void *>cores[i] if cores[i] is not None else NULL
+        nfailed = self.nfailed
+        self._free_links()
+        self.cores, self.fail_rc, self.fail_detail, self.nlinks, self.nfailed = c, rc, det, n, nfailed
+        self._remote_keep = (router, lkeys, list(cores))
+        self.router = router
+        self.lkeys = &lk[0]
+        self.staging = staging
+        self.staging_pages = staging_pages
+        self.read_timeout_ns = <int64_t>(read_timeout * 1e9)
+        self.remote_bound = True
+
+    def unbind_remote(self):
+        """Routes changed (RemoteTier.invalidate_routes): decline remote pages until bound again."""
+        self.remote_bound = False
+
+    @property
+    def remote_is_bound(self):
+        return bool(self.remote_bound)
+
+    def take_failures(self):
+        """The links C saw fail since the last call: [(link index, code, detail)], and forget them.
+        code < 0: the core's R_* result (detail: errno or 0); FAILURES["timeout"] (detail: the
+        timeout in ms); FAILURES["status"] (detail: the completion status)."""
+        out = []
+        cdef int i
+        for i in range(self.nlinks):
+            if self.fail_rc[i]:
+                out.append((i, self.fail_rc[i], self.fail_detail[i]))
+                self.fail_rc[i] = self.fail_detail[i] = 0
+        self.nfailed = 0
+        return out
 
     def take_retired(self, uint64_t[::1] out):
         """Move the retired remote locations into ``out`` (room for RETIRED_MAX); how many."""
@@ -169,31 +286,154 @@ cdef class RequestPath:
                 and not self.map.busy and not self.local.busy)
 
     cdef int read_page(self, uint64_t key, uint8_t *dst) noexcept nogil:
-        """The page ``key`` into ``dst`` (4096 bytes; zeros when never written): REQ_DONE, or the
-        reason the Python path must serve it (``dst`` is then unspecified)."""
-        cdef uint64_t loc, slab
+        """The page ``key`` into ``dst`` (4096 bytes; zeros when never written): read_pages of one."""
+        cdef uint32_t none = 0
+        return self.read_pages(key, &none, 1, dst)
+
+    cdef int read_pages(self, uint64_t key_base, const uint32_t *pages, Py_ssize_t n, uint8_t *dst) noexcept nogil:
+        """Pages ``key_base | pages[i]`` (i < n, one pool) into dst + i*4096: REQ_DONE, or the reason
+        the Python path must serve the whole request (``dst`` is then unspecified).
+
+        Counted per page when done, per request when declined."""
+        cdef uint64_t zero = 0, absent = 0, remote = 0
+        cdef Py_ssize_t i = 0, k
         cdef int rc = REQ_DONE
         self.store_lock.lock()
-        if not self._usable(key):
+        if not self._usable(key_base):
             rc = REQ_UNAVAILABLE
+        while rc == REQ_DONE and i < n:
+            k = n - i if n - i < CHUNK else CHUNK
+            rc = self._read_chunk(key_base, pages + i, k, dst + i * PAGE, &zero, &absent, &remote)
+            i += k
+        if rc == REQ_DONE:
+            self.outcomes[READ][REQ_DONE] += <uint64_t>n
+            self.zero_reads += zero
+            self.absent_reads += absent
+            self.remote_reads += remote
         else:
-            loc = self.map._get(key)
-            if (loc & KIND_MASK) != KIND_STORED:
-                memset(dst, 0, PAGE)
-                if (loc & KIND_MASK) == KIND_ZERO:
-                    self.zero_reads += 1
-                else:
-                    self.absent_reads += 1
-            else:
-                slab = loc_slab(loc)
-                if slab >= FIRST_REMOTE_SLAB:
-                    rc = REQ_REMOTE
-                elif slab == 0 or slab > self.n_local:
-                    rc = REQ_CORRUPT
-                elif expand(<const char *>(self.base[slab] + loc_offset(loc)), loc_size(loc), <char *>dst) != PAGE:
-                    rc = REQ_CORRUPT
-        self.outcomes[READ][rc] += 1
+            self.outcomes[READ][rc] += 1
         self.store_lock.unlock()
+        return rc
+
+    cdef int _read_chunk(self, uint64_t key_base, const uint32_t *pages, Py_ssize_t n, uint8_t *dst,
+                         uint64_t *zero, uint64_t *absent, uint64_t *remote) noexcept nogil:
+        """read_pages for n <= CHUNK pages, under the lock: remote images first (a decline then
+        wastes no expand), then every page expanded in place."""
+        cdef uint64_t locs[CHUNK]
+        cdef uint64_t rlocs[CHUNK]
+        cdef uint64_t loc, slab
+        cdef uint32_t size
+        cdef uint8_t *image
+        cdef Py_ssize_t i, m = 0
+        cdef int rc
+        for i in range(n):
+            locs[i] = loc = self.map._get(key_base | pages[i])
+            if (loc & KIND_MASK) == KIND_STORED and loc_slab(loc) >= FIRST_REMOTE_SLAB:
+                rlocs[m] = loc
+                m += 1
+        if m:
+            rc = self._read_remote(rlocs, m)  # the images land at staging + k*PAGE, in page order
+            if rc != REQ_DONE:
+                return rc
+        m = 0
+        for i in range(n):
+            loc = locs[i]
+            if (loc & KIND_MASK) != KIND_STORED:
+                memset(dst + i * PAGE, 0, PAGE)
+                if (loc & KIND_MASK) == KIND_ZERO:
+                    zero[0] += 1
+                else:
+                    absent[0] += 1
+                continue
+            slab = loc_slab(loc)
+            size = loc_size(loc)
+            if slab >= FIRST_REMOTE_SLAB:
+                image = <uint8_t *>(self.staging + <uint64_t>m * PAGE)
+                m += 1
+                if not self._unseal(image, &size):
+                    return REQ_CORRUPT
+            elif slab == 0 or slab > self.n_local:
+                return REQ_CORRUPT
+            else:
+                image = <uint8_t *>(self.base[slab] + loc_offset(loc))
+            if expand(<const char *>image, size, <char *>(dst + i * PAGE)) != PAGE:
+                return REQ_CORRUPT
+        remote[0] += <uint64_t>m
+        return REQ_DONE
+
+    cdef bint _unseal(self, uint8_t *image, uint32_t *size) noexcept nogil:
+        """Open a remote page's image in place (staging), between its READ and expand: False when
+        it does not verify.  SEALING GOES HERE: until pages are sealed, images are stored as is."""
+        return True
+
+    cdef void _note_failure(self, int li, int32_t rc, int32_t detail) noexcept nogil:
+        """Link ``li`` failed under C: no more C reads on it, and Python suspends it (take_failures)."""
+        if self.fail_rc[li] == 0:
+            self.nfailed += 1
+        self.fail_rc[li] = rc
+        self.fail_detail[li] = detail
+
+    cdef int _read_remote(self, const uint64_t *locs, Py_ssize_t n) noexcept nogil:
+        """READ the stored images of ``locs`` (n <= CHUNK remote locations) into staging + k*PAGE:
+        one batch per link, posted on each link's C core and polled to completion or the read
+        timeout.  Under the lock.  REQ_DONE, or the reason to decline."""
+        cdef Py_ssize_t k
+        cdef int u, li, posted = 0, rc = REQ_DONE, st
+        cdef Py_ssize_t got
+        cdef uint64_t bids[CHUNK]
+        cdef int64_t deadline
+        cdef completion_t comp
+        cdef void *core
+        if not self.remote_bound:
+            return REQ_REMOTE
+        self.router._reset()
+        for k in range(n):
+            if self.router._read(locs[k], self.staging + <uint64_t>k * PAGE, self.lkeys) < 0:
+                return REQ_NO_ROUTE
+        for u in range(self.router.nused):
+            li = self.router.used[u]
+            if li >= self.nlinks or self.cores[li] == NULL:
+                return REQ_REMOTE
+            if self.fail_rc[li]:
+                return REQ_LINK_FAILED
+            core = self.cores[li]
+            if (<WireRequester>core).fd < 0 or (<WireRequester>core).count:
+                return REQ_LINK_BUSY
+        deadline = _now_ns() + self.read_timeout_ns
+        for u in range(self.router.nused):
+            li = self.router.used[u]
+            core = self.cores[li]
+            self.batch_seq += 1
+            bids[u] = C_BATCH_BIT | self.batch_seq
+            st = (<WireRequester>core)._encode(self.router.ops[li], self.router.count[li], bids[u])
+            if st == 0:
+                st = (<WireRequester>core)._send_frame()
+                while st == C_EINTR:  # a signal is Python's business (its thread checks it); go on sending
+                    st = (<WireRequester>core)._send_frame()
+            if st != 0:
+                self._note_failure(li, st, <int32_t>(<WireRequester>core).a)
+                rc = REQ_LINK_FAILED
+                break
+            posted += 1
+        for u in range(posted):
+            li = self.router.used[u]
+            core = self.cores[li]
+            got = C_EINTR
+            while got == C_EINTR:
+                got = (<WireRequester>core)._poll(&comp, 1, deadline)
+            if got == 0:
+                self._note_failure(li, FAIL_TIMEOUT, <int32_t>(self.read_timeout_ns // 1000000))
+                rc = REQ_LINK_FAILED
+            elif got < 0:
+                self._note_failure(li, <int32_t>got, <int32_t>(<WireRequester>core).a)
+                rc = REQ_LINK_FAILED
+            elif comp.status == WC_RETRY_EXC_ERR or comp.status == WC_FATAL_ERR or comp.status == WC_WR_FLUSH_ERR:
+                self._note_failure(li, FAIL_STATUS, comp.status)
+                rc = REQ_LINK_FAILED
+            elif (comp.status != WC_SUCCESS or comp.batch_id != bids[u]) and rc == REQ_DONE:
+                rc = REQ_REMOTE_ERROR
+        self.remote_batches += <uint64_t>posted
+        self.router._reset()
         return rc
 
     cdef int write_page(self, uint64_t key, const uint8_t *src) noexcept nogil:
@@ -253,6 +493,16 @@ cdef class RequestPath:
             rc = self.read_page(key, &out[0])
         return rc
 
+    def read_many(self, uint64_t key_base, const uint32_t[::1] pages, uint8_t[::1] out):
+        """read_pages of ``key_base | pages[i]`` into ``out`` (4096 bytes a page); the REQ_* outcome."""
+        cdef Py_ssize_t n = pages.shape[0]
+        if n < 1 or out.shape[0] != n * PAGE:
+            raise ValueError(f"{n} pages (at least 1) need out of {n * PAGE} bytes, got {out.shape[0]}")
+        cdef int rc
+        with nogil:
+            rc = self.read_pages(key_base, &pages[0], n, &out[0])
+        return rc
+
     def write(self, uint64_t key, const uint8_t[::1] page):
         """write_page from ``page`` (4096 bytes); the REQ_* outcome."""
         if page.shape[0] != PAGE:
@@ -265,11 +515,12 @@ cdef class RequestPath:
     def counters(self):
         """What this path did, for the store's stats: outcomes per direction and what it stored."""
         out = {}
-        for d, name in ((READ, "read"), (WRITE, "write")):
-            for k in range(REQ_OUTCOMES):
+        for d, name, last in ((READ, "read", REQ_OUTCOMES), (WRITE, "write", REQ_NO_ROUTE)):  # writes never go remote
+            for k in range(last):
                 out[f"{name}_{OUTCOMES[k]}"] = self.outcomes[d][k]
         out.update(zero_reads=self.zero_reads, absent_reads=self.absent_reads, zero_writes=self.zero_writes,
-                   bytes_in=self.bytes_in, bytes_stored=self.bytes_stored)
+                   bytes_in=self.bytes_in, bytes_stored=self.bytes_stored, remote_reads=self.remote_reads,
+                   remote_batches=self.remote_batches)
         return out
 
 

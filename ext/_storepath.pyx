@@ -140,20 +140,7 @@ cdef class Router:
     change.  ``route`` writes the batch's operations (page order within a link) and returns
     ``[(link index, count), ...]`` of the links it filled, or None for the failover path.
     """
-    cdef int nrep
-    cdef Py_ssize_t width
-    cdef const int32_t *rep_link
-    cdef const uint64_t *rep_addr
-    cdef const uint32_t *rep_rkey
-    cdef const uint8_t *rep_ready
-    cdef int nlinks
-    cdef uint8_t *alive
-    cdef op_t **ops
-    cdef uint32_t *cap
-    cdef uint32_t *count
-    cdef int32_t *used
-    cdef int nused
-    cdef list _keep
+    # attributes: rram/_ext/_storepath.pxd (the C request path, ext/_reqpath.pyx, routes with it too)
 
     def __cinit__(self):
         self.nlinks = 0
@@ -217,13 +204,13 @@ cdef class Router:
         self.width = rep_link.shape[1]
         self.nlinks = nlinks
 
-    cdef inline void _reset(self) noexcept nogil:
+    cdef void _reset(self) noexcept nogil:
         cdef int k
         for k in range(self.nused):
             self.count[self.used[k]] = 0
         self.nused = 0
 
-    cdef inline int _add(self, int li, uint8_t opcode, uint64_t laddr, uint64_t raddr, uint32_t length,
+    cdef int _add(self, int li, uint8_t opcode, uint64_t laddr, uint64_t raddr, uint32_t length,
                          int64_t lkey, uint32_t rkey) noexcept nogil:
         """Append one op to link li's array; -1 when it is full or the link has no lkey."""
         cdef uint32_t c = self.count[li]

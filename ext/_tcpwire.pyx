@@ -165,7 +165,6 @@ cdef enum:
     MAX_OP_LENGTH = 1 << 20
     MAX_PAYLOAD = 64 << 20
     MAX_MESSAGE = 4096
-    MAX_RING = 64
     INITIAL_BUFFER = 1 << 16
 
 WIRE_CONSTANTS = {"HEADER": HDR, "VERSION": VERSION, "HELLO": T_HELLO, "HELLO_OK": T_HELLO_OK,
@@ -233,10 +232,6 @@ RESULT_CODES = {
 }
 globals().update(RESULT_CODES)
 
-cdef enum:
-    C_EINTR = -99       # internal: a wait was interrupted by a signal, check it with the GIL
-    C_NEED = 1          # internal: the frame at the front needs more bytes
-
 cdef packed struct header_t:
     char magic[4]
     uint8_t version
@@ -249,13 +244,7 @@ cdef packed struct header_t:
     uint32_t reserved
 
 
-cdef struct pending_t:
-    uint64_t batch_id
-    uint64_t nread      # READ bytes of the sent ops: the most the completion may carry
-    uint32_t sent       # ops sent; 0 = refused by the lkey check, nothing sent
-    uint32_t cut        # ops after ``sent`` failed the lkey check
-    op_t *ops           # copy of the sent ops, for the scatter
-    size_t ops_cap
+# pending_t, framebuf_t, MAX_RING and C_EINTR/C_NEED: rram/_ext/_tcpwire.pxd
 
 assert sizeof(header_t) == 32 and sizeof(completion_t) == 16
 
@@ -295,17 +284,6 @@ cdef int _wait(int fd, short events, int timeout_ms, short *revents) noexcept no
         return C_EINTR if errno == EINTR else -errno
     revents[0] = p.revents
     return r
-
-
-cdef struct framebuf_t:
-    # received bytes [start, end) of a malloc'd buffer that grows toward the frame at the front,
-    # doubling as bytes arrive (a header announcing 64 MiB allocates nothing ahead of the data)
-    uint8_t *buf
-    size_t cap
-    size_t start
-    size_t end
-    int64_t *budget     # provider: growth beyond INITIAL_BUFFER is taken from here (NULL: none)
-    size_t held         # bytes of the budget this buffer holds (>= cap)
 
 
 cdef int _fb_init(framebuf_t *fb) noexcept nogil:
@@ -613,8 +591,10 @@ cdef class WireServer:
             avail = _fb_avail(rx)
             if avail >= HDR:
                 h = <const header_t *>(rx.buf + rx.start)
+                # flags other than FLAG_MAC are refused as wire.parse_header does; an unsigned
+                # connection takes no FLAG_MAC either (its trailer would be read as the next frame)
                 if (not _magic_ok(h) or h.type != T_REQUEST or h.count < 1 or h.count > MAX_OPS
-                        or h.payload_len > MAX_PAYLOAD):
+                        or h.payload_len > MAX_PAYLOAD or h.flags & ~FLAG_MAC or (h.flags and not self.keyed)):
                     return R_BAD_HEADER
                 total = HDR + <size_t>h.count * sizeof(wire_op_t) + h.payload_len
                 if self.keyed:
@@ -755,19 +735,7 @@ cdef class WireRequester:
     completion array; it spins ``spin_ns`` on a non-blocking recv before sleeping in poll().
     """
 
-    cdef RegionTable local
-    cdef int fd
-    cdef framebuf_t rx
-    cdef uint8_t *sbuf
-    cdef size_t scap, soff, slen
-    cdef pending_t ring[MAX_RING]
-    cdef uint32_t head, count, max_outstanding, max_batch
-    cdef bint eof
-    cdef int64_t a, b, c
-    cdef uint8_t key[32]       # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
-    cdef bint keyed
-    cdef uint32_t seq
-    cdef public int64_t spin_ns
+    # attributes and C methods: rram/_ext/_tcpwire.pxd (the page store's C request path calls them)
 
     def __cinit__(self, RegionTable local, uint32_t max_outstanding, uint32_t max_batch):
         if not 1 <= max_outstanding <= MAX_RING or not 1 <= max_batch <= MAX_OPS:
@@ -1085,7 +1053,7 @@ cdef class WireRequester:
             self.a, self.b, self.c = h.batch_id, p.batch_id, self.count != 0
             return R_WRONG_BATCH
         done = p.sent if h.status == WC_SUCCESS else h.count
-        if done > p.sent:
+        if done > p.sent or (h.status == WC_SUCCESS and h.count != p.sent):  # success names every sent op
             self.a, self.b, self.c = h.count, p.sent, p.batch_id
             return R_BAD_INDEX
         if h.payload_len > p.nread:  # more than the batch could return: refuse before buffering it

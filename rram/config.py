@@ -11,6 +11,7 @@ silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -236,9 +237,15 @@ def _value(ctx: _Ctx, path: str, f: dataclasses.Field, raw):
     if kind == "float":
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             ctx.fail(path, "a number of seconds", raw)
-        if f.metadata.get("positive") and raw <= 0:
+        try:
+            value = float(raw)  # YAML reads .nan and .inf too
+        except OverflowError:  # an integer past the largest float
+            value = math.inf
+        if not math.isfinite(value):
+            ctx.fail(path, "a finite number of seconds", str(raw)[:40])
+        if f.metadata.get("positive") and value <= 0:
             ctx.fail(path, "a positive number of seconds", raw)
-        return float(raw)
+        return value
     if kind == "bool":
         if not isinstance(raw, bool):
             ctx.fail(path, "true or false", raw)
@@ -395,11 +402,20 @@ def load(path) -> ClusterConfig:
             data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:  # the file is opened as UTF-8 text: a ValueError, not a YAMLError
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); expected a YAML file") from None
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: line {exc.line}: {exc.key!r} is given twice (first on line {exc.first}); "
                           "expected each key once") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not valid YAML for a cluster file: nested too deeply") from None
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        # PyYAML's constructors raise these, not a YAMLError, for a malformed explicitly tagged
+        # scalar (`!!float`, `!!int 0x`, `!!bool`, `!!timestamp 2020-99-99`, `!!timestamp 200112-`)
+        raise ConfigError(f"{path}: not valid YAML: a tagged value cannot be read "
+                          f"({type(exc).__name__}: {exc})") from exc
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected a mapping with at least `nodes`")
     return from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -14,6 +14,9 @@ The timed value is the figure: the seconds redis-benchmark takes for REQUESTS GE
 rounds on one loaded dataset (median of 3); ops/s, p50 and p99 (redis-benchmark's own) and
 the CPU each user-space serving process spent per GET (utime+stime from /proc) go to
 extra_info.  Pinning: Redis and redis-benchmark on CPU 0, every serving process on CPU 1.
+``RRAM_BENCH_NBD_SPIN_US=0`` runs rram's NBD server with ``--nbd-spin-us 0`` (sleeping in recv
+between requests as nbdkit does; its 50 us spin otherwise takes CPU 1 from nbdfuse and the
+providers).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ SWAP_SIZE = 512 << 20
 REQUESTS = 3000 if QUICK else 40000
 CLIENTS = 8
 APP_CPU, SERVER_CPU = "0", "1"
+NBD_SPIN_US = os.environ.get("RRAM_BENCH_NBD_SPIN_US")  # None: the requester's default
 _results: dict[str, dict] = {}
 
 
@@ -116,7 +120,8 @@ def test_redis_gets_with_swap_on(benchmark, device):
     servers: list[int] = []
     runs: list[dict] = []
     try:
-        with limit, D.swap_device(device, SWAP_SIZE, pin=_pin, servers=servers):
+        spin = () if NBD_SPIN_US is None else ("--nbd-spin-us", NBD_SPIN_US)
+        with limit, D.swap_device(device, SWAP_SIZE, pin=_pin, servers=servers, requester_args=spin):
             redis = Redis(workdir, limit.path)
             try:
                 redis.load()

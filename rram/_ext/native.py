@@ -30,7 +30,8 @@ NATIVE = (
     Native("_storepath", why="the page store's per-batch planning (get/put fast path)", optional=False),
     Native("_nbdwire", why="NBD request parsing and reply packing in batches", optional=False),
     # cimport _codec's C functions, so they need liblz4 too
-    Native("_reqpath", "liblz4", ["lz4"], "lz4.h", "single-page requests on the store's tables without the GIL"),
+    Native("_reqpath", "liblz4", ["lz4"], "lz4.h",
+           "single requests on the store's tables, remote READs over tcp included, without the GIL"),
     Native("_nbdserve", "liblz4", ["lz4"], "lz4.h", "single NBD requests served through _reqpath in C"),
     Native("_uffd", why="userfaultfd for far-memory regions (rram.frontends.farmem)", optional=False),
     Native("_verbs", "libibverbs", ["ibverbs"], "infiniband/verbs.h", "RDMA verbs transport"),

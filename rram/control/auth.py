@@ -63,10 +63,20 @@ def check_identity(name, role, generation) -> None:
     """ProtocolError unless (name, role, generation) is well-formed."""
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
         raise ProtocolError(f"an identity name must be 1..{MAX_NAME} characters")
+    if not _encodable(name):  # JSON lets a lone "\ud800" through; keys are derived from name.encode()
+        raise ProtocolError(f"an identity name must be valid UTF-8 text, got {name!r:.40}")
     if role not in ROLES:
         raise ProtocolError(f"role must be one of {', '.join(ROLES)}, got {role!r:.40}")
     if isinstance(generation, bool) or not isinstance(generation, int) or not 1 <= generation < 2**31:
         raise ProtocolError(f"generation must be an integer >= 1, got {generation!r:.40}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def derive(master: bytes, name: str, role: str, generation: int = 1) -> Credential:

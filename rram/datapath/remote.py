@@ -125,6 +125,9 @@ class RemoteTier:
         self._router = Router()
         self._bound_generation = -1
         self._lkeys: dict[int, np.ndarray] = {}  # local arena addr -> lkey per link (-1: none)
+        #: called (no arguments, under the store's lock) by every ``invalidate_routes``: the
+        #: store's C request path stops using its binding of the router at once
+        self.route_listeners: list = []
 
     # -- links ---------------------------------------------------------------------------
 
@@ -252,6 +255,8 @@ class RemoteTier:
     def invalidate_routes(self) -> None:
         """Links, their state or lkeys, or the table arrays changed: bind the router again before its next use."""
         self.route_generation += 1
+        for unbind in self.route_listeners:
+            unbind()
 
     def router(self, local_base: int) -> tuple[Router, np.ndarray]:
         """The C router, current with the links and tables, and the lkeys of the arena at ``local_base``.

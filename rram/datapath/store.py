@@ -16,9 +16,12 @@ pages are then READ into the seal buffer instead of staging.  Local pages need n
 All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
 a local page; seal versions: 8 bytes a sealed remote page).
 
-Single pages (the NBD server's one-block requests) have a C path over the same tables:
-``requests`` (ext/_reqpath.pyx: a local read or write without the GIL, or a code saying the
-Python path must serve it).  It shares the store's lock, a StoreLock that C takes too.
+Single requests (the NBD server's one-request turns) have a C path over the same tables:
+``requests`` (ext/_reqpath.pyx: a local read or write, or a read of remote pages over a link's C
+core, without the GIL; or a code saying the Python path must serve it).  It shares the store's
+lock, a StoreLock that C takes too.  Its remote routes are bound again under the lock before
+any Python operation once the tier's route_generation has moved (``_check_open``), and links
+C saw fail are suspended there, as the Python fast path suspends them.
 
 Two paths carry a batch's I/O, and one method each decides which runs: ``_get_locs`` for a
 get, ``_remote_io`` for the remote WRITEs of a put or remotify (and repatriation's READs).
@@ -39,10 +42,11 @@ from .. import errors
 from .._ext._storepath import StorePath, pack_keys
 
 try:  # the C request path needs the native codec (liblz4); without it every request takes Python
-    from .._ext._reqpath import RETIRED_CAPACITY, RequestPath, StoreLock
+    from .._ext._reqpath import FAILURES, RETIRED_CAPACITY, RequestPath, StoreLock
 except ImportError:  # pragma: no cover - a build without liblz4
-    RequestPath, StoreLock, RETIRED_CAPACITY = None, threading.RLock, 0
+    RequestPath, StoreLock, RETIRED_CAPACITY, FAILURES = None, threading.RLock, 0, {}
 from ..memory import Arena
+from ..transport.base import WC_STATUS_NAMES
 from ..units import PAGE_SIZE
 from . import codec
 from . import keys as K
@@ -140,6 +144,9 @@ class PageStore:
         self.requests = (RequestPath(self._lock, self.map, self.local, self.local_base, n_local)
                          if RequestPath is not None else None)
         self._retired = np.zeros(RETIRED_CAPACITY, dtype=np.uint64)
+        self._req_generation = -1  # the tier's route_generation the C path is bound to
+        if self.requests is not None and remote is not None:
+            remote.route_listeners.append(self.requests.unbind_remote)
 
     def add_provider(self, link) -> None:
         """A provider that joined (or came back): usable for new slabs and repairs at once."""
@@ -735,11 +742,16 @@ class PageStore:
                 c["gets"] += r["read_done"]
                 c["succ_gets"] += r["read_done"] - r["absent_reads"]
                 c["failed_gets"] += r["absent_reads"]
-                c["local_gets"] += r["read_done"] - r["absent_reads"] - r["zero_reads"]
-                c["c_reads"] = r["read_done"]
+                c["local_gets"] += r["read_done"] - r["absent_reads"] - r["zero_reads"] - r["remote_reads"]
+                c["remote_gets"] += r["remote_reads"]
+                c["c_reads"] = r["read_done"]  # pages
+                c["c_remote_reads"] = r["remote_reads"]  # of those, pages read from providers
+                c["c_remote_batches"] = r["remote_batches"]
                 c["c_writes"] = r["write_done"]
-                c["c_declined"] = sum(v for k, v in r.items() if k.startswith(("read_", "write_"))
-                                      and not k.endswith("_done"))
+                declined = {k: v for k, v in r.items() if k.startswith(("read_", "write_"))
+                            and not k.endswith("_done")}
+                c["c_declined"] = sum(declined.values())  # requests, by reason below
+                c["c_declined_by"] = declined
             local = self.local.stats()
             remote = self.remote_alloc.stats()
             c["pages"] = len(self.map)
@@ -777,9 +789,46 @@ class PageStore:
         copies that C writes replaced since Python last held the lock."""
         if self.closed:
             raise errors.RramError("page store is closed")
-        if self.requests is not None and self.requests.nretired:
-            n = self.requests.take_retired(self._retired)
+        req = self.requests
+        if req is None:
+            return
+        if req.nretired:
+            n = req.take_retired(self._retired)
             self._free(self._retired[:n])
+        if self.remote is not None:
+            if req.nfailed:
+                self._suspend_c_failures()
+            if self._req_generation != self.remote.route_generation:
+                self._bind_requests()
+
+    def _bind_requests(self) -> None:
+        """Point the C path's remote reads at the tier's current routes (under the lock).
+
+        Not with sealed pages: the C path's ``_unseal`` does not open them yet (ext/_reqpath.pyx;
+        the calls it needs are SlotAllocator._owner and Sealer.open_one, rram/_ext/*.pxd), so it
+        stays unbound and declines remote pages ("no route bound") to the Python path, which opens them."""
+        remote = self.remote
+        if self.seal is not None:
+            self._req_generation = remote.route_generation
+            return
+        router, lkeys = remote.router(self.staging.addr)
+        cores = [lk.endpoint.c_core() if lk.alive else None for lk in remote.links]
+        self.requests.bind_remote(router, lkeys, cores, self.staging.addr, self.batch, remote.read_timeout)
+        self._req_generation = remote.route_generation
+
+    def _suspend_c_failures(self) -> None:
+        """Suspend the links the C path saw fail, as Python's fast path does with its own failures."""
+        for li, code, detail in self.requests.take_failures():
+            link = self.remote.links[li]
+            if not link.alive:
+                continue
+            if code == FAILURES["timeout"]:
+                why = f"no completion in {detail / 1000:g}s (a read in C)"
+            elif code == FAILURES["status"]:
+                why = f"link failure ({WC_STATUS_NAMES.get(detail, detail)}) on a read in C"
+            else:
+                why = link.endpoint.c_failure(code, detail)
+            self.remote.suspend(li, why)
 
     def close(self) -> None:
         with self._lock:

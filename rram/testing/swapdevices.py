@@ -43,11 +43,13 @@ def reason() -> str | None:
 
 @contextlib.contextmanager
 def swap_device(name: str, size: int, pin: Callable[[int], None] = lambda pid: None,
-                servers: list[int] | None = None) -> Iterator[str]:
+                servers: list[int] | None = None, requester_args: tuple[str, ...] = ()) -> Iterator[str]:
     """``name`` as active swap of ``size`` bytes; yields its path.  ``servers`` (if given)
-    receives the pids of the user-space processes serving it, for CPU accounting."""
+    receives the pids of the user-space processes serving it, for CPU accounting;
+    ``requester_args``: more options of `rram requester` (``rram`` only)."""
     servers = [] if servers is None else servers
-    setup = {"zram": _zram, "disk": _disk, "nbdkit": _nbdkit, "rram": _rram}[name]
+    setup = {"zram": _zram, "disk": _disk, "nbdkit": _nbdkit,
+             "rram": lambda *a: _rram(*a, requester_args=requester_args)}[name]
     with setup(size, pin, servers) as dev:
         yield dev
 
@@ -132,7 +134,7 @@ def _need_fuse_loop() -> None:
 
 
 @contextlib.contextmanager
-def _rram(size, pin, servers):
+def _rram(size, pin, servers, requester_args: tuple[str, ...] = ()):
     _need_fuse_loop()
     tmp = tempfile.mkdtemp(prefix="rram-swap-")
     try:
@@ -142,7 +144,7 @@ def _rram(size, pin, servers):
                 servers.append(proc.pid)
             sock = os.path.join(tmp, "nbd.sock")
             requester, _ = start_requester(cluster.config_path, "req", size, sock,
-                                           os.path.join(tmp, "requester.log"))
+                                           os.path.join(tmp, "requester.log"), extra_args=requester_args)
             pin(requester.pid)
             servers.append(requester.pid)
             with _fuse_swap(sock, tmp, requester, pin, servers) as loop:

@@ -172,6 +172,22 @@ class Endpoint(abc.ABC):
     def outstanding(self) -> int:
         """Batches posted and not yet returned by ``poll``."""
 
+    def c_core(self):
+        """The object compiled code posts and polls on without the GIL (the page store's C
+        request path, ext/_reqpath.pyx, reads remote pages through it), or None: this transport
+        has none, and those reads take the Python path.  Valid until the endpoint breaks.
+
+        tcp has one (its WireRequester: READ data lands only inside its own poll).  verbs has
+        none yet: a READ C gave up on at the timeout would still be DMA'd into the staging
+        buffer later, which C reuses at once for reads on other links; it needs staging per
+        link (or the link deregistered first) and the VM to test it."""
+        return None
+
+    def c_failure(self, code: int, detail: int) -> str:
+        """Why C's post or poll on ``c_core()`` failed with result ``code`` (< 0), in words; the
+        endpoint is then unusable until ``recover()``, as after a failed ``post`` or ``poll``."""
+        return f"data path failed with code {code} ({detail})"
+
     @abc.abstractmethod
     def recover(self) -> None:
         """Make a broken endpoint usable again (verbs: QP reset and reconnect)."""

@@ -181,6 +181,8 @@ class _DataConnection:
             raise OSError(a, os.strerror(a))
         if code == _tcpwire.R_BAD_HEADER:
             h = wire.parse_header(self.core.header(), 0, wire.TO_PROVIDER)  # raises with the reason
+            if h.type == wire.REQUEST:  # valid for the reference; the C loop refused its MAC flag
+                raise errors.ProtocolError(f"REQUEST with flags {h.flags:#x}, which this connection does not expect")
             raise errors.ProtocolError("HELLO sent twice on one connection" if h.type == wire.HELLO
                                        else f"unexpected {wire.TYPE_NAMES[h.type]} frame")
         if code == _tcpwire.R_BAD_PAYLOAD:
@@ -512,6 +514,12 @@ class TcpEndpoint(RegionTableEndpoint):
             raise
         if rc:
             raise self._post_error(rc)
+
+    def c_core(self):
+        return self._core if self._broken is None else None
+
+    def c_failure(self, code: int, detail: int) -> str:
+        return str(self._post_error(code))  # the core kept the detail; disconnects like a failed post
 
     def _post_error(self, rc: int) -> errors.TransportError:
         a, b, _c = self._core.detail()

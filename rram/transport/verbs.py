@@ -145,8 +145,11 @@ def _parse_params(p: dict) -> tuple[int, int, bytes, int]:
         gid = bytes.fromhex(p["gid"])
         if not (0 < qpn < 1 << 24 and 0 <= psn < 1 << 24 and 1 <= mtu <= 5 and len(gid) == 16):
             raise ValueError("qpn/psn must be 24-bit, mtu an ibv_mtu value (1..5), gid 16 bytes")
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise errors.ProtocolError(f"bad verbs connection parameters {p!r}: {exc}") from exc
+        replaces = p.get("replaces")
+        if replaces is not None and (isinstance(replaces, bool) or not isinstance(replaces, int)):
+            raise ValueError(f"replaces must be the qpn of the QP it replaces, got {replaces!r:.40}")
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # int(1e999): Overflow
+        raise errors.ProtocolError(f"bad verbs connection parameters {p!r:.200}: {exc}") from exc
     return qpn, psn, gid, mtu
 
 

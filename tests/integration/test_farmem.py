@@ -195,6 +195,10 @@ def test_bad_input_gets_a_clear_error_and_the_region_keeps_serving(cluster):
             mem.advise("sideways")
         with pytest.raises(errors.RramError, match="resized"):
             mem.resize(2 << 20)
+        if mem.prefetch_ok:  # a prefetch without a valid offset failed the whole region (KeyError)
+            for bad in ({"op": "prefetch"}, {"op": "prefetch", "offset": "0", "length": 4096}):
+                with pytest.raises(errors.RramError, match="prefetch offset must be an integer"):
+                    mem._request(bad)
         mem[0:4] = b"abcd"
         assert mem[0:4] == b"abcd"
     with pytest.raises(errors.RramError, match="closed"):

@@ -2,8 +2,9 @@
 
 A queue-depth-1 client (as the kernel's swap mostly is) talks to two servers over two page
 stores, one serving single blocks in C and one all in Python; every reply must be the same,
-byte for byte, and match a reference model.  Also: several connections at once, and a provider
-killed in the middle of a run (the C path declines remote pages, the failover path serves them).
+byte for byte, and match a reference model.  Also: several connections at once, remote pages
+read in C over tcp, and a provider killed in the middle of a run (the C path declines the
+requests it cannot finish, the failover path serves them).
 """
 from __future__ import annotations
 
@@ -164,8 +165,11 @@ def test_concurrent_connections(tmp_path):
         assert _settled(srv)["c_requests"] > 0 and srv.counters["errors"] == 0
 
 
-def test_provider_killed_mid_run(tmp_path):
-    providers = [InProcessProvider(f"p{i}", 16 << 20) for i in range(2)]
+@pytest.mark.parametrize("transport", ["loopback", "tcp"])
+def test_provider_killed_mid_run(tmp_path, transport):
+    """Over tcp the C path reads remote pages itself: the kill makes one of its READs fail, the
+    request goes to Python (nothing sent to the client yet), and p0 is suspended."""
+    providers = [InProcessProvider(f"p{i}", 16 << 20, transport) for i in range(2)]
     store = make_store(providers, replicas=2, local_budget=128 << 10, slab_size=1 << 20)
     try:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=SIZE)
@@ -180,7 +184,31 @@ def test_provider_killed_mid_run(tmp_path):
                 t.join(120)
             assert not errors, errors[0]
             assert _settled(srv)["c_requests"] > 0 and srv.counters["errors"] == 0
-        assert store.stats()["providers"]["p0"] == "suspended"  # dead is the keeper's call (none here)
+        stats = store.stats()
+        assert stats["providers"]["p0"] == "suspended"  # dead is the keeper's call (none here)
+        if transport == "tcp":
+            assert stats["c_remote_reads"] > 0
+    finally:
+        store.close()
+        for p in providers:
+            p.close()
+
+
+def test_remote_single_reads_are_served_in_c_over_tcp(tmp_path):
+    providers = [InProcessProvider(f"p{i}", 16 << 20, "tcp") for i in range(2)]
+    store = make_store(providers, replicas=2, local_budget=128 << 10, slab_size=1 << 20)
+    try:
+        backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=SIZE)
+        with serve(backend, tmp_path, "c", True) as (srv, path):
+            errors: list = []
+            _client_loop(path, 0, SIZE // PAGE - 3, 2, errors)
+            assert not errors, errors[0]
+            counters = _settled(srv)
+        stats = store.stats()
+        assert stats["remote_pages"] > 0 and stats["c_remote_reads"] >= stats["remote_pages"]
+        declined = stats["c_declined_by"]
+        assert sum(v for k, v in declined.items() if k.startswith("read_")) == 0, declined
+        assert counters["errors"] == 0
     finally:
         store.close()
         for p in providers:

@@ -1,9 +1,10 @@
-"""The store's C request path (ext/_reqpath.pyx): single pages read and written without the GIL.
+"""The store's C request path (ext/_reqpath.pyx): single requests read and written without the GIL.
 
-Every test drives a real PageStore (local pool + an in-process provider over the loopback
-transport), with a local budget small enough that pages go remote, so the C path both serves
-requests and declines them (remote page, full local pool, remote copy to replace); a declined
-request is then served by the Python path, as the NBD server does.  The contents are checked
+Every test drives a real PageStore (local pool + in-process providers over the loopback
+transport, or over tcp where C reads remote pages too), with a local budget small enough that
+pages go remote, so the C path both serves requests and declines them (remote page without a C
+core, full local pool, remote copy to replace, a link that failed); a declined request is then
+served by the Python path, as the NBD server does.  The contents are checked
 against a reference model, and the C path against the Python path byte for byte.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rram.testing.inproc import InProcessProvider, make_store
 
 _reqpath = pytest.importorskip("rram._ext._reqpath", reason="built without liblz4: no C request path")
 DONE, REMOTE, LOCAL_FULL, OLD_REMOTE = (_reqpath.REQ[k] for k in ("done", "remote", "local_full", "old_remote"))
+LINK_FAILED = _reqpath.REQ["link_failed"]
 OBJ = 3
 
 
@@ -38,8 +40,9 @@ def page_of(seed: int, kind: str = "half") -> bytes:
 class Store:
     """A store, its pool and the two ways to serve one page (C first, as the NBD server does)."""
 
-    def __init__(self, local_budget: int = 256 << 10, providers: int = 1, replicas: int = 1):
-        self.providers = [InProcessProvider(f"p{i}", 32 << 20) for i in range(providers)]
+    def __init__(self, local_budget: int = 256 << 10, providers: int = 1, replicas: int = 1,
+                 transport: str = "loopback"):
+        self.providers = [InProcessProvider(f"p{i}", 32 << 20, transport) for i in range(providers)]
         self.store = make_store(self.providers, local_budget=local_budget, slab_size=1 << 20, replicas=replicas)
         self.pool = self.store.create_pool(persistent=True)
         self.base = (self.pool << 56) | (OBJ << 32)
@@ -187,10 +190,12 @@ def test_agrees_with_python_path(ops):
         s.close()
 
 
-def test_concurrent_c_and_python_writers_keep_every_page():
+@pytest.mark.parametrize("transport", ["loopback", "tcp"])
+def test_concurrent_c_and_python_writers_keep_every_page(transport):
     """C requests (several threads, no GIL) race Python batches, remotify and repatriation on one
-    store: the lock must keep the tables whole, and every acknowledged write must read back."""
-    s = Store(local_budget=192 << 10)
+    store: the lock must keep the tables whole, and every acknowledged write must read back.
+    Over tcp, C's remote READs share the links with Python's batches."""
+    s = Store(local_budget=192 << 10, providers=2, replicas=2, transport=transport)
     rounds, span = 6, 64
     errors: list[BaseException] = []
     final: dict[int, bytes] = {}
@@ -252,3 +257,93 @@ def test_store_lock_is_reentrant_and_checks_the_owner(s):
             assert s.write(0, page_of(0)) == DONE  # the C path in the same thread re-enters too
     with pytest.raises(RuntimeError, match="does not hold"):
         lock.release()
+
+
+# -- remote pages read in C (tcp links) ---------------------------------------------------------
+
+
+def _remote_indexes(s: Store, n: int) -> list[int]:
+    return [i for i in range(n) if (s.store.map.get(s.base | i) >> 37) >= 4096]
+
+
+@pytest.fixture
+def tcp():
+    st_ = Store(providers=2, replicas=2, transport="tcp")
+    yield st_
+    st_.close()
+
+
+def test_remote_pages_are_read_in_c_over_tcp(tcp):
+    n = 200
+    pages = {i: page_of(i, "raw" if i % 7 == 0 else "zero" if i % 11 == 0 else "half") for i in range(n)}
+    tcp.store.put_many(tcp.pool, OBJ, np.arange(n, dtype=np.uint32), b"".join(pages[i] for i in range(n)))
+    remote = _remote_indexes(tcp, n)
+    assert len(remote) > n // 2
+    before = tcp.store.stats()
+    for i in range(n):
+        got, rc = tcp.read(i)
+        assert rc == DONE and hashlib.sha256(got).digest() == hashlib.sha256(pages[i]).digest(), i
+    stats = tcp.store.stats()
+    assert stats["c_remote_reads"] == len(remote) and stats["c_declined"] == 0
+    assert stats["remote_gets"] - before["remote_gets"] == len(remote)
+    # a run (as one NBD request): local, remote, zero and never-written pages, over two chunks
+    idx = np.array(list(range(n - 30, n)) + [n + 5], dtype=np.uint32)
+    out = bytearray(len(idx) * PAGE_SIZE)
+    assert tcp.path.read_many(tcp.base, idx, out) == DONE
+    want = b"".join(pages.get(int(i), bytes(PAGE_SIZE)) for i in idx)
+    assert bytes(out) == want
+    assert tcp.store.stats()["c_remote_batches"] < stats["c_remote_batches"] + 2 * 2 + 1  # <= 1 per link and chunk
+
+
+def test_route_changes_unbind_the_c_path_until_python_binds_it_again():
+    s = Store(providers=3, replicas=2, transport="tcp")
+    try:
+        n = 300
+        pages = {i: page_of(i) for i in range(n)}
+        s.store.put_many(s.pool, OBJ, np.arange(n, dtype=np.uint32), b"".join(pages[i] for i in range(n)))
+        remote = _remote_indexes(s, n)
+        out = bytearray(PAGE_SIZE)
+        assert s.path.read(s.base | remote[0], out) == DONE
+        victim = max(s.store.remote.links, key=lambda lk: s.store.remote.slabs_on(lk.index))
+        s.store.drain(victim.name)  # a route change: C must not use its old binding
+        assert not s.path.remote_is_bound
+        assert s.path.read(s.base | remote[0], out) == REMOTE
+        assert s.read(remote[0])[0] == pages[remote[0]]  # Python serves it, and binds C again
+        assert s.path.remote_is_bound
+        k = 0
+        while s.store.repair(0.05):  # the drain copies slabs while C reads and writes go on
+            i = remote[k % len(remote)]
+            k += 1
+            got, _ = s.read(i)
+            assert got == pages[i], i
+            pages[i] = page_of(i + 1000)
+            s.write(i, pages[i])
+        assert s.store.remote.slabs_on(victim.index) == 0
+        codes = [s.read(i) for i in range(n)]
+        assert all(got == pages[i] for i, (got, _rc) in enumerate(codes))
+        assert s.store.stats()["c_remote_reads"] > 0
+    finally:
+        s.close()
+
+
+def test_a_killed_provider_makes_c_decline_and_python_suspend_it():
+    s = Store(providers=2, replicas=2, transport="tcp")
+    try:
+        n = 200
+        pages = {i: page_of(i) for i in range(n)}
+        s.store.put_many(s.pool, OBJ, np.arange(n, dtype=np.uint32), b"".join(pages[i] for i in range(n)))
+        remote = _remote_indexes(s, n)
+        s.providers[0].kill()  # its connections close: the next C READ on it fails
+        codes = []
+        for i in remote:
+            got, rc = s.read(i)
+            assert got == pages[i], i
+            codes.append(rc)
+        assert LINK_FAILED in codes
+        stats = s.store.stats()
+        assert stats["providers"]["p0"] == "suspended"
+        assert stats["c_declined_by"]["read_link_failed"] >= 1
+        assert codes.count(DONE) > len(remote) // 2  # the rest read in C from p1
+        assert s.path.nfailed == 0
+    finally:
+        s.close()

@@ -314,8 +314,10 @@ class Region:
         if op == "prefetch":
             if not self.minor:
                 return {"ok": False, "error": "prefetch needs UFFD_FEATURE_MINOR_SHMEM, which this kernel lacks"}
-            first = max(0, int(msg["offset"]) // PAGE_SIZE)
-            last = min(self.npages, -(-(int(msg["offset"]) + int(msg["length"])) // PAGE_SIZE))
+            try:  # a bad field (it was a KeyError or ValueError) failed the whole region
+                first, last = W.prefetch_range(msg, self.npages, PAGE_SIZE)
+            except errors.ProtocolError as exc:
+                return {"ok": False, "error": str(exc)}
             pages = np.arange(first, last, dtype=np.int64)
             pages = pages[self.state[pages] == ABSENT][: self.budget // 2]
             self.cache(pages)

@@ -17,6 +17,16 @@ MAX_LINE = 1 << 16
 HELLO_FDS = ("uffd", "memfd", "lifeline")
 
 
+def prefetch_range(msg: dict, npages: int, page_size: int) -> tuple[int, int]:
+    """Pages [first, last) of a ``prefetch`` request's ``offset`` and ``length`` (bytes), clipped
+    to the region (empty when last <= first); ProtocolError when either is not an integer."""
+    offset, length = msg.get("offset"), msg.get("length")
+    for name, value in (("offset", offset), ("length", length)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise errors.ProtocolError(f"prefetch {name} must be an integer, got {value!r:.40}")
+    return max(0, min(npages, offset // page_size)), max(0, min(npages, -(-(offset + length) // page_size)))
+
+
 def send(sock: socket.socket, msg: dict, fds: tuple[int, ...] = ()) -> None:
     data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
     if fds:
