@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWAP_SUITES = ("app/test_redis_swap_bench.py", "swap/test_swap_bench.py", "swap/test_farmem_vs_swap_bench.py")
 SUITES = ("test_codec_bench.py", "test_store_bench.py", "test_transport_latency.py", "test_nbd_bench.py",
           "test_nbd_fio_bench.py", "test_nbd_cpu_bench.py", "test_control_bench.py", "test_faults_bench.py",
-          "test_metadata_bench.py", "test_placement_bench.py", "test_frame_mac_bench.py", "test_farmem_bench.py")
+          "test_metadata_bench.py", "test_placement_bench.py", "test_frame_mac_bench.py", "test_farmem_bench.py",
+          "test_seal_bench.py")
 BUDGET_S = 25 * 60  # the whole full report, on the 2-CPU machine it is sized for
 SUITE_TIMEOUT_S = 600  # a test that hangs fails (pytest-timeout) instead of holding the report
 PIN_MODES = {"split": "requester / clients on CPU 0, providers / servers on CPU 1",
@@ -69,6 +70,13 @@ PAIRS = (
     Pair("batched get, pages/s / LZ4 decompress alone",
          "test_store_bench.py::test_get_many_remote", "test_store_bench.py::test_get_baseline_codec_only", "rate", 0.85,
          "batched get vs LZ4 alone"),
+    Pair("sealed / plain pages: batched put, pages/s", "test_seal_bench.py::test_put_many[sealed]",
+         "test_seal_bench.py::test_put_many[plain]", "rate", 0.8, "sealed put vs plain"),
+    Pair("sealed / plain pages: batched get, pages/s", "test_seal_bench.py::test_get_many[sealed]",
+         "test_seal_bench.py::test_get_many[plain]", "rate", 0.8, "sealed get vs plain"),
+    Pair("sealed / plain pages: store.get of a remote page, p50",
+         "test_seal_bench.py::test_get_latency_remote_page[sealed]",
+         "test_seal_bench.py::test_get_latency_remote_page[plain]", "time", 1.25, "sealed get p50 vs plain"),
     Pair("tcp 4 KiB READ p50 / raw socket, both spinning",
          "test_transport_latency.py::test_tcp_transport_4k_read[default-spin]",
          "test_transport_latency.py::test_raw_socket_4k_request_response[default-spin]", "time"),
@@ -130,14 +138,16 @@ PAIRS = (
     Pair("allocator alloc+free / pure Python", "test_metadata_bench.py::test_alloc_free_1024_mixed[native]",
          "test_metadata_bench.py::test_alloc_free_1024_mixed[python]", "time"),
     Pair("metadata all in / Python dict (page map only), bytes a page",
-         "test_metadata_bench.py::test_store_all_in_bytes_per_page",
+         "test_metadata_bench.py::test_store_all_in_bytes_per_page[sealed]",
          "test_metadata_bench.py::test_dict_baseline_bytes_per_page", "time"),
 )
 
 #: figures that stand alone: (title, benchmark, unit shown, scale from the timed value, goal text)
 FIGURES = (
-    ("metadata a stored page, all in (requester heap)", "test_metadata_bench.py::test_store_all_in_bytes_per_page",
-     "B", 1, "<= 16 B"),
+    ("metadata a stored page, all in (requester heap), sealed pages",
+     "test_metadata_bench.py::test_store_all_in_bytes_per_page[sealed]", "B", 1, "<= 16 B"),
+    ("metadata a stored page, all in (requester heap), plain pages",
+     "test_metadata_bench.py::test_store_all_in_bytes_per_page[plain]", "B", 1, "<= 16 B"),
     ("page map alone, 4M dense pages", "test_metadata_bench.py::test_pagemap_dense_bytes_per_page", "B", 1, ""),
     ("page map alone, sparse (1 page in 32)", "test_metadata_bench.py::test_pagemap_sparse_bytes_per_page", "B", 1, ""),
     ("slot allocator alone, with owner keys (local pool)",
@@ -591,14 +601,17 @@ def _extras(runs: list[dict]) -> list[str]:
         notes.append(f"* back to 2 copies: after the blip {last(blip, 'mb_copied')} MB of missed copies were resynced; "
                      f"after the SIGKILL {last(kill, 'mb_copied')} MB re-replicated, {last(kill, 'detect_s')} s of the "
                      "time spent detecting the death (dead threshold 2 s)")
-    key = "test_metadata_bench.py::test_store_all_in_bytes_per_page"
-    held = {f: last(key, f) for f in ("stored", "local", "remote", "pages", "heap_bytes", "pagemap_counted_bytes",
-                                      "whole_fill_bytes_per_page")}
-    if held["stored"]:
-        notes.append(f"* all-in metadata: {held['local']:,} local and {held['remote']:,} remote pages stored "
-                     f"({held['pages']:,} in the map with zero pages); the page map counts "
-                     f"{held['pagemap_counted_bytes'] / held['stored']:.1f} B a stored page of it; over the whole fill, "
-                     f"first-use buffers included: {held['whole_fill_bytes_per_page']} B a stored page")
+    for seal in ("sealed", "plain"):
+        key = f"test_metadata_bench.py::test_store_all_in_bytes_per_page[{seal}]"
+        held = {f: last(key, f) for f in ("stored", "local", "remote", "pages", "heap_bytes", "pagemap_counted_bytes",
+                                          "whole_fill_bytes_per_page")}
+        if not held["stored"]:
+            continue
+        notes.append(f"* all-in metadata, {seal} pages: {held['local']:,} local and {held['remote']:,} remote pages stored "
+                     f"({held['pages']:,} in the map with zero pages); the store counts "
+                     f"{held['pagemap_counted_bytes'] / held['stored']:.1f} B a stored page of it (page map, and seal "
+                     f"versions when sealed); over the whole fill, first-use buffers included: "
+                     f"{held['whole_fill_bytes_per_page']} B a stored page")
     for ops in (1, 256):
         ratio = last(f"test_frame_mac_bench.py::test_frame_mac[{ops}]", "ratio_vs_unsigned")
         if ratio is not None:

@@ -14,7 +14,8 @@ timed values (bench/conftest.py ``figure``), median of 3 rounds, each from empty
   makes once, on first use (transport buffers, scratch arrays); ``extra_info`` has the average
   over the whole fill as well (``whole_fill_bytes_per_page``).  That is the page map, both slot
   allocators (owner keys, stored sizes, block headers and bitmaps, slab tables), the remote
-  tier's per-slab tables, every C structure the store grows.  Not counted: Python objects
+  tier's per-slab tables, every C structure the store grows.  Sealed (the default) and plain:
+  a sealed remote page adds its version, the remote slot's 8-byte owner word.  Not counted: Python objects
   (pymalloc's arenas are not malloc's), a few per slab, and page data (mmap'ed arenas).
 * the parts, for the breakdown: the page map alone (4M dense keys, swap-like, and a sparse
   key set), and the slot allocator alone for the mix's compressed sizes, with owner keys (the
@@ -88,7 +89,8 @@ def _stored(store) -> int:
 
 
 @pytest.mark.benchmark(group=GROUP)
-def test_store_all_in_bytes_per_page(benchmark, figure, mix):
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plain"])
+def test_store_all_in_bytes_per_page(benchmark, figure, mix, seal):
     data, crcs = mix
     rounds = contextlib.ExitStack()
     held: dict = {}
@@ -97,7 +99,8 @@ def test_store_all_in_bytes_per_page(benchmark, figure, mix):
 
         def fresh():
             rounds.close()  # the previous round's store goes first, its leases with it
-            store = rounds.enter_context(open_store(cluster.config, name="meta", local_budget=4 << 20, keeper=False))
+            store = rounds.enter_context(open_store(cluster.config, name="meta", local_budget=4 << 20, keeper=False,
+                                                       seal=seal))
             return (store, store.create_pool()), {}
 
         def fill(store, pool):
@@ -178,7 +181,7 @@ def mix_sizes():
     pages = make_pages(n, seed=13, mix={"text": 0.35, "binary": 0.35, "random": 0.15})
     images, sizes = np.empty_like(pages), np.zeros(n, np.uint32)
     codec.compress_pages(pages, n, images, sizes)
-    sizes[sizes > 3584] = L.MAX_STORED_SIZE
+    sizes[sizes > 3584] = 4096
     return np.resize(sizes, ALLOC_SLOTS)
 
 

@@ -252,7 +252,7 @@ cdef class SlotAllocator:
             self._avail_insert(s)
 
     cdef uint64_t _alloc_one(self, uint32_t size, uint64_t owner, int *err) noexcept nogil:
-        """One slot of ``size`` bytes (1..4096) owned by ``owner`` (kept when tracking owners):
+        """One slot of ``size`` bytes (1..MAX_STORED_SIZE) owned by ``owner`` (kept when tracking owners):
         its location, or 0 with ``err`` E_OK (no room) or E_NOMEM."""
         cdef int c = (size + GRANULE - 1) // GRANULE
         cdef int w, bit, slot
@@ -574,7 +574,7 @@ cdef class SlotAllocator:
               Py_ssize_t n=-1) -> int:
         """Allocate slots for sizes[:n] in order into out_locs[:n]; stops at the first that does
         not fit and returns how many were allocated.  ``owners`` (the page keys) is required when
-        tracking owners and ignored otherwise.  A size outside 1..4096 raises ValueError and
+        tracking owners and ignored otherwise.  A size outside 1..MAX_STORED_SIZE raises ValueError and
         allocates nothing."""
         cdef Py_ssize_t i, done = 0
         cdef int err
@@ -652,6 +652,29 @@ cdef class SlotAllocator:
                 out[i] = b.owners[slot]
         if err != E_OK:
             raise RramError(f"locs[{i}] = {locs[i]:#x} {_REASONS[err]}")
+
+    cdef int _owner(self, uint64_t loc, uint64_t *out) noexcept nogil:
+        """*out = the owner word of allocated slot ``loc`` (a sealed remote page's version): E_OK
+        or the reason it is not an allocated slot.  The allocator must track owners."""
+        cdef int32_t gid
+        cdef int slot
+        cdef int err = self._decode(loc, &gid, &slot)
+        if err == E_OK and (self._blk(gid).freebits[slot >> 6] >> (slot & 63)) & 1:
+            err = E_DOUBLE
+        if err == E_OK:
+            out[0] = self._blk(gid).owners[slot]
+        return err
+
+    def owner_of(self, uint64_t loc) -> int:
+        """The owner of one allocated slot (the scalar ``owners``, for one-page paths)."""
+        cdef uint64_t owner = 0
+        cdef int err
+        if not self.track_owners:
+            raise RramError("this allocator does not track owners")
+        err = self._owner(loc, &owner)
+        if err != E_OK:
+            raise RramError(f"location {loc:#x} {_REASONS[err]}")
+        return owner
 
     def pick_victims(self, Py_ssize_t max_n, uint64_t[:] out_locs, uint64_t[:] out_owners=None) -> int:
         """Up to max_n allocated slots to evict, in clock order over blocks (the hand advances,
@@ -740,5 +763,8 @@ cdef class SlotAllocator:
             "capacity_bytes": self.capacity_bytes,
             "free_bytes": self.free_bytes,
             "retired_bytes": retired,
+            # the owner words of every slot of every block in use (track_owners only)
+            "owner_bytes": sum(self.class_blocks[c] * (BLOCK_GRANULES // c) for c in range(1, NCLASSES + 1))
+            * 8 * self.track_owners,
             "class_blocks": {c: self.class_blocks[c] for c in range(1, NCLASSES + 1) if self.class_blocks[c]},
         }

@@ -293,12 +293,15 @@ cdef class StorePath:
     """A PageStore's batch steps over its local pool and its own scratch arrays.
 
     ``local_base[slab]`` is the address of local slab 1..last_local; page i of a batch is
-    staged at ``staging + i*4096``.  The scratch arrays (``batch`` entries each) are filled
+    compressed to ``staging + i*4096`` and READ from a provider to ``read_base + i*read_stride``
+    (the staging arena again, or the seal buffer whose slots hold an image and its tag).  The scratch arrays (``batch`` entries each) are filled
     by plan_get (srcs, sizes: decompress_pages' arguments) and split_put (the rest).
     """
     cdef const uint64_t *local_base
     cdef uint64_t last_local
     cdef uint64_t staging
+    cdef uint64_t read_base
+    cdef uint64_t read_stride
     cdef Py_ssize_t batch
     cdef object _local_base
     cdef readonly object srcs, sizes, zero_keys, nz_keys, nz_sizes, nz_srcs
@@ -313,11 +316,14 @@ cdef class StorePath:
     cdef readonly Py_ssize_t local
     cdef readonly Py_ssize_t remote
 
-    def __cinit__(self, local_base, uint64_t last_local, uint64_t staging, Py_ssize_t batch):
+    def __cinit__(self, local_base, uint64_t last_local, uint64_t staging, Py_ssize_t batch,
+                  uint64_t read_base=0, uint64_t read_stride=PAGE):
         self._local_base = local_base
         self.local_base = <const uint64_t *>_data(local_base, 8, last_local + 1, False, "local_base")
         self.last_local = last_local
         self.staging = staging
+        self.read_base = read_base or staging
+        self.read_stride = read_stride
         self.batch = batch
         self.srcs = np.zeros(batch, dtype=np.uint64)
         self.sizes = np.zeros(batch, dtype=np.uint32)
@@ -339,7 +345,7 @@ cdef class StorePath:
 
     def plan_get(self, const uint64_t[:] locs, Py_ssize_t n, found_out, Router router, lkeys):
         """Fill srcs[:n] / sizes[:n] for decompress_pages, found_out[:n] (bool) and, through
-        ``router``, the READs of remote pages into staging (``lkeys``: the staging arena's).
+        ``router``, the READs of remote pages into the read slots (``lkeys``: that arena's).
 
         Returns the router's batches ([] when nothing is remote), or None for the failover path.
         """
@@ -370,7 +376,7 @@ cdef class StorePath:
                     self._srcs[i] = self.local_base[slab] + loc_offset(loc)
                     nl += 1
                     continue
-                self._srcs[i] = self.staging + <uint64_t>i * PAGE
+                self._srcs[i] = self.read_base + <uint64_t>i * self.read_stride
                 nr += 1
                 if lk == NULL:
                     rc = -1

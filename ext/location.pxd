@@ -1,7 +1,9 @@
 # The page location layout, declared once.  A location is one uint64 (0 = absent):
 #
 #   bits  0..1   kind    0 absent, 1 zero page (no storage), 2 stored
-#   bits  2..14  size    stored length 1..4096 (4096 == stored raw, uncompressed)
+#   bits  2..14  size    stored length 1..4112: an image of 1..4096 bytes (4096 == stored raw,
+#                        uncompressed), plus the 16-byte tag in a remote slab when pages are
+#                        sealed (rram/_ext/_seal.pxd)
 #   bits 15..36  offset  byte offset in the slab / 64 (slabs up to 256 MiB)
 #   bits 37..60  slab    slab id (1..2**24-1): 1..FIRST_REMOTE_SLAB-1 are slabs of the local
 #                        pool, FIRST_REMOTE_SLAB and up are remote virtual slabs
@@ -24,7 +26,7 @@ cdef enum:
     SLAB_FIELD = (1 << 24) - 1
     LOC_BITS = 61  # the bits above are always 0
     GRANULE = 64
-    MAX_STORED_SIZE = 4096
+    MAX_STORED_SIZE = 4112  # a raw page and its seal tag
     FIRST_REMOTE_SLAB = 4096
 
 

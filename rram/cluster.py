@@ -60,10 +60,11 @@ def link_provider(node, rt, credential, tls, timeout: float = 5.0) -> Link:
 
 
 def open_store(config, *, name: str | None = None, transport: str | None = None, local_budget: int | None = None,
-               replicas: int | None = None, batch: int | None = None, keeper: bool = True) -> PageStore:
+               replicas: int | None = None, batch: int | None = None, keeper: bool = True,
+               seal: bool | None = None) -> PageStore:
     """A PageStore for requester ``name`` (default host-pid) on the cluster ``config`` (a path
     or a ClusterConfig).  ``transport`` overrides the cluster file's; ``local_budget``,
-    ``replicas`` and ``batch`` override its requester settings; ``keeper=False`` runs without
+    ``replicas`` and ``batch`` override its requester settings, ``seal`` its ``seal``; ``keeper=False`` runs without
     the background control loop (heartbeats, failure handling, re-replication, repatriation).
     Unreachable providers are skipped with a warning and linked when they come up.
     """
@@ -97,7 +98,8 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
         log.warning("only %d providers reachable for %d replicas: remote puts will fail until more join",
                     len(remote.links), replicas)
     store = PageStore(remote, local_budget=local_budget or cfg.requester.local_budget,
-                      batch=batch or cfg.requester.remotify_batch)
+                      batch=batch or cfg.requester.remotify_batch, seal=cfg.seal if seal is None else seal,
+                      requester=requester)
     store.transport = tname
     store.transport_reason = why
     store.requester = requester

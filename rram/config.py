@@ -143,6 +143,10 @@ class ClusterConfig:
     replicas: int = _f(2, "int", minimum=1)
     #: copies a persistent write needs; below, it fails (ReplicationError) instead of weakening
     min_replicas: int = _f(1, "int", minimum=1)
+    #: seal every page a requester stores on a provider (AES-256-GCM under a key only that requester
+    #: process holds; README "Security model"): providers can neither read nor undetectably alter,
+    #: swap or replay pages.  ``false`` stores plain compressed images (a little faster, no privacy)
+    seal: bool = _f(True, "bool")
     nodes: list = field(default_factory=list, metadata={"kind": "nodes"})
     requester: RequesterConfig = field(default_factory=RequesterConfig, metadata={"kind": "requester"})
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"kind": "limits"})

@@ -108,3 +108,10 @@ def os_error(message: str, err: int) -> TransportError:
 
 class CorruptDataError(RramError):
     """Stored bytes did not decompress to a whole page (bit rot, a bug, or the wrong slot)."""
+
+
+class SealError(CorruptDataError):
+    """A sealed page did not verify on any copy: a provider altered, swapped or replayed it (or the
+    bytes rotted).  The read fails rather than return wrong bytes; ``errno`` is EIO."""
+
+    errno = _errno.EIO

@@ -3,7 +3,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 
 cdef enum:
-    NCLASSES = 64
+    NCLASSES = 65              # c*64 bytes; 65 holds a sealed raw page (4112 bytes)
     BITMAP_WORDS = 16
     E_OK = 0                   # free() failure reasons (reported with the index of the bad location)
     E_KIND = 1
@@ -82,6 +82,7 @@ cdef class SlotAllocator:
     cdef int _mark_free(self, uint64_t loc) noexcept nogil
     cdef void _account_free(self, uint64_t loc) noexcept nogil
     cdef int _free_one(self, uint64_t loc) noexcept nogil
+    cdef int _owner(self, uint64_t loc, uint64_t *out) noexcept nogil
     cdef int _free_batch(self, const uint64_t[:] locs, Py_ssize_t n, Py_ssize_t *bad) noexcept nogil
     cdef Py_ssize_t _pick(self, Py_ssize_t max_n, uint64_t[:] out_locs, uint64_t[:] out_owners,
                           bint with_owners) noexcept nogil

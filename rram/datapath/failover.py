@@ -25,19 +25,21 @@ from ..transport import OP_READ, OP_WRITE
 from . import codec
 from . import slab as L
 from .remote import RemoteTier
+from .seal import TAG
 
 
 class Failover:
     """Reads and writes of remote pages, and whole get batches, for any state of the remote tier."""
 
-    def __init__(self, tier: RemoteTier | None, local_addrs, staging_base: int, staging_addrs: np.ndarray):
+    def __init__(self, tier: RemoteTier | None, local_addrs, read_base: int, read_addrs: np.ndarray, opener=None):
         self.tier = tier
         self._local_addrs = local_addrs  # locs -> addresses of their local slots
-        self._staging_base = staging_base  # the registered staging arena
-        self._staging_addrs = staging_addrs  # batch slot i -> staging + i*4096
+        self._read_base = read_base  # the registered arena remote pages are READ into
+        self._read_addrs = read_addrs  # batch slot i -> its READ target in that arena
+        self._open = opener  # PageStore._open_remote when pages are sealed, else None
 
-    def get(self, locs: np.ndarray | int, dst) -> tuple[np.ndarray, int, int, int]:
-        """Decompress the pages at looked-up ``locs`` (an array, or one int) into ``dst``.
+    def get(self, locs: np.ndarray | int, dst, keys) -> tuple[np.ndarray, int, int, int]:
+        """Decompress the pages at looked-up ``locs`` (an array, or one int) of ``keys`` into ``dst``.
 
         Returns (found, hits, local, remote): the found mask and how many pages were found,
         read from the local pool and read from providers."""
@@ -53,15 +55,21 @@ class Failover:
             srcs[local] = self._local_addrs(locs[local])
         remote = np.flatnonzero(L.is_remote(locs))
         if len(remote):
+            rlocs = np.ascontiguousarray(locs[remote])
+            addrs = self._read_addrs[remote]
             missed = np.zeros(len(remote), dtype=bool)
-            self.read(np.ascontiguousarray(locs[remote]), self._staging_addrs[remote], self._staging_base, missed)
-            srcs[remote] = self._staging_addrs[remote]
+            self.read(rlocs, addrs, self._read_base, missed)
+            srcs[remote] = addrs
             if missed.any():  # zero-filled, like any other miss of get_many
                 gone = remote[missed]
                 found[gone] = False
                 sizes[gone] = 0
                 srcs[gone] = 0
-                remote = remote[~missed]
+                keep = ~missed
+                remote, rlocs, addrs = remote[keep], rlocs[keep], addrs[keep]
+            if self._open is not None and len(remote):
+                self._open(rlocs, np.atleast_1d(np.asarray(keys, dtype=np.uint64))[remote], addrs)
+                sizes[remote] = L.loc_size(rlocs) - TAG
         codec.decompress_pages(srcs, sizes, n, dst)
         return found, int(found.sum()), int(local.sum()), len(remote)
 
@@ -114,6 +122,32 @@ class Failover:
             tier.counters["read_retries"] += 1  # a replica failed or timed out: read elsewhere
             todo = todo[np.isin(link, list(failed))]
         raise errors.TransportError("reads kept failing on every replica")
+
+    def read_copy(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int, copy: int,
+                  want: np.ndarray) -> np.ndarray | None:
+        """READ the pages in ``want`` from their ``copy``-th copy (replicas in read order, then the
+        copy a drain is moving away from) where that copy is live: the mask of pages whose copy is
+        usable (those in ``want`` were read), or None past the last copy.  Sealed pages that failed
+        their tag are read again this way."""
+        tier = self.tier
+        if copy > tier.replicas:
+            return None
+        slabs = L.loc_slab(remote_locs).astype(np.intp)
+        offs = L.loc_offset(remote_locs)
+        alive = tier.alive_mask()
+        if copy < tier.replicas:
+            jj = (slabs + copy) % tier.replicas
+            link, base, rkey = tier.rep_link[jj, slabs], tier.rep_addr[jj, slabs], tier.rep_rkey[jj, slabs]
+            usable = (link >= 0) & alive[np.maximum(link, 0)] & tier.rep_ready[jj, slabs]
+        else:
+            link, base, rkey = tier.mv_link[0, slabs], tier.mv_addr[0, slabs], tier.mv_rkey[0, slabs]
+            usable = (link >= 0) & alive[np.maximum(link, 0)]
+        link = np.where(usable & want, link, -1).astype(np.int32)
+        if (link >= 0).any():
+            sizes = L.loc_size(remote_locs).astype(np.uint32)
+            failed = tier.run_plans(OP_READ, [(link, base + offs, rkey)], local_addrs, sizes, local_base)
+            usable &= ~np.isin(link, list(failed))
+        return usable
 
     def _unreadable(self, slabs: np.ndarray) -> errors.TransportError:
         """The error for pages of ``slabs`` that no live replica holds: ReplicaSuspended when

@@ -12,6 +12,9 @@ repair is copying a slab, and every posted batch succeeds.  Then
 
 In any other case it answers None or False, with nothing to undo (a link that failed is
 suspended), and ``PageStore`` hands the whole batch to the failover path (failover.py).
+
+With sealed pages, remote pages are READ into the seal buffer and opened (``opener``, the same
+call the failover path makes) before the decompress call.
 """
 from __future__ import annotations
 
@@ -26,20 +29,24 @@ from ..transport.base import WC_SUCCESS
 from . import codec
 from . import slab as L
 from .remote import LINK_FAILURE_STATUSES, RemoteTier
+from .seal import TAG
 
 
 class FastPath:
     """The common case of get batches and remote reads/writes; see the module docstring."""
 
     def __init__(self, tier: RemoteTier | None, path: StorePath | None, local_base: np.ndarray | None,
-                 staging_base: int):
+                 staging_base: int, opener=None, open_one=None):
         self.tier = tier
         self.path = path  # the store's C batch steps and their scratch arrays
         # local slab id -> address of the slab (fixed for the store's life); a list, like the
         # array.arrays below, because one-element numpy reads and writes cost ~150 ns each and the
         # one-page branch of ``get`` is the latency path
         self.local_base = None if local_base is None else [int(a) for a in local_base]
-        self.staging_base = staging_base  # the registered staging arena (remote READ target)
+        self.staging_base = staging_base  # the registered arena remote pages are READ into
+        # PageStore._open_remote and _open_remote_one when pages are sealed, else None
+        self.open = opener
+        self.open_one = open_one
         self._comp = new_completions(1)
         one = new_ops(1)  # the single READ of the latency path: per-field views, set without numpy dispatch
         one["opcode"] = OP_READ
@@ -48,10 +55,12 @@ class FastPath:
         self._one_src = array.array("Q", [0])  # uint64 decompress source
         self._one_size = array.array("I", [0])  # uint32 stored size
 
-    def get(self, locs: np.ndarray | int, dst) -> tuple[np.ndarray | bool, int, int, int] | None:
-        """Decompress the pages at looked-up ``locs`` into ``dst``: (found, hits, local, remote), or None.
+    def get(self, locs: np.ndarray | int, dst, keys) -> tuple[np.ndarray | bool, int, int, int] | None:
+        """Decompress the pages at looked-up ``locs`` of ``keys`` into ``dst``: (found, hits, local,
+        remote), or None.
 
-        ``locs`` is a uint64 array, or one location as an int (``PageStore.get``: no array set-up).
+        ``locs`` and ``keys`` are uint64 arrays, or one location and key as ints (``PageStore.get``:
+        no array set-up).
         """
         if isinstance(locs, int):  # one page, scalar: the latency path
             kind = locs & L.KIND_MASK
@@ -66,6 +75,9 @@ class FastPath:
                     return None
                 src = self.staging_base
                 nremote = 1
+                if self.open_one is not None:
+                    self.open_one(locs, keys, src)
+                    size -= TAG
             self._one_src[0] = src
             self._one_size[0] = size
             codec.decompress_pages(self._one_src, self._one_size, 1, dst)
@@ -79,6 +91,10 @@ class FastPath:
         # run_routed: set() when every READ landed; None (nothing posted) or the failed links otherwise
         if batches is None or (batches and tier.run_routed(batches) != set()):
             return None
+        if batches and self.open is not None:
+            remote = np.flatnonzero(L.is_remote(locs))
+            self.open(np.ascontiguousarray(locs[remote]), keys[remote], path.srcs[remote])
+            path.sizes[remote] -= np.uint32(TAG)
         codec.decompress_pages(path.srcs, path.sizes, n, dst)
         return found, path.found, path.local, path.remote
 

@@ -3,7 +3,8 @@
 A location is one uint64 (0 = absent); the layout is declared once, in ext/location.pxd::
 
     bits  0..1   kind    0 absent, 1 zero page (no storage), 2 stored
-    bits  2..14  size    stored length 1..4096 (4096 == stored raw, uncompressed)
+    bits  2..14  size    stored length 1..4112 (an image of 1..4096 bytes, 4096 == stored raw;
+                         a sealed remote page adds its 16-byte tag)
     bits 15..36  offset  byte offset in the slab / 64 (slabs up to 256 MiB)
     bits 37..60  slab    slab id (1..2**24-1): below FIRST_REMOTE_SLAB local, from it on remote
 
@@ -45,7 +46,7 @@ ABSENT = 0
 ZERO_LOCATION = KIND_ZERO
 BLOCK_SIZE = 65536
 MAX_SLAB_SIZE = (OFFSET_FIELD + 1) * GRANULE
-SIZE_CLASSES = BLOCK_SIZE // 1024  # 64 classes of c*64 bytes
+SIZE_CLASSES = -(-MAX_STORED_SIZE // GRANULE)  # 65 classes of c*64 bytes (65: a sealed raw page)
 
 _U = np.uint64
 

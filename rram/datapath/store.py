@@ -12,8 +12,12 @@ put:  compress (native LZ4, batch) -> slot in the local pool (size-class allocat
          WRITE to every replica of a remote virtual slab, then repoint the page map.
 get:  page map -> zero fill | decompress from the local pool | READ into staging, decompress.
 
+Sealed pages (``seal=True``, the default): every image bound for a provider is sealed between
+compression and the WRITE, and opened between the READ and decompression (seal.py); remote
+pages are then READ into the seal buffer instead of staging.  Local pages need no seal.
+
 All per-page state lives in compact arrays (page map: 8 bytes a page; local slot owners: 8 bytes
-a local page).
+a local page; seal versions: 8 bytes a sealed remote page).
 
 Single requests (the NBD server's one-request turns) have a C path over the same tables:
 ``requests`` (ext/_reqpath.pyx: a local read or write, or a read of remote pages over a link's C
@@ -54,6 +58,7 @@ from .failover import Failover
 from .fastpath import FastPath
 from .pagemap import PageMap
 from .remote import RemoteTier
+from .seal import TAG, PageSeal
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ class PageStore:
         local_budget: int = 64 << 20,
         batch: int = 256,
         choose_targets=None,
+        seal: bool = True,
+        requester: str = "",
     ):
         if local_budget < L.BLOCK_SIZE:
             raise errors.ConfigError(f"local_budget must be at least {L.BLOCK_SIZE} bytes, got {local_budget}")
@@ -103,8 +110,12 @@ class PageStore:
         # staging: compressed images of a batch (compress output, remote READ target)
         self.staging = Arena(self.batch * PAGE_SIZE)
         self.remote = remote
-        self.remote_alloc = L.SlotAllocator(track_owners=False)  # slabs with r copies (persistent pools)
-        self.eph_alloc = L.SlotAllocator(track_owners=False)  # slabs with one copy (ephemeral pools)
+        #: seals what providers store (None: pages go out as plain images); see seal.py
+        self.seal = PageSeal(self.batch, requester) if seal and remote is not None else None
+        # a sealed page's version is its remote slot's owner word (8 bytes a remote page)
+        sealed = self.seal is not None
+        self.remote_alloc = L.SlotAllocator(track_owners=sealed)  # slabs with r copies (persistent pools)
+        self.eph_alloc = L.SlotAllocator(track_owners=sealed)  # slabs with one copy (ephemeral pools)
         self._choose = choose_targets or _round_robin
         if remote is not None:
             for link in remote.links:
@@ -120,15 +131,21 @@ class PageStore:
         self._locs = np.zeros(b, dtype=np.uint64)
         self._old = np.zeros(b, dtype=np.uint64)
         self._staging_addrs = self.staging.addr + np.arange(b, dtype=np.uint64) * PAGE_SIZE
+        # remote pages are READ into the seal buffer when sealing (room for an image and its tag)
+        self._read_base = self.seal.base if self.seal is not None else self.staging.addr
+        self._read_addrs = self.seal.addrs if self.seal is not None else self._staging_addrs
         self._ok = np.zeros(b, dtype=np.uint8)
         self._zero_locs = np.full(b, L.ZERO_LOCATION, dtype=np.uint64)
         self._freed = np.zeros(b, dtype=np.uint64)
-        self._path = StorePath(self.local_base, n_local, self.staging.addr, b)  # C batch steps + their scratch
+        self._path = StorePath(self.local_base, n_local, self.staging.addr, b, self._read_base,
+                               int(self._read_addrs[1] - self._read_addrs[0]) if b > 1 else PAGE_SIZE)
         self._unswept = False  # remote slots were freed without looking for slabs left empty
         self._one_page = bytearray(PAGE_SIZE)
         self.fast_path = True  # False: every batch takes the failover path (tests, diagnosis)
-        self._fast = FastPath(remote, self._path, self.local_base, self.staging.addr)
-        self._failover = Failover(remote, self._local_addrs, self.staging.addr, self._staging_addrs)
+        opener = self._open_remote if self.seal is not None else None
+        self._fast = FastPath(remote, self._path, self.local_base, self._read_base, opener,
+                              self._open_remote_one if self.seal is not None else None)
+        self._failover = Failover(remote, self._local_addrs, self._read_base, self._read_addrs, opener)
         #: single-page reads and writes in C on these tables (None: not built)
         self.requests = (RequestPath(self._lock, self.map, self.local, self.local_base, n_local)
                          if RequestPath is not None else None)
@@ -144,7 +161,7 @@ class PageStore:
             self._register_arenas(link)
 
     def _register_arenas(self, link) -> None:
-        for arena in (self.local_arena, self.staging):
+        for arena in (self.local_arena, self.staging) + ((self.seal.buf,) if self.seal is not None else ()):
             link.lkeys[arena.addr] = link.endpoint.register_local(arena.addr, arena.length)
         self.remote.invalidate_routes()
 
@@ -242,28 +259,23 @@ class PageStore:
                 break
         if done < m:
             rest = slice(done, m)
-            rlocs = self._remote_alloc(sizes[rest], persistent)
             if not persistent:
-                return self._put_ephemeral_remote(keys[rest], rlocs, srcs[rest])
+                return self._put_ephemeral_remote(
+                    keys[rest], *self._alloc_remote(keys[rest], srcs[rest], sizes[rest], self.staging.addr, False))
+            rlocs = self._write_remote(keys[rest], srcs[rest], sizes[rest], self.staging.addr)
             if rlocs is None:
                 raise errors.StoreFullError(
                     f"local pool ({self.local.capacity_bytes} bytes) and every provider are full"
                 )
-            try:
-                self._remote_io(True, rlocs, srcs[rest], self.staging.addr, self._min_copies(persistent))
-            except errors.ReplicationError:
-                self.remote_alloc.free(rlocs, len(rlocs))
-                self._unswept = True
-                raise
             self._commit(keys[rest], rlocs)
             self.counters["pages_remoted"] += m - done
 
-    def _put_ephemeral_remote(self, keys, rlocs, srcs) -> None:
+    def _put_ephemeral_remote(self, keys, rlocs, srcs, base: int) -> None:
         """Ephemeral pages straight to one-copy slabs; those with no room or no live copy are
         dropped (a put to an ephemeral pool may fail silently): their keys then miss, never
         read an older version."""
         written = np.zeros(len(keys), dtype=bool) if rlocs is None else \
-            self._write_ephemeral(rlocs, srcs, self.staging.addr)
+            self._write_ephemeral(rlocs, srcs, base)
         if written.any():
             self._commit(np.ascontiguousarray(keys[written]), np.ascontiguousarray(rlocs[written]))
             self.counters["pages_remoted"] += int(written.sum())
@@ -336,14 +348,82 @@ class PageStore:
 
     # -- remotify -------------------------------------------------------------------------
 
-    def _remote_alloc(self, sizes: np.ndarray, persistent: bool) -> np.ndarray | None:
-        """Remote locations for ``sizes``, leasing new slabs as needed; None when out of room."""
+    def _alloc_remote(self, keys, srcs, sizes, base: int, persistent: bool):
+        """New remote slots for the images at ``srcs`` (in the arena at ``base``), sealed into the
+        seal's buffer first when sealing: (their locations, or None when no provider has room;
+        the addresses of the images to write; the arena they are in)."""
+        if self.seal is None:
+            return self._remote_alloc(sizes, persistent), srcs, base
+        versions = self.seal.versions(len(keys))
+        rlocs = self._remote_alloc(sizes + np.uint32(TAG), persistent, versions)
+        if rlocs is None:
+            return None, srcs, base
+        return rlocs, self.seal.seal(keys, srcs, sizes, versions), self.seal.base
+
+    def _write_remote(self, keys, srcs, sizes, base: int) -> np.ndarray | None:
+        """Persistent images to new remote slots, written to every replica (sealed first when
+        sealing): their locations, or None when no provider has room.  ReplicationError (too few
+        copies) frees the slots and propagates."""
+        rlocs, srcs, base = self._alloc_remote(keys, srcs, sizes, base, True)
+        if rlocs is None:
+            return None
+        try:
+            self._remote_io(True, rlocs, srcs, base, self._min_copies(True))
+        except errors.ReplicationError:
+            self.remote_alloc.free(rlocs, len(rlocs))
+            self._unswept = True
+            raise
+        return rlocs
+
+    def _owners(self, rlocs: np.ndarray) -> np.ndarray:
+        """The owner words (seal versions) of remote slots, each from the allocator of its slab."""
+        out = np.empty(len(rlocs), dtype=np.uint64)
+        one = self.remote.one_copy[0, L.loc_slab(rlocs).astype(np.intp)]
+        for alloc, sel in ((self.eph_alloc, one), (self.remote_alloc, ~one)):
+            if sel.all():
+                alloc.owners(rlocs, out)
+                return out
+            if sel.any():
+                part = np.empty(int(sel.sum()), dtype=np.uint64)
+                alloc.owners(np.ascontiguousarray(rlocs[sel]), part)
+                out[sel] = part
+        return out
+
+    def _open_remote(self, rlocs: np.ndarray, keys: np.ndarray, addrs: np.ndarray) -> None:
+        """Open sealed remote pages READ to ``addrs`` in place, re-reading any that fail from their
+        other copies (SealError when none opens).  The fast and failover paths both call this."""
+        versions = self._owners(rlocs)
+        failures = self.seal.failures
+        try:
+            self.seal.open(rlocs, keys, addrs, versions, self._reread)
+        finally:
+            self._log_seal_failures(failures)
+
+    def _open_remote_one(self, loc: int, key: int, addr: int) -> None:
+        """``_open_remote`` for one page (the latency path: scalars)."""
+        failures = self.seal.failures
+        try:
+            self.seal.open_one(loc, key, addr, self._alloc_of(L.loc_slab(loc)).owner_of(loc), self._reread)
+        finally:
+            self._log_seal_failures(failures)
+
+    def _reread(self, locs, addrs, copy, want):
+        return self._failover.read_copy(locs, addrs, self._read_base, copy, want)
+
+    def _log_seal_failures(self, before: int) -> None:
+        if self.seal.failures != before:  # a provider (or its memory) is not to be trusted: say so
+            log.warning("%d sealed page copies failed their tag (%d in all)", self.seal.failures - before,
+                        self.seal.failures)
+
+    def _remote_alloc(self, sizes: np.ndarray, persistent: bool, owners: np.ndarray | None = None) -> np.ndarray | None:
+        """Remote locations for ``sizes`` (with ``owners``: the seal versions), leasing new slabs as
+        needed; None when out of room."""
         m = len(sizes)
         out = np.zeros(m, dtype=np.uint64)
         alloc = self.remote_alloc if persistent else self.eph_alloc
         done = 0
         while done < m:
-            done += alloc.alloc(sizes[done:], out[done:], None, m - done)
+            done += alloc.alloc(sizes[done:], out[done:], None if owners is None else owners[done:], m - done)
             if done == m:
                 break
             try:
@@ -394,22 +474,22 @@ class PageStore:
         go (no room, too few copies).  Ephemeral pages that find no room or no live provider are
         dropped: they count as gone."""
         sizes = L.loc_size(locs).astype(np.uint32)
-        rlocs = None
-        try:
-            rlocs = self._remote_alloc(sizes, persistent)
-            if rlocs is not None and persistent:
-                self._remote_io(True, rlocs, self._local_addrs(locs), self.local_arena.addr, self._min_copies(True))
-        except errors.ReplicationError as exc:  # too few copies: persistent pages stay local
-            log.warning("not moving pages out: %s", exc)
-            if rlocs is not None:
-                self.remote_alloc.free(rlocs, len(rlocs))
-                self._unswept = True
-            return None
-        if rlocs is None:  # no room: persistent pages stay, ephemeral ones go
-            return None if persistent else self._drop_local(locs, owners)
+        addrs = self._local_addrs(locs)
+        if persistent:
+            try:
+                rlocs = self._write_remote(owners, addrs, sizes, self.local_arena.addr)
+            except errors.ReplicationError as exc:  # too few copies: persistent pages stay local
+                log.warning("not moving pages out: %s", exc)
+                return None
+            if rlocs is None:  # no room: persistent pages stay
+                return None
+        else:
+            rlocs, images, base = self._alloc_remote(owners, addrs, sizes, self.local_arena.addr, False)
+            if rlocs is None:  # no room: ephemeral pages go
+                return self._drop_local(locs, owners)
         gone = freed = 0
         if not persistent:
-            landed = self._write_ephemeral(rlocs, self._local_addrs(locs), self.local_arena.addr)
+            landed = self._write_ephemeral(rlocs, images, base)
             if not landed.all():  # no live provider for these (their remote slots are freed): dropped
                 gone, freed = self._drop_local(np.ascontiguousarray(locs[~landed]),
                                                np.ascontiguousarray(owners[~landed]))
@@ -505,7 +585,7 @@ class PageStore:
                 self.counters["gets"] += 1
                 self.counters["failed_gets"] += 1
                 return None
-            found = self._get_locs(loc, dst)
+            found = self._get_locs(loc, dst, key)
             if found is not True and not found[0]:  # an ephemeral page whose one copy is out of reach
                 return None
             return bytes(dst) if out is None else out
@@ -552,17 +632,17 @@ class PageStore:
     def _get_batch(self, keys: np.ndarray, dst: np.ndarray) -> np.ndarray:
         locs = self._locs[: len(keys)]
         self.map.lookup(keys, locs)
-        return self._get_locs(locs, dst)
+        return self._get_locs(locs, dst, keys)
 
     # -- the dispatch points: fast path, else failover ------------------------------------
 
-    def _get_locs(self, locs: np.ndarray | int, dst):
-        """Decompress the pages at looked-up ``locs`` (one batch at most; an int: get()'s one page)
-        into ``dst``; the found mask."""
-        got = self._fast.get(locs, dst) if self.fast_path else None
+    def _get_locs(self, locs: np.ndarray | int, dst, keys):
+        """Decompress the pages at looked-up ``locs`` of ``keys`` (one batch at most; ints: get()'s
+        one page) into ``dst``; the found mask."""
+        got = self._fast.get(locs, dst, keys) if self.fast_path else None
         c = self.counters
         if got is None:
-            got = self._failover.get(locs, dst)
+            got = self._failover.get(locs, dst, keys)
             c["failover_gets"] += 1
         else:
             c["fast_gets"] += 1
@@ -659,19 +739,22 @@ class PageStore:
                     keys, locs = self.map.select(L.SLAB_MASK, np.uint64(slab_id) << np.uint64(L.SLAB_SHIFT), k)
                     if len(keys) == 0:
                         break
-                    sizes = L.loc_size(locs).astype(np.uint32)
+                    sizes = L.loc_size(locs).astype(np.uint32)  # sealed sizes until opened
                     if self.local.free_bytes < int(sizes.sum()) + 8 * L.BLOCK_SIZE:
                         return moved
                     n = len(keys)
-                    stage = self._staging_addrs[:n]
+                    stage = self._read_addrs[:n]
                     if one_copy and not self.remote.held(locs[:1])[0]:
                         break  # an ephemeral slab whose provider is out: its pages miss, nothing to bring
                     try:
-                        self._remote_io(False, locs, stage, self.staging.addr)
+                        self._remote_io(False, locs, stage, self._read_base)
                     except errors.TransportError:
                         if not one_copy:
                             raise
                         break  # its provider failed meanwhile (the keeper sees to it)
+                    if self.seal is not None:  # opened in place: the local slot holds the plain image
+                        self._open_remote(locs, keys, stage)
+                        sizes -= np.uint32(TAG)
                     llocs = np.zeros(n, dtype=np.uint64)
                     got = self.local.alloc(sizes, llocs, keys, n)
                     if got < n:
@@ -823,7 +906,12 @@ class PageStore:
             c["compressed_bytes"] = stored
             c["zero_pages"] = c["pages"] - c["local_pages"] - c["remote_pages"]
             c["compression_ratio"] = round(c["bytes_stored_in"] and c["bytes_in"] / max(1, c["bytes_stored_in"]), 3)
-            c["metadata_bytes"] = int(self.map.metadata_bytes())
+            c["metadata_bytes"] = int(self.map.metadata_bytes()) + int(remote["owner_bytes"])
+            c["sealed"] = self.seal is not None
+            if self.seal is not None:  # tags that failed (each copy tried counts), pages saved by another copy
+                c["seal_failures"] = self.seal.failures
+                c["seal_recovered"] = self.seal.recovered
+                c["seal_version_bytes"] = int(remote["owner_bytes"])
             if self.remote is not None:
                 c["replicas"] = self.remote.replicas
                 c["remote_slabs"] = len(self.remote.slabs)
@@ -856,8 +944,15 @@ class PageStore:
                 self._bind_requests()
 
     def _bind_requests(self) -> None:
-        """Point the C path's remote reads at the tier's current routes (under the lock)."""
+        """Point the C path's remote reads at the tier's current routes (under the lock).
+
+        Not with sealed pages: the C path's ``_unseal`` does not open them yet (ext/_reqpath.pyx;
+        the calls it needs are SlotAllocator._owner and Sealer.open_one, rram/_ext/*.pxd), so it
+        stays unbound and declines remote pages ("no route bound") to the Python path, which opens them."""
         remote = self.remote
+        if self.seal is not None:
+            self._req_generation = remote.route_generation
+            return
         router, lkeys = remote.router(self.staging.addr)
         cores = [lk.endpoint.c_core() if lk.alive else None for lk in remote.links]
         self.requests.bind_remote(router, lkeys, cores, self.staging.addr, self.batch, remote.read_timeout)
@@ -890,6 +985,8 @@ class PageStore:
                 self.remote.close()
             self.staging.close()
             self.local_arena.close()
+            if self.seal is not None:
+                self.seal.close()
 
     def __enter__(self):
         return self

@@ -107,13 +107,14 @@ class InProcessClient:
 
 
 def make_store(providers: list[InProcessProvider], *, replicas: int = 1, slab_size: int = 1 << 20,
-               local_budget: int = 1 << 20, batch: int = 256, requester: str = "test") -> PageStore:
+               local_budget: int = 1 << 20, batch: int = 256, requester: str = "test",
+               seal: bool = True) -> PageStore:
     """A PageStore over in-process providers, linked by the same code as rram.connect."""
     rt = transport.requester_transport(providers[0].pt.name if providers else "loopback")
     remote = RemoteTier(slab_size=slab_size, replicas=replicas)
     for p in providers:
         remote.add_link(link(p.client(requester), rt, p.name))
-    return PageStore(remote, local_budget=local_budget, batch=batch)
+    return PageStore(remote, local_budget=local_budget, batch=batch, seal=seal, requester=requester)
 
 
 @contextlib.contextmanager

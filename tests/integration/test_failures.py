@@ -63,12 +63,13 @@ def provider_client(cluster, name):
     return c
 
 
-@pytest.mark.parametrize("io_path", ["fast", "failover"])
-def test_sigkill_of_a_provider_loses_no_page_and_copies_are_restored(cluster3, io_path):
+@pytest.mark.parametrize("io_path, seal", [("fast", True), ("failover", True), ("fast", False)],
+                         ids=["fast-sealed", "failover-sealed", "fast-plain"])
+def test_sigkill_of_a_provider_loses_no_page_and_copies_are_restored(cluster3, io_path, seal):
     n = 100_000
     data = make_pages(n, seed=11)
     sums = page_checksums(data, n)
-    with open_store(cluster3.config, name="req", local_budget=8 << 20) as store:
+    with open_store(cluster3.config, name="req", local_budget=8 << 20, seal=seal) as store:
         store.fast_path = io_path == "fast"
         pool = store.create_pool()
         put_range(store, pool, data, 0, n // 2)
@@ -91,11 +92,12 @@ def test_sigkill_of_a_provider_loses_no_page_and_copies_are_restored(cluster3, i
         assert ran[io_path] > 0 and (io_path == "fast" or ran["fast"] == 0), ran
 
 
-def test_drain_under_load_moves_everything_and_loses_nothing(cluster3):
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plain"])
+def test_drain_under_load_moves_everything_and_loses_nothing(cluster3, seal):
     n = 40_000
     data = make_pages(n, seed=12)
     sums = page_checksums(data, n)
-    with open_store(cluster3.config, name="req", local_budget=4 << 20, replicas=1) as store:
+    with open_store(cluster3.config, name="req", local_budget=4 << 20, replicas=1, seal=seal) as store:
         pool = store.create_pool()
         put_range(store, pool, data, 0, n // 2)
         victim = max(cluster3.providers, key=lambda name: store.remote.slabs_on(
@@ -166,13 +168,14 @@ def test_rram_drain_command_empties_a_provider_and_lets_it_exit(cluster3):
         verify(store, pool, data, sums, n)
 
 
-def test_pages_are_repatriated_when_local_memory_frees_up(tmp_path):
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plain"])
+def test_pages_are_repatriated_when_local_memory_frees_up(tmp_path, seal):
     with LocalCluster(n_providers=2, capacity="128MiB", transport="tcp", workdir=str(tmp_path), slab_size="4MiB",
                       requester={"local_budget": "16MiB", "repatriate_rate": 20000}, **TIMING) as c:
         n = 20_000
         data = make_pages(n, seed=16)
         sums = page_checksums(data, n)
-        with open_store(c.config, name="req") as store:
+        with open_store(c.config, name="req", seal=seal) as store:
             pool = store.create_pool()
             put_range(store, pool, data, 0, n)
             remote = store.stats()["remote_pages"]

@@ -15,7 +15,8 @@ from rram.transport import tcp, wire
 pytestmark = pytest.mark.integration
 
 
-def test_100k_random_pages_verified_invalidated_and_space_reused(cluster):
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "plain"])
+def test_100k_random_pages_verified_invalidated_and_space_reused(cluster, seal):
     # the `cluster` fixture: 2 tcp providers of 8 MiB; make a bigger one here
     from rram.testing.cluster import LocalCluster
 
@@ -27,7 +28,7 @@ def test_100k_random_pages_verified_invalidated_and_space_reused(cluster):
         rng.shuffle(idx)
         data = make_pages(n, seed=21)
         sums = page_checksums(data, n)
-        with open_store(big.config, name="req", local_budget=8 << 20) as store:
+        with open_store(big.config, name="req", local_budget=8 << 20, seal=seal) as store:
             pool = store.create_pool()
             for s in range(0, n, 10_000):
                 store.put_many(pool, 5, idx[s : s + 10_000], data[s * PAGE_SIZE : (s + 10_000) * PAGE_SIZE])
@@ -36,6 +37,7 @@ def test_100k_random_pages_verified_invalidated_and_space_reused(cluster):
             assert np.array_equal(page_checksums(out, n), sums)
             s = store.stats()
             assert s["remote_pages"] > n // 2 and s["failed_puts"] == 0
+            assert s["sealed"] == seal and s.get("seal_failures", 0) == 0
             leased = s["remote_leased_bytes"]
             # invalidate half at random, write as many new pages: the leased footprint stays put
             drop = rng.permutation(n)[: n // 2]

@@ -167,3 +167,13 @@ def test_bare_off_reads_as_off():
     d = base()
     d["nodes"][0]["hugepages"] = False  # what YAML 1.1 makes of `hugepages: off`
     assert C.from_dict(d).node("a").hugepages == "off"
+
+
+def test_seal_is_on_unless_the_cluster_file_turns_it_off():
+    base = {"secret": "s", "nodes": [{"name": "p0", "address": "127.0.0.1", "port": 7001, "capacity": "1GiB"}]}
+    assert C.from_dict(base).seal is True
+    off = C.from_dict({**base, "seal": False})
+    assert off.seal is False
+    assert C.from_dict(yaml.safe_load(C.dump(off))).seal is False
+    with pytest.raises(ConfigError, match="seal"):
+        C.from_dict({**base, "seal": "maybe"})

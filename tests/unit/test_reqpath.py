@@ -43,7 +43,8 @@ class Store:
     def __init__(self, local_budget: int = 256 << 10, providers: int = 1, replicas: int = 1,
                  transport: str = "loopback"):
         self.providers = [InProcessProvider(f"p{i}", 32 << 20, transport) for i in range(providers)]
-        self.store = make_store(self.providers, local_budget=local_budget, slab_size=1 << 20, replicas=replicas)
+        self.store = make_store(self.providers, local_budget=local_budget, slab_size=1 << 20, replicas=replicas,
+                                seal=False)  # C remote reads: unsealed stores only (docs/architecture.md)
         self.pool = self.store.create_pool(persistent=True)
         self.base = (self.pool << 56) | (OBJ << 32)
         self.path = self.store.requests

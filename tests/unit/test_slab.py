@@ -74,7 +74,7 @@ def test_vectorised_accessors_agree_with_scalar(parts):
     assert L.loc_slab(locs).tolist() == [s for s, _, _ in parts]
 
 
-@pytest.mark.parametrize("args", [(0, 0, 1), (1 << 24, 0, 1), (1, 32, 1), (1, L.MAX_SLAB_SIZE, 1), (1, 0, 0), (1, 0, 4097)])
+@pytest.mark.parametrize("args", [(0, 0, 1), (1 << 24, 0, 1), (1, 32, 1), (1, L.MAX_SLAB_SIZE, 1), (1, 0, 0), (1, 0, L.MAX_STORED_SIZE + 1)])
 def test_make_location_rejects_bad_fields(args):
     with pytest.raises(ValueError):
         L.make_location(*args)
@@ -211,8 +211,8 @@ def test_bad_arguments():
         a.add_slab(1, BLOCK)
     out = np.zeros(4, dtype=np.uint64)
     own = np.zeros(4, dtype=np.uint64)
-    with pytest.raises(ValueError, match=r"sizes\[2\] = 4097"):
-        a.alloc(np.array([1, 2, 4097, 3], dtype=np.uint32), out, own)
+    with pytest.raises(ValueError, match=r"sizes\[2\] = 4113"):
+        a.alloc(np.array([1, 2, 4113, 3], dtype=np.uint32), out, own)
     with pytest.raises(ValueError, match=r"sizes\[0\] = 0"):
         a.alloc(np.array([0], dtype=np.uint32), out, own)
     assert a.stats()["slots_used"] == 0  # nothing allocated by a rejected batch

@@ -11,28 +11,34 @@ from rram.testing.pages import make_pages, page_checksums
 
 FAST = ("fast_gets", "fast_remote_writes", "fast_remote_reads")
 FAILOVER = ("failover_gets", "failover_remote_writes", "failover_remote_reads")
-_run = {"fast": True, "stores": []}  # the I/O path of the running test, and the stores it made
+_run = {"fast": True, "seal": True, "stores": []}  # the running test's I/O path and sealing, its stores
 
 
 def make_store(*args, **kwargs):
-    """inproc.make_store on the I/O path the running test was parametrised with (``io_path``)."""
+    """inproc.make_store on the I/O path and sealing the running test was parametrised with (``io_path``)."""
+    kwargs.setdefault("seal", _run["seal"])
     store = inproc.make_store(*args, **kwargs)
     store.fast_path = _run["fast"]
     _run["stores"].append(store)
     return store
 
 
-@pytest.fixture(autouse=True, params=["fast", "failover"])
+@pytest.fixture(autouse=True, params=["fast-sealed", "failover-sealed", "fast-plain", "failover-plain"])
 def io_path(request):
-    """Every test here runs twice: fast path first (the store's default), and failover path only.
-    Afterwards the store's counters must show that the path under test is the one that ran."""
-    _run["fast"] = request.param == "fast"
+    """Every test here runs four times: fast path first (the store's default), and failover path
+    only, each with sealed pages (the default) and without.  Afterwards the store's counters must
+    show that the path under test is the one that ran, and a sealed store that no tag failed."""
+    path, sealing = request.param.split("-")
+    _run["fast"] = path == "fast"
+    _run["seal"] = sealing == "sealed"
     _run["stores"] = []
-    yield request.param
+    yield path
     for store in _run["stores"]:
         c = store.counters
+        assert (store.seal is not None) == (_run["seal"] and store.remote is not None)
+        assert store.seal is None or store.seal.failures == 0
         io = c["gets"] - c["failed_gets"] + c["pages_remoted"]
-        if request.param == "failover":
+        if path == "failover":
             assert sum(c[k] for k in FAST) == 0 and (sum(c[k] for k in FAILOVER) > 0 or io == 0)
         else:
             assert sum(c[k] for k in FAST) > 0 or io == 0

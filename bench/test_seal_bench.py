@@ -1,0 +1,114 @@
+"""Sealed against plain pages: what AES-256-GCM on every remote page costs, both in one run.
+
+    .venv/bin/pytest bench/test_seal_bench.py --benchmark-only -p no:cacheprovider
+    RRAM_BENCH_PIN=split|same|none  (default split: requester on CPU 0, providers on CPU 1)
+
+Two stores on the same two tcp provider processes (r=2), one with ``seal: true`` and one with
+``seal: false``, the same pages (the demo's mix) through the same 4 MiB local budget, so that
+most pages are remote in both: put_many and get_many throughput (pages/s) of the whole set, and
+the p50 of ``store.get`` of one remote page.  Plain runs first; each sealed figure carries its
+ratio to the plain one (``sealed_over_plain``; goal <= 1.25 for time, >= 0.8 for throughput).
+Pages read back and are checked after timing.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from figures import scaled
+from rram import PAGE_SIZE
+from rram.cluster import open_store
+from rram.datapath import keys as K
+from rram.datapath import slab as L
+from rram.testing.cluster import LocalCluster
+from rram.testing.pages import make_pages
+from test_store_bench import _cpus, _pin_process
+
+N = scaled(16384, 4096)
+LOCAL_BUDGET = scaled(4 << 20, 1 << 20)
+ROUNDS = scaled(8, 2)
+LAT_ROUNDS = scaled(3000, 200)
+LAT_PAGES = 500
+KINDS = ["plain", "sealed"]  # this order: each sealed figure is compared with the plain one before it
+_medians: dict[tuple[str, str], float] = {}
+
+
+@pytest.fixture(scope="module")
+def stores():
+    req_cpus = _cpus("requester")
+    old = os.sched_getaffinity(0)
+    with LocalCluster(n_providers=2, capacity="1GiB", transport="tcp", slab_size="64MiB", verbose=False) as cluster:
+        prov_cpus = _cpus("provider")
+        if prov_cpus:
+            for proc in cluster.procs.values():
+                _pin_process(proc.pid, prov_cpus)
+        if req_cpus:
+            os.sched_setaffinity(0, req_cpus)
+        data = make_pages(N, seed=3)
+        try:
+            with open_store(cluster.config, name="bench-plain", local_budget=LOCAL_BUDGET, keeper=False,
+                            seal=False) as plain, \
+                 open_store(cluster.config, name="bench-sealed", local_budget=LOCAL_BUDGET, keeper=False,
+                            seal=True) as sealed:
+                out = {}
+                for kind, store in (("plain", plain), ("sealed", sealed)):
+                    pool = store.create_pool()
+                    store.put_many(pool, 0, np.arange(N), data)
+                    out[kind] = (store, pool)
+                assert sealed.seal is not None and plain.seal is None
+                yield out, data, f"requester={sorted(req_cpus or [])} providers={sorted(prov_cpus or [])}"
+        finally:
+            os.sched_setaffinity(0, old)
+
+
+def _record(benchmark, what: str, kind: str, pin: str, pages: int | None = None) -> None:
+    med = benchmark.stats.stats.median
+    _medians[(what, kind)] = med
+    benchmark.extra_info["pinning"] = pin
+    if pages:
+        benchmark.extra_info["pages_per_s"] = round(pages / med)
+    if kind == "sealed" and (what, "plain") in _medians:
+        benchmark.extra_info["sealed_over_plain"] = round(med / _medians[(what, "plain")], 3)
+
+
+@pytest.mark.benchmark(group="seal: put_many, pages/s")
+@pytest.mark.parametrize("kind", KINDS)
+def test_put_many(benchmark, stores, kind):
+    by_kind, data, pin = stores
+    store, pool = by_kind[kind]
+    benchmark.pedantic(store.put_many, args=(pool, 0, np.arange(N), data), rounds=ROUNDS, warmup_rounds=1)
+    _record(benchmark, "put", kind, pin, N)
+    assert store.stats()["remote_pages"] > N // 2
+
+
+@pytest.mark.benchmark(group="seal: get_many, pages/s")
+@pytest.mark.parametrize("kind", KINDS)
+def test_get_many(benchmark, stores, kind):
+    by_kind, data, pin = stores
+    store, pool = by_kind[kind]
+    out = np.zeros_like(data)
+    benchmark.pedantic(store.get_many, args=(pool, 0, np.arange(N), out), rounds=ROUNDS, warmup_rounds=1)
+    assert np.array_equal(out, data)
+    _record(benchmark, "get", kind, pin, N)
+    assert store.stats().get("seal_failures", 0) == 0
+
+
+@pytest.mark.benchmark(group="seal: get latency of a remote page")
+@pytest.mark.parametrize("kind", KINDS)
+def test_get_latency_remote_page(benchmark, stores, kind):
+    by_kind, data, pin = stores
+    store, pool = by_kind[kind]
+    idx = list(range(0, N, 7))[:LAT_PAGES]
+    pages = [i for i in idx if L.is_remote(store.map.get(K.pack(pool, 0, i)))]
+    assert pages, "no remote page to read"
+    buf = bytearray(PAGE_SIZE)
+    it = itertools.cycle(pages)
+    before = store.stats()["remote_gets"]
+    benchmark.pedantic(lambda: store.get(pool, 0, next(it), buf), rounds=LAT_ROUNDS, warmup_rounds=100)
+    assert store.stats()["remote_gets"] - before == LAT_ROUNDS + 100, "a get did not go remote"
+    last = pages[(LAT_ROUNDS + 100 - 1) % len(pages)]
+    assert bytes(buf) == data[last * PAGE_SIZE:(last + 1) * PAGE_SIZE].tobytes()
+    _record(benchmark, "get_p50", kind, pin)

@@ -1,0 +1,213 @@
+# cython: language_level=3
+"""Sealed pages: AES-256-GCM over each stored image a provider keeps (OpenSSL's EVP API).
+
+A sealed image is the stored image (LZ4 block or raw page) encrypted, followed by the 16-byte
+GCM tag.  The key is random per Sealer (per requester store process: pages never outlive it)
+and never leaves the requester.  Each seal takes a fresh *version* from a 64-bit counter:
+
+    nonce (12 bytes)            = version (8, little-endian) || 0 (4)
+    associated data (24 bytes)  = requester (8) || page key (8) || version (8)
+
+The counter makes every nonce unique under the key (GCM's one hard rule).  The requester keeps
+each remote page's version (the remote allocator's per-slot word), so an image opens only as
+the page key and version it was sealed for: a provider that swaps two pages, or puts back an
+older image of the same page, fails the tag, as does any altered byte.
+
+Batches are one call each, with the GIL released; single pages (the C request path) use the
+cdef methods declared in rram/_ext/_seal.pxd.
+"""
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memcpy, memset
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
+
+from rram.errors import RramError
+
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_CIPHER_CTX
+    ctypedef struct EVP_CIPHER
+    ctypedef struct ENGINE
+    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
+    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
+    const EVP_CIPHER *EVP_aes_256_gcm()
+    int EVP_EncryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, ENGINE *impl,
+                           const unsigned char *key, const unsigned char *iv)
+    int EVP_EncryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
+    int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
+    int EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, ENGINE *impl,
+                           const unsigned char *key, const unsigned char *iv)
+    int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
+    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
+    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
+    int EVP_CTRL_GCM_GET_TAG
+    int EVP_CTRL_GCM_SET_TAG
+
+cdef extern from "openssl/crypto.h" nogil:
+    void OPENSSL_cleanse(void *ptr, size_t len)
+
+cdef enum:
+    KEY_BYTES = 32
+    NONCE_BYTES = 12
+    AAD_BYTES = 24
+    MAX_IMAGE = 4096
+
+TAG = SEAL_TAG
+STRIDE = SEAL_STRIDE
+ALGORITHM = "AES-256-GCM"
+
+
+cdef inline void _put64(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <uint8_t>(v >> (8 * i))
+
+
+cdef inline void _context(uint64_t requester, uint64_t key, uint64_t version, uint8_t *nonce,
+                          uint8_t *aad) noexcept nogil:
+    memset(nonce, 0, NONCE_BYTES)
+    _put64(nonce, version)
+    _put64(aad, requester)
+    _put64(aad + 8, key)
+    _put64(aad + 16, version)
+
+
+cdef const uint64_t *_u64(object arr, Py_ssize_t n, str what) except NULL:
+    return <const uint64_t *>_buf(arr, 8, n, False, what)
+
+
+cdef void *_buf(object arr, Py_ssize_t itemsize, Py_ssize_t n, bint writable, str what) except NULL:
+    """Address of a C-contiguous array of at least ``n`` items (the caller keeps it alive)."""
+    cdef Py_buffer b
+    cdef void *p
+    PyObject_GetBuffer(arr, &b, PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0))
+    try:
+        if b.itemsize != itemsize or b.len < n * itemsize:
+            raise ValueError(f"{what}: need {n} items of {itemsize} bytes, got {b.len} bytes of {b.itemsize}-byte items")
+        p = b.buf
+    finally:
+        PyBuffer_Release(&b)
+    return p
+
+
+cdef class Sealer:
+    """AES-256-GCM seals of page images under one key; see the module docstring."""
+
+    def __cinit__(self, key, uint64_t requester=0, uint64_t first_version=1):
+        cdef const uint8_t[::1] k = key
+        self.enc = NULL
+        self.dec = NULL
+        if k.shape[0] != KEY_BYTES:
+            raise ValueError(f"the seal key must be {KEY_BYTES} bytes, got {k.shape[0]}")
+        if first_version == 0:
+            raise ValueError("versions start at 1 (0 marks a slot with no version)")
+        self.requester = requester
+        self.next_version = first_version
+        self.enc = EVP_CIPHER_CTX_new()
+        self.dec = EVP_CIPHER_CTX_new()
+        if self.enc == NULL or self.dec == NULL:
+            raise MemoryError("EVP_CIPHER_CTX_new failed")
+        # the key is expanded into the contexts once; each page only sets its nonce
+        if (EVP_EncryptInit_ex(<EVP_CIPHER_CTX *>self.enc, EVP_aes_256_gcm(), NULL, &k[0], NULL) != 1
+                or EVP_DecryptInit_ex(<EVP_CIPHER_CTX *>self.dec, EVP_aes_256_gcm(), NULL, &k[0], NULL) != 1):
+            raise RramError("OpenSSL refused the AES-256-GCM key")
+
+    def __dealloc__(self):
+        EVP_CIPHER_CTX_free(<EVP_CIPHER_CTX *>self.enc)  # frees (and cleanses) the expanded key
+        EVP_CIPHER_CTX_free(<EVP_CIPHER_CTX *>self.dec)
+
+    cdef uint64_t take_version(self) noexcept nogil:
+        self.next_version += 1
+        return self.next_version - 1
+
+    cdef int seal_one(self, const uint8_t *src, uint8_t *dst, uint32_t size, uint64_t key,
+                      uint64_t version) noexcept nogil:
+        cdef EVP_CIPHER_CTX *ctx = <EVP_CIPHER_CTX *>self.enc
+        cdef uint8_t nonce[NONCE_BYTES]
+        cdef uint8_t aad[AAD_BYTES]
+        cdef int outl = 0, fin = 0
+        _context(self.requester, key, version, nonce, aad)
+        if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
+                or EVP_EncryptUpdate(ctx, NULL, &outl, aad, AAD_BYTES) != 1
+                or EVP_EncryptUpdate(ctx, dst, &outl, src, <int>size) != 1
+                or EVP_EncryptFinal_ex(ctx, dst + outl, &fin) != 1
+                or EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, SEAL_TAG, dst + size) != 1):
+            return -1
+        self.sealed += 1
+        return 0
+
+    cdef int open_one(self, uint8_t *buf, uint32_t sealed_size, uint64_t key, uint64_t version) noexcept nogil:
+        cdef EVP_CIPHER_CTX *ctx = <EVP_CIPHER_CTX *>self.dec
+        cdef uint8_t nonce[NONCE_BYTES]
+        cdef uint8_t aad[AAD_BYTES]
+        cdef uint8_t tag[SEAL_TAG]
+        cdef int outl = 0, fin = 0
+        cdef uint32_t size
+        if sealed_size <= SEAL_TAG or sealed_size > MAX_IMAGE + SEAL_TAG or version == 0:
+            self.failures += 1
+            return 0
+        size = sealed_size - SEAL_TAG
+        memcpy(tag, buf + size, SEAL_TAG)  # decryption in place must not overwrite it first
+        _context(self.requester, key, version, nonce, aad)
+        if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
+                or EVP_DecryptUpdate(ctx, NULL, &outl, aad, AAD_BYTES) != 1
+                or EVP_DecryptUpdate(ctx, buf, &outl, buf, <int>size) != 1
+                or EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, SEAL_TAG, tag) != 1
+                or EVP_DecryptFinal_ex(ctx, buf + outl, &fin) != 1):
+            # never leave unauthenticated plaintext behind for a caller that ignores the result
+            memset(buf, 0, size)
+            self.failures += 1
+            return 0
+        self.opened += 1
+        return 1
+
+    # -- batches (Python-callable, one call each, GIL released) --------------------------------
+
+    def take_versions(self, uint64_t[::1] out, Py_ssize_t n):
+        """out[:n] = n fresh versions (each used for exactly one seal)."""
+        cdef Py_ssize_t i
+        if n < 0 or n > out.shape[0]:
+            raise ValueError(f"n={n} exceeds out ({out.shape[0]})")
+        for i in range(n):
+            out[i] = self.take_version()
+
+    def seal(self, srcs, dsts, sizes, keys, versions, Py_ssize_t n):
+        """Seal sizes[i] bytes at address srcs[i] to dsts[i] (sizes[i] + TAG bytes; may be srcs[i])
+        for page key keys[i] under versions[i] (from take_versions)."""
+        cdef const uint64_t *s = _u64(srcs, n, "srcs")
+        cdef const uint64_t *d = _u64(dsts, n, "dsts")
+        cdef const uint32_t *z = <const uint32_t *>_buf(sizes, 4, n, False, "sizes")
+        cdef const uint64_t *k = _u64(keys, n, "keys")
+        cdef const uint64_t *v = _u64(versions, n, "versions")
+        cdef Py_ssize_t i, bad = -1
+        for i in range(n):
+            if z[i] == 0 or z[i] > MAX_IMAGE or v[i] == 0:
+                raise ValueError(f"sizes[{i}] = {z[i]} (1..{MAX_IMAGE}) or versions[{i}] = {v[i]} (not 0) is wrong")
+        with nogil:
+            for i in range(n):
+                if self.seal_one(<const uint8_t *><uintptr_t>s[i], <uint8_t *><uintptr_t>d[i], z[i], k[i], v[i]) < 0:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise RramError(f"OpenSSL failed to seal page {bad} of {n}")
+
+    def open_page(self, uint64_t addr, uint32_t sealed_size, uint64_t key, uint64_t version) -> bool:
+        """``open`` for one page (the latency path: no arrays)."""
+        cdef bint good
+        with nogil:
+            good = self.open_one(<uint8_t *><uintptr_t>addr, sealed_size, key, version)
+        return good
+
+    def open(self, addrs, sizes, keys, versions, Py_ssize_t n, ok):
+        """Open the sealed images at addrs[i] (sizes[i] bytes, tag included) in place; ok[i] = 1
+        where the tag verified for (keys[i], versions[i]), else 0 (the bytes are zeroed).
+        Returns the number that failed."""
+        cdef const uint64_t *a = _u64(addrs, n, "addrs")
+        cdef const uint32_t *z = <const uint32_t *>_buf(sizes, 4, n, False, "sizes")
+        cdef const uint64_t *k = _u64(keys, n, "keys")
+        cdef const uint64_t *v = _u64(versions, n, "versions")
+        cdef uint8_t *o = <uint8_t *>_buf(ok, 1, n, True, "ok")
+        cdef Py_ssize_t i, bad = 0
+        with nogil:
+            for i in range(n):
+                o[i] = self.open_one(<uint8_t *><uintptr_t>a[i], z[i], k[i], v[i])
+                bad += 1 - o[i]
+        return bad

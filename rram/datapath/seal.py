@@ -1,0 +1,127 @@
+"""Sealed pages: what a provider stores is encrypted and authenticated, and only the requester can open it.
+
+Between compression and the remote WRITE every image is sealed (ext/_seal.pyx: AES-256-GCM,
+one C call a batch, GIL released) into the seal buffer, a registered arena of ``batch`` slots
+of ``STRIDE`` bytes: the image followed by its 16-byte tag.  Between the remote READ (into the
+same slots) and decompression it is opened in place.  Both the fast and the failover path call
+these two, so there is one implementation.
+
+The key is ``os.urandom(32)`` per store: pages never outlive the requester process that wrote
+them (its page map is in memory only), so nothing needs to survive a restart, and the key is
+never derived from the cluster secret (providers hold that).  Each seal takes a fresh 64-bit
+*version*, kept as the remote slot's owner word in the remote allocator (8 bytes a remote page);
+nonce and associated data bind the image to (requester, page key, version), so a provider
+cannot swap two pages or put back an older image of the same page.
+
+A page whose tag fails is read again from each of its replicas in turn (and from the copy a
+drain is moving away from) until one opens; every failed tag is counted (``seal_failures``).
+When none opens, the read raises SealError: never wrong bytes, never zeros.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from .. import errors
+from .._ext._seal import ALGORITHM, STRIDE, TAG, Sealer
+from ..memory import Arena
+from . import slab as L
+
+__all__ = ["ALGORITHM", "STRIDE", "TAG", "PageSeal"]
+
+
+class PageSeal:
+    """A store's sealer, its seal buffer, and recovery from other replicas; see the module docstring."""
+
+    def __init__(self, batch: int, requester: str = ""):
+        #: bound into every page's associated data; the key alone already separates requesters
+        rid = int.from_bytes(hashlib.blake2b(requester.encode(), digest_size=8).digest(), "little")
+        self.sealer = Sealer(os.urandom(32), rid)
+        self.batch = batch
+        self.buf = Arena(batch * STRIDE)  # registered with every link (PageStore._register_arenas)
+        self.base = self.buf.addr
+        self.addrs = self.base + np.arange(batch, dtype=np.uint64) * np.uint64(STRIDE)
+        self._versions = np.zeros(batch, dtype=np.uint64)
+        self._ok = np.zeros(batch, dtype=np.uint8)
+        self.failures = 0  # tags that did not verify (each copy tried counts)
+        self.recovered = 0  # pages that failed once and opened from another copy
+
+    def close(self) -> None:
+        self.buf.close()
+
+    # -- the way out ----------------------------------------------------------------------
+
+    def versions(self, n: int) -> np.ndarray:
+        """n fresh versions (a scratch array, valid until the next call)."""
+        self.sealer.take_versions(self._versions, n)
+        return self._versions[:n]
+
+    def seal(self, keys: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        """Seal the images at ``srcs`` into the seal buffer's first len(keys) slots; their addresses."""
+        n = len(keys)
+        self.sealer.seal(np.ascontiguousarray(srcs, dtype=np.uint64), self.addrs, np.ascontiguousarray(sizes, dtype=np.uint32),
+                         np.ascontiguousarray(keys, dtype=np.uint64), versions, n)
+        return self.addrs[:n]
+
+    # -- the way in -----------------------------------------------------------------------
+
+    def open(self, rlocs: np.ndarray, keys: np.ndarray, addrs: np.ndarray, versions: np.ndarray, reread) -> None:
+        """Open the sealed images of remote pages ``rlocs`` (READ to ``addrs``) in place.
+
+        ``versions``: each page's version (the remote allocator's owner word).  A page that fails
+        is read again from each of its other copies in turn, through ``reread(rlocs, addrs, copy,
+        want) -> usable mask`` (Failover.read_copy); SealError when no copy opens.
+        """
+        n = len(rlocs)
+        if n == 0:
+            return
+        sizes = L.loc_size(rlocs).astype(np.uint32)
+        ok = self._ok[:n] if n <= self.batch else np.zeros(n, dtype=np.uint8)
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
+        bad = self.sealer.open(addrs, sizes, keys, versions, n, ok)
+        if bad:
+            self.failures += bad
+            self._recover(np.flatnonzero(ok == 0), rlocs, keys, addrs, sizes, versions, reread)
+
+    def open_one(self, loc: int, key: int, addr: int, version: int, reread) -> None:
+        """``open`` for one page (the latency path: arrays only when its tag fails)."""
+        if self.sealer.open_page(addr, (loc >> L.SIZE_SHIFT) & L.SIZE_FIELD, key, version):
+            return
+        self.failures += 1
+        self._recover(np.zeros(1, dtype=np.intp), np.array([loc], dtype=np.uint64), np.array([key], dtype=np.uint64),
+                      np.array([addr], dtype=np.uint64), np.array([L.loc_size(loc)], dtype=np.uint32),
+                      np.array([version], dtype=np.uint64), reread)
+
+    def _recover(self, bad, rlocs, keys, addrs, sizes, versions, reread) -> None:
+        """Read the pages at ``bad`` from each of their other copies until one opens."""
+        todo = bad
+        seen = np.zeros(len(rlocs), dtype=bool)  # the first usable copy is the one that failed
+        copy = 0
+        while len(todo):
+            sub = np.ascontiguousarray(rlocs[todo])
+            got = reread(sub, np.ascontiguousarray(addrs[todo]), copy, seen[todo])
+            if got is None:  # no copies left to try
+                break
+            copy += 1
+            idx = todo[got & seen[todo]]
+            seen[todo[got]] = True
+            if not len(idx):
+                continue
+            ok = np.zeros(len(idx), dtype=np.uint8)
+            failed = self.sealer.open(np.ascontiguousarray(addrs[idx]), np.ascontiguousarray(sizes[idx]),
+                                      np.ascontiguousarray(keys[idx]), np.ascontiguousarray(versions[idx]), len(idx), ok)
+            self.failures += failed
+            self.recovered += len(idx) - failed
+            todo = np.setdiff1d(todo, idx[ok.astype(bool)], assume_unique=True)
+        if len(todo):
+            raise errors.SealError(
+                f"{len(todo)} page(s) failed their seal on every copy (altered, swapped or replayed by a "
+                f"provider, or corrupted): first key {int(keys[todo[0]]):#x}")
+
+
+def payload_sizes(sizes: np.ndarray, remote_idx: np.ndarray) -> None:
+    """After ``open``: the remote entries of a decompress batch are TAG bytes shorter."""
+    sizes[remote_idx] -= np.uint32(TAG)

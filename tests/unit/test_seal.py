@@ -1,0 +1,119 @@
+"""The page seal (ext/_seal.pyx): AES-256-GCM images bound to requester, page key and version."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from rram._ext._seal import ALGORITHM, STRIDE, TAG, Sealer
+from rram.errors import RramError, SealError
+
+N = 8
+
+
+class Slots:
+    """N seal-buffer slots of STRIDE bytes holding images of the given sizes."""
+
+    def __init__(self, sizes, seed=1):
+        self.buf = np.zeros(N * STRIDE, dtype=np.uint8)
+        self.addrs = self.buf.ctypes.data + np.arange(N, dtype=np.uint64) * np.uint64(STRIDE)
+        self.sizes = np.asarray(sizes, dtype=np.uint32)
+        rng = np.random.default_rng(seed)
+        for i, size in enumerate(self.sizes):
+            self.buf[i * STRIDE : i * STRIDE + size] = rng.integers(0, 256, size, dtype=np.uint8)
+        self.plain = [self.image(i) for i in range(N)]
+
+    def image(self, i, extra=0):
+        return self.buf[i * STRIDE : i * STRIDE + int(self.sizes[i]) + extra].tobytes()
+
+
+def sealed(sealer, slots, keys):
+    versions = np.zeros(N, dtype=np.uint64)
+    sealer.take_versions(versions, N)
+    sealer.seal(slots.addrs, slots.addrs, slots.sizes, keys, versions, N)
+    return versions
+
+
+def open_all(sealer, slots, keys, versions):
+    ok = np.zeros(N, dtype=np.uint8)
+    bad = sealer.open(slots.addrs, slots.sizes + np.uint32(TAG), keys, versions, N, ok)
+    return bad, ok
+
+
+def test_round_trip_in_place_for_every_image_size():
+    s = Sealer(os.urandom(32), requester=7)
+    slots = Slots([1, 63, 64, 1000, 2048, 3584, 4095, 4096])
+    keys = np.arange(100, 100 + N, dtype=np.uint64)
+    versions = sealed(s, slots, keys)
+    assert list(versions) == list(range(1, N + 1))  # every seal takes a fresh version (the nonce)
+    assert all(slots.image(i) != slots.plain[i] for i in range(N))
+    bad, ok = open_all(s, slots, keys, versions)
+    assert bad == 0 and ok.all()
+    assert all(slots.image(i) == slots.plain[i] for i in range(N))
+    assert (s.sealed, s.opened, s.failures) == (N, N, 0)
+    assert ALGORITHM == "AES-256-GCM" and TAG == 16 and STRIDE >= 4096 + TAG
+
+
+def test_the_same_image_seals_differently_each_time():
+    s = Sealer(os.urandom(32))
+    a, b = Slots([4096] * N), Slots([4096] * N)
+    keys = np.ones(N, dtype=np.uint64)
+    sealed(s, a, keys)
+    sealed(s, b, keys)
+    assert a.image(0, TAG) != b.image(0, TAG)
+
+
+@pytest.mark.parametrize("change", ["byte", "tag", "key", "version", "requester", "seal key", "size"])
+def test_anything_changed_fails_the_tag_and_leaves_no_plaintext(change):
+    key = os.urandom(32)
+    s = Sealer(key, requester=1)
+    slots = Slots([2000] * N)
+    keys = np.arange(N, dtype=np.uint64)
+    versions = sealed(s, slots, keys)
+    opener = s
+    if change == "byte":
+        slots.buf[3 * STRIDE + 10] ^= 1
+    elif change == "tag":
+        slots.buf[3 * STRIDE + 2000 + 15] ^= 0x80
+    elif change == "key":
+        keys[3] = 99  # a page swapped in from another key
+    elif change == "version":
+        versions[3] -= 1  # an older version of the same page (a replay)
+    elif change == "requester":
+        opener = Sealer(key, requester=2)
+    elif change == "seal key":
+        opener = Sealer(os.urandom(32), requester=1)
+    ok = np.zeros(N, dtype=np.uint8)
+    sizes = slots.sizes + np.uint32(TAG)
+    if change == "size":
+        sizes[3] -= 1
+    bad = opener.open(slots.addrs, sizes, keys, versions, N, ok)
+    expect_bad = N if change in ("requester", "seal key") else 1
+    assert bad == expect_bad and opener.failures == expect_bad
+    if expect_bad == 1:
+        assert ok.tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
+        assert slots.image(2) == slots.plain[2]
+    opened = 1999 if change == "size" else 2000  # what the failed open would have decrypted
+    assert slots.image(3)[:opened] == bytes(opened)  # never the unauthenticated plaintext
+
+
+def test_the_one_page_call_and_bad_arguments():
+    s = Sealer(os.urandom(32))
+    slots = Slots([500] * N)
+    keys = np.arange(N, dtype=np.uint64)
+    versions = sealed(s, slots, keys)
+    assert s.open_page(int(slots.addrs[0]), 500 + TAG, 0, int(versions[0]))
+    assert slots.image(0) == slots.plain[0]
+    assert not s.open_page(int(slots.addrs[1]), 500 + TAG, 0, int(versions[1]))  # another page's key
+    assert not s.open_page(int(slots.addrs[2]), TAG, 2, int(versions[2]))  # no room for an image
+    assert not s.open_page(int(slots.addrs[2]), 500 + TAG, 2, 0)  # version 0: never sealed
+    with pytest.raises(ValueError, match="32 bytes"):
+        Sealer(b"short")
+    with pytest.raises(ValueError, match="versions start at 1"):
+        Sealer(os.urandom(32), first_version=0)
+    with pytest.raises(ValueError, match="sizes"):
+        s.seal(slots.addrs, slots.addrs, np.full(N, 4097, dtype=np.uint32), keys, versions, N)
+    with pytest.raises(ValueError, match="need 9 items"):
+        s.seal(slots.addrs, slots.addrs, slots.sizes, keys, versions, N + 1)
+    assert issubclass(SealError, RramError) and SealError.errno == 5
