@@ -23,7 +23,7 @@ cdef enum:
     OP_WRITE = 1
     WC_SUCCESS = 0
     WC_LOC_PROT_ERR = 4
-    WC_WR_FLUSH_ERR = 5       # these three mean "the provider is gone" (remote.LINK_FAILURE_STATUSES)
+    WC_WR_FLUSH_ERR = 5       # these three (and a remote access error) suspend the provider (remote.LINK_FAILURE_STATUSES)
     WC_RETRY_EXC_ERR = 12
     WC_FATAL_ERR = 19
     WC_REM_INV_REQ_ERR = 9

@@ -29,13 +29,19 @@ import numpy as np
 from .. import errors
 from .._ext._storepath import Router
 from ..transport import OP_READ, OP_WRITE, completion_error, new_completions, new_ops
-from ..transport.base import WC_FATAL_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR, Endpoint, RemoteRegion
+from ..transport.base import (WC_FATAL_ERR, WC_REM_ACCESS_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR,
+                              Endpoint, RemoteRegion)
 from . import slab as L
 
 log = logging.getLogger(__name__)
 
-#: completion statuses that mean "the provider is gone", not "this operation was wrong"
-LINK_FAILURE_STATUSES = {WC_RETRY_EXC_ERR, WC_FATAL_ERR, WC_WR_FLUSH_ERR}
+#: completion statuses that suspend the provider (its copies are read and written elsewhere
+#: until the keeper resumes it or buries it) instead of failing the operation.  A remote access
+#: error is one: when a provider process dies, soft-RoCE's kernel QP outlives its memory
+#: regions for a moment and answers the READs in flight with it (seen in the VM: FarMemory's
+#: handler failed on it although the other replica held every page).  Were it a wrong key
+#: instead, the resumed provider fails again and the operation fails once no copy is left.
+LINK_FAILURE_STATUSES = {WC_RETRY_EXC_ERR, WC_FATAL_ERR, WC_WR_FLUSH_ERR, WC_REM_ACCESS_ERR}
 
 
 @dataclass
