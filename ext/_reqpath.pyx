@@ -36,9 +36,10 @@ C's batch ids have bit 63 set (Python's count up from 1), and C posts only on a 
 batch outstanding, and holds the store lock until its batches complete, so Python never sees
 them in flight.
 
-Sealing (an AEAD over the compressed image, for pages that leave this host) goes between
-compress and the remote WRITE and between the remote READ and expand: ``_unseal`` is where a
-remote image is opened in the staging buffer before ``expand`` (a no-op until sealing lands).
+Sealed pages (an AEAD over the compressed image, for pages that leave this host; ext/_seal.pyx):
+the remote READ lands in the store's seal buffer (an image and its tag a SEAL_STRIDE), and
+``_unseal`` opens it in place with the version its slot's owner word holds before ``expand``;
+a page that does not open declines, and Python reads its other copies and counts the failure.
 
 Mutual exclusion: the store's lock is a StoreLock, a recursive pthread mutex.  Python takes it
 (``with store._lock``) around every use of the tables, releasing the GIL while it waits; this
@@ -61,6 +62,7 @@ from location cimport FIRST_REMOTE_SLAB, KIND_MASK, KIND_STORED, KIND_ZERO, loc_
 from ops cimport WC_FATAL_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR, completion_t
 from rram._ext._codec cimport compress_page, expand
 from rram._ext._pagemap cimport PageMap
+from rram._ext._seal cimport SEAL_STRIDE, SEAL_TAG, Sealer
 from rram._ext._slab cimport E_OK, SlotAllocator
 from rram._ext._storepath cimport Router
 from rram._ext._tcpwire cimport C_EINTR, WireRequester
@@ -182,6 +184,8 @@ cdef class RequestPath:
         self.fail_rc = self.fail_detail = NULL
         self.nlinks = self.nfailed = 0
         self.batch_seq = self.remote_reads = self.remote_batches = 0
+        self.stride = PAGE
+        self.sealer = None
 
     def __dealloc__(self):
         free(self.retired)
@@ -207,11 +211,14 @@ cdef class RequestPath:
         self.unbind_remote()
 
     def bind_remote(self, Router router, lkeys, cores, uint64_t staging, Py_ssize_t staging_pages,
-                    double read_timeout):
+                    double read_timeout, Sealer sealer=None, SlotAllocator versions_r=None,
+                    SlotAllocator versions_e=None):
         """Read remote pages in C from now on: ``router`` bound to the RemoteTier's current tables
         (RemoteTier.router), ``lkeys`` its int64 lkey per link of the arena at ``staging``
         (``staging_pages`` pages, C's READ target), ``cores`` per link a WireRequester or None (no
-        C core: its pages decline), ``read_timeout`` in seconds.  Failures not yet taken are kept."""
+        C core: its pages decline), ``read_timeout`` in seconds.  Failures not yet taken are kept.
+        Sealed pages: ``sealer`` opens each image READ (staging then holds SEAL_STRIDE bytes an
+        image), its version being the owner word of its slot in ``versions_r`` or ``versions_e``."""
         cdef const int64_t[::1] lk = lkeys
         cdef int i, n = len(cores)
         cdef void **c
@@ -219,8 +226,12 @@ cdef class RequestPath:
         cdef int32_t *det
         if lk.shape[0] < n or router.nlinks != n:
             raise ValueError(f"{n} cores, {lk.shape[0]} lkeys and a router bound to {router.nlinks} links")
-        if staging_pages < CHUNK:
-            raise ValueError(f"the staging arena must hold at least {CHUNK} pages, not {staging_pages}")
+        stride = SEAL_STRIDE if sealer is not None else PAGE
+        if sealer is not None and (versions_r is None or versions_e is None
+                                   or not versions_r.track_owners or not versions_e.track_owners):
+            raise ValueError("sealed pages need both remote allocators, tracking owners (the versions)")
+        if staging_pages * PAGE < CHUNK * stride:
+            raise ValueError(f"the staging arena must hold {CHUNK} images of {stride} bytes, not {staging_pages} pages")
         for core in cores:
             if core is not None and not isinstance(core, WireRequester):
                 raise TypeError(f"a link's C core must be a WireRequester or None, not {type(core).__name__}")
@@ -245,6 +256,8 @@ cdef class RequestPath:
         self.lkeys = &lk[0]
         self.staging = staging
         self.staging_pages = staging_pages
+        self.stride = stride
+        self.sealer, self.versions_r, self.versions_e = sealer, versions_r, versions_e
         self.read_timeout_ns = <int64_t>(read_timeout * 1e9)
         self.remote_bound = True
 
@@ -332,7 +345,7 @@ cdef class RequestPath:
                 rlocs[m] = loc
                 m += 1
         if m:
-            rc = self._read_remote(rlocs, m)  # the images land at staging + k*PAGE, in page order
+            rc = self._read_remote(rlocs, m)  # the images land at staging + k*stride, in page order
             if rc != REQ_DONE:
                 return rc
         m = 0
@@ -348,10 +361,10 @@ cdef class RequestPath:
             slab = loc_slab(loc)
             size = loc_size(loc)
             if slab >= FIRST_REMOTE_SLAB:
-                image = <uint8_t *>(self.staging + <uint64_t>m * PAGE)
+                image = <uint8_t *>(self.staging + <uint64_t>m * self.stride)
                 m += 1
-                if not self._unseal(image, &size):
-                    return REQ_CORRUPT
+                if not self._unseal(image, &size, loc, key_base | pages[i]):
+                    return REQ_REMOTE_ERROR  # Python reads the other copies, counts and reports
             elif slab == 0 or slab > self.n_local:
                 return REQ_CORRUPT
             else:
@@ -361,9 +374,18 @@ cdef class RequestPath:
         remote[0] += <uint64_t>m
         return REQ_DONE
 
-    cdef bint _unseal(self, uint8_t *image, uint32_t *size) noexcept nogil:
-        """Open a remote page's image in place (staging), between its READ and expand: False when
-        it does not verify.  SEALING GOES HERE: until pages are sealed, images are stored as is."""
+    cdef bint _unseal(self, uint8_t *image, uint32_t *size, uint64_t loc, uint64_t key) noexcept nogil:
+        """Open a remote page's image in place (staging), between its READ and expand, with the
+        version its slot's owner word holds: False when it does not verify (or has no version).
+        Images of an unsealed store are stored as they are."""
+        cdef uint64_t version = 0
+        if self.sealer is None:
+            return True
+        if self.versions_r._owner(loc, &version) != E_OK and self.versions_e._owner(loc, &version) != E_OK:
+            return False
+        if size[0] <= SEAL_TAG or self.sealer.open_one(image, size[0], key, version) != 1:
+            return False
+        size[0] -= SEAL_TAG
         return True
 
     cdef void _note_failure(self, int li, int32_t rc, int32_t detail) noexcept nogil:
@@ -374,7 +396,7 @@ cdef class RequestPath:
         self.fail_detail[li] = detail
 
     cdef int _read_remote(self, const uint64_t *locs, Py_ssize_t n) noexcept nogil:
-        """READ the stored images of ``locs`` (n <= CHUNK remote locations) into staging + k*PAGE:
+        """READ the stored images of ``locs`` (n <= CHUNK remote locations) into staging + k*stride:
         one batch per link, posted on each link's C core and polled to completion or the read
         timeout.  Under the lock.  REQ_DONE, or the reason to decline."""
         cdef Py_ssize_t k
@@ -388,7 +410,7 @@ cdef class RequestPath:
             return REQ_REMOTE
         self.router._reset()
         for k in range(n):
-            if self.router._read(locs[k], self.staging + <uint64_t>k * PAGE, self.lkeys) < 0:
+            if self.router._read(locs[k], self.staging + <uint64_t>k * self.stride, self.lkeys) < 0:
                 return REQ_NO_ROUTE
         for u in range(self.router.nused):
             li = self.router.used[u]

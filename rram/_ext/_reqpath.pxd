@@ -3,6 +3,7 @@
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from rram._ext._pagemap cimport PageMap
+from rram._ext._seal cimport Sealer
 from rram._ext._slab cimport SlotAllocator
 from rram._ext._storepath cimport Router
 
@@ -67,6 +68,10 @@ cdef class RequestPath:
     cdef readonly int nfailed        # links with a failure Python has not taken yet
     cdef uint64_t staging            # the registered staging arena: C's READ target
     cdef Py_ssize_t staging_pages
+    cdef uint64_t stride             # bytes between two images READ into staging (PAGE; sealed: SEAL_STRIDE)
+    cdef Sealer sealer               # sealed pages: opens them (None: images are stored as is)
+    cdef SlotAllocator versions_r    # sealed pages: the remote allocators whose owner words are
+    cdef SlotAllocator versions_e    # the versions (r-copy slabs, one-copy slabs)
     cdef int64_t read_timeout_ns
     cdef uint64_t batch_seq          # C's batch ids: bit 63 set, never one of Python's
     cdef uint64_t remote_reads, remote_batches
@@ -78,6 +83,6 @@ cdef class RequestPath:
     cdef int _read_chunk(self, uint64_t key_base, const uint32_t *pages, Py_ssize_t n, uint8_t *dst,
                          uint64_t *zero, uint64_t *absent, uint64_t *remote) noexcept nogil
     cdef int _read_remote(self, const uint64_t *locs, Py_ssize_t n) noexcept nogil
-    cdef bint _unseal(self, uint8_t *image, uint32_t *size) noexcept nogil
+    cdef bint _unseal(self, uint8_t *image, uint32_t *size, uint64_t loc, uint64_t key) noexcept nogil
     cdef void _note_failure(self, int li, int32_t rc, int32_t detail) noexcept nogil
     cdef int write_page(self, uint64_t key, const uint8_t *src) noexcept nogil

@@ -944,18 +944,17 @@ class PageStore:
                 self._bind_requests()
 
     def _bind_requests(self) -> None:
-        """Point the C path's remote reads at the tier's current routes (under the lock).
-
-        Not with sealed pages: the C path's ``_unseal`` does not open them yet (ext/_reqpath.pyx;
-        the calls it needs are SlotAllocator._owner and Sealer.open_one, rram/_ext/*.pxd), so it
-        stays unbound and declines remote pages ("no route bound") to the Python path, which opens them."""
+        """Point the C path's remote reads at the tier's current routes (under the lock); with
+        sealed pages they READ into the seal buffer and open each image there, as Python does."""
         remote = self.remote
-        if self.seal is not None:
-            self._req_generation = remote.route_generation
-            return
-        router, lkeys = remote.router(self.staging.addr)
         cores = [lk.endpoint.c_core() if lk.alive else None for lk in remote.links]
-        self.requests.bind_remote(router, lkeys, cores, self.staging.addr, self.batch, remote.read_timeout)
+        if self.seal is None:
+            router, lkeys = remote.router(self.staging.addr)
+            self.requests.bind_remote(router, lkeys, cores, self.staging.addr, self.batch, remote.read_timeout)
+        else:
+            router, lkeys = remote.router(self.seal.base)
+            self.requests.bind_remote(router, lkeys, cores, self.seal.base, self.seal.buf.length // PAGE_SIZE,
+                                      remote.read_timeout, self.seal.sealer, self.remote_alloc, self.eph_alloc)
         self._req_generation = remote.route_generation
 
     def _suspend_c_failures(self) -> None:

@@ -91,7 +91,7 @@ class Workload:
 def nbd_over_cluster(tmp_path, n_providers: int, **cluster):
     with tcp_cluster(n_providers=n_providers, capacity="128MiB", replicas=2, workdir=str(tmp_path),
                      slab_size="1MiB", lease_grace=5.0, **TIMING, **cluster) as c, \
-            open_store(c.config, name="req", local_budget=1 << 20, seal=False) as store:  # C reads: unsealed only
+            open_store(c.config, name="req", local_budget=1 << 20) as store:  # sealed, the default
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=BLOCKS * PAGE)
         with NBDServer(backend, c_requests=True) as srv:
             path = str(tmp_path / "nbd.sock")

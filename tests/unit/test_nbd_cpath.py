@@ -171,7 +171,7 @@ def test_provider_killed_mid_run(tmp_path, transport):
     request goes to Python (nothing sent to the client yet), and p0 is suspended."""
     providers = [InProcessProvider(f"p{i}", 16 << 20, transport) for i in range(2)]
     store = make_store(providers, replicas=2, local_budget=128 << 10, slab_size=1 << 20,
-                       seal=False)  # C remote reads: unsealed stores only (docs/architecture.md)
+                       seal=False)  # sealed pages: tests/unit/test_reqpath.py and test_nbd_creads.py
     try:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=SIZE)
         with serve(backend, tmp_path, "c", True) as (srv, path):
@@ -198,7 +198,7 @@ def test_provider_killed_mid_run(tmp_path, transport):
 def test_remote_single_reads_are_served_in_c_over_tcp(tmp_path):
     providers = [InProcessProvider(f"p{i}", 16 << 20, "tcp") for i in range(2)]
     store = make_store(providers, replicas=2, local_budget=128 << 10, slab_size=1 << 20,
-                       seal=False)  # C remote reads: unsealed stores only (docs/architecture.md)
+                       seal=False)  # sealed pages: tests/unit/test_reqpath.py and test_nbd_creads.py
     try:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=SIZE)
         with serve(backend, tmp_path, "c", True) as (srv, path):

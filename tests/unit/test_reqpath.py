@@ -41,10 +41,10 @@ class Store:
     """A store, its pool and the two ways to serve one page (C first, as the NBD server does)."""
 
     def __init__(self, local_budget: int = 256 << 10, providers: int = 1, replicas: int = 1,
-                 transport: str = "loopback"):
+                 transport: str = "loopback", seal: bool = False):
         self.providers = [InProcessProvider(f"p{i}", 32 << 20, transport) for i in range(providers)]
         self.store = make_store(self.providers, local_budget=local_budget, slab_size=1 << 20, replicas=replicas,
-                                seal=False)  # C remote reads: unsealed stores only (docs/architecture.md)
+                                seal=seal)
         self.pool = self.store.create_pool(persistent=True)
         self.base = (self.pool << 56) | (OBJ << 32)
         self.path = self.store.requests
@@ -267,9 +267,9 @@ def _remote_indexes(s: Store, n: int) -> list[int]:
     return [i for i in range(n) if (s.store.map.get(s.base | i) >> 37) >= 4096]
 
 
-@pytest.fixture
-def tcp():
-    st_ = Store(providers=2, replicas=2, transport="tcp")
+@pytest.fixture(params=[False, True], ids=["plain", "sealed"])
+def tcp(request):
+    st_ = Store(providers=2, replicas=2, transport="tcp", seal=request.param)
     yield st_
     st_.close()
 
