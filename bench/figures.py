@@ -11,6 +11,7 @@ wires it in.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 QUICK = os.environ.get("RRAM_BENCH_QUICK") == "1"
@@ -33,3 +34,41 @@ class FigureClock:
 
     def __repr__(self) -> str:  # pytest-benchmark writes the timer's name into its JSON
         return f"FigureClock({self.unit})"
+
+
+def bench_cpus(role: str):
+    """The CPUs a benchmark pins ``role`` ("requester" or "provider") to, from RRAM_BENCH_PIN:
+    split (default: requester CPU 0, providers CPU 1), same (both CPU 0) or none (None)."""
+    mode = os.environ.get("RRAM_BENCH_PIN", "split")
+    if mode == "none" or (os.cpu_count() or 1) < 2 and mode == "split":
+        return None
+    if mode == "same":
+        return {0}
+    return {0} if role == "requester" else {1}
+
+
+def pin_process(pid: int, cpus) -> None:
+    """Pin every thread of ``pid`` (threads it starts later inherit the mask)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+@contextlib.contextmanager
+def pinned_tcp_cluster():
+    """Two tcp provider processes (1 GiB, 64 MiB slabs) pinned as RRAM_BENCH_PIN says, and this
+    process pinned as the requester until the block ends: (cluster, the pinning as a label)."""
+    from rram.testing.cluster import LocalCluster
+
+    req_cpus = bench_cpus("requester")
+    old = os.sched_getaffinity(0)
+    with LocalCluster(n_providers=2, capacity="1GiB", transport="tcp", slab_size="64MiB", verbose=False) as cluster:
+        prov_cpus = bench_cpus("provider")
+        if prov_cpus:
+            for proc in cluster.procs.values():
+                pin_process(proc.pid, prov_cpus)
+        if req_cpus:
+            os.sched_setaffinity(0, req_cpus)
+        try:
+            yield cluster, f"requester={sorted(req_cpus or [])} providers={sorted(prov_cpus or [])}"
+        finally:
+            os.sched_setaffinity(0, old)

@@ -13,19 +13,16 @@ Pages read back and are checked after timing.
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
 
-from figures import scaled
+from figures import pinned_tcp_cluster, scaled
 from rram import PAGE_SIZE
 from rram.cluster import open_store
 from rram.datapath import keys as K
 from rram.datapath import slab as L
-from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages
-from test_store_bench import _cpus, _pin_process
 
 N = scaled(16384, 4096)
 LOCAL_BUDGET = scaled(4 << 20, 1 << 20)
@@ -38,30 +35,19 @@ _medians: dict[tuple[str, str], float] = {}
 
 @pytest.fixture(scope="module")
 def stores():
-    req_cpus = _cpus("requester")
-    old = os.sched_getaffinity(0)
-    with LocalCluster(n_providers=2, capacity="1GiB", transport="tcp", slab_size="64MiB", verbose=False) as cluster:
-        prov_cpus = _cpus("provider")
-        if prov_cpus:
-            for proc in cluster.procs.values():
-                _pin_process(proc.pid, prov_cpus)
-        if req_cpus:
-            os.sched_setaffinity(0, req_cpus)
-        data = make_pages(N, seed=3)
-        try:
-            with open_store(cluster.config, name="bench-plain", local_budget=LOCAL_BUDGET, keeper=False,
-                            seal=False) as plain, \
-                 open_store(cluster.config, name="bench-sealed", local_budget=LOCAL_BUDGET, keeper=False,
-                            seal=True) as sealed:
-                out = {}
-                for kind, store in (("plain", plain), ("sealed", sealed)):
-                    pool = store.create_pool()
-                    store.put_many(pool, 0, np.arange(N), data)
-                    out[kind] = (store, pool)
-                assert sealed.seal is not None and plain.seal is None
-                yield out, data, f"requester={sorted(req_cpus or [])} providers={sorted(prov_cpus or [])}"
-        finally:
-            os.sched_setaffinity(0, old)
+    data = make_pages(N, seed=3)
+    with pinned_tcp_cluster() as (cluster, pin), \
+            open_store(cluster.config, name="bench-plain", local_budget=LOCAL_BUDGET, keeper=False,
+                       seal=False) as plain, \
+            open_store(cluster.config, name="bench-sealed", local_budget=LOCAL_BUDGET, keeper=False,
+                       seal=True) as sealed:
+        out = {}
+        for kind, store in (("plain", plain), ("sealed", sealed)):
+            pool = store.create_pool()
+            store.put_many(pool, 0, np.arange(N), data)
+            out[kind] = (store, pool)
+        assert sealed.seal is not None and plain.seal is None
+        yield out, data, pin
 
 
 def _record(benchmark, what: str, kind: str, pin: str, pages: int | None = None) -> None:

@@ -14,19 +14,17 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
 
-from figures import scaled
+from figures import bench_cpus, pinned_tcp_cluster, scaled
 from rram import PAGE_SIZE
 from rram.cluster import open_store
 from rram.datapath import codec
 from rram.datapath import keys as K
 from rram.datapath import slab as L
 from rram.testing import rawsocket
-from rram.testing.cluster import LocalCluster
 from rram.testing.pages import make_pages
 from rram.transport import tcp
 
@@ -38,40 +36,14 @@ LAT_PAGES = 500
 _medians: dict[str, float] = {}
 
 
-def _cpus(role):
-    mode = os.environ.get("RRAM_BENCH_PIN", "split")
-    if mode == "none" or (os.cpu_count() or 1) < 2 and mode == "split":
-        return None
-    if mode == "same":
-        return {0}
-    return {0} if role == "requester" else {1}
-
-
-def _pin_process(pid: int, cpus) -> None:
-    """Pin every thread of ``pid`` (threads it starts later inherit the mask)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    req_cpus = _cpus("requester")
-    old = os.sched_getaffinity(0)
-    with LocalCluster(n_providers=2, capacity="1GiB", transport="tcp", slab_size="64MiB", verbose=False) as cluster:
-        prov_cpus = _cpus("provider")
-        if prov_cpus:
-            for proc in cluster.procs.values():
-                _pin_process(proc.pid, prov_cpus)
-        if req_cpus:
-            os.sched_setaffinity(0, req_cpus)
-        try:
-            with open_store(cluster.config, name="bench", local_budget=LOCAL_BUDGET, keeper=False) as store:
-                pool = store.create_pool()
-                data = make_pages(N, seed=3)
-                store.put_many(pool, 0, np.arange(N), data)
-                yield store, pool, data, f"requester={sorted(req_cpus or [])} providers={sorted(prov_cpus or [])}"
-        finally:
-            os.sched_setaffinity(0, old)
+    with pinned_tcp_cluster() as (cluster, pin), \
+            open_store(cluster.config, name="bench", local_budget=LOCAL_BUDGET, keeper=False) as store:
+        pool = store.create_pool()
+        data = make_pages(N, seed=3)
+        store.put_many(pool, 0, np.arange(N), data)
+        yield store, pool, data, pin
 
 
 def _pps(benchmark, pages, pin):
@@ -144,7 +116,7 @@ def test_get_latency_baseline_raw_socket(benchmark, setup, remote_reads, spin):
     """A raw socket moving the same bytes as the store's READs (each page's compressed size),
     its client waiting as rram's requester does (spinning) or in a blocking recv (sleeping)."""
     _, sizes = remote_reads
-    proc, port = rawsocket.start(_cpus("provider"))
+    proc, port = rawsocket.start(bench_cpus("provider"))
     rtt = rawsocket.RoundTrip(port, spin_us=tcp.DEFAULT_SPIN_US if spin == "spinning" else 0)
     it = itertools.cycle(sizes)
     try:

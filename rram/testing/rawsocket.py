@@ -1,5 +1,5 @@
-"""The benchmarks' latency floor: a 32-byte request answered with up to 4 KiB over loopback TCP,
-by ``recv_into`` + ``sendall`` in Python, with nothing else in the way.
+"""The benchmarks' latency floor: a 32-byte request answered with up to a sealed page (4 KiB and
+a 16-byte tag) over loopback TCP, by ``recv_into`` + ``sendall`` in Python, nothing else in the way.
 
     python -m rram.testing.rawsocket [CPU,CPU...]     # prints its port, serves one client
 
@@ -24,8 +24,11 @@ import sys
 import time
 
 REQUEST = 32
-REPLY = 4096
-_LENGTH = struct.Struct("<I")  # first 4 bytes of a request: reply length (0 means REPLY)
+PAGE = 4096  # the default reply: a whole page
+#: the longest reply: the largest image rram stores remotely, a raw page sealed with its 16-byte
+#: GCM tag (rram.datapath.seal.TAG), so a baseline moves what a sealed store moves
+REPLY = PAGE + 16
+_LENGTH = struct.Struct("<I")  # first 4 bytes of a request: reply length (0 means PAGE)
 
 
 def serve(cpus: set[int] | None = None) -> None:
@@ -44,7 +47,7 @@ def serve(cpus: set[int] | None = None) -> None:
             if n == 0:
                 return
             got += n
-        length = _LENGTH.unpack_from(req)[0] or REPLY
+        length = _LENGTH.unpack_from(req)[0] or PAGE
         conn.sendall(reply[:min(length, REPLY)])
 
 
@@ -72,7 +75,7 @@ class RoundTrip:
         self._req = bytearray(REQUEST)
         self._view = memoryview(bytearray(REPLY))
 
-    def __call__(self, length: int = REPLY) -> None:
+    def __call__(self, length: int = PAGE) -> None:
         if not 0 < length <= REPLY:
             raise ValueError(f"reply length must be 1..{REPLY}, got {length}")
         _LENGTH.pack_into(self._req, 0, length)
