@@ -7,7 +7,8 @@ provider each, in the same run.  Figures: a new control connection (TCP, TLS han
 hello/auth, bye), and one alloc_slab + free_slab round trip on an open connection; each the
 median over its repetitions, 3 rounds, ratio TLS / plaintext.
 
-NBD: `rram requester` on two tcp providers with a 4 MiB local budget, served plaintext (its C
+NBD: `rram requester` on two tcp providers with a 4 MiB local budget, every export sleeping in
+recv (``--nbd-spin-us 0``, as a TLS connection must), served plaintext (its C
 request loop), plaintext on the Python path (``--no-nbd-c-path``: what TLS itself costs) and
 with ``--nbd-tls`` (TLS connections run on the Python path), in the same run, each on its own
 cluster; nbdcopy (libnbd: ``nbds+unix://...?tls-certificates=DIR``; fio's nbd
@@ -118,7 +119,10 @@ def export(request, data_file):
     with LocalCluster(n_providers=2, capacity="256MiB", transport="tcp", workdir=tmp, slab_size="4MiB",
                       verbose=False, requester={"local_budget": "4MiB"}) as cluster:
         sock = os.path.join(tmp, "nbd.sock")
-        args: tuple[str, ...] = ("--no-mlock",) + (("--no-nbd-c-path",) if request.param == "plain-py" else ())
+        # every export sleeps in recv: a TLS connection cannot poll its socket (no MSG_DONTWAIT
+        # through ssl), so plaintext spinning 50 us before each recv would not be the same wait
+        args: tuple[str, ...] = ("--no-mlock", "--nbd-spin-us", "0") + \
+            (("--no-nbd-c-path",) if request.param == "plain-py" else ())
         uri = f"nbd+unix:///?socket={sock}"
         if request.param == "tls":
             env = dict(os.environ, PYTHONPATH=_ROOT)
