@@ -33,6 +33,7 @@ RUNTIME = scaled(4, 1)
 ROUNDS = 1  # a round is RUNTIME seconds of I/O; bench/report.py takes the median of 3 runs
 CLIENT_CPU, SERVER_CPU = "0", "1"
 NBD_SPIN_US = os.environ.get("RRAM_BENCH_NBD_SPIN_US")  # None: the requester's default
+NBD_SPIN_FIXED = os.environ.get("RRAM_BENCH_NBD_SPIN_FIXED") == "1"  # poll every wait, hit or miss
 _iops: dict[tuple[str, str, int], float] = {}
 
 
@@ -76,13 +77,29 @@ def _rram(tmp, *requester_args: str):
         sock = os.path.join(tmp, "nbd.sock")
         if NBD_SPIN_US is not None:
             requester_args += ("--nbd-spin-us", NBD_SPIN_US)
-        proc, _ = start_requester(cluster.config_path, "req", EXPORT, sock, os.path.join(tmp, "requester.log"),
-                                  extra_args=requester_args)
+        if NBD_SPIN_FIXED:
+            requester_args += ("--nbd-spin-fixed",)
+        log = os.path.join(tmp, "requester.log")
+        proc, _ = start_requester(cluster.config_path, "req", EXPORT, sock, log, extra_args=requester_args)
         try:
             _pin(proc.pid)
             yield f"nbd+unix:///?socket={sock}", proc.pid
         finally:
             assert stop_process(proc) == 0
+            print(f"\nrequester {' '.join(requester_args)}: {_nbd_counters(log + '.out')}")
+
+
+def _nbd_counters(out_path: str) -> dict:
+    """The NBD server's counters from the requester's exit line (how many requests C served,
+    the spin's hits and misses...): what explains the figures."""
+    with open(out_path) as f:
+        line = next((x for x in f if " stats {" in x), None)
+    if line is None:
+        return {}
+    nbd = json.loads(line[line.index("{"):]).get("nbd", {})
+    keep = ("requests", "c_requests", "c_declined", "runs", "spin_hits", "spin_misses", "spin_probes", "spin_us",
+            "sleeps")
+    return {k: nbd[k] for k in keep if k in nbd}
 
 
 #: the servers: nbdkit, rram, and rram with every request on its Python path (test_nbd_cpu_bench.py)

@@ -3,8 +3,9 @@
 
 The kernel's swap I/O is mostly single READs and WRITEs of a few 4 KiB blocks (most often one),
 one at a time.  ``serve_loop`` runs the connection while that lasts, without the GIL and without a Python object per request:
-recv (polling for a while first, then sleeping), parse with _nbdwire.RequestRun, serve the blocks
-through the store's RequestPath (ext/_reqpath.pyx), pack the reply and send it.  It returns to
+recv (polling for a while first when that pays, then sleeping: LoopState), parse with
+_nbdwire.RequestRun, serve the blocks through the store's RequestPath (ext/_reqpath.pyx), pack
+the reply and send it.  It returns to
 the Python server (rram/frontends/nbd/server.py) as soon as something needs Python: a run of
 several requests (one batched store call), a request the request path declined (a remote page
 it could not read, a full local pool, ...: nothing was changed or sent), any other command or a protocol error
@@ -45,9 +46,17 @@ cdef enum:
     DECLINED = 1    # ``run`` holds one request the request path declined: serve it in Python
     PARSER = 2      # the buffer's head is for the Python parser (another command, an error, ...)
     EOF = 3         # the peer closed the connection
-    IDLE = 4        # no request came while polling: call again with ``block`` to sleep in recv
 
-LOOP_RUN, LOOP_DECLINED, LOOP_PARSER, LOOP_EOF, LOOP_IDLE = RUN, DECLINED, PARSER, EOF, IDLE
+LOOP_RUN, LOOP_DECLINED, LOOP_PARSER, LOOP_EOF = RUN, DECLINED, PARSER, EOF
+
+# the adaptive spin (LoopState)
+cdef enum:
+    SCORE_MAX = 8       # hits banked: a burst of misses this long does not stop the spin
+    MISS_COST = 4       # a miss takes this many hits back: spinning stays on above ~80 % hits
+    PROBE_FIRST = 16    # waits between probes once the spin is off; doubles per failed probe
+    PROBE_MAX = 1024    # ... up to this (a probe costs one spin of the cap: ~0.1 % of the waits)
+    PREEMPT_NS = 10000  # a step of the poll loop this long: the thread was descheduled, so the
+                        # request that came meanwhile was not caught by spinning
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -74,6 +83,93 @@ cdef int send_all(int fd, const uint8_t *buf, size_t n) noexcept nogil:
         buf += r
         n -= <size_t>r
     return 0
+
+
+cdef class LoopState:
+    """One connection's state across serve_loop calls: its spin policy and its counters.
+
+    Polling the socket after a reply catches a qd1 client's next request without a wake-up
+    (30-70 us across CPUs here), but the poll holds a CPU: when the client needs that same CPU
+    to send the request (nbdfuse pinned with the server), or simply takes longer than the cap,
+    every poll is lost time.  So the spin runs only while it pays.  Each wait for a new request
+    is a hit (the request came while polling) or a miss (the poll ran out, or the thread was
+    descheduled meanwhile: then the CPU was someone else's and the request came without our
+    poll).  A hit banks one point (up to SCORE_MAX), a miss costs MISS_COST; below zero the
+    spin stops and the connection sleeps in recv at once (one syscall).  While stopped, every
+    ``probe_gap``-th wait polls for the cap once: a hit turns the spin on again, a miss doubles
+    the gap (up to PROBE_MAX).  ``cap_ns`` 0 never polls; ``adaptive`` False polls for the cap
+    on every wait (the fixed spin).  No timing is measured but the poll's own steps.
+    """
+    cdef readonly int64_t cap_ns
+    cdef readonly bint adaptive, on
+    cdef readonly int score, probe_gap, until_probe
+    cdef bint probing
+    # counters, read by Python while C runs (torn reads of a statistic do not matter)
+    cdef readonly uint64_t served, declined, hits, misses, probes, spun_ns, sleeps
+
+    def __init__(self, int64_t cap_ns, bint adaptive=True):
+        if cap_ns < 0:
+            raise ValueError(f"spin cap must be >= 0 ns, got {cap_ns}")
+        self.cap_ns = cap_ns
+        self.adaptive = adaptive
+        self.on = cap_ns > 0
+        self.score = 0
+        self.probe_gap = PROBE_FIRST
+        self.until_probe = 0
+        self.probing = False
+
+    cdef int64_t _budget(self) noexcept nogil:
+        """The poll budget of the next wait for a new request (a probe's when one is due)."""
+        self.probing = False
+        if self.cap_ns == 0 or self.on or not self.adaptive:
+            return self.cap_ns
+        self.until_probe -= 1
+        if self.until_probe > 0:
+            return 0
+        self.probing = True
+        self.probes += 1
+        return self.cap_ns
+
+    cdef void _observe(self, bint caught, bint preempted) noexcept nogil:
+        """The outcome of a wait that polled: ``caught`` the request while polling."""
+        cdef bint hit = caught and not preempted
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        if not self.adaptive:
+            return
+        if self.probing:
+            self.probing = False
+            if hit:
+                self.on = True
+                self.score = 0
+                self.probe_gap = PROBE_FIRST
+            else:
+                self.probe_gap = min(2 * self.probe_gap, PROBE_MAX)
+                self.until_probe = self.probe_gap
+            return
+        if hit:
+            self.score = min(self.score + 1, SCORE_MAX)
+            return
+        self.score -= MISS_COST
+        if self.score < 0:
+            self.on = False
+            self.score = 0
+            self.until_probe = self.probe_gap
+
+    def next_budget_ns(self):
+        """The next wait's poll budget, as serve_loop takes it (advances the probe count): tests."""
+        return self._budget()
+
+    def observe(self, bint caught, bint preempted=False):
+        """Record a polled wait's outcome, as serve_loop does: tests."""
+        self._observe(caught, preempted)
+
+    def counters(self):
+        return {"c_requests": self.served, "c_declined": self.declined, "spin_hits": self.hits,
+                "spin_misses": self.misses, "spin_probes": self.probes, "spin_us": self.spun_ns // 1000,
+                "sleeps": self.sleeps}
 
 
 cdef int serve_one(RequestRun run, RequestPath path, uint64_t key_base, int fd, int *err) noexcept nogil:
@@ -114,25 +210,55 @@ cdef bint wants_more(const uint8_t *head, Py_ssize_t have, Py_ssize_t room, uint
     return length <= max_block and REQUEST_SIZE + <Py_ssize_t>length <= room and have < REQUEST_SIZE + length
 
 
+cdef ssize_t wait_recv(LoopState st, int fd, uint8_t *dst, size_t room, bint fresh) noexcept nogil:
+    """recv into ``dst``: poll for the spin budget, then sleep.  ``fresh``: waiting for a new
+    request (the spin policy learns from those; a WRITE's payload still coming only polls
+    while the spin is on).  recv's result (errno set when < 0)."""
+    cdef int64_t budget = st._budget() if fresh else (st.cap_ns if st.on or not st.adaptive else 0)
+    cdef int64_t t0, t, last, deadline
+    cdef bint preempted = False
+    cdef ssize_t got
+    if budget:
+        t0 = last = now_ns()
+        deadline = t0 + budget
+        while True:  # the next request usually follows the reply within microseconds
+            got = recv(fd, dst, room, MSG_DONTWAIT)
+            if got >= 0 or (errno != EAGAIN and errno != EINTR):
+                break
+            t = now_ns()
+            if t - last > PREEMPT_NS:
+                preempted = True
+            last = t
+            if t >= deadline:
+                break
+        st.spun_ns += <uint64_t>(last - t0)
+        if fresh:
+            st._observe(got >= 0, preempted)
+        if got >= 0 or (errno != EAGAIN and errno != EINTR):
+            return got
+    st.sleeps += 1
+    got = recv(fd, dst, room, 0)
+    while got < 0 and errno == EINTR:
+        got = recv(fd, dst, room, 0)
+    return got
+
+
 def serve_loop(RequestRun run, RequestPath path, uint64_t key_base, int fd, uint8_t[::1] buf,
                Py_ssize_t start, Py_ssize_t end, uint64_t export_size, uint32_t max_block, uint32_t min_block,
-               int64_t spin_ns, bint block):
+               LoopState state not None):
     """Serve single requests from ``buf[start:end]`` and the socket ``fd`` (blocking) until
-    something needs Python.  Returns (start, end, why, served, declined): the buffer's new bounds
-    (data may have moved to the front), LOOP_*, and how many requests C served and declined.
-    A request is served here when the parser takes it alone (whole 4 KiB blocks, no flag but FUA).
-
-    It polls the socket for ``spin_ns`` before waiting for a request; before the first such wait
-    it returns LOOP_IDLE instead, unless ``block``, so the server's counters are never more than
-    one idle period behind.  Raises OSError when the socket fails."""
+    something needs Python.  Returns (start, end, why): the buffer's new bounds (data may have
+    moved to the front) and LOOP_*; ``state`` counts what C served and declined (live: Python
+    reads it while C waits).  A request is served here when the parser takes it alone (whole
+    4 KiB blocks, no flag but FUA).  Between requests it polls the socket as ``state``'s spin
+    policy says, then sleeps in recv.  Raises OSError when the socket fails."""
     if run.nreq:
         raise ValueError("serve_loop needs an empty run")
     if start < 0 or end > buf.shape[0] or start > end:
         raise ValueError(f"bad buffer range {start}..{end} of {buf.shape[0]}")
-    cdef Py_ssize_t cap = buf.shape[0], served = 0, declined = 0
+    cdef Py_ssize_t cap = buf.shape[0]
     cdef ssize_t got
     cdef int rc, err = 0, why = -1
-    cdef int64_t deadline
     cdef uint8_t *b = &buf[0]
     with nogil:
         while True:
@@ -142,10 +268,10 @@ def serve_loop(RequestRun run, RequestPath path, uint64_t key_base, int fd, uint
                 if err:
                     break
                 if rc != REQ_DONE:
-                    declined += 1
+                    state.declined += 1
                     why = DECLINED
                     break
-                served += 1
+                state.served += 1
                 run._clear()
                 continue
             if run.nreq:
@@ -158,19 +284,7 @@ def serve_loop(RequestRun run, RequestPath path, uint64_t key_base, int fd, uint
                 memmove(b, b + start, end - start)
                 end -= start
                 start = 0
-            deadline = now_ns() + spin_ns
-            while True:  # poll first: the next request usually follows the reply within microseconds
-                got = recv(fd, b + end, cap - end, MSG_DONTWAIT)
-                if got >= 0 or (errno != EAGAIN and errno != EINTR) or now_ns() >= deadline:
-                    break
-            if got < 0 and (errno == EAGAIN or errno == EINTR):
-                if not block:
-                    why = IDLE
-                    break
-                block = False  # once: the requests this wait brings go on to the next idle
-                got = recv(fd, b + end, cap - end, 0)
-                while got < 0 and errno == EINTR:
-                    got = recv(fd, b + end, cap - end, 0)
+            got = wait_recv(state, fd, b + end, cap - end, start == end)
             if got < 0:
                 err = errno
                 break
@@ -180,5 +294,4 @@ def serve_loop(RequestRun run, RequestPath path, uint64_t key_base, int fd, uint
             end += got
     if err:
         raise OSError(err, os.strerror(err))
-    return start, end, why, served, declined
-
+    return start, end, why

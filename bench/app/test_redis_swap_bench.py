@@ -44,6 +44,7 @@ REQUESTS = 3000 if QUICK else 40000
 CLIENTS = 8
 APP_CPU, SERVER_CPU = "0", "1"
 NBD_SPIN_US = os.environ.get("RRAM_BENCH_NBD_SPIN_US")  # None: the requester's default
+NBD_SPIN_FIXED = os.environ.get("RRAM_BENCH_NBD_SPIN_FIXED") == "1"  # poll every wait, hit or miss
 _results: dict[str, dict] = {}
 
 
@@ -121,6 +122,7 @@ def test_redis_gets_with_swap_on(benchmark, device):
     runs: list[dict] = []
     try:
         spin = () if NBD_SPIN_US is None else ("--nbd-spin-us", NBD_SPIN_US)
+        spin += ("--nbd-spin-fixed",) if NBD_SPIN_FIXED else ()
         with limit, D.swap_device(device, SWAP_SIZE, pin=_pin, servers=servers, requester_args=spin):
             redis = Redis(workdir, limit.path)
             try:

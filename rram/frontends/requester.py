@@ -74,8 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "ca-cert.pem (`rram keys tls NAME --server --out DIR`); needed for a non-loopback --listen")
     p.add_argument("--no-mlock", action="store_true", help="do not mlockall (only when not backing swap)")
     p.add_argument("--nbd-spin-us", type=float, default=DEFAULT_SPIN_US, metavar="US",
-                   help="poll a busy NBD connection this long before sleeping in recv (0: never; "
-                        f"default {DEFAULT_SPIN_US}): trades a little CPU for latency")
+                   help="poll a busy NBD connection up to this long before sleeping in recv, while polling "
+                        f"catches requests (0: never; default {DEFAULT_SPIN_US}): trades a little CPU for latency")
+    p.add_argument("--nbd-spin-fixed", action="store_true",
+                   help="poll for --nbd-spin-us before every wait, whether or not it catches requests "
+                        "(default: adaptive, off while the polls miss)")
     p.add_argument("--no-nbd-c-path", action="store_true",
                    help="serve every NBD request on the Python path, none in C (diagnosis, comparisons)")
     p.add_argument("--farmem-socket", metavar="PATH",
@@ -160,6 +163,7 @@ def main(args) -> int:
         backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=0, size=size)
         server = NBDServer(backend, export_name=export_name, description=f"rram requester {name}",
                            spin_us=getattr(args, "nbd_spin_us", DEFAULT_SPIN_US),
+                           adaptive_spin=not getattr(args, "nbd_spin_fixed", False),
                            c_requests=not getattr(args, "no_nbd_c_path", False), tls=tls_ctx)
         where = []
         if socket_path:

@@ -39,7 +39,7 @@ from ..._ext._nbdwire import RequestRun
 from ...units import PAGE_SIZE
 
 try:  # built with the native codec only
-    from ..._ext._nbdserve import LOOP_DECLINED, LOOP_EOF, LOOP_IDLE, LOOP_RUN, serve_loop
+    from ..._ext._nbdserve import LOOP_DECLINED, LOOP_EOF, LOOP_RUN, LoopState, serve_loop
 except ImportError:  # pragma: no cover - a build without liblz4
     serve_loop = None
 from . import protocol as P
@@ -51,7 +51,8 @@ HANDSHAKE_TIMEOUT = 30.0
 #: how long a connection polls its socket without blocking before it sleeps in recv.  A client
 #: answered a moment ago usually sends again within tens of microseconds; sleeping instead
 #: costs a wake-up across CPUs (30-70 us on this kind of machine) per request.  The poll
-#: only runs right after a reply, so an idle connection costs nothing.
+#: only runs right after a reply, so an idle connection costs nothing; in the C loop it runs
+#: only while it catches requests (LoopState, the adaptive spin), unless ``adaptive_spin`` is off.
 DEFAULT_SPIN_US = 50
 #: pages one run may hold: bounds the run's buffers (1 MiB of data) and a reply's latency
 MAX_BATCH_PAGES = 256
@@ -87,7 +88,7 @@ class NBDServer:
     def __init__(self, backend: Backend, *, export_name: str = "", description: str = "rram remote memory",
                  min_block: int = 1, max_block: int = P.DEFAULT_MAX_BLOCK,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, spin_us: float = DEFAULT_SPIN_US,
-                 c_requests: bool = True, tls: ssl.SSLContext | None = None):
+                 adaptive_spin: bool = True, c_requests: bool = True, tls: ssl.SSLContext | None = None):
         self.backend = backend
         self.tls = tls  # None: plaintext; else TLS required on every connection
         # (RequestPath, key of block 0): single requests in C; None: all in Python
@@ -98,6 +99,7 @@ class NBDServer:
         if spin_us < 0:
             raise errors.ConfigError(f"NBD spin must be >= 0 microseconds, got {spin_us}")
         self._spin_ns = int(spin_us * 1000)
+        self._adaptive_spin = adaptive_spin
         self._listeners: list[socket.socket] = []
         self._unix_paths: list[str] = []
         self._selector = selectors.DefaultSelector()
@@ -108,9 +110,28 @@ class NBDServer:
         self._clients: dict[threading.Thread, socket.socket] = {}
         self._accept_thread: threading.Thread | None = None
         self._closed = False
-        self.counters = {"connections": 0, "disconnected_bad_clients": 0, "requests": 0, "errors": 0,
+        #: the C loops' states of live connections (LoopState: counters C keeps), and what ended
+        #: connections' loops counted
+        self._loops: set = set()
+        self._loop_totals: dict[str, int] = {}
+        self._counts = {"connections": 0, "disconnected_bad_clients": 0, "requests": 0, "errors": 0,
                          "runs": 0, "run_requests": 0, "c_requests": 0, "c_declined": 0, "tls_connections": 0,
                          "tls_failures": 0}
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Requests served (in C and in Python), runs, errors, connections...; the C loops'
+        counters (c_requests, c_declined, and the spin's: spin_hits, spin_misses, spin_probes,
+        spin_us polled, sleeps in recv) are current while their connections wait."""
+        with self._lock:
+            out = dict(self._counts)
+            for key, value in self._loop_totals.items():
+                out[key] = out.get(key, 0) + value
+            for state in self._loops:
+                for key, value in state.counters().items():
+                    out[key] = out.get(key, 0) + value
+        out["requests"] += out.get("c_requests", 0)
+        return out
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -175,7 +196,7 @@ class NBDServer:
                 sock.close()
                 return
             self._clients[thread] = sock
-            self.counters["connections"] += 1
+            self._counts["connections"] += 1
         thread.start()
 
     # -- one connection -------------------------------------------------------------------------
@@ -185,13 +206,14 @@ class NBDServer:
         run: RequestRun | None = None  # made at Ready, once the reply format is known
         reply = bytearray(0)  # the one-by-one READ path's buffer, grown on demand
         c_path = self._c_path  # None once TLS is on: the C loop speaks to the raw socket
+        state = None  # the C loop's LoopState, made with ``run``
         started = time.monotonic()
         try:
             sock.settimeout(self.handshake_timeout)
             sock.sendall(conn.data_to_send())
             while True:
                 if run is not None and c_path is not None and (where := conn.transmission_buffer()):
-                    why = self._serve_in_c(conn, sock, run, where)
+                    why = self._serve_in_c(conn, sock, run, state, where)
                     if why == LOOP_EOF:
                         log.debug("nbd client %s went away", peer)
                         return
@@ -224,19 +246,27 @@ class NBDServer:
                 elif isinstance(event, P.Ready):
                     sock.settimeout(None)  # an idle block device is normal
                     run = RequestRun(MAX_BATCH_PAGES, conn.structured)
+                    if c_path is not None:
+                        state = LoopState(self._spin_ns, self._adaptive_spin)
+                        with self._lock:
+                            self._loops.add(state)
                     log.info("nbd client %s: transmission (structured replies: %s)", peer,
                              event.structured_replies)
                 elif isinstance(event, P.Closed):
                     log.debug("nbd client %s: %s", peer, event.reason)
                     return
         except (P.StreamError, errors.ProtocolError, errors.AuthError) as exc:
-            self.counters["disconnected_bad_clients"] += 1
+            self._counts["disconnected_bad_clients"] += 1
             log.warning("nbd client %s disconnected: %s", peer, exc)
         except (TimeoutError, OSError, errors.ConnectionLost) as exc:
             log.info("nbd client %s: connection ended: %s", peer, exc)
         finally:
             with self._lock:
                 self._clients.pop(threading.current_thread(), None)
+                if state is not None:
+                    self._loops.discard(state)
+                    for key, value in state.counters().items():
+                        self._loop_totals[key] = self._loop_totals.get(key, 0) + value
             sock.close()
 
     def _start_tls(self, sock: socket.socket, peer, started: float) -> ssl.SSLSocket:
@@ -244,32 +274,25 @@ class NBDServer:
         try:
             tls_sock = T.accept(self.tls, sock, started + self.handshake_timeout)
         except errors.RramError:
-            self.counters["tls_failures"] += 1
+            self._counts["tls_failures"] += 1
             raise
         tls_sock.settimeout(self.handshake_timeout)
         with self._lock:
             self._clients[threading.current_thread()] = tls_sock  # close() shuts this one
-            self.counters["tls_connections"] += 1
+            self._counts["tls_connections"] += 1
         log.info("nbd client %s: TLS on (%s, client %s)", peer, tls_sock.version(), T.peer_name(tls_sock))
         return tls_sock
 
-    def _serve_in_c(self, conn: P.ServerConnection, sock: socket.socket, run: RequestRun, where) -> int:
-        """Run the connection in C (serve_loop) until something needs Python; why it returned."""
+    def _serve_in_c(self, conn: P.ServerConnection, sock: socket.socket, run: RequestRun, state, where) -> int:
+        """Run the connection in C (serve_loop) until something needs Python; why it returned.
+        C counts what it serves in ``state``, so it sleeps in recv without coming back here."""
         path, key_base = self._c_path
         buf, start, end = where
         e = self.export
-        c = self.counters
-        block = False
-        while True:
-            start, end, why, served, declined = serve_loop(run, path, key_base, sock.fileno(), buf, start, end,
-                                                           e.size, e.max_block, e.min_block, self._spin_ns, block)
-            c["requests"] += served
-            c["c_requests"] += served
-            c["c_declined"] += declined
-            if why != LOOP_IDLE:
-                conn.consumed(start, end)
-                return why
-            block = True  # the counters are current: now sleep until the next request
+        start, end, why = serve_loop(run, path, key_base, sock.fileno(), buf, start, end,
+                                     e.size, e.max_block, e.min_block, state)
+        conn.consumed(start, end)
+        return why
 
     def _recv(self, sock: socket.socket, buf: memoryview, spin: bool) -> int:
         """recv_into ``buf``, polling for up to spin_us first when ``spin`` (requests flowing on a
@@ -308,9 +331,9 @@ class NBDServer:
         except Exception as exc:  # noqa: BLE001 - retried one by one, so each gets its own reply
             return self._run_failed(conn, sock, run, exc, reply)
         sock.sendall(out)
-        self.counters["requests"] += run.nreq
-        self.counters["runs"] += 1
-        self.counters["run_requests"] += run.nreq
+        self._counts["requests"] += run.nreq
+        self._counts["runs"] += 1
+        self._counts["run_requests"] += run.nreq
         run.clear()
         return reply
 
@@ -322,7 +345,7 @@ class NBDServer:
         return reply
 
     def _handle(self, conn: P.ServerConnection, sock: socket.socket, req: P.Request, reply: bytearray) -> bytearray:
-        self.counters["requests"] += 1
+        self._counts["requests"] += 1
         backend = self.backend
         cmd = req.command
         try:
@@ -360,7 +383,7 @@ class NBDServer:
         return reply
 
     def _failed(self, conn: P.ServerConnection, req: P.Request, exc: Exception) -> None:
-        self.counters["errors"] += 1
+        self._counts["errors"] += 1
         err = _nbd_error(exc)
         if isinstance(exc, (errors.RramError, OSError)):
             log.warning("nbd command %d at %d+%d failed: %s", req.command, req.offset, req.length, exc)
