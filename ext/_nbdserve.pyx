@@ -51,12 +51,12 @@ LOOP_RUN, LOOP_DECLINED, LOOP_PARSER, LOOP_EOF = RUN, DECLINED, PARSER, EOF
 
 # the adaptive spin (LoopState)
 cdef enum:
-    SCORE_MAX = 8       # hits banked: a burst of misses this long does not stop the spin
+    SCORE_MAX = 16      # hits banked: a burst of 4 misses does not stop the spin
     MISS_COST = 4       # a miss takes this many hits back: spinning stays on above ~80 % hits
-    PROBE_FIRST = 16    # waits between probes once the spin is off; doubles per failed probe
+    PROBE_FIRST = 8     # waits between probes once the spin is off; doubles per failed probe
     PROBE_MAX = 1024    # ... up to this (a probe costs one spin of the cap: ~0.1 % of the waits)
     PREEMPT_NS = 10000  # a step of the poll loop this long: the thread was descheduled, so the
-                        # request that came meanwhile was not caught by spinning
+                        # request that came meanwhile says nothing about polling
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -90,22 +90,26 @@ cdef class LoopState:
 
     Polling the socket after a reply catches a qd1 client's next request without a wake-up
     (30-70 us across CPUs here), but the poll holds a CPU: when the client needs that same CPU
-    to send the request (nbdfuse pinned with the server), or simply takes longer than the cap,
-    every poll is lost time.  So the spin runs only while it pays.  Each wait for a new request
-    is a hit (the request came while polling) or a miss (the poll ran out, or the thread was
-    descheduled meanwhile: then the CPU was someone else's and the request came without our
-    poll).  A hit banks one point (up to SCORE_MAX), a miss costs MISS_COST; below zero the
-    spin stops and the connection sleeps in recv at once (one syscall).  While stopped, every
-    ``probe_gap``-th wait polls for the cap once: a hit turns the spin on again, a miss doubles
-    the gap (up to PROBE_MAX).  ``cap_ns`` 0 never polls; ``adaptive`` False polls for the cap
+    to send the request (nbdfuse pinned with the server, not preempting the poll), or simply
+    takes longer than the cap, every poll is lost time.  So the spin runs only while it pays.
+    Each wait for a new request is a hit (the request came while polling), a miss (the poll ran
+    out) or neither (the thread was descheduled meanwhile: the CPU was someone else's, the
+    request came without our poll; a loaded machine does that to any poll).  A hit banks one
+    point (up to SCORE_MAX), a miss costs MISS_COST; below zero the spin stops and the
+    connection sleeps in recv at once (one syscall).  While stopped, every ``probe_gap``-th wait
+    polls for the cap once: a hit turns the spin on again (with half the points banked), a miss
+    doubles the gap (up to PROBE_MAX), neither tries again after the same gap.  A spin turned
+    on by a probe must bank all its points before it stops again, or the gap doubles as for a
+    missed probe; once it has, the gap is back to PROBE_FIRST.  So a hit rate just under the
+    threshold does not switch it on and off every few waits.  ``cap_ns`` 0 never polls; ``adaptive`` False polls for the cap
     on every wait (the fixed spin).  No timing is measured but the poll's own steps.
     """
     cdef readonly int64_t cap_ns
     cdef readonly bint adaptive, on
     cdef readonly int score, probe_gap, until_probe
-    cdef bint probing
+    cdef bint probing, proven
     # counters, read by Python while C runs (torn reads of a statistic do not matter)
-    cdef readonly uint64_t served, declined, hits, misses, probes, spun_ns, sleeps
+    cdef readonly uint64_t served, declined, hits, misses, preempted, probes, spun_ns, sleeps
 
     def __init__(self, int64_t cap_ns, bint adaptive=True):
         if cap_ns < 0:
@@ -117,6 +121,7 @@ cdef class LoopState:
         self.probe_gap = PROBE_FIRST
         self.until_probe = 0
         self.probing = False
+        self.proven = True
 
     cdef int64_t _budget(self) noexcept nogil:
         """The poll budget of the next wait for a new request (a probe's when one is due)."""
@@ -131,8 +136,15 @@ cdef class LoopState:
         return self.cap_ns
 
     cdef void _observe(self, bint caught, bint preempted) noexcept nogil:
-        """The outcome of a wait that polled: ``caught`` the request while polling."""
+        """The outcome of a wait that polled: ``caught`` the request while polling, having been
+        ``preempted`` (descheduled) meanwhile."""
         cdef bint hit = caught and not preempted
+        if caught and preempted:  # says nothing: a probe tries again after the same gap
+            self.preempted += 1
+            if self.probing and self.adaptive:
+                self.probing = False
+                self.until_probe = self.probe_gap
+            return
         if hit:
             self.hits += 1
         else:
@@ -143,19 +155,24 @@ cdef class LoopState:
             self.probing = False
             if hit:
                 self.on = True
-                self.score = 0
-                self.probe_gap = PROBE_FIRST
+                self.score = SCORE_MAX // 2
+                self.proven = False
             else:
                 self.probe_gap = min(2 * self.probe_gap, PROBE_MAX)
                 self.until_probe = self.probe_gap
             return
         if hit:
             self.score = min(self.score + 1, SCORE_MAX)
+            if self.score == SCORE_MAX:
+                self.proven = True
+                self.probe_gap = PROBE_FIRST
             return
         self.score -= MISS_COST
         if self.score < 0:
             self.on = False
             self.score = 0
+            if not self.proven:  # the probe's hit was luck: as good as a missed probe
+                self.probe_gap = min(2 * self.probe_gap, PROBE_MAX)
             self.until_probe = self.probe_gap
 
     def next_budget_ns(self):
@@ -168,7 +185,7 @@ cdef class LoopState:
 
     def counters(self):
         return {"c_requests": self.served, "c_declined": self.declined, "spin_hits": self.hits,
-                "spin_misses": self.misses, "spin_probes": self.probes, "spin_us": self.spun_ns // 1000,
+                "spin_misses": self.misses, "spin_preempted": self.preempted, "spin_probes": self.probes, "spin_us": self.spun_ns // 1000,
                 "sleeps": self.sleeps}
 
 

@@ -12,11 +12,12 @@ servers behind the same nbdfuse + loop path (this host has no kernel NBD client)
 
 The timed value is the figure: the seconds redis-benchmark takes for REQUESTS GETs, three
 rounds on one loaded dataset (median of 3); ops/s, p50 and p99 (redis-benchmark's own) and
-the CPU each user-space serving process spent per GET (utime+stime from /proc) go to
-extra_info.  Pinning: Redis and redis-benchmark on CPU 0, every serving process on CPU 1.
-``RRAM_BENCH_NBD_SPIN_US=0`` runs rram's NBD server with ``--nbd-spin-us 0`` (sleeping in recv
-between requests as nbdkit does; its 50 us spin otherwise takes CPU 1 from nbdfuse and the
-providers).
+the CPU the user-space serving processes spent per GET (utime+stime from /proc; in all and
+per process kind: nbdfuse, nbdkit, requester, providers) go to extra_info.  Pinning: Redis and
+redis-benchmark on CPU 0, every serving process on CPU 1.  ``RRAM_BENCH_NBD_SPIN_US=0`` runs
+rram's NBD server with ``--nbd-spin-us 0`` (sleeping in recv between requests as nbdkit does),
+``RRAM_BENCH_NBD_SPIN_FIXED=1`` with ``--nbd-spin-fixed`` (polling 50 us before every wait,
+which takes CPU 1 from nbdfuse and the providers); by default its spin is adaptive.
 """
 from __future__ import annotations
 
@@ -51,6 +52,21 @@ _results: dict[str, dict] = {}
 def _pin(pid: int) -> None:
     if (os.cpu_count() or 1) > 1:
         subprocess.run(["taskset", "-a", "-c", "-p", SERVER_CPU, str(pid)], capture_output=True)
+
+
+def _role(pid: int) -> str:
+    """What a serving process is (its CPU is reported per role): nbdfuse, nbdkit, the rram
+    requester or a provider."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "gone"
+    words = " ".join(a.decode(errors="replace") for a in argv)
+    for role in ("nbdfuse", "nbdkit", "requester", "provider"):
+        if role in words:
+            return role
+    return os.path.basename(argv[0].decode(errors="replace"))
 
 
 def _resp_sets(first: int, n: int, rng: np.random.Generator) -> bytes:
@@ -128,13 +144,18 @@ def test_redis_gets_with_swap_on(benchmark, device):
             try:
                 redis.load()
                 cpu0 = {pid: D.cpu_seconds(pid) for pid in servers}
+                roles = {pid: _role(pid) for pid in servers}
                 swap0 = vmstat()
 
                 def one_round():
                     runs.append(redis.gets())
 
                 benchmark.pedantic(one_round, rounds=3, iterations=1)
-                cpu = sum(D.cpu_seconds(pid) - cpu0[pid] for pid in servers)
+                used = {pid: D.cpu_seconds(pid) - cpu0[pid] for pid in servers}
+                cpu = sum(used.values())
+                per_role: dict[str, float] = {}
+                for pid, seconds in used.items():
+                    per_role[roles[pid]] = per_role.get(roles[pid], 0.0) + seconds
                 swap = {k: v - swap0[k] for k, v in vmstat().items() if k in ("pswpin", "pswpout")}
             finally:
                 redis.close()
@@ -144,12 +165,15 @@ def test_redis_gets_with_swap_on(benchmark, device):
         shutil.rmtree(workdir, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_latency_ms", "p99_latency_ms")}
     info = {"ops_per_s": med["rps"], "p50_ms": med["p50_latency_ms"], "p99_ms": med["p99_latency_ms"],
-            "server_cpu_us_per_get": round(cpu / (3 * REQUESTS) * 1e6, 1), "rounds": runs,
+            "server_cpu_us_per_get": round(cpu / (3 * REQUESTS) * 1e6, 1),
+            "cpu_us_per_get_by_process": {k: round(v / (3 * REQUESTS) * 1e6, 1) for k, v in sorted(per_role.items())},
+            "rounds": runs,
             "swapped_pages": swap}
     benchmark.extra_info.update(info)
     _results[device] = info
     print(f"\nredis GET with swap on {device}: {med['rps']:.0f} ops/s, p50 {med['p50_latency_ms']} ms, "
-          f"p99 {med['p99_latency_ms']} ms, serving CPU {info['server_cpu_us_per_get']} us/GET")
+          f"p99 {med['p99_latency_ms']} ms, serving CPU {info['server_cpu_us_per_get']} us/GET "
+          f"({info['cpu_us_per_get_by_process']})")
     if device == "rram" and "nbdkit" in _results:
         ratio = round(_results["rram"]["ops_per_s"] / _results["nbdkit"]["ops_per_s"], 2)
         benchmark.extra_info["rram_over_nbdkit_ops"] = ratio
