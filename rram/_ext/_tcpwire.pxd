@@ -43,8 +43,10 @@ cdef class WireRequester:
     cdef bint eof
     cdef int64_t a, b, c
     cdef uint8_t key[32]       # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
+    cdef uint8_t ckey[32]      # ... and check every COMPLETION's MAC under this one
     cdef bint keyed
-    cdef uint32_t seq
+    cdef uint32_t seq          # of the next REQUEST
+    cdef uint32_t cseq         # the sequence number the next COMPLETION must carry
     cdef public int64_t spin_ns
 
     # queue n ops as batch ``batch_id`` and build its frame (0 or an R_* code; nothing sent yet)
