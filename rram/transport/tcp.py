@@ -577,8 +577,8 @@ class TcpEndpoint(RegionTableEndpoint):
         if rc == _tcpwire.R_OVERFLOW:
             return self._lost(f"provider sent {a} bytes, more than the outstanding batches can return")
         if rc == _tcpwire.R_BAD_MAC:
-            return self._lost(f"bad frame from provider: completion {a} on this connection has a missing or bad "
-                              f"MAC, or sequence number {b} (altered, replayed, reordered or forged on the way)")
+            return self._lost(f"bad frame from provider: completion number {a} on this connection came with a "
+                              f"missing or bad MAC, or numbered {b} (altered, replayed, reordered or forged on the way)")
         if rc == _tcpwire.R_NOMEM:
             return self._lost("out of memory for the data connection buffers")
         return self._lost(f"data path failed with code {rc}")

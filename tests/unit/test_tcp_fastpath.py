@@ -171,7 +171,7 @@ BAD_REPLIES = {
     "unsigned": (wire.completion(7, 0, 1, bytes(PAGE)), MAC_WORDS),
     "status flipped": (_flip_status(signed(7, 0, 1, bytes(PAGE))), MAC_WORDS),
     "failure turned into success": (_flip_status(signed(7, 10, 0)), MAC_WORDS),
-    "out of sequence": (signed(7, 0, 1, bytes(PAGE), seq=1), "sequence number 1"),
+    "out of sequence": (signed(7, 0, 1, bytes(PAGE), seq=1), "numbered 1"),
     "MAC truncated": (signed(7, 0, 1, bytes(PAGE))[:-8] + signed(8, 0, 1, bytes(PAGE), seq=1), MAC_WORDS),
     "request MAC reflected": (_reflected(), MAC_WORDS),
     "signed under another key": (wire.completion(7, 0, 1, bytes(PAGE), key=wire.completion_key(KEY)), MAC_WORDS),
