@@ -42,8 +42,8 @@ cdef class WireRequester:
     cdef uint32_t head, count, max_outstanding, max_batch   # count: batches outstanding
     cdef bint eof
     cdef int64_t a, b, c
-    cdef uint8_t key[32]       # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
-    cdef uint8_t ckey[32]      # ... and check every COMPLETION's MAC under this one
+    cdef void *rmac            # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
+    cdef void *cmac            # ... and check every COMPLETION's MAC under the completion key
     cdef bint keyed
     cdef uint32_t seq          # of the next REQUEST
     cdef uint32_t cseq         # the sequence number the next COMPLETION must carry
