@@ -159,6 +159,10 @@ cdef enum:
     MAC_TRAILER = 16
     FRAME_KEY = 32
 
+# No frame is numbered this (wire.SEQ_END): after 2**32 - 1 requests a connection must be
+# replaced, since wrapped numbers would let an old frame be replayed.
+cdef uint32_t SEQ_END = 0xFFFFFFFF
+
 # wire.COMPLETION_LABEL: the completion key is HMAC-SHA256(frame key, this)
 cdef const char *COMPLETION_LABEL = b"rram-data-completions\0"
 cdef enum:
@@ -315,6 +319,9 @@ cdef enum:
     # provider: request a (its sequence number b) lacks the MAC, or the MAC does not verify;
     # requester: the same for completion a (sequence number b) on a connection with a frame key
     R_BAD_MAC = -24
+    # requester: this connection's request numbers are used up (a = the last); nothing was sent:
+    # the owner reconnects (a new connection, a new key) rather than let the numbers wrap
+    R_SEQ_END = -25
     # post refused before anything was sent: max_outstanding batches in flight
     R_TOO_MANY = -30
     # post refused: a = number of ops, outside 1..max_batch
@@ -338,6 +345,7 @@ RESULT_CODES = {
     "R_BUDGET": R_BUDGET,
     "R_TIMEOUT": R_TIMEOUT,
     "R_BAD_MAC": R_BAD_MAC,
+    "R_SEQ_END": R_SEQ_END,
     "R_TOO_MANY": R_TOO_MANY,
     "R_BAD_COUNT": R_BAD_COUNT,
     "R_TOO_BIG": R_TOO_BIG,
@@ -628,12 +636,13 @@ cdef class WireServer:
     cdef inline int64_t _send_deadline(self) noexcept nogil:
         return _now_ns() + self.send_timeout_ns if self.send_timeout_ns > 0 else 0
 
-    def set_frame_key(self, const uint8_t[::1] key):
+    def set_frame_key(self, const uint8_t[::1] key, uint32_t first=0):
         """From now on every REQUEST must carry its sequence number (header ``reserved``, from
         0) and a MAC under ``key`` (32 bytes) over its header and descriptors, and every
-        COMPLETION carries its own sequence number and a MAC under the completion key."""
+        COMPLETION carries its own sequence number and a MAC under the completion key.
+        (``first``: both numberings start there instead; tests of the end of the numbers.)"""
         _set_keys(key, &self.rmac, &self.cmac)
-        self.keyed, self.seq, self.cseq = True, 0, 0
+        self.keyed, self.seq, self.cseq = True, first, first
 
     def counters(self):
         """(ops, batches, bytes_read, bytes_written, failed batches) so far."""
@@ -802,7 +811,8 @@ cdef class WireServer:
             return R_READ_LIMIT
         if self.keyed:  # before anything runs: altered, replayed, reordered or unsigned frames stop here
             _frame_mac(self.rmac, <const uint8_t *>h, HDR + <size_t>n * sizeof(wire_op_t), mac)
-            if h.reserved != self.seq or CRYPTO_memcmp(mac, payload + h.payload_len, MAC_TRAILER) != 0:
+            if (h.reserved != self.seq or self.seq == SEQ_END
+                    or CRYPTO_memcmp(mac, payload + h.payload_len, MAC_TRAILER) != 0):
                 self.a, self.b = self.seq, h.reserved
                 return R_BAD_MAC
             self.seq += 1
@@ -909,11 +919,11 @@ cdef class WireRequester:
         self.detach()
         self.fd = fd
 
-    def set_frame_key(self, const uint8_t[::1] key):
+    def set_frame_key(self, const uint8_t[::1] key, uint32_t first=0):
         """Sign every REQUEST and take only signed, in-order COMPLETIONs from now on (after
-        ``attach``: each connection has its own key)."""
+        ``attach``: each connection has its own key; ``first`` as in WireServer.set_frame_key)."""
         _set_keys(key, &self.rmac, &self.cmac)
-        self.keyed, self.seq, self.cseq = True, 0, 0
+        self.keyed, self.seq, self.cseq = True, first, first
 
     def detach(self):
         """Forget the connection and every outstanding batch (the owner closes the fd)."""
@@ -964,6 +974,9 @@ cdef class WireRequester:
         cdef uint8_t *nb
         cdef op_t *nops
         cdef pending_t *slot
+        if self.keyed and self.seq == SEQ_END:
+            self.a = self.seq
+            return R_SEQ_END
         for i in range(n):
             if o[i].opcode == OP_WRITE:
                 w += o[i].length
@@ -1191,8 +1204,8 @@ cdef class WireRequester:
             return C_NEED if _fb_room(rx, total) == 0 else R_NOMEM
         if self.keyed:  # before any field is believed: altered, replayed, reordered or forged frames stop here
             _frame_mac(self.cmac, <const uint8_t *>h, HDR, mac)
-            if h.reserved != self.cseq or CRYPTO_memcmp(mac, rx.buf + rx.start + HDR + h.payload_len,
-                                                        MAC_TRAILER) != 0:
+            if (h.reserved != self.cseq or self.cseq == SEQ_END
+                    or CRYPTO_memcmp(mac, rx.buf + rx.start + HDR + h.payload_len, MAC_TRAILER) != 0):
                 self.a, self.b = self.cseq, h.reserved
                 return R_BAD_MAC
         if h.batch_id != p.batch_id:

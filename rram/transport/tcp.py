@@ -576,6 +576,9 @@ class TcpEndpoint(RegionTableEndpoint):
             return self._lost(f"completion for batch {c} carries {a} bytes, not its READ lengths")
         if rc == _tcpwire.R_OVERFLOW:
             return self._lost(f"provider sent {a} bytes, more than the outstanding batches can return")
+        if rc == _tcpwire.R_SEQ_END:
+            return self._lost(f"this data connection has used up its {a} request numbers; reconnecting gives "
+                              "the next one a fresh key")
         if rc == _tcpwire.R_BAD_MAC:
             return self._lost(f"bad frame from provider: completion number {a} on this connection came with a "
                               f"missing or bad MAC, or numbered {b} (altered, replayed, reordered or forged on the way)")

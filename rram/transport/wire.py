@@ -95,6 +95,9 @@ MAC_TRAILER = 16
 #: frames that carry a sequence number and a MAC once the connection has a frame key
 SIGNED = frozenset({REQUEST, COMPLETION})
 COMPLETION_LABEL = b"rram-data-completions\0"
+#: no frame carries this number: a connection that used up the others is replaced (a wrap
+#: would let a frame 2**32 back be replayed)
+SEQ_END = 0xFFFFFFFF
 
 # ERROR codes
 E_BAD_FRAME = 1  # framing broken: the connection is closed
@@ -406,10 +409,10 @@ class Decoder:
         signed = bytes(head) + (bytes(body[: h.count * WIRE_OP.itemsize]) if h.type == REQUEST else b"")
         mac = (request_mac if h.type == REQUEST else completion_mac)(self._keys[h.type], signed)
         want = self._seq[h.type]
-        if h.seq != want or not hmac.compare_digest(mac, bytes(body[-MAC_TRAILER:])):
+        if h.seq != want or want == SEQ_END or not hmac.compare_digest(mac, bytes(body[-MAC_TRAILER:])):
             raise ProtocolError(f"{name} {want} on this connection: bad MAC or sequence number {h.seq} "
                                 "(altered, replayed, reordered or not signed with the connection's key)")
-        self._seq[h.type] = (want + 1) & 0xFFFFFFFF
+        self._seq[h.type] = want + 1
 
     def events(self):
         while (ev := self.next_event()) is not None:
