@@ -613,10 +613,10 @@ def _extras(runs: list[dict]) -> list[str]:
                      f"versions when sealed); over the whole fill, first-use buffers included: "
                      f"{held['whole_fill_bytes_per_page']} B a stored page")
     for shape in ("read1", "write1", "read256", "write256"):
-        ratio = last(f"test_frame_mac_bench.py::test_round_trip[protected-{shape}]", "ratio_vs_unprotected")
+        ratio = last(f"test_frame_mac_bench.py::test_paired_ratio[{shape}]", "ratio_vs_unprotected")
         if ratio is not None:
             notes.append(f"* tcp data path, {shape}: protected (REQUEST and COMPLETION MACs) / unprotected round trip "
-                         f"{ratio} timed one after the other (goal <= 1.3; test_paired_ratio times them alternately)")
+                         f"{ratio}, the two timed alternately (goal <= 1.3)")
     notes += _farmem_extras(last)
     remote = last("test_nbd_bench.py::test_write_read_4k[pagestore]", "remote_gets")
     if remote is not None:
