@@ -441,6 +441,8 @@ cdef class RequestPath:
             li = self.router.used[u]
             core = self.cores[li]
             got = C_EINTR
+            # the core checks the completion's sequence number and MAC before it reads a field of
+            # it: a forged, replayed or reordered one is a failed link here, never a result
             while got == C_EINTR:
                 got = (<WireRequester>core)._poll(&comp, 1, deadline)
             if got == 0:
