@@ -11,9 +11,12 @@ Page states (one byte a page):
   DIRTY   mapped writable: written back to the store before it is dropped
   CACHED  prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
           fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
-Eviction is FIFO over resident pages, run before a fill that would pass the budget: dirty
-victims are write-protected (writes now wait for us), read through our mapping, put to the
-store, then every victim is punched out of the memfd.  A write that races with it waits as a
+A page the store has never held (``stored`` clear) is zeros: it is filled without a store
+read and mapped writable (DIRTY) at once, since write-protecting it would only buy a WP fault
+on its first write.  Eviction is FIFO over resident pages, run before a fill that would pass
+the budget: dirty victims are write-protected (writes now wait for us), read through our
+mapping, put to the store (but for never-stored pages still all zeros: nothing to keep), then
+every victim is punched out of the memfd.  A write that races with it waits as a
 WP fault and is served after the punch by a fresh fill from the store.
 
 If the store fails, the reason goes down the lifeline and the process exits: the region's
@@ -45,8 +48,8 @@ MAX_FAULTS = 512          # messages read per wake-up
 MAX_WINDOW = 256          # pages prefetched per run at most (and at most an eighth of the budget)
 EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
 COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
-            "evicted_clean", "evicted_dirty", "written_back", "prefetched", "prefetch_hits", "wasted",
-            "wakeups")
+            "evicted_clean", "evicted_dirty", "written_back", "zero_dropped", "prefetched", "prefetch_hits",
+            "wasted", "wakeups")
 
 
 class Region:
@@ -67,6 +70,7 @@ class Region:
         self.map.madvise(mmap.MADV_NOHUGEPAGE)
         self.map_addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
         self.state = np.zeros(self.npages, dtype=np.uint8)
+        self.stored = np.zeros(self.npages, dtype=bool)  # the store holds a copy (a put succeeded)
         self.ring = np.zeros(self.budget + 1, dtype=np.int64)  # FIFO of resident pages
         self.head = self.count = 0
         self.batch = max(16, min(batch, self.budget // 2))
@@ -116,8 +120,20 @@ class Region:
                 chunk = dirty[i:i + self.batch]
                 offs = (chunk * PAGE_SIZE).astype(np.uint64)
                 U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
-                self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
-            self.counters["written_back"] += len(dirty)
+                keep = self.stored[chunk]
+                if not keep.all():  # a never-stored page still all zeros reads back as zeros anyway
+                    words = self.staging[:len(chunk) * PAGE_SIZE].view(np.uint64).reshape(len(chunk), -1)
+                    keep |= words.any(axis=1)
+                if keep.all():
+                    self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
+                elif keep.any():
+                    idx = np.flatnonzero(keep)
+                    U.gather_pages(self.map_addr, offs[idx], len(idx), self.staging_addr)
+                    self.store.put_many(self.pool, 0, chunk[idx], self.staging[:len(idx) * PAGE_SIZE])
+                self.stored[chunk[keep]] = True
+                n_kept = int(keep.sum())
+                self.counters["written_back"] += n_kept
+                self.counters["zero_dropped"] += len(chunk) - n_kept
         wasted = int((st == CACHED).sum())
         self.counters["wasted"] += wasted
         self.counters["evicted_dirty"] += len(dirty)
@@ -178,10 +194,11 @@ class Region:
         else:
             self.counters["missing_faults"] += 1
             self.predictor.on_fault(page)
-            wp = not flags & U.FLAG_WRITE
+            fresh = not self.stored[page]
+            wp = not (fresh or flags & U.FLAG_WRITE)
             self.make_room(1)
             staged = self.staging[:PAGE_SIZE]
-            if self.store.get(self.pool, 0, page, staged) is None:
+            if fresh or self.store.get(self.pool, 0, page, staged) is None:
                 staged[:] = 0
                 self.counters["zero_filled"] += 1
             if not U.copy_pages(self.uffd, self._addrs(one), self.staging_addr, 1, wp):
@@ -215,7 +232,10 @@ class Region:
                 pages, st = run, self.state[run]
                 self.predictor.skip_to(int(run[-1] if d == 1 else run[0]))
             c["prefetch_hits"] += int((st == CACHED).sum())
-        dirty, clean = pages[st == DIRTY], pages[st != DIRTY]
+        # never-stored pages are zeros with nothing to protect: writable and DIRTY at once
+        writable = (st == DIRTY) | ~self.stored[pages]
+        dirty, clean = pages[writable], pages[~writable]
+        self.state[dirty] = DIRTY
         if len(dirty):
             U.continue_pages(self.uffd, self._addrs(dirty), len(dirty), False)
         if len(clean) and self.continue_wp:
@@ -258,19 +278,22 @@ class Region:
                 self.cache(ahead)
 
     def fill(self, pages: np.ndarray, flags: np.ndarray) -> None:
-        """Missing pages, several at once: reads mapped write-protected (the first write then
-        faults: dirty tracking), writes mapped writable and DIRTY; then prefetch."""
+        """Missing pages, several at once: reads of stored pages mapped write-protected (the
+        first write then faults: dirty tracking); writes, and pages never stored (zeros, no
+        store read), mapped writable and DIRTY; then prefetch."""
         c = self.counters
         still = self.state[pages] == ABSENT  # a prefetch since the message may have brought some
         pages, flags = pages[still], flags[still]
         if not len(pages):
             return
-        writes = np.unique(pages[(flags & U.FLAG_WRITE) != 0])
-        reads = np.setdiff1d(np.unique(pages), writes, assume_unique=True)
-        c["missing_faults"] += len(reads) + len(writes)
+        every = np.unique(pages)
+        fresh = every[~self.stored[every]]
+        writes = np.setdiff1d(np.unique(pages[(flags & U.FLAG_WRITE) != 0]), fresh, assume_unique=True)
+        reads = np.setdiff1d(np.setdiff1d(every, writes, assume_unique=True), fresh, assume_unique=True)
+        c["missing_faults"] += len(every)
         for p in pages.tolist():
             self.predictor.on_fault(p)
-        for group, wp in ((reads, True), (writes, False)):
+        for group, wp in ((reads, True), (writes, False), (fresh, False)):
             for i in range(0, len(group), self.batch):
                 chunk = group[i:i + self.batch]
                 self.make_room(len(chunk))
@@ -278,12 +301,18 @@ class Region:
                 U.copy_pages(self.uffd, self._addrs(chunk), self.staging_addr, len(chunk), wp)
                 self.state[chunk] = CLEAN if wp else DIRTY
                 self._push(chunk)
-        c["filled"] += len(reads) + len(writes)
+        c["filled"] += len(every)
         self._feedback()
         self._prefetch_after(int(pages[-1]))
 
     def _fetch(self, pages: np.ndarray) -> None:
-        found = self.store.get_many(self.pool, 0, pages, self.staging[:len(pages) * PAGE_SIZE])
+        """``pages`` into the staging buffer; pages never stored are zeroed, not looked up."""
+        staged = self.staging[:len(pages) * PAGE_SIZE]
+        if not self.stored[pages].any():
+            staged[:] = 0
+            self.counters["zero_filled"] += len(pages)
+            return
+        found = self.store.get_many(self.pool, 0, pages, staged)
         self.counters["zero_filled"] += len(pages) - int(np.count_nonzero(found))
 
     def cache(self, pages: np.ndarray) -> None:
