@@ -76,6 +76,8 @@ class Region:
         self.batch = max(16, min(batch, self.budget // 2))
         self.staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)
         self.staging_addr = self.staging.ctypes.data
+        self.nonzero = np.zeros(self.batch, dtype=np.uint8)
+        self._one_addr = np.zeros(1, dtype=np.uint64)  # the latency path's address, reused
         self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._hits_seen = self._wasted_seen = 0
@@ -119,21 +121,19 @@ class Region:
             for i in range(0, len(dirty), self.batch):
                 chunk = dirty[i:i + self.batch]
                 offs = (chunk * PAGE_SIZE).astype(np.uint64)
-                U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
                 keep = self.stored[chunk]
                 if not keep.all():  # a never-stored page still all zeros reads back as zeros anyway
-                    words = self.staging[:len(chunk) * PAGE_SIZE].view(np.uint64).reshape(len(chunk), -1)
-                    keep |= words.any(axis=1)
-                if keep.all():
+                    nonzero = self.nonzero[:len(chunk)]
+                    U.nonzero_pages(self.map_addr, offs, len(chunk), nonzero)
+                    keep |= nonzero.view(bool)
+                    chunk, offs = chunk[keep], offs[keep]
+                if len(chunk):
+                    U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
                     self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
-                elif keep.any():
-                    idx = np.flatnonzero(keep)
-                    U.gather_pages(self.map_addr, offs[idx], len(idx), self.staging_addr)
-                    self.store.put_many(self.pool, 0, chunk[idx], self.staging[:len(idx) * PAGE_SIZE])
-                self.stored[chunk[keep]] = True
-                n_kept = int(keep.sum())
+                    self.stored[chunk] = True
+                n_kept = len(chunk)
                 self.counters["written_back"] += n_kept
-                self.counters["zero_dropped"] += len(chunk) - n_kept
+                self.counters["zero_dropped"] += len(keep) - n_kept
         wasted = int((st == CACHED).sum())
         self.counters["wasted"] += wasted
         self.counters["evicted_dirty"] += len(dirty)
@@ -181,16 +181,8 @@ class Region:
         if not 0 <= page < self.npages:
             return
         st = self.state[page]
-        one = np.array([page], dtype=np.int64)
-        if st == CLEAN or st == DIRTY:
-            if flags & U.FLAG_WP:
-                self._unprotect(one)
-            elif flags & U.FLAG_MINOR:
-                self._continue(one)
-            else:
-                U.wake_pages(self.uffd, self._addrs(one), 1)
-        elif st == CACHED:
-            self._continue(one)
+        if st == CLEAN or st == DIRTY or st == CACHED:
+            self._serve_mapped(page, st, flags)
         else:
             self.counters["missing_faults"] += 1
             self.predictor.on_fault(page)
@@ -201,12 +193,27 @@ class Region:
             if fresh or self.store.get(self.pool, 0, page, staged) is None:
                 staged[:] = 0
                 self.counters["zero_filled"] += 1
-            if not U.copy_pages(self.uffd, self._addrs(one), self.staging_addr, 1, wp):
-                U.wake_pages(self.uffd, self._addrs(one), 1)  # present already: the waiter goes on
+            addr = self._one_addr
+            addr[0] = self.base + page * PAGE_SIZE
+            if not U.copy_pages(self.uffd, addr, self.staging_addr, 1, wp):
+                U.wake_pages(self.uffd, addr, 1)  # present already: the waiter goes on
             self.state[page] = CLEAN if wp else DIRTY
-            self._push(one)
+            self.ring[(self.head + self.count) % len(self.ring)] = page  # _push, scalar
+            self.count += 1
             self.counters["filled"] += 1
-            self._prefetch_after(page)
+            if self.minor and self.predictor.trend():
+                self._prefetch_after(page)
+
+    def _serve_mapped(self, page: int, st: int, flags: int) -> None:
+        one = np.array([page], dtype=np.int64)
+        if st == CACHED:
+            self._continue(one)
+        elif flags & U.FLAG_WP:
+            self._unprotect(one)
+        elif flags & U.FLAG_MINOR:
+            self._continue(one)
+        else:
+            U.wake_pages(self.uffd, self._addrs(one), 1)
 
     def _unprotect(self, pages: np.ndarray) -> None:
         self.counters["wp_faults"] += len(pages)

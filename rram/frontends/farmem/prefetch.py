@@ -6,6 +6,7 @@ With a trend, the next ``window`` pages along it are fetched in one batch.  The 
 doubles (up to ``max_window``) on a fault the trend foresaw and on prefetched pages used,
 and halves on a fault off the trend and on prefetched pages evicted unused.  ``advise("sequential")`` pins the trend to +1 and the window to its
 maximum; ``advise("random")`` turns prediction off (hints with ``prefetch`` still work).
+Any advice starts a new phase: the history of the last one is forgotten.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class Predictor:
         if advice not in ADVICE:
             raise ValueError(f"advise: expected one of {', '.join(ADVICE)}, got {advice!r}")
         self.advice = advice
+        # advice marks a new phase: a trend left over from the last one (the fill before
+        # random reads, say) would only fetch pages in vain
+        self.history.clear()
+        self._trend = None
         if advice != "random":
             self.window = self.max_window if advice == "sequential" else max(1, self.window)
 
@@ -79,6 +84,9 @@ class Predictor:
         """Record a demand fault at ``page``.  A fault the trend foresaw means we fetched too
         little (the window doubles); one off the trend, that we fetched in vain (it halves,
         down to nothing: random access then prefetches nothing until a trend holds again)."""
+        if self.advice == "random":  # no prediction: nothing to record but the position
+            self.last = page
+            return
         if self.last is not None and page != self.last:
             delta = page - self.last
             if self._trend is not None and self.advice == "normal":
