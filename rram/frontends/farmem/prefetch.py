@@ -14,6 +14,7 @@ from collections import deque
 from itertools import islice
 
 WINDOWS = (8, 16, 32)
+HEAVY = WINDOWS[0] // 2 + 1
 ADVICE = ("normal", "sequential", "random")
 
 
@@ -42,6 +43,11 @@ class Predictor:
         self.window = min(8, self.max_window)
         self.advice = "normal"
         self._trend: int | None = None
+        # how often each delta occurs in the history, and how many deltas occur at least
+        # HEAVY times: a majority of the smallest window needs that many, so while none does
+        # (a random stream) the windows need not be counted at all
+        self._counts: dict[int, int] = {}
+        self._heavy = 0
 
     def advise(self, advice: str) -> None:
         if advice not in ADVICE:
@@ -50,6 +56,8 @@ class Predictor:
         # advice marks a new phase: a trend left over from the last one (the fill before
         # random reads, say) would only fetch pages in vain
         self.history.clear()
+        self._counts.clear()
+        self._heavy = 0
         self._trend = None
         if advice != "random":
             self.window = self.max_window if advice == "sequential" else max(1, self.window)
@@ -91,9 +99,24 @@ class Predictor:
             delta = page - self.last
             if self._trend is not None and self.advice == "normal":
                 self.window = min(self.max_window, max(1, self.window * 2)) if delta == self._trend else self.window // 2
-            self.history.append(delta)
-            self._trend = self._majority_trend()
+            self._record(delta)
+            self._trend = self._majority_trend() if self._heavy else None
         self.last = page
+
+    def _record(self, delta: int) -> None:
+        h, counts = self.history, self._counts
+        if len(h) == h.maxlen:
+            old = h[0]
+            n = counts[old] - 1
+            self._heavy -= n == HEAVY - 1
+            if n:
+                counts[old] = n
+            else:
+                del counts[old]
+        h.append(delta)
+        n = counts.get(delta, 0) + 1
+        counts[delta] = n
+        self._heavy += n == HEAVY
 
     def skip_to(self, page: int) -> None:
         """The stream moved on to ``page`` without faulting (pages mapped ahead of it)."""
