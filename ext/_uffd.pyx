@@ -364,23 +364,6 @@ def gather_pages(uint64_t base, uint64_t[::1] offsets, Py_ssize_t n, uint64_t ou
             memcpy(<void *>(out + i * PAGE), <void *>(base + offsets[i]), PAGE)
 
 
-def nonzero_pages(uint64_t base, uint64_t[::1] offsets, Py_ssize_t n, uint8_t[::1] out):
-    """``out[i]`` = 1 when the page at ``base + offsets[i]`` has a non-zero byte (GIL released;
-    read in place, stopping at the first non-zero word: a written page costs a few words)."""
-    cdef Py_ssize_t i, w
-    cdef const uint64_t *p
-    if out.shape[0] < n:
-        raise ValueError("nonzero_pages: out is shorter than n")
-    with nogil:
-        for i in range(n):
-            p = <const uint64_t *>(base + offsets[i])
-            out[i] = 0
-            for w in range(PAGE // 8):
-                if p[w]:
-                    out[i] = 1
-                    break
-
-
 def write_pages(int memfd, uint64_t[::1] offsets, Py_ssize_t n, uint64_t src):
     """pwrite ``src + i*4096`` to byte ``offsets[i]`` of a memfd, one call per run (GIL
     released): fills its page cache without a page fault per page in our own mapping."""

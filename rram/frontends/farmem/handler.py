@@ -11,12 +11,12 @@ Page states (one byte a page):
   DIRTY   mapped writable: written back to the store before it is dropped
   CACHED  prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
           fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
-A page the store has never held (``stored`` clear) is zeros: it is filled without a store
-read and mapped writable (DIRTY) at once, since write-protecting it would only buy a WP fault
-on its first write.  Eviction is FIFO over resident pages, run before a fill that would pass
-the budget: dirty victims are write-protected (writes now wait for us), read through our
-mapping, put to the store (but for never-stored pages still all zeros: nothing to keep), then
-every victim is punched out of the memfd.  A write that races with it waits as a
+A page the store has never held (``stored`` clear: never evicted dirty) is zeros: it is
+filled without a store read and mapped writable (DIRTY) at once, since write-protecting it
+would only buy a WP fault on its first write.  Eviction is FIFO over resident pages, run
+before a fill that would pass the budget: dirty victims are write-protected (writes now wait
+for us), read through our mapping, put to the store, then every victim is punched out of the
+memfd.  A write that races with it waits as a
 WP fault and is served after the punch by a fresh fill from the store.
 
 If the store fails, the reason goes down the lifeline and the process exits: the region's
@@ -48,8 +48,8 @@ MAX_FAULTS = 512          # messages read per wake-up
 MAX_WINDOW = 256          # pages prefetched per run at most (and at most an eighth of the budget)
 EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
 COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
-            "evicted_clean", "evicted_dirty", "written_back", "zero_dropped", "prefetched", "prefetch_hits",
-            "wasted", "wakeups")
+            "evicted_clean", "evicted_dirty", "written_back", "prefetched", "prefetch_hits", "wasted",
+            "wakeups")
 
 
 class Region:
@@ -76,7 +76,6 @@ class Region:
         self.batch = max(16, min(batch, self.budget // 2))
         self.staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)
         self.staging_addr = self.staging.ctypes.data
-        self.nonzero = np.zeros(self.batch, dtype=np.uint8)
         self._one_addr = np.zeros(1, dtype=np.uint64)  # the latency path's address, reused
         self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -121,19 +120,13 @@ class Region:
             for i in range(0, len(dirty), self.batch):
                 chunk = dirty[i:i + self.batch]
                 offs = (chunk * PAGE_SIZE).astype(np.uint64)
-                keep = self.stored[chunk]
-                if not keep.all():  # a never-stored page still all zeros reads back as zeros anyway
-                    nonzero = self.nonzero[:len(chunk)]
-                    U.nonzero_pages(self.map_addr, offs, len(chunk), nonzero)
-                    keep |= nonzero.view(bool)
-                    chunk, offs = chunk[keep], offs[keep]
-                if len(chunk):
-                    U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
-                    self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
-                    self.stored[chunk] = True
-                n_kept = len(chunk)
-                self.counters["written_back"] += n_kept
-                self.counters["zero_dropped"] += len(keep) - n_kept
+                U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
+                # all-zero pages cost the store a page-map entry, no remote write (its codec
+                # sees them); stored, they come back write-protected like any other, which keeps
+                # the runs of a later scan all one kind (one CONTINUE a run, not one a page)
+                self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
+                self.stored[chunk] = True
+            self.counters["written_back"] += len(dirty)
         wasted = int((st == CACHED).sum())
         self.counters["wasted"] += wasted
         self.counters["evicted_dirty"] += len(dirty)
