@@ -8,6 +8,7 @@ the same cluster, maps the memfd and serves the region until ``close`` or end of
 Page states (one byte a page):
   ABSENT  not in the memfd: the next touch is a *missing* fault, filled from the store
   CLEAN   mapped write-protected (UFFDIO_COPY_MODE_WP): the first write is a *WP* fault
+          (or none: a walk of writes un-protects the CLEAN pages ahead of it, _write_ahead)
   DIRTY   mapped writable: written back to the store before it is dropped
   CACHED  prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
           fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
