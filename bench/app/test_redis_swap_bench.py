@@ -2,7 +2,7 @@
 
     .venv/bin/pytest bench/app -p no:cacheprovider -s --benchmark-only     (root; redis-server)
 
-Redis (Debian's redis-server, not ours) holds KEYS values of 4 KiB, each about 2:1
+Redis (Debian's redis-server, not ours; driven by rram.testing.redisload) holds KEYS values of 4 KiB, each about 2:1
 compressible like real data (half random bytes, half a repeated tag), in a memory cgroup
 capped at about half of its resident size, so the kernel swaps Redis itself.  Its own load
 generator, redis-benchmark, then sends GETs over random keys (-r), one connection per client
@@ -21,28 +21,23 @@ which takes CPU 1 from nbdfuse and the providers); by default its spin is adapti
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 
-import numpy as np
 import pytest
 
+from rram.testing import redisload
 from rram.testing import swapdevices as D
-from rram.testing.swapload import MemoryLimit, stop_process, vmstat, wait_for_path
+from rram.testing.swapload import MemoryLimit, vmstat
 
 QUICK = os.environ.get("RRAM_BENCH_QUICK") == "1"   # only proves it runs: figures mean nothing
 KEYS = 8192 if QUICK else 65536  # 256 MiB of values; Redis' resident size ~330 MiB
-VALUE = 4096
 LIMIT = (20 if QUICK else 160) << 20   # about half of it
 SWAP_SIZE = 512 << 20
 REQUESTS = 3000 if QUICK else 40000
-CLIENTS = 8
 APP_CPU, SERVER_CPU = "0", "1"
 NBD_SPIN_US = os.environ.get("RRAM_BENCH_NBD_SPIN_US")  # None: the requester's default
 NBD_SPIN_FIXED = os.environ.get("RRAM_BENCH_NBD_SPIN_FIXED") == "1"  # poll every wait, hit or miss
@@ -54,75 +49,8 @@ def _pin(pid: int) -> None:
         subprocess.run(["taskset", "-a", "-c", "-p", SERVER_CPU, str(pid)], capture_output=True)
 
 
-def _role(pid: int) -> str:
-    """What a serving process is (its CPU is reported per role): nbdfuse, nbdkit, the rram
-    requester or a provider."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return "gone"
-    words = " ".join(a.decode(errors="replace") for a in argv)
-    for role in ("nbdfuse", "nbdkit", "requester", "provider"):
-        if role in words:
-            return role
-    return os.path.basename(argv[0].decode(errors="replace"))
-
-
-def _resp_sets(first: int, n: int, rng: np.random.Generator) -> bytes:
-    """RESP SET commands for keys first..first+n in redis-benchmark's key format."""
-    out = io.BytesIO()
-    noise = rng.integers(0, 256, size=(n, VALUE // 2), dtype=np.uint8)
-    for i in range(n):
-        key = b"key:%012d" % (first + i)
-        value = noise[i].tobytes() + (b"%016d" % (first + i)) * (VALUE // 32)
-        out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(value), value))
-    return out.getvalue()
-
-
-class Redis:
-    """redis-server on a unix socket, inside ``cgroup``, pinned to APP_CPU, no persistence."""
-
-    def __init__(self, workdir: str, cgroup: str):
-        self.sock = os.path.join(workdir, "redis.sock")
-        argv = ["taskset", "-c", APP_CPU, "redis-server", "--port", "0", "--unixsocket", self.sock,
-                "--save", "", "--appendonly", "no", "--dir", workdir, "--daemonize", "no"]
-        self.proc = subprocess.Popen(["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *argv],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        wait_for_path(self.sock, self.proc)
-        time.sleep(0.2)
-
-    def load(self) -> None:
-        rng = np.random.default_rng(7)
-        for first in range(0, KEYS, 4096):
-            n = min(4096, KEYS - first)
-            proc = subprocess.run(["redis-cli", "-s", self.sock, "--pipe"], input=_resp_sets(first, n, rng),
-                                  capture_output=True, timeout=600)
-            assert proc.returncode == 0 and b"errors: 0" in proc.stdout, proc.stdout + proc.stderr
-        assert self.cli("DBSIZE") == str(KEYS)
-
-    def cli(self, *args: str) -> str:
-        return subprocess.run(["redis-cli", "-s", self.sock, *args], capture_output=True, text=True,
-                              timeout=120).stdout.strip()
-
-    def gets(self) -> dict:
-        """REQUESTS random GETs from redis-benchmark; its CSV line as numbers."""
-        proc = subprocess.run(["taskset", "-c", APP_CPU, "redis-benchmark", "-s", self.sock, "-t", "get",
-                               "-r", str(KEYS), "-n", str(REQUESTS), "-c", str(CLIENTS), "-d", str(VALUE),
-                               "--csv"], capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr
-        rows = list(csv.DictReader(io.StringIO(proc.stdout)))
-        assert rows and rows[0]["test"] == "GET", proc.stdout
-        return {k: float(v) for k, v in rows[0].items() if k != "test"}
-
-    def close(self) -> None:
-        stop_process(self.proc)
-
-
 def _reason() -> str | None:
-    if shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None:
-        return "redis-server / redis-benchmark are not installed (scripts/setup.sh installs them)"
-    return D.reason()
+    return redisload.reason() or D.reason()
 
 
 @pytest.mark.parametrize("device", D.DEVICES)
@@ -140,15 +68,14 @@ def test_redis_gets_with_swap_on(benchmark, device):
         spin = () if NBD_SPIN_US is None else ("--nbd-spin-us", NBD_SPIN_US)
         spin += ("--nbd-spin-fixed",) if NBD_SPIN_FIXED else ()
         with limit, D.swap_device(device, SWAP_SIZE, pin=_pin, servers=servers, requester_args=spin):
-            redis = Redis(workdir, limit.path)
-            try:
-                redis.load()
+            with redisload.Redis(workdir, limit.path, cpu=APP_CPU) as redis:
+                redis.load(KEYS)
                 cpu0 = {pid: D.cpu_seconds(pid) for pid in servers}
-                roles = {pid: _role(pid) for pid in servers}
+                roles = {pid: D.process_role(pid) for pid in servers}
                 swap0 = vmstat()
 
                 def one_round():
-                    runs.append(redis.gets())
+                    runs.append(redis.gets(KEYS, REQUESTS))
 
                 benchmark.pedantic(one_round, rounds=3, iterations=1)
                 used = {pid: D.cpu_seconds(pid) - cpu0[pid] for pid in servers}
@@ -157,8 +84,6 @@ def test_redis_gets_with_swap_on(benchmark, device):
                 for pid, seconds in used.items():
                     per_role[roles[pid]] = per_role.get(roles[pid], 0.0) + seconds
                 swap = {k: v - swap0[k] for k, v in vmstat().items() if k in ("pswpin", "pswpout")}
-            finally:
-                redis.close()
     except D.Unavailable as exc:
         pytest.skip(str(exc))
     finally:

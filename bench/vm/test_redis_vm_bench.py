@@ -31,7 +31,7 @@ import tempfile
 import pytest
 
 from rram.testing import redisload
-from rram.testing.swapdevices import SCRATCH_DISK, cpu_seconds, scratch_disk_reason
+from rram.testing.swapdevices import SCRATCH_DISK, cpu_seconds, process_role, scratch_disk_reason
 from rram.testing.swapload import MemoryLimit, sh, stop_process, swaps, vmstat, wait_for_path
 from rram.transport import verbs
 from tests.conftest import require_or_skip
@@ -160,15 +160,19 @@ def test_redis_gets_with_swap_on(benchmark, device):
         with limit, DEVICES[device]() as servers, redisload.Redis(workdir, limit.path, cpu=APP_CPU) as redis:
             redis.load(KEYS)
             cpu0 = {pid: cpu_seconds(pid) for pid in servers}
+            roles = {pid: process_role(pid) for pid in servers}
             swap0 = vmstat()["pswpin"]
             benchmark.pedantic(lambda: runs.append(redis.gets(KEYS, REQUESTS)), rounds=ROUNDS, iterations=1)
-            cpu = sum(cpu_seconds(pid) - cpu0[pid] for pid in servers)
+            used = {pid: cpu_seconds(pid) - cpu0[pid] for pid in servers}
             swapped = vmstat()["pswpin"] - swap0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_latency_ms", "p99_latency_ms")}
     info = {"ops_per_s": med["rps"], "p50_ms": med["p50_latency_ms"], "p99_ms": med["p99_latency_ms"],
-            "server_cpu_us_per_get": round(cpu / (ROUNDS * REQUESTS) * 1e6, 1), "pages_swapped_in": swapped,
+            "server_cpu_us_per_get": round(sum(used.values()) / (ROUNDS * REQUESTS) * 1e6, 1),
+            "cpu_us_per_get_by_process": {role: round(sum(v for pid, v in used.items() if roles[pid] == role)
+                                                      / (ROUNDS * REQUESTS) * 1e6, 1) for role in sorted(set(roles.values()))},
+            "pages_swapped_in": swapped,
             "rounds": runs}
     assert swapped > 0, f"nothing was swapped in on {device}: the cgroup limit did not bite"
     benchmark.extra_info.update(info)

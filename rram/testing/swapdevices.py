@@ -193,6 +193,21 @@ def scratch_disk_reason() -> str | None:
     return None
 
 
+def process_role(pid: int) -> str:
+    """What a serving process is, to report CPU per kind: nbdfuse, nbdkit, the rram requester,
+    a provider, else its program's name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "gone"
+    words = " ".join(a.decode(errors="replace") for a in argv)
+    for role in ("nbdfuse", "nbdkit", "requester", "provider"):
+        if role in words:
+            return role
+    return os.path.basename(argv[0].decode(errors="replace"))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` (all its threads) so far; 0 once it is gone."""
     try:
