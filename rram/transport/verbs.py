@@ -265,12 +265,17 @@ class VerbsSession(ProviderSession):
             mr = _verbs.MR(self.pd, addr, length, WINDOW_MR_ACCESS)
             try:
                 mw = _verbs.MW(self.pd)
-                if self.bound is not None:
-                    self.bound.bind_mw(mw, mr, WINDOW_ACCESS)
             except BaseException:
-                mr.close()  # closes the window first
+                mr.close()
                 raise
             self.regions[mw.rkey] = (mr, mw)
+            if self.bound is not None:
+                try:
+                    self.bound.bind_mw(mw, mr, WINDOW_ACCESS)
+                except errors.TransportError as exc:
+                    # the requester's QP is in error (it must recover() before using any
+                    # rkey): the next accept binds this window with the others
+                    log.info("session %s: window %#x unbound until the next QP: %s", self.session_id, mw.rkey, exc)
             return mw.rkey
 
     def deregister(self, rkey: int) -> None:
