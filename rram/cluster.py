@@ -76,10 +76,13 @@ def open_store(config, *, name: str | None = None, transport: str | None = None,
     if replicas < cfg.min_replicas:
         raise errors.ConfigError(f"{cfg.source}: replicas={replicas} is below min_replicas={cfg.min_replicas}")
     rt = requester_transport(tname, **_requester_options(tname, cfg, requester))
-    # a replica that has not completed a batch within the suspect threshold is suspended (and
-    # resumed or declared dead by the keeper); reads hedge to another replica after half that
-    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, io_timeout=cfg.suspect_threshold,
-                        read_timeout=cfg.suspect_threshold / 2, min_replicas=cfg.min_replicas,
+    # a replica that has not completed a batch within half the suspect threshold is suspended
+    # (then resumed or declared dead by the keeper's heartbeats): a read goes on to another
+    # replica, a write completes on the others and the suspended copy is resynced if it resumes.
+    # So a hung provider stalls one operation for about half the suspect threshold, plus the
+    # re-post: within the threshold, whether the operation reads or writes.
+    remote = RemoteTier(slab_size=cfg.slab_size, replicas=replicas, io_timeout=cfg.suspect_threshold / 2,
+                        min_replicas=cfg.min_replicas,
                         suspension_wait=cfg.dead_threshold + 2 * cfg.heartbeat_interval)
     credential = keys.credential(cfg, requester, "requester")
     tls = cluster_client_context(cfg)  # one context for every control connection of this store

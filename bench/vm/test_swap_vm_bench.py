@@ -26,6 +26,7 @@ import time
 
 import pytest
 
+from rram.testing.swapdevices import SCRATCH_DISK, scratch_disk_reason
 from rram.testing.swapload import MemoryLimit, command, sh, stop_process, swaps, wait_for_path
 from tests.conftest import require_or_skip
 from tests.vm.test_nbd_swap import DEV, _nbd_reason, stack  # noqa: F401  (the fixture)
@@ -36,7 +37,6 @@ MiB = 1 << 20
 WORKING_SET_MIB = 48
 LIMIT = 16 * MiB
 SWAP_SIZE = 128 * MiB
-DISK = "/dev/vda"
 OUT_DIR = os.environ.get("RRAM_BENCH_OUT", "/tmp/rram-bench")
 RESULTS: dict[str, dict] = {}
 
@@ -99,12 +99,12 @@ def test_zram():
 
 def test_disk():
     subprocess.run(["modprobe", "virtio_blk"], capture_output=True)  # no udev in the guest to load it
-    require_or_skip(None if os.path.exists(DISK) else f"{DISK} is missing (scripts/rxe-vm/run with RXE_DISK_MB)")
+    require_or_skip(scratch_disk_reason())
     try:
-        _swap_on(DISK)
+        _swap_on(SCRATCH_DISK)
         _record("disk", _workload())
     finally:
-        sh("swapoff", DISK, check=False, timeout=300)
+        sh("swapoff", SCRATCH_DISK, check=False, timeout=300)
 
 
 def test_nbdkit():

@@ -17,6 +17,7 @@ runs inside the channel.  A provider whose certificate fails is an AuthError.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -89,7 +90,7 @@ class ProviderClient:
 
     def connect(self) -> dict:
         """Dial and authenticate (a new session); returns the provider's welcome."""
-        with self._lock:
+        with self._held():
             self._dial()
             self.session, self.token = self.welcome["session"], self.welcome["token"]
             self._session_secret = self._handshake_secret  # kept across resume: same session
@@ -100,7 +101,7 @@ class ProviderClient:
 
         Raises NotFound when the provider no longer has them (grace expired or it restarted).
         """
-        with self._lock:
+        with self._held():
             if self.session is None:
                 raise errors.ProtocolError("resume() before a successful connect()")
             old = (self.session, self.token)
@@ -134,6 +135,37 @@ class ProviderClient:
             self._hangup()
         finally:
             self._lock.release()
+
+    @contextlib.contextmanager
+    def _held(self):
+        """The connection, to this thread alone; hung up as it leaves if closed meanwhile (a
+        ``close`` or ``abort`` that could not wait for us shut the socket under us)."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                if self._closed:
+                    self._hangup()
+
+    def abort(self) -> None:
+        """Idempotent: hang up at once, without a goodbye, for a provider declared dead.
+
+        It may be hung, and a goodbye (or another thread's heartbeat holding the connection)
+        would wait for it up to ``timeout`` while the caller holds the store's lock.  The
+        socket is shut under any thread blocked on it; the provider releases the leases
+        after its lease_grace.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            T.shutdown(sock)  # wakes a thread blocked in recv; it hangs up as it leaves
+        if self._lock.acquire(blocking=False):
+            try:
+                self._hangup()
+            finally:
+                self._lock.release()
 
     def __enter__(self):
         return self
@@ -192,7 +224,7 @@ class ProviderClient:
     # -- internals ------------------------------------------------------------------------------
 
     def _call(self, kind: str, _timeout: float | None = None, **fields) -> dict:
-        with self._lock:
+        with self._held():
             if self._closed:
                 raise errors.ConnectionLost(f"client for {self.node.name} is closed")
             if self._sock is None:

@@ -549,7 +549,7 @@ class RemoteTier:
                     self.drop([vs.slab_id], "ephemeral_lost")
                 else:
                     self.degraded.add(vs.slab_id)
-        for closer in (link.endpoint.close, link.client.close):
+        for closer in (link.endpoint.close, link.client.abort):  # never wait on a hung node
             try:
                 closer()
             except (errors.RramError, OSError) as exc:

@@ -263,18 +263,16 @@ class Provider:
     def alloc(self, s: RequesterSession, size: int) -> Slab:
         if self.state != "serving":
             raise Refused("draining", f"provider {self.node.name} is {self.state}: no new leases")
-        quota = self.cfg.quota(s.requester)
-        if quota is not None:
-            with self._lock:
-                held = sum(x.used for x in self._sessions.values() if x.requester == s.requester)
-            if held + size > quota:  # a racing alloc may pass too: a quota is checked, not reserved
-                raise errors.CapacityError(f"requester {s.requester!r} would hold {held + size} bytes here, "
-                                           f"over its quota of {quota}")
+        with self._lock:
+            self._check_quota(s, size)  # fail before taking memory from the pool
         slab = self.pool.allocate(size)
         try:
             with self._lock:
                 if s.released:
                     raise Refused("state", f"session {s.id} is closed")
+                # again, under the lock that adds the slab: of racing allocs (the requester's
+                # other sessions, connections) each sees the others' slabs, so none overshoots
+                self._check_quota(s, slab.length)
                 slab.rkey = s.transport_session.register(slab.arena.addr, slab.length)
                 s.slabs[slab.lease_id] = slab
                 self._counters["allocs"] += 1
@@ -283,6 +281,16 @@ class Provider:
             self.pool.release(slab)
             raise
         return slab
+
+    def _check_quota(self, s: RequesterSession, size: int) -> None:
+        """Refuse ``size`` more bytes to ``s``'s requester beyond its quota here (under _lock)."""
+        quota = self.cfg.quota(s.requester)
+        if quota is None:
+            return
+        held = sum(x.used for x in self._sessions.values() if x.requester == s.requester)
+        if held + size > quota:
+            raise errors.CapacityError(f"requester {s.requester!r} would hold {held + size} bytes here, "
+                                       f"over its quota of {quota}")
 
     def free(self, s: RequesterSession, lease_id: int) -> int:
         with self._lock:

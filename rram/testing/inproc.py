@@ -105,6 +105,10 @@ class InProcessClient:
                 self.free_slab(lease)
         self.session.close()
 
+    def abort(self) -> None:
+        """Hang up without a goodbye (a provider declared dead): its leases stay until reclaimed."""
+        self.session.close()
+
 
 def make_store(providers: list[InProcessProvider], *, replicas: int = 1, slab_size: int = 1 << 20,
                local_budget: int = 1 << 20, batch: int = 256, requester: str = "test",

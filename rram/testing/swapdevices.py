@@ -175,6 +175,24 @@ def _nbdkit(size, pin, servers):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: the soft-RoCE guest's blank scratch disk (scripts/rxe-vm/run with RXE_DISK_MB)
+SCRATCH_DISK, SCRATCH_SERIAL = "/dev/vda", "rram-scratch"
+
+
+def scratch_disk_reason() -> str | None:
+    """Why SCRATCH_DISK may not be made swap here, or None.  Only the guest's scratch disk,
+    known by its serial, qualifies: on a host /dev/vda is often the root disk."""
+    try:
+        with open(f"/sys/block/{os.path.basename(SCRATCH_DISK)}/serial") as f:
+            serial = f.read().strip()
+    except OSError:
+        serial = None
+    if serial != SCRATCH_SERIAL:
+        return (f"{SCRATCH_DISK} is not the VM's scratch disk (serial {serial!r}, want {SCRATCH_SERIAL!r}: "
+                "scripts/bench-vm.sh attaches it)")
+    return None
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` (all its threads) so far; 0 once it is gone."""
     try:

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -132,6 +133,36 @@ def test_quotas_per_requester(cluster):
         bob.alloc_slab(MiB)
     alice.close()
     bob.close()
+
+
+def test_a_quota_holds_against_racing_allocs_from_many_sessions(cluster):
+    """The quota is reserved, not only checked: 8 sessions of one requester ask at once."""
+    cluster.config.quotas = {"carol": 4 * MiB}
+    cluster.save_config()
+    with cluster.client("p0", "admin", "operator") as admin:
+        assert admin.reload() == 0
+    clients = [cluster.client("p0", "carol") for _ in range(8)]
+    start = threading.Barrier(len(clients))
+    granted, refused = [], []
+
+    def ask(c):
+        start.wait()
+        for _ in range(2):
+            try:
+                granted.append(c.alloc_slab(MiB))
+            except errors.CapacityError:
+                refused.append(c)
+
+    threads = [threading.Thread(target=ask, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(granted) == 4 and len(refused) == 12, (len(granted), len(refused))
+    with cluster.client("p0", "admin", "operator") as admin:
+        assert admin.stats()["used"] == 4 * MiB
+    for c in clients:
+        c.close()
 
 
 def test_undrain_command(cluster):

@@ -89,6 +89,8 @@ class StubClient:
     def close(self):
         pass
 
+    abort = close
+
 
 def random_tier(seed: int, replicas: int, nlinks: int = 4, nslabs: int = 40, dead=(), max_batch=None):
     rng = np.random.default_rng(seed)

@@ -10,6 +10,7 @@ that `down` still finishes within its bounds.  Sized for TCG (~50x slower than h
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -86,10 +87,10 @@ class Stack:
         self.script("down", DEV)
 
 
-@pytest.fixture(scope="module")
-def stack():
-    require_or_skip(_nbd_reason())
-    name = "verbs" if verbs.unavailable_reason() is None else "tcp"
+@contextlib.contextmanager
+def swap_stack(name: str):
+    """Two providers over transport ``name`` and a Stack whose requester swaps on DEV; always
+    leaves DEV neither swap nor attached."""
     tmp = tempfile.mkdtemp(prefix="rram-vmswap-")
     with LocalCluster(n_providers=2, capacity="128MiB", transport=name, workdir=tmp, slab_size="1MiB",
                       verbose=False, requester={"local_budget": "2MiB"}) as cluster:
@@ -109,6 +110,13 @@ def stack():
         finally:
             s.force_down()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    require_or_skip(_nbd_reason())
+    with swap_stack("verbs" if verbs.unavailable_reason() is None else "tcp") as s:
+        yield s
 
 
 @pytest.fixture

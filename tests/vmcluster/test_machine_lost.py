@@ -33,6 +33,7 @@ import time
 import pytest
 
 from rram import config as C
+from rram import tls as T
 from rram.testing.cluster import _ROOT, free_port
 
 pytestmark = [
@@ -65,7 +66,10 @@ def cluster_file(path: str) -> None:
     nodes = [{"name": name, "address": addr, "capacity": "128MiB", "roles": ["provider"],
               "failure_domain": f"guest-{name}", **node} for name, addr in PROVIDERS.items()]
     nodes.append({"name": "req", "address": REQUESTER, "roles": ["requester"], **node})
-    cfg = C.from_dict({"name": "vmcluster", "secret": os.urandom(16).hex(), "transport": "verbs",
+    # control connections over TLS as in any cluster: the CA and the providers' certificates
+    tls_dir = os.path.join(os.path.dirname(path), "tls")
+    T.make_cluster(tls_dir, "vmcluster", list(PROVIDERS.items()))
+    cfg = C.from_dict({"name": "vmcluster", "secret": os.urandom(16).hex(), "transport": "verbs", "tls_dir": tls_dir,
                        "slab_size": "1MiB", "replicas": 2, "heartbeat_interval": 0.5,
                        # TCG guests on a loaded 2-core host can stall for seconds: a 4 s dead
                        # threshold once declared the surviving provider dead too (in a run with
