@@ -612,11 +612,11 @@ def _extras(runs: list[dict]) -> list[str]:
                      f"{held['pagemap_counted_bytes'] / held['stored']:.1f} B a stored page of it (page map, and seal "
                      f"versions when sealed); over the whole fill, first-use buffers included: "
                      f"{held['whole_fill_bytes_per_page']} B a stored page")
-    for ops in (1, 256):
-        ratio = last(f"test_frame_mac_bench.py::test_frame_mac[{ops}]", "ratio_vs_unsigned")
+    for shape in ("read1", "write1", "read256", "write256"):
+        ratio = last(f"test_frame_mac_bench.py::test_paired_ratio[{shape}]", "ratio_vs_unprotected")
         if ratio is not None:
-            notes.append(f"* tcp frame MAC, {ops}-op READ: signed / unsigned round trip {ratio} (goal <= 1.3; "
-                         "test_frame_mac_bench.py derives the unsigned one, the path without MAC no longer exists)")
+            notes.append(f"* tcp data path, {shape}: protected (REQUEST and COMPLETION MACs) / unprotected round trip "
+                         f"{ratio}, the two timed alternately (goal <= 1.3)")
     notes += _farmem_extras(last)
     remote = last("test_nbd_bench.py::test_write_read_4k[pagestore]", "remote_gets")
     if remote is not None:

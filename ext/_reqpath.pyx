@@ -383,7 +383,8 @@ cdef class RequestPath:
             return True
         if self.versions_r._owner(loc, &version) != E_OK and self.versions_e._owner(loc, &version) != E_OK:
             return False
-        if size[0] <= SEAL_TAG or self.sealer.open_one(image, size[0], key, version) != 1:
+        # not counted: the request is declined, and Python reads this copy again and counts it
+        if size[0] <= SEAL_TAG or self.sealer.open_one(image, size[0], key, version, False) != 1:
             return False
         size[0] -= SEAL_TAG
         return True
@@ -441,6 +442,8 @@ cdef class RequestPath:
             li = self.router.used[u]
             core = self.cores[li]
             got = C_EINTR
+            # the core checks the completion's sequence number and MAC before it reads a field of
+            # it: a forged, replayed or reordered one is a failed link here, never a result
             while got == C_EINTR:
                 got = (<WireRequester>core)._poll(&comp, 1, deadline)
             if got == 0:

@@ -20,6 +20,10 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 
+from location cimport FIRST_REMOTE_SLAB, KIND_MASK, KIND_STORED, loc_size, loc_slab
+from ops cimport op_t
+from rram._ext._slab cimport E_OK, SlotAllocator
+
 from rram.errors import RramError
 
 cdef extern from "openssl/evp.h" nogil:
@@ -134,7 +138,8 @@ cdef class Sealer:
         self.sealed += 1
         return 0
 
-    cdef int open_one(self, uint8_t *buf, uint32_t sealed_size, uint64_t key, uint64_t version) noexcept nogil:
+    cdef int open_one(self, uint8_t *buf, uint32_t sealed_size, uint64_t key, uint64_t version,
+                      bint count=True) noexcept nogil:
         cdef EVP_CIPHER_CTX *ctx = <EVP_CIPHER_CTX *>self.dec
         cdef uint8_t nonce[NONCE_BYTES]
         cdef uint8_t aad[AAD_BYTES]
@@ -142,7 +147,7 @@ cdef class Sealer:
         cdef int outl = 0, fin = 0
         cdef uint32_t size
         if sealed_size <= SEAL_TAG or sealed_size > MAX_IMAGE + SEAL_TAG or version == 0:
-            self.failures += 1
+            self.failures += count
             return 0
         size = sealed_size - SEAL_TAG
         memcpy(tag, buf + size, SEAL_TAG)  # decryption in place must not overwrite it first
@@ -154,7 +159,7 @@ cdef class Sealer:
                 or EVP_DecryptFinal_ex(ctx, buf + outl, &fin) != 1):
             # never leave unauthenticated plaintext behind for a caller that ignores the result
             memset(buf, 0, size)
-            self.failures += 1
+            self.failures += count
             return 0
         self.opened += 1
         return 1
@@ -188,6 +193,51 @@ cdef class Sealer:
                     break
         if bad >= 0:
             raise RramError(f"OpenSSL failed to seal page {bad} of {n}")
+
+    def open_reads(self, ops, Py_ssize_t count, uint64_t base, uint64_t stride, locs, keys, sizes,
+                   Py_ssize_t n, SlotAllocator versions_r, SlotAllocator versions_e, ok):
+        """Open in place the pages one link's READs brought in (the fast path: called as each
+        link's batch completes, while the other links' READs are still in flight).
+
+        ``ops[:count]``: that link's READs, each into base + i * stride for page i of a planned
+        batch of n (locs[i], keys[i], sizes[i] its sealed size).  Each image is opened with the
+        version its slot's owner word holds (in ``versions_r``, else ``versions_e``) and
+        sizes[i] drops by TAG, ready for decompression; where the tag (or the version lookup)
+        fails, ok[i] = 0, those bytes are zeroed and sizes[i] is left as it was.  Returns the
+        number that failed (each counted in ``failures``).
+        """
+        cdef const op_t *op = <const op_t *>_buf(ops, sizeof(op_t), count, False, "ops")
+        cdef const uint64_t *l = _u64(locs, n, "locs")
+        cdef const uint64_t *k = _u64(keys, n, "keys")
+        cdef uint32_t *z = <uint32_t *>_buf(sizes, 4, n, True, "sizes")
+        cdef uint8_t *o = <uint8_t *>_buf(ok, 1, n, True, "ok")
+        cdef Py_ssize_t j, bad = 0, stray = -1
+        cdef uint64_t i, loc, version
+        if versions_r is None or versions_e is None or not (versions_r.track_owners and versions_e.track_owners):
+            raise ValueError("open_reads needs both remote allocators, tracking owners (the versions)")
+        if stride == 0:
+            raise ValueError("stride must not be 0")
+        with nogil:
+            for j in range(count):
+                i = (op[j].local_addr - base) // stride
+                if op[j].local_addr < base or i >= <uint64_t>n or op[j].local_addr != base + i * stride:
+                    stray = j  # not a READ of this plan: a bug, not a provider's doing
+                    break
+                loc = l[i]
+                if (loc & KIND_MASK) != KIND_STORED or loc_slab(loc) < FIRST_REMOTE_SLAB or op[j].length != loc_size(loc):
+                    stray = j
+                    break
+                if versions_r._owner(loc, &version) != E_OK and versions_e._owner(loc, &version) != E_OK:
+                    version = 0  # no version: the open fails (and counts)
+                if self.open_one(<uint8_t *><uintptr_t>op[j].local_addr, z[i], k[i], version):
+                    z[i] -= SEAL_TAG
+                    o[i] = 1
+                else:
+                    o[i] = 0
+                    bad += 1
+        if stray >= 0:
+            raise RramError(f"READ {stray} of {count} does not match the planned batch (address or length)")
+        return bad
 
     def open_page(self, uint64_t addr, uint32_t sealed_size, uint64_t key, uint64_t version) -> bool:
         """``open`` for one page (the latency path: no arrays)."""

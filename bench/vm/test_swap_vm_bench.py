@@ -1,6 +1,6 @@
 """Swap through the kernel's own NBD client: rram vs zram vs a disk, in the soft-RoCE guest.
 
-    scripts/bench-vm.sh -k swap              # boots the guest (with a scratch virtio disk)
+    scripts/bench-vm.sh -k swap_vm           # boots the guest (with a scratch virtio disk)
 
 The host has no kernel NBD client, so its swap figures go through FUSE; this guest has one.
 The verifying workload (rram.testing.swapload, WORKING_SET_MIB in a cgroup limited to LIMIT)

@@ -14,7 +14,7 @@ cdef class Sealer:
     cdef readonly uint64_t next_version
     cdef readonly uint64_t sealed     # since creation: pages sealed, pages opened, tags that failed
     cdef readonly uint64_t opened
-    cdef readonly uint64_t failures
+    cdef readonly uint64_t failures   # tags that failed on an open that counts (see open_one)
 
     # Not thread-safe: callers hold the page store's lock (the request path holds its StoreLock).
     # One page: ``size`` bytes at ``src`` -> ciphertext + tag (size + SEAL_TAG bytes) at ``dst``
@@ -27,5 +27,8 @@ cdef class Sealer:
     # ``version``: the remote allocator's owner word of that location (SlotAllocator._owner in
     # rram/_ext/_slab.pxd on PageStore.remote_alloc; the sealer is PageStore.seal.sealer).
     # A version taken (take_version) must be used for one seal only: it is the GCM nonce.
-    cdef int open_one(self, uint8_t *buf, uint32_t sealed_size, uint64_t key, uint64_t version) noexcept nogil
+    # ``count``: a failure adds to ``failures`` (the store's seal_failures); False where the caller
+    # only declines and the Python path reads that copy again, which counts it (the request path).
+    cdef int open_one(self, uint8_t *buf, uint32_t sealed_size, uint64_t key, uint64_t version,
+                      bint count=*) noexcept nogil
     cdef uint64_t take_version(self) noexcept nogil

@@ -42,9 +42,11 @@ cdef class WireRequester:
     cdef uint32_t head, count, max_outstanding, max_batch   # count: batches outstanding
     cdef bint eof
     cdef int64_t a, b, c
-    cdef uint8_t key[32]       # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
+    cdef void *rmac            # set_frame_key: sign every REQUEST (see WireServer.set_frame_key)
+    cdef void *cmac            # ... and check every COMPLETION's MAC under the completion key
     cdef bint keyed
-    cdef uint32_t seq
+    cdef uint32_t seq          # of the next REQUEST
+    cdef uint32_t cseq         # the sequence number the next COMPLETION must carry
     cdef public int64_t spin_ns
 
     # queue n ops as batch ``batch_id`` and build its frame (0 or an R_* code; nothing sent yet)

@@ -13,8 +13,10 @@ repair is copying a slab, and every posted batch succeeds.  Then
 In any other case it answers None or False, with nothing to undo (a link that failed is
 suspended), and ``PageStore`` hands the whole batch to the failover path (failover.py).
 
-With sealed pages, remote pages are READ into the seal buffer and opened (``opener``, the same
-call the failover path makes) before the decompress call.
+With sealed pages, remote pages are READ into the seal buffer and each link's pages are opened
+in one C call as soon as that link's READs land (``opener``: seal.PlannedOpen, through
+``run_routed``'s ``on_done``), while the other links' READs are still in flight; pages whose tag
+failed are recovered from other copies before the decompress call.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class FastPath:
         # one-page branch of ``get`` is the latency path
         self.local_base = None if local_base is None else [int(a) for a in local_base]
         self.staging_base = staging_base  # the registered arena remote pages are READ into
-        # PageStore._open_remote and _open_remote_one when pages are sealed, else None
+        # PageStore._open_planned and _open_remote_one when pages are sealed, else None
         self.open = opener
         self.open_one = open_one
         self._comp = new_completions(1)
@@ -88,13 +90,18 @@ class FastPath:
         router, lkeys = tier.router(self.staging_base) if tier is not None else (None, None)
         found = np.empty(n, dtype=bool)
         batches = path.plan_get(locs, n, found, router, lkeys)
-        # run_routed: set() when every READ landed; None (nothing posted) or the failed links otherwise
-        if batches is None or (batches and tier.run_routed(batches) != set()):
+        if batches is None:
             return None
-        if batches and self.open is not None:
-            remote = np.flatnonzero(L.is_remote(locs))
-            self.open(np.ascontiguousarray(locs[remote]), keys[remote], path.srcs[remote])
-            path.sizes[remote] -= np.uint32(TAG)
+        if batches:
+            # sealed: each link's pages are opened as soon as its READs land (sizes become the
+            # images'), while the other links' are still in flight; a failed tag is recovered
+            # from another copy after the last link
+            opener = None if self.open is None else self.open(locs, keys, path.sizes)
+            # run_routed: set() when every READ landed; None (nothing posted) or the failed links otherwise
+            if tier.run_routed(batches, on_done=opener) != set():
+                return None
+            if opener is not None:
+                opener.finish(path.srcs)
         codec.decompress_pages(path.srcs, path.sizes, n, dst)
         return found, path.found, path.local, path.remote
 

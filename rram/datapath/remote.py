@@ -342,11 +342,14 @@ class RemoteTier:
         """Per link index: suspended (out of use, not dead: it may resume)."""
         return np.array([lk.suspended for lk in self.links] or [False], dtype=bool)
 
-    def run_routed(self, batches: list[tuple[int, int]], timeout: float | None = None) -> set[int] | None:
+    def run_routed(self, batches: list[tuple[int, int]], timeout: float | None = None,
+                   on_done=None) -> set[int] | None:
         """Post the batches the router wrote (one per link) and wait for every one of them.
 
         ``timeout``: how long a link may take before it is suspended; default ``read_timeout``
-        (a get's batches are reads; writes pass ``io_timeout``).
+        (a get's batches are reads; writes pass ``io_timeout``).  ``on_done(ops)``: called with
+        each link's ops as soon as its batch has succeeded, before the next link is waited for
+        (the fast path opens sealed pages there, while the other links' READs are in flight).
 
         Returns the links that failed as a whole (now marked dead; the failover path redoes the
         I/O), or None when nothing was posted because a link still has batches outstanding (the
@@ -370,9 +373,11 @@ class RemoteTier:
             except errors.TransportError as exc:
                 self._link_failed(link, exc, failed)
                 continue
-            posted.append((link, batch))
-        for link, batch in posted:
+            posted.append((link, batch, count))
+        for link, batch, count in posted:
             self._wait(link, batch, failed, errs, timeout)
+            if on_done is not None and not errs and link.index not in failed:
+                on_done(self._ops[link.index][:count])
         if errs:
             raise errs[0]
         return failed

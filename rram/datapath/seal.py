@@ -3,8 +3,10 @@
 Between compression and the remote WRITE every image is sealed (ext/_seal.pyx: AES-256-GCM,
 one C call a batch, GIL released) into the seal buffer, a registered arena of ``batch`` slots
 of ``STRIDE`` bytes: the image followed by its 16-byte tag.  Between the remote READ (into the
-same slots) and decompression it is opened in place.  Both the fast and the failover path call
-these two, so there is one implementation.
+same slots) and decompression it is opened in place: by ``PageSeal.open`` (failover path),
+``open_one`` (the one-page latency path) or ``PlannedOpen`` (the fast path's batches, one C
+call per link as its READs land, version lookup included); all three open through the same
+``Sealer`` and recover failed pages the same way.
 
 The key is ``os.urandom(32)`` per store: pages never outlive the requester process that wrote
 them (its page map is in memory only), so nothing needs to survive a restart, and the key is
@@ -45,8 +47,13 @@ class PageSeal:
         self.addrs = self.base + np.arange(batch, dtype=np.uint64) * np.uint64(STRIDE)
         self._versions = np.zeros(batch, dtype=np.uint64)
         self._ok = np.zeros(batch, dtype=np.uint8)
-        self.failures = 0  # tags that did not verify (each copy tried counts)
         self.recovered = 0  # pages that failed once and opened from another copy
+
+    @property
+    def failures(self) -> int:
+        """Tags that did not verify, each copy tried counted once: the sealer's own count (the C
+        request path's opens do not count, since Python reads that copy again after it declines)."""
+        return self.sealer.failures
 
     def close(self) -> None:
         self.buf.close()
@@ -83,14 +90,12 @@ class PageSeal:
         addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
         bad = self.sealer.open(addrs, sizes, keys, versions, n, ok)
         if bad:
-            self.failures += bad
             self._recover(np.flatnonzero(ok == 0), rlocs, keys, addrs, sizes, versions, reread)
 
     def open_one(self, loc: int, key: int, addr: int, version: int, reread) -> None:
         """``open`` for one page (the latency path: arrays only when its tag fails)."""
         if self.sealer.open_page(addr, (loc >> L.SIZE_SHIFT) & L.SIZE_FIELD, key, version):
             return
-        self.failures += 1
         self._recover(np.zeros(1, dtype=np.intp), np.array([loc], dtype=np.uint64), np.array([key], dtype=np.uint64),
                       np.array([addr], dtype=np.uint64), np.array([L.loc_size(loc)], dtype=np.uint32),
                       np.array([version], dtype=np.uint64), reread)
@@ -113,13 +118,59 @@ class PageSeal:
             ok = np.zeros(len(idx), dtype=np.uint8)
             failed = self.sealer.open(np.ascontiguousarray(addrs[idx]), np.ascontiguousarray(sizes[idx]),
                                       np.ascontiguousarray(keys[idx]), np.ascontiguousarray(versions[idx]), len(idx), ok)
-            self.failures += failed
             self.recovered += len(idx) - failed
             todo = np.setdiff1d(todo, idx[ok.astype(bool)], assume_unique=True)
         if len(todo):
             raise errors.SealError(
                 f"{len(todo)} page(s) failed their seal on every copy (altered, swapped or replayed by a "
                 f"provider, or corrupted): first key {int(keys[todo[0]]):#x}")
+
+
+class PlannedOpen:
+    """Opens the remote pages of the fast path's planned get batch link by link, as each link's
+    READs land (``run_routed``'s ``on_done``), in one C call a link; ``finish`` then recovers
+    any page whose tag failed from its other copies.  One per store, reused by every batch
+    (the store's lock is held throughout)."""
+
+    def __init__(self, seal: PageSeal, versions_r, versions_e, owners, reread, logged):
+        self.seal = seal
+        self.sealer = seal.sealer
+        self.versions_r, self.versions_e = versions_r, versions_e  # the remote allocators (owner words)
+        self.owners = owners  # rlocs -> versions, for recovery (PageStore._owners)
+        self.reread = reread  # as ``PageSeal.open``'s
+        self.logged = logged  # called with the failure count before, once recovery is over
+        self.locs = self.keys = self.sizes = None
+        self.n = self.bad = 0
+
+    def start(self, locs: np.ndarray, keys: np.ndarray, sizes: np.ndarray) -> PlannedOpen:
+        """A new batch: ``locs``/``keys`` (uint64) planned, ``sizes`` (uint32, stored sizes: cut
+        to the images' as pages open)."""
+        self.locs, self.keys, self.sizes, self.n, self.bad = locs, keys, sizes, len(locs), 0
+        return self
+
+    def __call__(self, ops: np.ndarray) -> None:
+        """One link's READs have landed: open their pages in place."""
+        seal = self.seal
+        self.bad += self.sealer.open_reads(ops, len(ops), seal.base, STRIDE, self.locs, self.keys, self.sizes,
+                                           self.n, self.versions_r, self.versions_e, seal._ok)
+
+    def finish(self, srcs: np.ndarray) -> None:
+        """After the last link: recover the pages that failed (SealError when no copy opens)."""
+        if not self.bad:
+            return
+        seal, n = self.seal, self.n
+        before = seal.failures - self.bad  # the sealer counted them as they failed
+        try:
+            ok = seal._ok[:n]
+            idx = np.flatnonzero(L.is_remote(self.locs) & (ok == 0))  # each remote page was READ, so opened
+            rlocs = np.ascontiguousarray(self.locs[idx])
+            seal._recover(np.arange(len(idx)), rlocs, np.ascontiguousarray(self.keys[idx], dtype=np.uint64),
+                          np.ascontiguousarray(srcs[idx], dtype=np.uint64), L.loc_size(rlocs).astype(np.uint32),
+                          self.owners(rlocs), self.reread)
+            self.sizes[idx] -= np.uint32(TAG)
+        finally:
+            self.bad = 0
+            self.logged(before)
 
 
 def payload_sizes(sizes: np.ndarray, remote_idx: np.ndarray) -> None:

@@ -58,7 +58,7 @@ from .failover import Failover
 from .fastpath import FastPath
 from .pagemap import PageMap
 from .remote import RemoteTier
-from .seal import TAG, PageSeal
+from .seal import TAG, PageSeal, PlannedOpen
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,11 @@ class PageStore:
         self._one_page = bytearray(PAGE_SIZE)
         self.fast_path = True  # False: every batch takes the failover path (tests, diagnosis)
         opener = self._open_remote if self.seal is not None else None
-        self._fast = FastPath(remote, self._path, self.local_base, self._read_base, opener,
+        # the fast path opens a batch's sealed pages link by link, as their READs land
+        planned = (PlannedOpen(self.seal, self.remote_alloc, self.eph_alloc, self._owners, self._reread,
+                               self._log_seal_failures) if self.seal is not None else None)
+        self._fast = FastPath(remote, self._path, self.local_base, self._read_base,
+                              planned.start if planned is not None else None,
                               self._open_remote_one if self.seal is not None else None)
         self._failover = Failover(remote, self._local_addrs, self._read_base, self._read_addrs, opener)
         #: single-page reads and writes in C on these tables (None: not built)

@@ -12,6 +12,7 @@ a provider's control *and* data ports and switch faults on and off while real pr
         px.reset()                           # RST on every connection now
         px.half_open()                       # provider side closed, requester side silent forever
         px.heal()                            # no faults
+        px.tamper("flip-status")             # alter the next data COMPLETION (frametamper.py)
 
 Why these shapes: a TCP stream cannot lose a byte, so packet loss shows up as a stall of one
 retransmission timeout (``loss_stall``, Linux's minimum RTO by default) with head-of-line
@@ -37,6 +38,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from .frametamper import CompletionTamper, TamperPlan
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +279,7 @@ class ProviderProxy:
         self.control = FaultProxy((node.address, node.port), faults=self.faults, seed=seed,
                                   rewrite_factory=lambda: _ParamsRewriter(self))
         self.data: dict[tuple[str, int], FaultProxy] = {}
+        self.tampering = TamperPlan()  # shared by every data connection's provider -> requester pipe
         self._lock = threading.Lock()
         #: ``cfg`` with this provider's control address pointing at the proxy (for open_store)
         self.config = copy.deepcopy(cfg)
@@ -286,7 +290,8 @@ class ProviderProxy:
         with self._lock:
             proxy = self.data.get(target)
             if proxy is None:
-                proxy = self.data[target] = FaultProxy(target, faults=self.faults)
+                proxy = self.data[target] = FaultProxy(target, faults=self.faults,
+                                                       rewrite_factory=lambda: CompletionTamper(self.tampering))
             return proxy.address
 
     def _all(self) -> list[FaultProxy]:
@@ -299,6 +304,11 @@ class ProviderProxy:
             if key not in ("delay", "loss", "loss_stall", "bandwidth"):
                 raise TypeError(f"unknown fault {key!r}")
             setattr(self.faults, key, value)
+
+    def tamper(self, mode: str) -> None:
+        """Alter the next COMPLETION on any data connection, once (modes: frametamper.MODES);
+        ``tampering.done`` lists what was applied."""
+        self.tampering.arm(mode)
 
     def blackhole(self, seconds: float) -> None:
         """Nothing passes either way for ``seconds`` (held bytes flow on afterwards)."""

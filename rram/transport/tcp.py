@@ -13,7 +13,9 @@ breaks the protocol; Python then words the error from wire.py and sends the ERRO
 
 Requester: ``post`` is one C call that checks lkeys, encodes the frame and sends it; ``poll``
 is one C call that reads completions in the calling thread (no reader thread: a cross-thread
-wake-up costs more than the round trip), scatters READ data and fills the completion array.
+wake-up costs more than the round trip), checks each one's sequence number and MAC, scatters
+READ data and fills the completion array.  A completion that fails its MAC is a lost
+connection (ConnectionLost, as for a reset): the store suspends the link and fails over.
 Batches pipeline: the provider answers them in order.  Frames are described in wire.py, whose
 pure-Python decoder remains the reference (fuzzed) and handles the HELLO exchange.
 """
@@ -574,6 +576,12 @@ class TcpEndpoint(RegionTableEndpoint):
             return self._lost(f"completion for batch {c} carries {a} bytes, not its READ lengths")
         if rc == _tcpwire.R_OVERFLOW:
             return self._lost(f"provider sent {a} bytes, more than the outstanding batches can return")
+        if rc == _tcpwire.R_SEQ_END:
+            return self._lost(f"this data connection has used up its {a} request numbers; reconnecting gives "
+                              "the next one a fresh key")
+        if rc == _tcpwire.R_BAD_MAC:
+            return self._lost(f"bad frame from provider: completion number {a} on this connection came with a "
+                              f"missing or bad MAC, or numbered {b} (altered, replayed, reordered or forged on the way)")
         if rc == _tcpwire.R_NOMEM:
             return self._lost("out of memory for the data connection buffers")
         return self._lost(f"data path failed with code {rc}")

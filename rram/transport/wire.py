@@ -4,15 +4,17 @@ Every frame starts with one 32-byte header (little-endian)::
 
     offset size field
      0     4    magic        b"RRMD"
-     4     1    version      1
+     4     1    version      2 (a peer speaking another version is refused with a clear error)
      5     1    type         HELLO 1, HELLO_OK 2, REQUEST 3, COMPLETION 4, ERROR 5, CHALLENGE 6
-     6     2    flags        REQUEST: FLAG_MAC (1) once the handshake set a frame key; else 0
+     6     2    flags        REQUEST, COMPLETION: FLAG_MAC (1) once the handshake set a frame key;
+                             else 0
      8     8    batch_id     REQUEST / COMPLETION: the requester's batch id; else 0
     16     4    count        REQUEST: operations (1..MAX_OPS); COMPLETION: index of the first
                              failing op (n on success); ERROR: error code; else 0
     20     4    status       COMPLETION: ibv_wc_status (signed); else 0
     24     4    payload_len  bytes after the header and the op descriptors
-    28     4    seq          REQUEST with FLAG_MAC: its number on the connection (0, 1, ...); else 0
+    28     4    seq          with FLAG_MAC: the frame's number on the connection in its direction
+                             (REQUESTs 0, 1, ... and COMPLETIONs 0, 1, ..., two counters); else 0
 
 Bodies::
 
@@ -22,7 +24,8 @@ Bodies::
     REQUEST     count x WIRE_OP descriptors, then the WRITE data of the batch concatenated in
                 op order (payload_len = sum of the WRITE lengths), then with FLAG_MAC a
                 MAC_TRAILER-byte request_mac over the header and descriptors
-    COMPLETION  payload = the READ data of the executed ops, concatenated in op order
+    COMPLETION  payload = the READ data of the executed ops, concatenated in op order, then with
+                FLAG_MAC a MAC_TRAILER-byte completion_mac over the header
     ERROR       payload = UTF-8 message (<= MAX_MESSAGE); the sender closes the connection
 
 One WIRE_OP descriptor (24 bytes)::
@@ -39,7 +42,13 @@ provider's fresh nonce, so a sniffed token or a replayed HELLO is refused, and a
 knows it reached the provider that holds its session.  Both then derive the connection's
 frame key (``frame_key``): every REQUEST carries its sequence number and a MAC of its header
 and descriptors, so an on-path attacker cannot alter where a batch reads or writes, nor
-replay, reorder or inject one.  (WRITE data and completions are not covered yet.)
+replay, reorder or inject one.  Every COMPLETION carries its own sequence number and a MAC of
+its header (batch id, status, index of the failing op, READ byte count) under a second key
+derived from the frame key with its own label (``completion_key``), so a request's MAC can
+never pass as a completion's: an attacker can neither turn a failed WRITE into a success nor
+replay, reorder or inject a completion.  Not covered: the bytes themselves (WRITE data and
+READ data; sealed pages carry their own AEAD tag, see README "Security model"), and ERROR
+frames (an attacker who can inject one can as well cut the TCP connection).
 
 A bad key or range is an error COMPLETION (the connection stays usable); broken framing
 (wrong magic/version/type, lengths over the limits) is a ``ProtocolError``: the receiver sends
@@ -58,7 +67,8 @@ import numpy as np
 from ..errors import ProtocolError
 
 MAGIC = b"RRMD"
-VERSION = 1
+#: 2: COMPLETIONs carry a sequence number and a MAC (1 had none)
+VERSION = 2
 
 HELLO = 1
 HELLO_OK = 2
@@ -82,6 +92,12 @@ NONCE_SIZE = 32
 MAC_SIZE = 32
 FLAG_MAC = 1
 MAC_TRAILER = 16
+#: frames that carry a sequence number and a MAC once the connection has a frame key
+SIGNED = frozenset({REQUEST, COMPLETION})
+COMPLETION_LABEL = b"rram-data-completions\0"
+#: no frame carries this number: a connection that used up the others is replaced (a wrap
+#: would let a frame 2**32 back be replayed)
+SEQ_END = 0xFFFFFFFF
 
 # ERROR codes
 E_BAD_FRAME = 1  # framing broken: the connection is closed
@@ -167,7 +183,8 @@ def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQU
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r} (not an rram data connection?)")
     if version != VERSION:
-        raise ProtocolError(f"unsupported data protocol version {version}, this side speaks {VERSION}")
+        raise ProtocolError(f"unsupported data protocol version {version}, this side speaks {VERSION} "
+                            "(both ends must run the same rram release)")
     if ftype not in accept:
         name = TYPE_NAMES.get(ftype, f"unknown type {ftype}")
         raise ProtocolError(f"unexpected frame {name} (expected one of {sorted(TYPE_NAMES[t] for t in accept)})")
@@ -194,7 +211,7 @@ def parse_header(buf, offset: int = 0, accept: frozenset = TO_PROVIDER | TO_REQU
             raise ProtocolError(f"error message of {payload_len} bytes exceeds the limit of {MAX_MESSAGE}")
     elif payload_len:
         raise ProtocolError(f"{TYPE_NAMES[ftype]} frame with a {payload_len}-byte payload, expected none")
-    if flags & ~FLAG_MAC or (flags and ftype != REQUEST):
+    if flags & ~FLAG_MAC or (flags and ftype not in SIGNED):
         raise ProtocolError(f"{TYPE_NAMES[ftype]} frame with unknown flags {flags:#x}")
     return Header(ftype, batch_id, count, status, payload_len, flags, seq)
 
@@ -205,7 +222,7 @@ def parse_body(h: Header, body: memoryview):
         split = h.count * WIRE_OP.itemsize
         return Request(h.batch_id, h.count, body[:split], body[split : split + h.payload_len])
     if h.type == COMPLETION:
-        return Completion(h.batch_id, h.status, h.count, body)
+        return Completion(h.batch_id, h.status, h.count, body[: h.payload_len])
     if h.type == HELLO:
         return Hello(bytes(body[:TOKEN_SIZE]), bytes(body[TOKEN_SIZE:]))
     if h.type == ERROR:
@@ -246,6 +263,17 @@ def request_mac(key: bytes, header_and_descriptors: bytes) -> bytes:
     return hmac.new(key, header_and_descriptors, hashlib.sha256).digest()[:MAC_TRAILER]
 
 
+def completion_key(key: bytes) -> bytes:
+    """The key of the provider -> requester direction, from the connection's frame ``key``: a
+    distinct key, so that no REQUEST's MAC is ever a valid COMPLETION MAC (or the reverse)."""
+    return hmac.new(key, COMPLETION_LABEL, hashlib.sha256).digest()
+
+
+def completion_mac(ckey: bytes, header_: bytes) -> bytes:
+    """The MAC of a COMPLETION under ``completion_key(key)``, over its 32-byte header."""
+    return hmac.new(ckey, header_, hashlib.sha256).digest()[:MAC_TRAILER]
+
+
 def challenge(nonce: bytes) -> bytes:
     if len(nonce) != NONCE_SIZE:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
@@ -279,8 +307,14 @@ def request(batch_id: int, ops: np.ndarray, payload: bytes = b"", key: bytes | N
     return head + descs.tobytes() + bytes(payload) + request_mac(key, head + descs.tobytes())
 
 
-def completion(batch_id: int, status: int, index: int, data: bytes = b"") -> bytes:
-    return header(COMPLETION, batch_id, index, status, len(data)) + bytes(data)
+def completion(batch_id: int, status: int, index: int, data: bytes = b"", key: bytes | None = None,
+               seq: int = 0) -> bytes:
+    """A COMPLETION frame, signed as completion ``seq`` when the connection's frame ``key`` is
+    given (the completion key is derived from it, as both ends do)."""
+    if key is None:
+        return header(COMPLETION, batch_id, index, status, len(data)) + bytes(data)
+    head = HEADER.pack(MAGIC, VERSION, COMPLETION, FLAG_MAC, batch_id, index, status, len(data), seq)
+    return head + bytes(data) + completion_mac(completion_key(key), head)
 
 
 # -- decoder ------------------------------------------------------------------------------------
@@ -293,10 +327,17 @@ class Decoder:
     then drain ``next_event()`` until it returns None.  Views inside events stay valid until
     the next ``feed``/``writable`` call.  The buffer grows as bytes arrive (doubling), never
     ahead of them, and never past the size a *checked* header announced (+ ``min_free``).
+
+    With the connection's frame ``key`` it checks what the C cores check: every REQUEST and
+    COMPLETION must be signed, numbered in order (one counter each) and carry a valid MAC; a
+    frame that is not is a ProtocolError and nothing of it is returned.  Without a key it only
+    parses (a signed frame's trailer is skipped unchecked).
     """
 
-    def __init__(self, accept: frozenset, initial: int = 1 << 16):
+    def __init__(self, accept: frozenset, initial: int = 1 << 16, key: bytes | None = None):
         self.accept = accept
+        self._keys = None if key is None else {REQUEST: key, COMPLETION: completion_key(key)}
+        self._seq = {REQUEST: 0, COMPLETION: 0}
         self._buf = bytearray(initial)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -353,11 +394,25 @@ class Decoder:
         if self.buffered < total:
             return None
         body = self._view[self._start + HEADER.size : self._start + total]
+        if self._keys is not None and h.type in SIGNED:
+            self._verify(h, self._view[self._start : self._start + HEADER.size], body)
         self._start += total
         self._header = None
         if self._start == self._end:
             self._start = self._end = 0  # frames consumed: the next recv starts at the front
         return parse_body(h, body)
+
+    def _verify(self, h: Header, head: memoryview, body: memoryview) -> None:
+        name = TYPE_NAMES[h.type]
+        if not h.flags & FLAG_MAC:
+            raise ProtocolError(f"unsigned {name} on a connection with a frame key")
+        signed = bytes(head) + (bytes(body[: h.count * WIRE_OP.itemsize]) if h.type == REQUEST else b"")
+        mac = (request_mac if h.type == REQUEST else completion_mac)(self._keys[h.type], signed)
+        want = self._seq[h.type]
+        if h.seq != want or want == SEQ_END or not hmac.compare_digest(mac, bytes(body[-MAC_TRAILER:])):
+            raise ProtocolError(f"{name} {want} on this connection: bad MAC or sequence number {h.seq} "
+                                "(altered, replayed, reordered or not signed with the connection's key)")
+        self._seq[h.type] = want + 1
 
     def events(self):
         while (ev := self.next_event()) is not None:

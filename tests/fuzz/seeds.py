@@ -23,7 +23,8 @@ from tests.fuzz import fixed
 from tests.fuzz.driver import CORPUS, ROOT
 
 NONCE = "cd" * auth.NONCE_SIZE
-KEY = bytes(range(32))  # targets/tcp_server.py KEY
+KEY = bytes(range(32))  # targets/tcp_server.py and data_frames.py KEY
+REQUESTER_KEY = bytes(range(32, 64))  # targets/tcp_requester.py KEY
 
 
 def control_frames() -> dict[str, bytes]:
@@ -84,6 +85,9 @@ def data_frames() -> dict[str, bytes]:
         "hello-ok": wire.hello_ok(bytes(32)),
         "completion": wire.completion(7, WC_SUCCESS, 3, bytes(64 + 128)),
         "completion-failed": wire.completion(7, WC_REM_ACCESS_ERR, 1, bytes(64)),
+        "completions-signed": wire.completion(7, WC_SUCCESS, 3, bytes(192), key=KEY, seq=0)
+        + wire.completion(8, WC_REM_ACCESS_ERR, 0, key=KEY, seq=1),
+        "completion-replayed": wire.completion(7, WC_SUCCESS, 1, bytes(64), key=KEY, seq=0) * 2,
         "error": wire.error(wire.E_BAD_FRAME, "bad magic"),
     }
     out["truncated"] = out["mixed"][:50]
@@ -93,7 +97,18 @@ def data_frames() -> dict[str, bytes]:
 def tcp_requester() -> dict[str, bytes]:
     """Answers to the batches targets/tcp_requester.py posts: 7 reads 64 + 128 bytes, 8 reads 4096."""
     ok7 = wire.completion(7, WC_SUCCESS, 3, bytes(range(192)))
+
+    def signed(batch_id, status, index, data=b"", seq=0):
+        return wire.completion(batch_id, status, index, data, key=REQUESTER_KEY, seq=seq)
+
+    sok7 = signed(7, WC_SUCCESS, 3, bytes(range(192)))
     return {
+        "signed-both": sok7 + signed(8, WC_SUCCESS, 1, bytes(4096), seq=1),
+        "signed-first-fails": signed(7, WC_REM_ACCESS_ERR, 1, bytes(64)) + signed(8, WC_SUCCESS, 1, bytes(4096), seq=1),
+        "signed-then-error": sok7 + wire.error(wire.E_SHUTDOWN, "provider shutting down"),
+        "signed-replayed": sok7 + sok7,
+        "signed-out-of-order": signed(7, WC_SUCCESS, 3, bytes(range(192)), seq=1) + signed(8, WC_SUCCESS, 1,
+                                                                                             bytes(4096)),
         "both": ok7 + wire.completion(8, WC_SUCCESS, 1, bytes(4096)),
         "first-fails": wire.completion(7, WC_REM_ACCESS_ERR, 1, bytes(64)) + wire.completion(8, WC_SUCCESS, 1,
                                                                                               bytes(4096)),

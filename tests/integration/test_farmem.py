@@ -75,6 +75,31 @@ def test_untouched_pages_read_as_zeros_and_writes_read_back(cluster):
         del a
 
 
+def test_first_writes_to_a_new_region_take_no_write_protect_fault(cluster):
+    """Pages the store never held are mapped writable at once: filling a new region takes no
+    WP fault.  Once stored they come back write-protected, so a later write is still seen
+    (a WP fault) and kept, zero pages included; a walk of writes un-protects ahead of itself."""
+    with region(cluster) as mem:
+        a = mem.array(np.uint8, SIZE)
+        local = np.random.default_rng(3).integers(0, 256, SIZE, dtype=np.uint8)
+        local[: SIZE // 8] = 0
+        a[:] = local
+        s = mem.stats()
+        assert s["wp_faults"] == 0 and s["evicted_dirty"] > 0, s
+        before = mem.stats()
+        a[::PAGE_SIZE] += 1  # each page read, then written, walking up the region
+        local[::PAGE_SIZE] += 1
+        s = mem.stats()
+        wp, ahead = s["wp_faults"] - before["wp_faults"], s["write_ahead"] - before["write_ahead"]
+        # writes are seen; along the walk the pages ahead are un-protected in runs
+        assert 0 < wp < SIZE // PAGE_SIZE // 4 and ahead > SIZE // PAGE_SIZE // 2, s
+        assert digest(a) == digest(local)
+        a[SIZE // 2::PAGE_SIZE * 7] = 9  # scattered writes to stored pages: one WP fault each
+        local[SIZE // 2::PAGE_SIZE * 7] = 9
+        assert digest(a) == digest(local)
+        del a
+
+
 def test_numpy_threads_holding_the_gil(cluster):
     """Four threads run numpy on their quarter of a region 4x its budget (sums, in-place
     updates, random gathers, np.sort of a slice) while a pure-Python thread keeps counting."""

@@ -168,3 +168,40 @@ def test_what_a_provider_sees_of_a_page(cluster, seal):
                 store.get(pool, 0, 900)
         else:
             assert store.get(pool, 0, 900) == rnd[PAGE_SIZE:].tobytes()  # wrong bytes, unnoticed
+
+
+def test_a_page_altered_under_the_c_request_path_is_recovered_and_counted_once(cluster, tmp_path):
+    """The NBD server's C path reads the altered copy first and declines; Python reads that copy
+    again, fails it, and serves the other: one bad copy, one failure counted."""
+    pytest.importorskip("rram._ext._nbdserve", reason="built without liblz4: no C request path")
+    from rram.frontends.nbd import protocol as P
+    from rram.frontends.nbd.backend import PageStoreBackend
+    from rram.frontends.nbd.server import NBDServer
+
+    from ..unit.test_nbd_batching import Client
+
+    data = _random_pages(N, 8)
+    with _store(cluster) as store:
+        pool = store.create_pool(persistent=True)
+        store.put_many(pool, 1, np.arange(N), data)
+        with NBDServer(PageStoreBackend(store, pool, obj=1, size=N * PAGE_SIZE), c_requests=True) as srv:
+            path = str(tmp_path / "nbd.sock")
+            srv.listen_unix(path)
+            srv.start()
+            client = Client(path, structured=False)
+            try:
+                def read(block):
+                    client.sock.sendall(client.request(P.NBD_CMD_READ, 3, block * PAGE_SIZE, PAGE_SIZE))
+                    _h, error, got = client.reply({3: PAGE_SIZE})
+                    assert error == 0 and got == data[block * PAGE_SIZE:(block + 1) * PAGE_SIZE].tobytes(), block
+                read(300)  # a remote page, in C
+                assert store.stats()["c_remote_reads"] == 1
+                pid, addr, _size = _copies(cluster, store, pool, 1, 301)[0]
+                _flip(pid, addr, 10)
+                read(301)
+                s = store.stats()
+                assert s["c_declined_by"]["read_remote_error"] == 1  # C saw the bad tag and declined
+                assert (s["seal_failures"], s["seal_recovered"]) == (1, 1)
+                assert store.seal.sealer.failures == 1  # the sealer's own count agrees
+            finally:
+                client.close()

@@ -63,3 +63,18 @@ def test_random_faults_after_a_scan_shrink_the_window_to_nothing():
     for page in np.random.default_rng(1).integers(1000, 1 << 20, 12).tolist():
         p.on_fault(page)
     assert p.window == 0 and p.ahead(5, 100) == []
+
+
+def test_advice_forgets_the_trend_of_the_last_phase():
+    """A region filled in order and then read at random must not prefetch along the fill."""
+    p = Predictor(max_window=64)
+    p.advise("random")
+    for page in range(100):
+        p.on_fault(page)
+    p.advise("normal")
+    assert p.trend() is None and p.ahead(100, 1000) == []
+    for page in range(200, 300):
+        p.on_fault(page)
+    assert p.trend() == 1
+    p.advise("normal")
+    assert p.trend() is None

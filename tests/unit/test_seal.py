@@ -117,3 +117,44 @@ def test_the_one_page_call_and_bad_arguments():
     with pytest.raises(ValueError, match="need 9 items"):
         s.seal(slots.addrs, slots.addrs, slots.sizes, keys, versions, N + 1)
     assert issubclass(SealError, RramError) and SealError.errno == 5
+
+
+def test_open_reads_opens_one_links_pages_of_a_planned_batch():
+    """The fast path's call: pages located by their READs' addresses, versions from the remote
+    allocators' owner words, sizes cut by the tag; a bad tag marks only that page."""
+    from rram._ext._slab import SlotAllocator
+    from rram.datapath import slab as L
+    from rram.transport import OP_READ, new_ops
+
+    s = Sealer(os.urandom(32), requester=3)
+    slots = Slots([100, 2000, 4096, 1, 3000, 64, 4000, 700])
+    keys = np.arange(500, 500 + N, dtype=np.uint64)
+    versions = sealed(s, slots, keys)
+    persistent, ephemeral = SlotAllocator(track_owners=True), SlotAllocator(track_owners=True)
+    persistent.add_slab(L.FIRST_REMOTE_SLAB, 1 << 20)
+    ephemeral.add_slab(L.FIRST_REMOTE_SLAB + 1, 1 << 20)
+    locs = np.zeros(N, dtype=np.uint64)
+    sealed_sizes = slots.sizes + np.uint32(TAG)
+    half = N // 2
+    persistent.alloc(sealed_sizes[:half], locs[:half], versions[:half])
+    ephemeral.alloc(sealed_sizes[half:], locs[half:], versions[half:])
+    locs[0] = L.ZERO_LOCATION  # a zero page: not READ, left alone
+    slots.buf[5 * STRIDE + 10] ^= 1  # page 5's ciphertext altered
+    base = int(slots.addrs[0])
+    ops = new_ops(N)
+    ops["opcode"] = OP_READ
+    reads = np.arange(1, N)  # the READs one link brought in, in any order
+    ops["local_addr"][: len(reads)] = slots.addrs[reads[::-1]]
+    ops["length"][: len(reads)] = sealed_sizes[reads[::-1]]
+    sizes = sealed_sizes.copy()
+    ok = np.zeros(N, dtype=np.uint8)
+    bad = s.open_reads(ops, len(reads), base, STRIDE, locs, keys, sizes, N, persistent, ephemeral, ok)
+    assert bad == 1 and list(ok[1:]) == [1, 1, 1, 1, 0, 1, 1] and s.failures == 1
+    assert all(slots.image(i) == slots.plain[i] for i in (1, 2, 3, 4, 6, 7))
+    assert list(sizes[1:]) == [int(x) for x in slots.sizes[1:5]] + [int(sealed_sizes[5])] + [int(x) for x in slots.sizes[6:]]
+    assert slots.image(5) == bytes(int(slots.sizes[5]))  # no unauthenticated plaintext left behind
+    ops["local_addr"][0] += 1  # a READ that is not one of the plan's: a bug, said loudly
+    with pytest.raises(RramError, match="does not match the planned batch"):
+        s.open_reads(ops, 1, base, STRIDE, locs, keys, sizes, N, persistent, ephemeral, ok)
+    with pytest.raises(ValueError, match="tracking owners"):
+        s.open_reads(ops, 0, base, STRIDE, locs, keys, sizes, N, SlotAllocator(), ephemeral, ok)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -132,16 +133,48 @@ def fake_provider(reply: bytes):
     return params, lsock, t
 
 
+#: the frame key the endpoint derives from the fake provider's all-zero nonce and token
+KEY = wire.frame_key(SECRET, bytes(wire.NONCE_SIZE), bytes(wire.TOKEN_SIZE))
+
+
+def signed(batch_id, status, index, data=b"", seq=0) -> bytes:
+    return wire.completion(batch_id, status, index, data, key=KEY, seq=seq)
+
+
+def _flip_status(frame: bytes) -> bytes:
+    """What an on-path attacker does to make a failed batch look done (or the reverse)."""
+    out = bytearray(frame)
+    out[20] ^= 0x0A
+    return bytes(out)
+
+
+def _reflected() -> bytes:
+    """A completion carrying the MAC its header would have as a REQUEST (the request key)."""
+    head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.COMPLETION, wire.FLAG_MAC, 7, 1, 0, PAGE, 0)
+    return head + bytes(PAGE) + wire.request_mac(KEY, head)
+
+
+MAC_WORDS = "missing or bad MAC"
 BAD_REPLIES = {
-    "wrong batch": (wire.completion(99, 0, 1, bytes(PAGE)), "completion for batch 99 while expecting 7"),
-    "too much data": (wire.completion(7, 0, 1, bytes(2 * PAGE)), "carries 8192 bytes"),
-    "too little data": (wire.completion(7, 0, 1, bytes(10)), "carries 10 bytes"),
-    "index past the batch": (wire.completion(7, 10, 5, b""), "names op 5 of 1"),
+    "wrong batch": (signed(99, 0, 1, bytes(PAGE)), "completion for batch 99 while expecting 7"),
+    "too much data": (signed(7, 0, 1, bytes(2 * PAGE)), "carries 8192 bytes"),
+    "too little data": (signed(7, 0, 1, bytes(10)), "carries 10 bytes"),
+    "index past the batch": (signed(7, 10, 5, b""), "names op 5 of 1"),
     "error frame": (wire.error(wire.E_SHUTDOWN, "bye"), "provider shutting down: bye"),
-    "bad magic": (b"JUNK" + wire.completion(7, 0, 1)[4:], "bad magic"),
+    "bad magic": (b"JUNK" + signed(7, 0, 1)[4:], "bad magic"),
+    "old version": (signed(7, 0, 1, bytes(PAGE))[:4] + b"\x01" + signed(7, 0, 1, bytes(PAGE))[5:],
+                    "unsupported data protocol version 1, this side speaks 2"),
     "request to requester": (wire.request(7, np.zeros(1, dtype=wire.WIRE_OP)), "unexpected frame REQUEST"),
     "hello ok again": (wire.hello_ok(bytes(wire.MAC_SIZE)), "HELLO_OK"),
-    "closed mid frame": (wire.completion(7, 0, 1, bytes(PAGE))[:100], "closed the data connection"),
+    "closed mid frame": (signed(7, 0, 1, bytes(PAGE))[:100], "closed the data connection"),
+    # the provider -> requester direction is signed: none of these is ever taken as a result
+    "unsigned": (wire.completion(7, 0, 1, bytes(PAGE)), MAC_WORDS),
+    "status flipped": (_flip_status(signed(7, 0, 1, bytes(PAGE))), MAC_WORDS),
+    "failure turned into success": (_flip_status(signed(7, 10, 0)), MAC_WORDS),
+    "out of sequence": (signed(7, 0, 1, bytes(PAGE), seq=1), "numbered 1"),
+    "MAC truncated": (signed(7, 0, 1, bytes(PAGE))[:-8] + signed(8, 0, 1, bytes(PAGE), seq=1), MAC_WORDS),
+    "request MAC reflected": (_reflected(), MAC_WORDS),
+    "signed under another key": (wire.completion(7, 0, 1, bytes(PAGE), key=wire.completion_key(KEY)), MAC_WORDS),
 }
 
 
@@ -160,6 +193,36 @@ def test_bad_completion_is_connection_lost_with_the_reason(case):
             ep.poll(new_completions(1), timeout=5)
         with pytest.raises(errors.ConnectionLost):
             ep.post(ops, 8)
+    finally:
+        ep.close()
+        lsock.close()
+        t.join(timeout=5)
+
+
+def test_completions_parsed_before_a_bad_frame_are_handed_over():
+    """One poll that parses a good completion and then meets a forged one returns the good one;
+    the next poll reports the forgery (nothing parsed is dropped, nothing forged is taken)."""
+    params, lsock, t = fake_provider(signed(7, 0, 1, bytes(range(256)) * 16)
+                                     + _flip_status(signed(8, 0, 1, bytes(PAGE), seq=1)))
+    ep = transport.requester_transport("tcp").endpoint()
+    try:
+        ep.connect(params)
+        buf = np.zeros(2 * PAGE, dtype=np.uint8)
+        lkey = ep.register_local(buf.ctypes.data, buf.size)
+        for i, batch in enumerate((7, 8)):
+            ops = new_ops(1)
+            ops[0] = (buf.ctypes.data + i * PAGE, 1 << 40, PAGE, lkey, 5, OP_READ, (0, 0, 0))
+            ep.post(ops, batch)
+        out = new_completions(2)
+        deadline = time.monotonic() + 5
+        n = 0
+        while n == 0 and time.monotonic() < deadline:
+            n = ep.poll(out, timeout=0.1)
+        assert n == 1 and int(out[0]["batch_id"]) == 7 and int(out[0]["status"]) == 0
+        assert bytes(buf[:PAGE]) == bytes(range(256)) * 16
+        with pytest.raises(errors.ConnectionLost, match=MAC_WORDS):
+            ep.poll(out, timeout=5)
+        assert not buf[PAGE:].any()
     finally:
         ep.close()
         lsock.close()

@@ -162,4 +162,6 @@ def test_signed_requests_parse_and_the_c_mac_matches_the_reference():
     signed = frame[: wire.HEADER.size + 3 * 24]
     assert frame[-wire.MAC_TRAILER :] == wire.request_mac(key, signed) == _tcpwire.frame_mac(key, signed)
     with pytest.raises(ProtocolError, match="unknown flags"):
-        wire.parse_header(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.COMPLETION, 1, 0, 0, 0, 0, 0))
+        wire.parse_header(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.ERROR, 1, 0, 0, 0, 0, 0))
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        wire.parse_header(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.COMPLETION, 2, 0, 0, 0, 0, 0))

@@ -8,12 +8,16 @@ the same cluster, maps the memfd and serves the region until ``close`` or end of
 Page states (one byte a page):
   ABSENT  not in the memfd: the next touch is a *missing* fault, filled from the store
   CLEAN   mapped write-protected (UFFDIO_COPY_MODE_WP): the first write is a *WP* fault
+          (or none: a walk of writes un-protects the CLEAN pages ahead of it, _write_ahead)
   DIRTY   mapped writable: written back to the store before it is dropped
   CACHED  prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
           fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
-Eviction is FIFO over resident pages, run before a fill that would pass the budget: dirty
-victims are write-protected (writes now wait for us), read through our mapping, put to the
-store, then every victim is punched out of the memfd.  A write that races with it waits as a
+A page the store has never held (``stored`` clear: never evicted dirty) is zeros: it is
+filled without a store read and mapped writable (DIRTY) at once, since write-protecting it
+would only buy a WP fault on its first write.  Eviction is FIFO over resident pages, run
+before a fill that would pass the budget: dirty victims are write-protected (writes now wait
+for us), read through our mapping, put to the store, then every victim is punched out of the
+memfd.  A write that races with it waits as a
 WP fault and is served after the punch by a fresh fill from the store.
 
 If the store fails, the reason goes down the lifeline and the process exits: the region's
@@ -43,10 +47,11 @@ log = logging.getLogger(__name__)
 ABSENT, CLEAN, DIRTY, CACHED = 0, 1, 2, 3
 MAX_FAULTS = 512          # messages read per wake-up
 MAX_WINDOW = 256          # pages prefetched per run at most (and at most an eighth of the budget)
+WRITE_AHEAD = 32          # CLEAN pages un-protected ahead of a run of writes (see _write_ahead)
 EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
 COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
-            "evicted_clean", "evicted_dirty", "written_back", "prefetched", "prefetch_hits", "wasted",
-            "wakeups")
+            "evicted_clean", "evicted_dirty", "written_back", "write_ahead", "prefetched", "prefetch_hits",
+            "wasted", "wakeups")
 
 
 class Region:
@@ -67,11 +72,13 @@ class Region:
         self.map.madvise(mmap.MADV_NOHUGEPAGE)
         self.map_addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
         self.state = np.zeros(self.npages, dtype=np.uint8)
+        self.stored = np.zeros(self.npages, dtype=bool)  # the store holds a copy (a put succeeded)
         self.ring = np.zeros(self.budget + 1, dtype=np.int64)  # FIFO of resident pages
         self.head = self.count = 0
         self.batch = max(16, min(batch, self.budget // 2))
         self.staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)
         self.staging_addr = self.staging.ctypes.data
+        self._one_addr = np.zeros(1, dtype=np.uint64)  # the latency path's address, reused
         self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._hits_seen = self._wasted_seen = 0
@@ -116,7 +123,11 @@ class Region:
                 chunk = dirty[i:i + self.batch]
                 offs = (chunk * PAGE_SIZE).astype(np.uint64)
                 U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
+                # all-zero pages cost the store a page-map entry, no remote write (its codec
+                # sees them); stored, they come back write-protected like any other, which keeps
+                # the runs of a later scan all one kind (one CONTINUE a run, not one a page)
                 self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
+                self.stored[chunk] = True
             self.counters["written_back"] += len(dirty)
         wasted = int((st == CACHED).sum())
         self.counters["wasted"] += wasted
@@ -165,36 +176,61 @@ class Region:
         if not 0 <= page < self.npages:
             return
         st = self.state[page]
-        one = np.array([page], dtype=np.int64)
-        if st == CLEAN or st == DIRTY:
-            if flags & U.FLAG_WP:
-                self._unprotect(one)
-            elif flags & U.FLAG_MINOR:
-                self._continue(one)
-            else:
-                U.wake_pages(self.uffd, self._addrs(one), 1)
-        elif st == CACHED:
-            self._continue(one)
+        if st == CLEAN or st == DIRTY or st == CACHED:
+            self._serve_mapped(page, st, flags)
         else:
             self.counters["missing_faults"] += 1
             self.predictor.on_fault(page)
-            wp = not flags & U.FLAG_WRITE
+            fresh = not self.stored[page]
+            wp = not (fresh or flags & U.FLAG_WRITE)
             self.make_room(1)
             staged = self.staging[:PAGE_SIZE]
-            if self.store.get(self.pool, 0, page, staged) is None:
+            if fresh or self.store.get(self.pool, 0, page, staged) is None:
                 staged[:] = 0
                 self.counters["zero_filled"] += 1
-            if not U.copy_pages(self.uffd, self._addrs(one), self.staging_addr, 1, wp):
-                U.wake_pages(self.uffd, self._addrs(one), 1)  # present already: the waiter goes on
+            addr = self._one_addr
+            addr[0] = self.base + page * PAGE_SIZE
+            if not U.copy_pages(self.uffd, addr, self.staging_addr, 1, wp):
+                U.wake_pages(self.uffd, addr, 1)  # present already: the waiter goes on
             self.state[page] = CLEAN if wp else DIRTY
-            self._push(one)
+            self.ring[(self.head + self.count) % len(self.ring)] = page  # _push, scalar
+            self.count += 1
             self.counters["filled"] += 1
-            self._prefetch_after(page)
+            if self.minor and self.predictor.trend():
+                self._prefetch_after(page)
+
+    def _serve_mapped(self, page: int, st: int, flags: int) -> None:
+        one = np.array([page], dtype=np.int64)
+        if st == CACHED:
+            self._continue(one)
+        elif flags & U.FLAG_WP:
+            self._unprotect(one)
+        elif flags & U.FLAG_MINOR:
+            self._continue(one)
+        else:
+            U.wake_pages(self.uffd, self._addrs(one), 1)
 
     def _unprotect(self, pages: np.ndarray) -> None:
         self.counters["wp_faults"] += len(pages)
         self.state[pages] = DIRTY
         U.writeprotect_pages(self.uffd, self._addrs(pages), len(pages), False, True)
+        self._write_ahead(int(pages[-1]))
+
+    def _write_ahead(self, page: int) -> None:
+        """Writes walking up the pages (an in-place update: each page read, then written) cost
+        a WP fault a page.  After three in a row, un-protect the CLEAN pages mapped right after
+        the last one, WRITE_AHEAD at most, and count them DIRTY: a page the stream then leaves
+        unwritten is put at eviction for nothing (``write_ahead`` counts them all), which is
+        safe and bounds the waste by WRITE_AHEAD a stream."""
+        if page < 2 or self.state[page - 1] != DIRTY or self.state[page - 2] != DIRTY:
+            return
+        seg = self.state[page + 1:min(self.npages, page + 1 + WRITE_AHEAD)] == CLEAN
+        n = len(seg) if seg.all() else int(np.argmin(seg))
+        if n:
+            ahead = np.arange(page + 1, page + 1 + n, dtype=np.int64)
+            self.state[ahead] = DIRTY
+            U.writeprotect_pages(self.uffd, self._addrs(ahead), n, False, False)
+            self.counters["write_ahead"] += n
 
     def _continue(self, pages: np.ndarray) -> None:
         """Map pages that are in the memfd's page cache.  Write-protected where the kernel can
@@ -215,7 +251,10 @@ class Region:
                 pages, st = run, self.state[run]
                 self.predictor.skip_to(int(run[-1] if d == 1 else run[0]))
             c["prefetch_hits"] += int((st == CACHED).sum())
-        dirty, clean = pages[st == DIRTY], pages[st != DIRTY]
+        # never-stored pages are zeros with nothing to protect: writable and DIRTY at once
+        writable = (st == DIRTY) | ~self.stored[pages]
+        dirty, clean = pages[writable], pages[~writable]
+        self.state[dirty] = DIRTY
         if len(dirty):
             U.continue_pages(self.uffd, self._addrs(dirty), len(dirty), False)
         if len(clean) and self.continue_wp:
@@ -258,19 +297,26 @@ class Region:
                 self.cache(ahead)
 
     def fill(self, pages: np.ndarray, flags: np.ndarray) -> None:
-        """Missing pages, several at once: reads mapped write-protected (the first write then
-        faults: dirty tracking), writes mapped writable and DIRTY; then prefetch."""
+        """Missing pages, several at once: reads of stored pages mapped write-protected (the
+        first write then faults: dirty tracking); writes, and pages never stored (zeros, no
+        store read), mapped writable and DIRTY; then prefetch."""
         c = self.counters
         still = self.state[pages] == ABSENT  # a prefetch since the message may have brought some
         pages, flags = pages[still], flags[still]
         if not len(pages):
             return
-        writes = np.unique(pages[(flags & U.FLAG_WRITE) != 0])
-        reads = np.setdiff1d(np.unique(pages), writes, assume_unique=True)
-        c["missing_faults"] += len(reads) + len(writes)
-        for p in pages.tolist():
+        # a few messages a wake-up: plain Python sorts them quicker than numpy's set operations
+        written: dict[int, bool] = {}
+        for p, f in zip(pages.tolist(), flags.tolist()):
+            written[p] = written.get(p, False) or bool(f & U.FLAG_WRITE)
             self.predictor.on_fault(p)
-        for group, wp in ((reads, True), (writes, False)):
+        every = sorted(written)
+        stored = self.stored[every].tolist()
+        reads = np.array([p for p, s in zip(every, stored) if s and not written[p]], dtype=np.int64)
+        writes = np.array([p for p, s in zip(every, stored) if s and written[p]], dtype=np.int64)
+        fresh = np.array([p for p, s in zip(every, stored) if not s], dtype=np.int64)
+        c["missing_faults"] += len(every)
+        for group, wp in ((reads, True), (writes, False), (fresh, False)):
             for i in range(0, len(group), self.batch):
                 chunk = group[i:i + self.batch]
                 self.make_room(len(chunk))
@@ -278,12 +324,19 @@ class Region:
                 U.copy_pages(self.uffd, self._addrs(chunk), self.staging_addr, len(chunk), wp)
                 self.state[chunk] = CLEAN if wp else DIRTY
                 self._push(chunk)
-        c["filled"] += len(reads) + len(writes)
+        c["filled"] += len(every)
         self._feedback()
-        self._prefetch_after(int(pages[-1]))
+        if self.minor and self.predictor.trend():
+            self._prefetch_after(int(pages[-1]))
 
     def _fetch(self, pages: np.ndarray) -> None:
-        found = self.store.get_many(self.pool, 0, pages, self.staging[:len(pages) * PAGE_SIZE])
+        """``pages`` into the staging buffer; pages never stored are zeroed, not looked up."""
+        staged = self.staging[:len(pages) * PAGE_SIZE]
+        if not self.stored[pages].any():
+            staged[:] = 0
+            self.counters["zero_filled"] += len(pages)
+            return
+        found = self.store.get_many(self.pool, 0, pages, staged)
         self.counters["zero_filled"] += len(pages) - int(np.count_nonzero(found))
 
     def cache(self, pages: np.ndarray) -> None:

@@ -6,6 +6,7 @@ With a trend, the next ``window`` pages along it are fetched in one batch.  The 
 doubles (up to ``max_window``) on a fault the trend foresaw and on prefetched pages used,
 and halves on a fault off the trend and on prefetched pages evicted unused.  ``advise("sequential")`` pins the trend to +1 and the window to its
 maximum; ``advise("random")`` turns prediction off (hints with ``prefetch`` still work).
+Any advice starts a new phase: the history of the last one is forgotten.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections import deque
 from itertools import islice
 
 WINDOWS = (8, 16, 32)
+HEAVY = WINDOWS[0] // 2 + 1
 ADVICE = ("normal", "sequential", "random")
 
 
@@ -41,11 +43,22 @@ class Predictor:
         self.window = min(8, self.max_window)
         self.advice = "normal"
         self._trend: int | None = None
+        # how often each delta occurs in the history, and how many deltas occur at least
+        # HEAVY times: a majority of the smallest window needs that many, so while none does
+        # (a random stream) the windows need not be counted at all
+        self._counts: dict[int, int] = {}
+        self._heavy = 0
 
     def advise(self, advice: str) -> None:
         if advice not in ADVICE:
             raise ValueError(f"advise: expected one of {', '.join(ADVICE)}, got {advice!r}")
         self.advice = advice
+        # advice marks a new phase: a trend left over from the last one (the fill before
+        # random reads, say) would only fetch pages in vain
+        self.history.clear()
+        self._counts.clear()
+        self._heavy = 0
+        self._trend = None
         if advice != "random":
             self.window = self.max_window if advice == "sequential" else max(1, self.window)
 
@@ -79,13 +92,31 @@ class Predictor:
         """Record a demand fault at ``page``.  A fault the trend foresaw means we fetched too
         little (the window doubles); one off the trend, that we fetched in vain (it halves,
         down to nothing: random access then prefetches nothing until a trend holds again)."""
+        if self.advice == "random":  # no prediction: nothing to record but the position
+            self.last = page
+            return
         if self.last is not None and page != self.last:
             delta = page - self.last
             if self._trend is not None and self.advice == "normal":
                 self.window = min(self.max_window, max(1, self.window * 2)) if delta == self._trend else self.window // 2
-            self.history.append(delta)
-            self._trend = self._majority_trend()
+            self._record(delta)
+            self._trend = self._majority_trend() if self._heavy else None
         self.last = page
+
+    def _record(self, delta: int) -> None:
+        h, counts = self.history, self._counts
+        if len(h) == h.maxlen:
+            old = h[0]
+            n = counts[old] - 1
+            self._heavy -= n == HEAVY - 1
+            if n:
+                counts[old] = n
+            else:
+                del counts[old]
+        h.append(delta)
+        n = counts.get(delta, 0) + 1
+        counts[delta] = n
+        self._heavy += n == HEAVY
 
     def skip_to(self, page: int) -> None:
         """The stream moved on to ``page`` without faulting (pages mapped ahead of it)."""

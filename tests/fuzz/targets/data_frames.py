@@ -1,6 +1,7 @@
 """Fuzz target: tcp data frames through the reference decoder (rram/transport/wire.py).
 
-The bytes go to a Decoder of each side, once through ``feed`` and once received in small
+The bytes go to a Decoder of each side, without and with the frame key of seeds.py (which
+verifies signed REQUESTs and COMPLETIONs), once through ``feed`` and once received in small
 pieces through ``writable``/``wrote``; both must yield the same events.  Only ProtocolError may
 escape; the buffer never grows past what a checked header announced.
 """
@@ -29,14 +30,17 @@ def _events(dec: wire.Decoder) -> list:
     return out
 
 
-def _whole(accept, data: bytes):
-    dec = wire.Decoder(accept, initial=64)
+KEY = bytes(range(32))  # seeds.py signs with it
+
+
+def _whole(accept, key, data: bytes):
+    dec = wire.Decoder(accept, initial=64, key=key)
     dec.feed(data)
     return _events(dec)
 
 
-def _pieces(accept, data: bytes, step: int):
-    dec = wire.Decoder(accept, initial=64)
+def _pieces(accept, key, data: bytes, step: int):
+    dec = wire.Decoder(accept, initial=64, key=key)
     out = []
     pos = 0
     while pos < len(data):
@@ -53,14 +57,14 @@ def _pieces(accept, data: bytes, step: int):
 
 def one_input(data: bytes) -> None:
     step = 1 + (data[-1] % 61 if data else 0)
-    for accept in (wire.TO_PROVIDER, wire.TO_REQUESTER):
+    for accept, key in ((a, k) for a in (wire.TO_PROVIDER, wire.TO_REQUESTER) for k in (None, KEY)):
         try:
-            whole = _whole(accept, data)
+            whole = _whole(accept, key, data)
             err = None
         except ProtocolError as exc:
             whole, err = None, str(exc)
         try:
-            pieces = _pieces(accept, data, step)
+            pieces = _pieces(accept, key, data, step)
             assert err is None, f"whole feed failed ({err}) but piecewise did not"
             assert pieces == whole, "feed and writable/wrote disagree"
         except ProtocolError as exc:

@@ -2,9 +2,12 @@
 through the real TcpEndpoint (rram/transport/tcp.py), which words every failure.
 
 An endpoint on a socketpair posts the two batches of ``BATCHES``; the bytes are the provider's
-answer.  Oracle: ``poll`` returns completions of the posted batches, in order, with a status
-and index that fit the batch, or raises the project's TransportError (ConnectionLost) /
-ProtocolError; the READ scatter never writes outside the local buffer.
+answer, read once by a core with the frame key ``KEY`` (what a requester runs: completions
+must be signed) and once by one without.  Oracle: ``poll`` returns completions of the posted
+batches, in order, with a status and index that fit the batch, or raises the project's
+TransportError (ConnectionLost) / ProtocolError; with the key, it returns exactly what the
+reference decoder verifies (wire.Decoder with the key); the READ scatter never writes outside
+the local buffer.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ MEM = fixed.mapping(fixed.LOCAL, fixed.REGION_SIZE)
 with driver.instrumented():
     from rram.transport import tcp
 from rram.errors import ProtocolError, TransportError
+from rram.transport import wire
 from rram.transport.base import OP_READ, OP_WRITE, new_completions, new_ops
 
 #: (batch id, [(opcode, length)]) posted before the answer is read; seeds.py answers them
 BATCHES = [(7, [(OP_READ, 64), (OP_WRITE, 64), (OP_READ, 128)]), (8, [(OP_READ, 4096)])]
+KEY = bytes(range(32, 64))  # the connection's frame key; seeds.py signs with it
 
 
 def _ops(lkey: int, spec) -> "np.ndarray":  # noqa: F821 - numpy, through new_ops
@@ -29,12 +34,36 @@ def _ops(lkey: int, spec) -> "np.ndarray":  # noqa: F821 - numpy, through new_op
     return ops
 
 
+def _verified(data: bytes) -> list[int]:
+    """Batch ids of the COMPLETIONs the reference decoder verifies under KEY, before any bad frame."""
+    dec = wire.Decoder(wire.TO_REQUESTER, key=KEY)
+    dec.feed(data)
+    out = []
+    try:
+        for ev in dec.events():
+            if not isinstance(ev, wire.Completion):
+                break
+            out.append(ev.batch_id)
+    except ProtocolError:
+        pass
+    return out
+
+
 def one_input(data: bytes) -> None:
+    for keyed in (True, False):
+        seen = _run(data, keyed)
+        if keyed:  # C takes a completion only if the reference verifies it (C checks batch ids too)
+            assert seen == _verified(data)[: len(seen)], f"C took {seen}, reference verifies {_verified(data)}"
+
+
+def _run(data: bytes, keyed: bool) -> list[int]:
     ep = tcp.TcpEndpoint(spin_us=0)
     ours, peer = socket.socketpair()
     try:
         ours.setblocking(False)
         ep._core.attach(ours.fileno())  # what TcpEndpoint._dial does after the handshake
+        if keyed:
+            ep._core.set_frame_key(KEY)
         ep._sock, ep._broken = ours, None
         lkey = ep.register_local(fixed.LOCAL, fixed.REGION_SIZE)
         for batch_id, spec in BATCHES:
@@ -59,6 +88,7 @@ def one_input(data: bytes) -> None:
         ep.close()
         peer.close()
     assert fixed.guards_intact(MEM), "a READ scatter wrote outside the local buffer"
+    return [int(c["batch_id"]) for c in seen]
 
 
 driver.main(__name__, one_input)

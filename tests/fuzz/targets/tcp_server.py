@@ -4,8 +4,9 @@ The bytes are what a requester sends after HELLO, on a socketpair; the loop runs
 region at a fixed address, once signed (frame key ``KEY``: what a provider runs) and once not.
 Oracle: ``serve`` ends with a result the provider words as a ProtocolError or Busy (wire.py
 words a bad header), never another code; no byte around the region changes; every byte the
-loop sent parses with the reference decoder as COMPLETIONs, one per REQUEST the reference
-decoder reads from the input, in order; the I/O budget is whole again after ``release``.
+loop sent parses with the reference decoder as COMPLETIONs (signed ones verified under
+``KEY`` when the loop was), one per REQUEST the reference decoder reads from the input, in
+order; the I/O budget is whole again after ``release``.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def one_input(data: bytes) -> None:
                 assert h.type == wire.HELLO or unsigned_mac, f"C refused a header the reference takes: {h}"
             except ProtocolError:
                 pass
-        dec = wire.Decoder(wire.TO_REQUESTER)
+        dec = wire.Decoder(wire.TO_REQUESTER, key=KEY if keyed else None)
         dec.feed(sent)
         done = [ev.batch_id for ev in dec.events()]
         assert dec.buffered == 0, "a partial frame was sent"
