@@ -17,6 +17,7 @@ from libc.errno cimport EINTR, errno
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset, strerror
+from posix.unistd cimport usleep
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from libibverbs cimport *
@@ -65,9 +66,17 @@ cdef enum:
     # operation takes ~100 us, on hardware a few us, so most waits end while spinning
     SPIN_NS = 200000
 
+# the wr_id of a local operation (bind, invalidate): its slot (high 32 bits) is no batch's
+cdef uint64_t LOCAL_WR_ID = 0xFFFFFFFFFFFFFFFFULL
+
 ACCESS_LOCAL_WRITE = IBV_ACCESS_LOCAL_WRITE
 ACCESS_REMOTE_READ = IBV_ACCESS_REMOTE_READ
 ACCESS_REMOTE_WRITE = IBV_ACCESS_REMOTE_WRITE
+ACCESS_MW_BIND = IBV_ACCESS_MW_BIND
+#: ibv_device_attr.device_cap_flags bits saying which memory windows the device has
+DEVICE_MEM_WINDOW = IBV_DEVICE_MEM_WINDOW
+DEVICE_MEM_WINDOW_TYPE_2A = IBV_DEVICE_MEM_WINDOW_TYPE_2A
+DEVICE_MEM_WINDOW_TYPE_2B = IBV_DEVICE_MEM_WINDOW_TYPE_2B
 PORT_ACTIVE = IBV_PORT_ACTIVE
 #: ibv_mtu enum value -> bytes
 MTU_BYTES = {IBV_MTU_256: 256, IBV_MTU_512: 512, IBV_MTU_1024: 1024, IBV_MTU_2048: 2048, IBV_MTU_4096: 4096}
@@ -199,7 +208,8 @@ cdef class Context(Resource):
         if rc:
             raise os_error(f"ibv_query_device({self.name})", rc)
         return {"max_qp_wr": attr.max_qp_wr, "max_cqe": attr.max_cqe, "max_mr": attr.max_mr,
-                "max_mr_size": attr.max_mr_size, "max_qp_rd_atom": attr.max_qp_rd_atom}
+                "max_mr_size": attr.max_mr_size, "max_qp_rd_atom": attr.max_qp_rd_atom,
+                "max_mw": attr.max_mw, "device_cap_flags": attr.device_cap_flags}
 
     cdef int _destroy(self) except -1:
         if self.ctx != NULL:
@@ -281,6 +291,60 @@ cdef class MR(Resource):
     def __dealloc__(self):
         if self.mr != NULL:
             ibv_dereg_mr(self.mr)
+
+
+cdef class MW(Resource):
+    """A type-2 memory window.  Unbound it grants nothing; ``QP.bind_mw`` binds it over an MR
+    to one QP, and from then on its rkey reaches that memory only in requests arriving on that
+    QP (the MR itself is registered without remote access).  ``QP.invalidate`` unbinds it;
+    ``close()`` (ibv_dealloc_mw) invalidates and frees it.  It keeps its rkey across rebinds.
+
+    Closing the QP or the MR it is bound to closes the window first: a device refuses to
+    deregister an MR under a bound window, and a QP should not die under one.
+    """
+
+    cdef ibv_mw* mw
+    cdef readonly uint32_t rkey
+    cdef readonly object qp     # the QP it is bound to, None while unbound
+    cdef readonly object mr     # the MR it was last bound over (kept alive until we are freed)
+
+    def __init__(self, PD pd not None):
+        pd._check()
+        clear_errno()
+        self.mw = ibv_alloc_mw(pd.pd, IBV_MW_TYPE_2)
+        if self.mw == NULL:
+            raise os_error("ibv_alloc_mw(type 2)", errno or _errno.EOPNOTSUPP)
+        self.rkey = self.mw.rkey
+        pd._adopt(self)
+
+    @property
+    def closed(self):
+        return self.mw == NULL
+
+    cdef int _check(self) except -1:
+        if self.mw == NULL:
+            raise TransportError("memory window is closed")
+        return 0
+
+    cdef _unlink(self):
+        if self.qp is not None:
+            (<Resource>self.qp)._children.discard(self)
+            self.qp = None
+
+    cdef int _destroy(self) except -1:
+        if self.mw != NULL:
+            rc = ibv_dealloc_mw(self.mw)
+            self.mw = NULL
+            self._unlink()
+            if self.mr is not None:
+                (<Resource>self.mr)._children.discard(self)
+            if rc:
+                raise os_error("ibv_dealloc_mw", rc)
+        return 0
+
+    def __dealloc__(self):
+        if self.mw != NULL:
+            ibv_dealloc_mw(self.mw)
 
 
 cdef class CQ(Resource):
@@ -508,6 +572,88 @@ cdef class QP(Resource):
         self.head = self.used = self.outstanding = 0
         self.wc_next = self.wc_count = 0
         self.broken = True            # until connect()
+
+    def bind_mw(self, MW mw not None, MR mr not None, int access, double timeout=5.0):
+        """Bind type-2 window ``mw`` over all of ``mr`` to this QP, with ``access`` (remote
+        read/write): one signalled BIND_MW work request, waited for.  The window keeps its key,
+        so a window moved to a successor QP has the same rkey.  An error completion puts the
+        QP in error (TransportError)."""
+        cdef ibv_send_wr wr
+        mw._check()
+        if mr.mr == NULL:
+            raise TransportError("memory region is closed")
+        if mw.qp is not None:
+            raise TransportError(f"window {mw.rkey:#x} is bound to another QP: invalidate it first")
+        memset(&wr, 0, sizeof(wr))
+        wr.wr_id = LOCAL_WR_ID
+        wr.opcode = IBV_WR_BIND_MW
+        wr.send_flags = IBV_SEND_SIGNALED
+        wr.bind_mw.mw = mw.mw
+        wr.bind_mw.rkey = mw.rkey
+        wr.bind_mw.bind_info.mr = mr.mr
+        wr.bind_mw.bind_info.addr = mr.addr
+        wr.bind_mw.bind_info.length = mr.length
+        wr.bind_mw.bind_info.mw_access_flags = access
+        self._local_op(&wr, f"bind window {mw.rkey:#x}", timeout)
+        if mw.mr is not None and mw.mr is not mr:
+            (<Resource>mw.mr)._children.discard(mw)
+        mw.qp, mw.mr = self, mr
+        self._children.add(mw)
+        mr._children.add(mw)
+
+    def invalidate(self, MW mw not None, double timeout=5.0):
+        """Unbind ``mw`` (a LOCAL_INV work request on this QP, waited for): its rkey reaches
+        nothing until it is bound again.  This QP need not be the one it was bound to (so a
+        window can leave a QP in error), but must be working."""
+        cdef ibv_send_wr wr
+        mw._check()
+        memset(&wr, 0, sizeof(wr))
+        wr.wr_id = LOCAL_WR_ID
+        wr.opcode = IBV_WR_LOCAL_INV
+        wr.send_flags = IBV_SEND_SIGNALED
+        wr.invalidate_rkey = mw.rkey
+        self._local_op(&wr, f"invalidate window {mw.rkey:#x}", timeout)
+        mw._unlink()
+
+    cdef int _local_op(self, ibv_send_wr* wr, str what, double timeout) except -1:
+        """Post one signalled local work request and wait for its completion (busy, then
+        in 50 us naps).  Only between batches: the completion is taken off the CQ here."""
+        cdef ibv_send_wr* bad = NULL
+        cdef ibv_wc wc
+        cdef int got = 0, rc, spins = 0
+        cdef uint32_t qpn
+        cdef uint64_t deadline
+        self._check()
+        if self.broken:
+            raise ConnectionLost(f"QP {self.qp.qp_num} is in error or not connected: cannot {what}")
+        if self.used:
+            raise TransportError(f"QP {self.qp.qp_num} has batches in flight: cannot {what}")
+        qpn = self.qp.qp_num
+        rc = ibv_post_send(self.qp, wr, &bad)
+        if rc:
+            raise os_error(f"ibv_post_send ({what}, QP {qpn})", rc)
+        deadline = now_ns() + <uint64_t>(timeout * 1e9)
+        with nogil:
+            while True:
+                got = ibv_poll_cq(self.cq.cq, 1, &wc)
+                if got < 0 or (got == 1 and wc.wr_id == LOCAL_WR_ID and wc.qp_num == qpn):
+                    break
+                got = 0
+                if now_ns() > deadline:
+                    break
+                spins += 1
+                if spins > 1000:
+                    usleep(50)
+        if got < 0:
+            raise os_error(f"ibv_poll_cq ({what})", errno or _errno.EIO)
+        if got == 0:
+            self.broken = True
+            raise TransportError(f"{what}: no completion on QP {qpn} after {timeout:g}s")
+        if wc.status != IBV_WC_SUCCESS:
+            self.broken = True
+            raise TransportError(f"{what} on QP {qpn} failed: {ibv_wc_status_str(wc.status).decode()} "
+                                 f"(status {wc.status}, vendor error {wc.vendor_err})")
+        return 0
 
     def allow_local(self, uint32_t lkey, uint64_t addr, uint64_t length):
         """Let operations use local MR ``lkey`` over [addr, addr + length)."""

@@ -61,8 +61,15 @@ cdef extern from "infiniband/verbs.h" nogil:
         int max_qp_wr
         int max_cqe
         int max_mr
+        int max_mw
         uint64_t max_mr_size
         uint8_t max_qp_rd_atom
+        unsigned int device_cap_flags
+
+    enum ibv_device_cap_flags:
+        IBV_DEVICE_MEM_WINDOW
+        IBV_DEVICE_MEM_WINDOW_TYPE_2A
+        IBV_DEVICE_MEM_WINDOW_TYPE_2B
 
     int ibv_query_device(ibv_context* context, ibv_device_attr* device_attr)
 
@@ -77,6 +84,7 @@ cdef extern from "infiniband/verbs.h" nogil:
         IBV_ACCESS_LOCAL_WRITE
         IBV_ACCESS_REMOTE_WRITE
         IBV_ACCESS_REMOTE_READ
+        IBV_ACCESS_MW_BIND
 
     struct ibv_mr:
         void* addr
@@ -86,6 +94,24 @@ cdef extern from "infiniband/verbs.h" nogil:
 
     ibv_mr* ibv_reg_mr(ibv_pd* pd, void* addr, size_t length, int access)
     int ibv_dereg_mr(ibv_mr* mr)
+
+    # -- memory windows: a type-2 window is bound by a work request to one QP -------------
+    enum ibv_mw_type:
+        IBV_MW_TYPE_1
+        IBV_MW_TYPE_2
+
+    struct ibv_mw:
+        uint32_t rkey
+        ibv_mw_type type
+
+    struct ibv_mw_bind_info:
+        ibv_mr* mr
+        uint64_t addr
+        uint64_t length
+        unsigned int mw_access_flags
+
+    ibv_mw* ibv_alloc_mw(ibv_pd* pd, ibv_mw_type type)
+    int ibv_dealloc_mw(ibv_mw* mw)
 
     # -- completion queues ----------------------------------------------------------------
     struct ibv_comp_channel:
@@ -107,6 +133,8 @@ cdef extern from "infiniband/verbs.h" nogil:
     enum ibv_wc_status:
         IBV_WC_SUCCESS
         IBV_WC_WR_FLUSH_ERR
+
+    const char* ibv_wc_status_str(ibv_wc_status status)
 
     struct ibv_wc:
         uint64_t wr_id
@@ -206,6 +234,8 @@ cdef extern from "infiniband/verbs.h" nogil:
     enum ibv_wr_opcode:
         IBV_WR_RDMA_WRITE
         IBV_WR_RDMA_READ
+        IBV_WR_LOCAL_INV
+        IBV_WR_BIND_MW
 
     enum ibv_send_flags:
         IBV_SEND_SIGNALED
@@ -223,6 +253,11 @@ cdef extern from "infiniband/verbs.h" nogil:
     union _ibv_wr_union "wr":
         _ibv_rdma_wr rdma
 
+    struct _ibv_bind_mw_wr "bind_mw":
+        ibv_mw* mw
+        uint32_t rkey
+        ibv_mw_bind_info bind_info
+
     struct ibv_send_wr:
         uint64_t wr_id
         ibv_send_wr* next
@@ -230,6 +265,8 @@ cdef extern from "infiniband/verbs.h" nogil:
         int num_sge
         ibv_wr_opcode opcode
         unsigned int send_flags
+        uint32_t invalidate_rkey        # in an anonymous union with imm_data
         _ibv_wr_union wr
+        _ibv_bind_mw_wr bind_mw         # in an anonymous union with tso
 
     int ibv_post_send(ibv_qp* qp, ibv_send_wr* wr, ibv_send_wr** bad_wr)

@@ -1,8 +1,14 @@
 """One-sided RDMA over libibverbs (RC queue pairs), through ext/_verbs.
 
 Provider: one protection domain per requester session, so an rkey of one session is useless
-on another session's QP; every registered region is its own MR with its own rkey, and
-``deregister`` is ``ibv_dereg_mr``: once it returns the hardware refuses the key.
+on another session's QP; every registered region is its own MR, and ``deregister`` revokes its
+rkey before it returns (ibv_dealloc_mw / ibv_dereg_mr: the device refuses the key from then on).
+Where the device has type-2 memory windows (chosen at start, logged; soft-RoCE has them since
+Linux 5.13), the MR is registered without remote access and the rkey handed out is that of a
+window bound over it to the session's current QP: it works in requests arriving on that QP
+only, not on another QP of the same PD.  A successor QP (``replaces``) gets the windows moved
+to it with their keys unchanged (invalidate, then bind again), so the requester's rkeys stay
+valid across ``recover()``.  Without windows the MR itself carries remote access (per-PD keys).
 ``accept(params)`` creates a QP, brings it to RTS towards the requester's QP and returns
 its own parameters.  One-sided operations never reach the provider's CPU, so ``stats()``
 counts sessions, connections and registered memory, not operations.
@@ -43,6 +49,9 @@ log = logging.getLogger(__name__)
 #: what a requester's QP may do to a provider's regions
 REMOTE_ACCESS = 0 if _verbs is None else (
     _verbs.ACCESS_LOCAL_WRITE | _verbs.ACCESS_REMOTE_READ | _verbs.ACCESS_REMOTE_WRITE)
+#: what a window grants (a window's MR is registered with only local write and bind access)
+WINDOW_ACCESS = 0 if _verbs is None else _verbs.ACCESS_REMOTE_READ | _verbs.ACCESS_REMOTE_WRITE
+WINDOW_MR_ACCESS = 0 if _verbs is None else _verbs.ACCESS_LOCAL_WRITE | _verbs.ACCESS_MW_BIND
 #: ACK timeout exponent: 4.096 us * 2**16 = 268 ms, generous because soft-RoCE under an
 #: emulated CPU can be slow to ACK; with 7 retries a vanished peer shows up in about 2 s
 ACK_TIMEOUT = 16
@@ -136,6 +145,20 @@ class _Device:
         self.ctx.close()
 
 
+def window_support(dev: _Device) -> str | None:
+    """None when ``dev`` has type-2 memory windows (cap flag set and one can be allocated),
+    else why not."""
+    flags = dev.limits["device_cap_flags"]
+    if not flags & (_verbs.DEVICE_MEM_WINDOW_TYPE_2A | _verbs.DEVICE_MEM_WINDOW_TYPE_2B):
+        return f"{dev.name} has no type-2 memory windows (device_cap_flags {flags:#x})"
+    try:
+        with _verbs.PD(dev.ctx) as pd:
+            _verbs.MW(pd).close()
+    except errors.RramError as exc:
+        return f"{dev.name} advertises type-2 memory windows but ibv_alloc_mw fails: {exc}"
+    return None
+
+
 def _parse_params(p: dict) -> tuple[int, int, bytes, int]:
     """(qpn, psn, gid, mtu) from a peer's parameters; ProtocolError when they are malformed."""
     try:
@@ -206,7 +229,8 @@ def _new_psn() -> int:
 
 
 class VerbsSession(ProviderSession):
-    """One requester's PD, its regions (one MR each) and the QPs accepted for it."""
+    """One requester's PD, its regions (one MR each, with a window when the provider uses
+    windows) and the QPs accepted for it.  Windows are bound to ``bound``, the QP accepted last."""
 
     def __init__(self, provider: ProviderTransportImpl, session_id: str):
         self.provider = provider
@@ -219,8 +243,10 @@ class VerbsSession(ProviderSession):
         except BaseException:
             self.pd.close()
             raise
-        self.regions: dict[int, object] = {}  # rkey -> MR
+        self.windows = provider.windows
+        self.regions: dict[int, tuple] = {}  # rkey -> (MR, MW or None)
         self.qps: dict[tuple[int, str], object] = {}  # (peer qpn, peer gid) -> QP
+        self.bound = None  # the QP windows are bound to
         self.closed = False
 
     def _check_open(self) -> None:
@@ -232,16 +258,46 @@ class VerbsSession(ProviderSession):
             self._check_open()
             if addr <= 0 or length <= 0:
                 raise errors.TransportError(f"cannot register region ({addr:#x}, {length}): empty or null")
-            mr = _verbs.MR(self.pd, addr, length, REMOTE_ACCESS)
-            self.regions[mr.rkey] = mr
-            return mr.rkey
+            if not self.windows:
+                mr = _verbs.MR(self.pd, addr, length, REMOTE_ACCESS)
+                self.regions[mr.rkey] = (mr, None)
+                return mr.rkey
+            mr = _verbs.MR(self.pd, addr, length, WINDOW_MR_ACCESS)
+            try:
+                mw = _verbs.MW(self.pd)
+            except BaseException:
+                mr.close()
+                raise
+            self.regions[mw.rkey] = (mr, mw)
+            if self.bound is not None:
+                try:
+                    self.bound.bind_mw(mw, mr, WINDOW_ACCESS)
+                except errors.TransportError as exc:
+                    # the requester's QP is in error (it must recover() before using any
+                    # rkey): the next accept binds this window with the others
+                    log.info("session %s: window %#x unbound until the next QP: %s", self.session_id, mw.rkey, exc)
+            return mw.rkey
 
     def deregister(self, rkey: int) -> None:
+        """Revoke ``rkey`` now: the window is freed (invalidated) and the MR deregistered."""
         with self._lock:
-            mr = self.regions.pop(rkey, None)
-            if mr is None:
+            region = self.regions.pop(rkey, None)
+            if region is None:
                 raise errors.NotFound(f"rkey {rkey:#x} is not registered in session {self.session_id}")
-            mr.close()
+            region[0].close()  # a bound window goes first
+
+    def _bind_windows(self, qp) -> None:
+        """Move every window to ``qp`` (same rkeys): invalidate where bound, then bind."""
+        for rkey, (mr, mw) in list(self.regions.items()):
+            if mw.closed:  # its QP was closed before a successor existed: a new key
+                mw = _verbs.MW(self.pd)
+                del self.regions[rkey]
+                self.regions[mw.rkey] = (mr, mw)
+                log.warning("session %s: window %#x was lost with its QP; region now has rkey %#x",
+                            self.session_id, rkey, mw.rkey)
+            elif mw.qp is not None:
+                qp.invalidate(mw)
+            qp.bind_mw(mw, mr, WINDOW_ACCESS)
 
     def accept(self, peer_params: dict) -> dict:
         qpn, _, gid, _ = _parse_params(peer_params)
@@ -250,34 +306,42 @@ class VerbsSession(ProviderSession):
         with self._lock:
             self._check_open()
             # a requester that recovers comes back from a new QP: its old partner is in error
-            for old_qpn in {qpn, replaces}:
-                old = self.qps.pop((old_qpn, gid.hex()), None)
-                if old is not None:
-                    old.close()
-            cap = self.provider.max_session_connections
-            if len(self.qps) >= cap:
-                raise errors.CapacityError(f"session already has {cap} QPs (limits.max_data_connections)")
-            qp = _verbs.QP(self.pd, self.cq, 1, 1)
-            psn = _new_psn()
+            # (closed once the windows have moved off it)
+            retired = [old for old_qpn in {qpn, replaces}
+                       if (old := self.qps.pop((old_qpn, gid.hex()), None)) is not None]
             try:
-                dev.connect(qp, psn, peer_params, REMOTE_ACCESS)
-            except BaseException:
-                qp.close()
-                raise
-            self.qps[(qpn, gid.hex())] = qp
+                cap = self.provider.max_session_connections
+                if len(self.qps) >= cap:
+                    raise errors.CapacityError(f"session already has {cap} QPs (limits.max_data_connections)")
+                qp = _verbs.QP(self.pd, self.cq, 1, 1)
+                psn = _new_psn()
+                try:
+                    dev.connect(qp, psn, peer_params, REMOTE_ACCESS)
+                    if self.windows:
+                        self._bind_windows(qp)
+                except BaseException:
+                    qp.close()
+                    raise
+                self.qps[(qpn, gid.hex())] = qp
+                if self.windows:
+                    self.bound = qp
+            finally:
+                for old in retired:
+                    old.close()
             return dev.params(qp.qp_num, psn)
 
     def registered_bytes(self) -> int:
-        return sum(mr.length for mr in self.regions.values())
+        return sum(mr.length for mr, _ in self.regions.values())
 
     def close(self) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
+            self.pd.close()  # windows, QPs and MRs first, then the PD: every rkey revoked
             self.regions.clear()
             self.qps.clear()
-            self.pd.close()  # QPs and MRs first, then the PD
+            self.bound = None
             self.cq.close()
         self.provider._drop(self)
 
@@ -286,13 +350,27 @@ class ProviderTransportImpl(ProviderTransport):
     name = "verbs"
 
     def __init__(self, device: str | None = None, gid_index: int = 0, port_num: int = 1,
-                 max_session_connections: int = 8):
+                 max_session_connections: int = 8, windows: str = "auto"):
+        """``windows``: "auto" (type-2 memory windows where the device has them), "on"
+        (required: TransportUnavailable without them) or "off" (per-PD MR rkeys)."""
+        if windows not in ("auto", "on", "off"):
+            raise errors.ConfigError(f"verbs windows must be auto, on or off, got {windows!r}")
         self.device = _Device(device, gid_index, port_num)
         self.max_session_connections = max_session_connections  # QPs per requester session
+        why = "turned off" if windows == "off" else window_support(self.device)
+        if why is not None and windows == "on":
+            self.device.close()
+            raise errors.TransportUnavailable(f"memory windows required but unavailable: {why}")
+        self.windows = why is None
+        self.window_reason = why
         self._lock = threading.Lock()
         self._sessions: dict[str, VerbsSession] = {}
         self._closed = False
         log.info("verbs provider on %s port %d, GID index %d", self.device.name, port_num, gid_index)
+        if self.windows:
+            log.info("rkeys are type-2 memory windows: each works only on its requester's QP")
+        else:
+            log.warning("rkeys are MR keys, valid on any QP of the requester's PD (%s)", why)
 
     def open_session(self, session_id: str, secret: bytes | None = None) -> ProviderSession:  # QPs are not dialled
         return self._add_session(session_id, lambda: VerbsSession(self, session_id))
@@ -303,6 +381,7 @@ class ProviderTransportImpl(ProviderTransport):
         return {"device": self.device.name, "sessions": len(sessions),
                 "connections": sum(len(s.qps) for s in sessions),
                 "regions": sum(len(s.regions) for s in sessions),
+                "rkeys": "window" if self.windows else "region",
                 "registered_bytes": sum(s.registered_bytes() for s in sessions)}
 
     def close(self) -> None:

@@ -52,3 +52,15 @@ def test_peer_parameters_are_validated():
                 dict(good, transport="tcp"), dict(good, gid=None)):
         with pytest.raises(errors.ProtocolError):
             verbs._parse_params(bad)
+
+
+def test_windows_option_is_checked_before_any_device():
+    with pytest.raises(errors.ConfigError, match="auto, on or off"):
+        verbs.ProviderTransportImpl(windows="sometimes")
+
+
+def test_window_constants_are_libibverbs():
+    # verbs.h: IBV_ACCESS_MW_BIND = 1 << 4, IBV_DEVICE_MEM_WINDOW_TYPE_2A/2B = 1 << 23 / 1 << 24
+    assert _verbs.ACCESS_MW_BIND == 1 << 4
+    assert (_verbs.DEVICE_MEM_WINDOW_TYPE_2A, _verbs.DEVICE_MEM_WINDOW_TYPE_2B) == (1 << 23, 1 << 24)
+    assert verbs.WINDOW_MR_ACCESS & _verbs.ACCESS_REMOTE_READ == 0  # only the window grants remote access
