@@ -617,6 +617,10 @@ def _extras(runs: list[dict]) -> list[str]:
         if ratio is not None:
             notes.append(f"* tcp data path, {shape}: protected (REQUEST and COMPLETION MACs) / unprotected round trip "
                          f"{ratio}, the two timed alternately (goal <= 1.3)")
+    for what in ("put_many", "get_many", "get"):
+        ratio = last(f"test_seal_bench.py::test_paired_ratio[{what}]", "sealed_over_plain")
+        if ratio is not None:
+            notes.append(f"* sealed / plain pages, {what}: {ratio}, the two timed alternately (goal <= 1.25)")
     notes += _farmem_extras(last)
     remote = last("test_nbd_bench.py::test_write_read_4k[pagestore]", "remote_gets")
     if remote is not None:

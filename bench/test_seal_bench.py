@@ -9,10 +9,18 @@ most pages are remote in both: put_many and get_many throughput (pages/s) of the
 the p50 of ``store.get`` of one remote page.  Plain runs first; each sealed figure carries its
 ratio to the plain one (``sealed_over_plain``; goal <= 1.25 for time, >= 0.8 for throughput).
 Pages read back and are checked after timing.
+
+Timed one after the other, plain then sealed, the two sets can drift apart under a shared
+machine's load, so ``test_paired_ratio`` also times them alternately, operation by operation,
+and its figure is the sealed / plain ratio of their medians (5 rounds).  Drift is not all of
+it: from one fresh cluster to the next the paired batched get still moved from 1.12 to 1.35
+(quiet machine) with the same slab layout in both stores; the cause is not found.
 """
 from __future__ import annotations
 
 import itertools
+import statistics
+import time
 
 import numpy as np
 import pytest
@@ -98,3 +106,44 @@ def test_get_latency_remote_page(benchmark, stores, kind):
     last = pages[(LAT_ROUNDS + 100 - 1) % len(pages)]
     assert bytes(buf) == data[last * PAGE_SIZE:(last + 1) * PAGE_SIZE].tobytes()
     _record(benchmark, "get_p50", kind, pin)
+
+
+PAIRED = {"put_many": scaled(12, 3), "get_many": scaled(12, 3), "get": scaled(1500, 100)}
+
+
+@pytest.mark.parametrize("what", list(PAIRED))
+def test_paired_ratio(figure, benchmark, stores, what):
+    """Figure: sealed / plain median time of ``what``, the two timed alternately (same load)."""
+    by_kind, data, pin = stores
+    out = np.zeros_like(data)
+    buf = bytearray(PAGE_SIZE)
+    remote = {}
+    for kind, (store, pool) in by_kind.items():
+        idx = range(0, N, 7)
+        remote[kind] = itertools.cycle([i for i in idx if L.is_remote(store.map.get(K.pack(pool, 0, i)))][:LAT_PAGES])
+
+    def op(kind):
+        store, pool = by_kind[kind]
+        if what == "put_many":
+            return lambda: store.put_many(pool, 0, np.arange(N), data)
+        if what == "get_many":
+            return lambda: store.get_many(pool, 0, np.arange(N), out)
+        return lambda: store.get(pool, 0, next(remote[kind]), buf)
+
+    ops = {kind: op(kind) for kind in KINDS}
+
+    def measure():
+        times = {kind: [] for kind in KINDS}
+        for i in range(PAIRED[what]):
+            for kind in (KINDS if i % 2 else KINDS[::-1]):
+                t = time.perf_counter_ns()
+                ops[kind]()
+                times[kind].append(time.perf_counter_ns() - t)
+        return statistics.median(times["sealed"]) / statistics.median(times["plain"])
+
+    benchmark.extra_info["pinning"] = pin
+    benchmark.extra_info["sealed_over_plain"] = round(figure(measure, unit="ratio", rounds=5), 4)
+    for kind, (store, pool) in by_kind.items():
+        store.get_many(pool, 0, np.arange(N), out)
+        assert np.array_equal(out, data), kind
+        assert store.stats().get("seal_failures", 0) == 0
