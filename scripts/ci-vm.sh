@@ -18,7 +18,10 @@ export RXE_TIMEOUT=${RXE_TIMEOUT:-780}   # the guest part must stay well under ~
 # the guest sets RRAM_REQUIRE_RDMA=1, so a missing device fails instead of skipping
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-scripts/rxe-vm/run python -m pytest -m vm tests/vm -q -rs -p no:cacheprovider --timeout=300 \
+# test paths among the arguments replace tests/vm (scripts/ci-vm.sh tests/vm/test_x.py -x)
+where=(tests/vm)
+for arg in "$@"; do [[ $arg == tests/* ]] && where=() && break; done
+scripts/rxe-vm/run python -m pytest -m vm "${where[@]}" -q -rs -p no:cacheprovider --timeout=300 \
   --durations=8 "$@" | tee "$log"
 rc=${PIPESTATUS[0]}
 echo "ci-vm: guest tests exit=$rc after $((SECONDS - t0))s (benchmarks: scripts/bench-vm.sh, not CI)"
