@@ -1,8 +1,8 @@
 """A machine lost for real: three guests, each its own kernel, one powered off mid-swap.
 
 The host boots two provider guests and a requester guest (scripts/rxe-vm/run, soft-RoCE over
-a virtual Ethernet segment that only exists between the guests: qemu socket netdevs on the
-host's loopback).  The requester guest swaps a verifying workload onto /dev/nbd0, served by
+a virtual Ethernet segment that only exists between the guests: qemu dgram netdevs, UDP on
+the host's loopback).  The requester guest swaps a verifying workload onto /dev/nbd0, served by
 `rram requester` with r=2 copies on the provider guests over verbs.  Once pages are out, the
 requester guest asks the host to power one provider guest off: its qemu is SIGKILLed, so the
 machine vanishes with no goodbye (no TCP FIN, no RDMA disconnect; reads to it time out).  Swap
@@ -129,16 +129,23 @@ def test_provider_machine_powered_off_mid_swap(flaky):
     workdir = tempfile.mkdtemp(prefix="rram-vmcluster-", dir="/var/tmp")  # read by the guests over 9p
     config = os.path.join(workdir, "cluster.yaml")
     cluster_file(config)
-    ports = {name: free_port() for name in PROVIDERS}
+    # one link per provider: a UDP pair on the host's loopback (qemu's dgram netdev).  A slow
+    # or dead peer drops frames as a real wire would; a stream netdev (TCP) instead stalls the
+    # sender's transmit queue when its peer lags (once 15 s on a loaded host: the guest's
+    # virtio-net watchdog fired and the surviving provider was declared dead)
+    ports = {name: (free_port(), free_port()) for name in PROVIDERS}  # (provider's end, requester's)
+
+    def dgram(nid: str, local: int, remote: int) -> str:
+        return (f"-netdev dgram,id={nid},local.type=inet,local.host=127.0.0.1,local.port={local},"
+                f"remote.type=inet,remote.host=127.0.0.1,remote.port={remote}")
+
     guests: dict[str, Guest] = {}
     try:
         for i, (name, addr) in enumerate(PROVIDERS.items()):
-            net = (f"-netdev socket,id=n0,listen=127.0.0.1:{ports[name]} "
-                   f"-device virtio-net-pci,netdev=n0,mac=52:54:00:78:00:{0x11 + i:02x}")
+            net = f"{dgram('n0', *ports[name])} -device virtio-net-pci,netdev=n0,mac=52:54:00:78:00:{0x11 + i:02x}"
             guests[name] = Guest(name, workdir, net, ["bash", GUEST, "provider", name, addr, config],
                                  smp=1, mem=1024)
-        time.sleep(2)  # the listening ends first
-        net = " ".join(f"-netdev socket,id=n{i},connect=127.0.0.1:{ports[name]} "
+        net = " ".join(f"{dgram(f'n{i}', ports[name][1], ports[name][0])} "
                        f"-device virtio-net-pci,netdev=n{i},mac={requester_mac(i)}"
                        for i, name in enumerate(PROVIDERS))
         req = Guest("req", workdir, net, ["bash", GUEST, "requester", REQUESTER, config,
