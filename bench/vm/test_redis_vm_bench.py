@@ -21,6 +21,7 @@ mean anything.  Results: printed and in $RRAM_BENCH_OUT/redis-bench.json.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -31,8 +32,8 @@ import tempfile
 import pytest
 
 from rram.testing import redisload
-from rram.testing.swapdevices import SCRATCH_DISK, cpu_seconds, process_role, scratch_disk_reason
-from rram.testing.swapload import MemoryLimit, sh, stop_process, swaps, vmstat, wait_for_path
+from rram.testing.swapdevices import GUEST_DEVICES, Unavailable, cpu_seconds, guest_swap_device, process_role
+from rram.testing.swapload import MemoryLimit, vmstat
 from rram.transport import verbs
 from tests.conftest import require_or_skip
 from tests.vm.test_nbd_swap import DEV, _nbd_reason, swap_stack
@@ -55,65 +56,15 @@ def _pin(pid: int) -> None:
         subprocess.run(["taskset", "-a", "-c", "-p", SERVER_CPU, str(pid)], capture_output=True)
 
 
-def _swap_on(dev: str) -> None:
-    sh("mkswap", dev)
-    sh("swapon", "-p", "100", dev)
-    assert dev in swaps()
-
-
 @contextlib.contextmanager
-def _zram():
-    subprocess.run(["modprobe", "zram", "num_devices=1"], capture_output=True)
-    if not os.path.exists("/sys/block/zram0"):
-        pytest.skip("no zram module in this kernel")
-    with open("/sys/block/zram0/comp_algorithm", "w") as f:
-        f.write("lz4")
-    with open("/sys/block/zram0/disksize", "w") as f:
-        f.write(str(SWAP_SIZE))
+def _kernel_side(name: str):
+    """zram, the scratch disk or nbdkit behind nbd-client: the serving pids (none in-kernel)."""
+    servers: list[int] = []
     try:
-        _swap_on("/dev/zram0")
-        yield []
-    finally:
-        sh("swapoff", "/dev/zram0", check=False, timeout=300)
-        with open("/sys/block/zram0/reset", "w") as f:
-            f.write("1")
-
-
-@contextlib.contextmanager
-def _disk():
-    subprocess.run(["modprobe", "virtio_blk"], capture_output=True)  # no udev in the guest to load it
-    require_or_skip(scratch_disk_reason())
-    try:
-        _swap_on(SCRATCH_DISK)
-        yield []
-    finally:
-        sh("swapoff", SCRATCH_DISK, check=False, timeout=300)
-
-
-@contextlib.contextmanager
-def _nbdkit():
-    require_or_skip(_nbd_reason())
-    if shutil.which("nbdkit") is None:
-        pytest.skip("nbdkit is not installed")
-    tmp = tempfile.mkdtemp(prefix="rram-redis-nbdkit-")
-    sock = os.path.join(tmp, "nbdkit.sock")
-    server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(SWAP_SIZE)], stdin=subprocess.DEVNULL)
-    attached = False
-    try:
-        wait_for_path(sock, server)
-        _pin(server.pid)
-        sh("nbd-client", "-unix", sock, DEV, "-b", "4096", "-swap", timeout=30)
-        attached = True
-        _swap_on(DEV)
-        yield [server.pid]
-    finally:
-        if DEV in swaps():
-            sh("swapoff", DEV, check=False, timeout=300)
-        if attached:  # pages of a device still in use must not lose their server
-            sh("nbd-client", "-d", DEV, check=False, timeout=30)
-        if not attached or DEV not in swaps():
-            stop_process(server)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with guest_swap_device(name, SWAP_SIZE, pin=_pin, servers=servers):
+            yield servers
+    except Unavailable as exc:
+        require_or_skip(str(exc))
 
 
 @contextlib.contextmanager
@@ -133,7 +84,7 @@ def _rram(transport: str):
             assert down.returncode == 0, down.stdout + down.stderr
 
 
-DEVICES = {"zram": _zram, "disk": _disk, "nbdkit": _nbdkit,
+DEVICES = {**{name: functools.partial(_kernel_side, name) for name in GUEST_DEVICES},
            "rram-verbs": lambda: _rram("verbs"), "rram-tcp": lambda: _rram("tcp")}
 
 

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 
 import pytest
 
-from rram.testing.swapdevices import SCRATCH_DISK, scratch_disk_reason
-from rram.testing.swapload import MemoryLimit, command, sh, stop_process, swaps, wait_for_path
+from rram.testing.swapdevices import GUEST_DEVICES, Unavailable, guest_swap_device
+from rram.testing.swapload import MemoryLimit, command
 from tests.conftest import require_or_skip
-from tests.vm.test_nbd_swap import DEV, _nbd_reason, stack  # noqa: F401  (the fixture)
+from tests.vm.test_nbd_swap import DEV, stack  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -73,62 +71,15 @@ def _record(device: str, summary: dict) -> None:
             json.dump({"seconds": t, "ratios": ratios, "runs": RESULTS}, f, indent=1)
 
 
-def _swap_on(dev: str):
-    sh("mkswap", dev)
-    sh("swapon", "-p", "100", dev)
-    assert dev in swaps()
-
-
-def test_zram():
-    require_or_skip(None if os.geteuid() == 0 else "needs root")
-    subprocess.run(["modprobe", "zram", "num_devices=1"], capture_output=True)
-    if not os.path.exists("/sys/block/zram0"):
-        pytest.skip("no zram module in this kernel")
-    with open("/sys/block/zram0/comp_algorithm", "w") as f:
-        f.write("lz4")
-    with open("/sys/block/zram0/disksize", "w") as f:
-        f.write(str(SWAP_SIZE))
+@pytest.mark.parametrize("device", GUEST_DEVICES)
+def test_kernel_side(device):
+    """zram, the scratch disk, and nbdkit behind nbd-client -swap on /dev/nbd0."""
     try:
-        _swap_on("/dev/zram0")
-        _record("zram", _workload())
-    finally:
-        sh("swapoff", "/dev/zram0", check=False, timeout=300)
-        with open("/sys/block/zram0/reset", "w") as f:
-            f.write("1")
-
-
-def test_disk():
-    subprocess.run(["modprobe", "virtio_blk"], capture_output=True)  # no udev in the guest to load it
-    require_or_skip(scratch_disk_reason())
-    try:
-        _swap_on(SCRATCH_DISK)
-        _record("disk", _workload())
-    finally:
-        sh("swapoff", SCRATCH_DISK, check=False, timeout=300)
-
-
-def test_nbdkit():
-    require_or_skip(_nbd_reason())
-    if shutil.which("nbdkit") is None:
-        pytest.skip("nbdkit is not installed")
-    tmp = tempfile.mkdtemp(prefix="rram-swap-nbdkit-")
-    sock = os.path.join(tmp, "nbdkit.sock")
-    server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(SWAP_SIZE)], stdin=subprocess.DEVNULL)
-    attached = False
-    try:
-        wait_for_path(sock, server)
-        sh("nbd-client", "-unix", sock, DEV, "-b", "4096", "-swap", timeout=30)
-        attached = True
-        _swap_on(DEV)
-        _record("nbdkit", _workload())
-    finally:
-        if DEV in swaps():
-            sh("swapoff", DEV, check=False, timeout=300)
-        if attached:  # pages of a device still in use must not lose their server
-            sh("nbd-client", "-d", DEV, check=False, timeout=30)
-        if not attached or DEV not in swaps():
-            stop_process(server)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with guest_swap_device(device, SWAP_SIZE):
+            summary = _workload()
+    except Unavailable as exc:
+        require_or_skip(str(exc))
+    _record(device, summary)
 
 
 def test_rram(stack):  # noqa: F811

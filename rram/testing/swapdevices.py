@@ -12,6 +12,9 @@ The host has no kernel NBD client, so both NBD servers sit behind the same nbdfu
 their difference is the servers' own.  ``pin(pid)`` is called for every user-space server
 process (providers, requester, nbdkit, nbdfuse), so a benchmark can keep them off its
 workload's CPU.  ``Unavailable`` says why a device cannot be had here (the caller skips).
+
+In the soft-RoCE guest (bench/vm), ``guest_swap_device`` gives zram, the guest's scratch disk
+and ``nbdkit memory`` behind the kernel's own NBD client (``nbd-client -swap`` on /dev/nbd0).
 """
 from __future__ import annotations
 
@@ -191,6 +194,78 @@ def scratch_disk_reason() -> str | None:
         return (f"{SCRATCH_DISK} is not the VM's scratch disk (serial {serial!r}, want {SCRATCH_SERIAL!r}: "
                 "scripts/bench-vm.sh attaches it)")
     return None
+
+
+# -- in the soft-RoCE guest (bench/vm): the kernel's own NBD client, the scratch disk --------
+
+NBD_DEV = "/dev/nbd0"
+GUEST_DEVICES = ("zram", "disk", "nbdkit")
+
+
+@contextlib.contextmanager
+def guest_swap_device(name: str, size: int, pin: Callable[[int], None] = lambda pid: None,
+                      servers: list[int] | None = None) -> Iterator[str]:
+    """In the guest, ``name`` of GUEST_DEVICES as active swap of ``size`` bytes: zram, the
+    scratch disk (the whole device), or `nbdkit memory` behind ``nbd-client -swap`` on NBD_DEV
+    (the floor of the kernel's NBD path).  As ``swap_device``; rram's own case is the guest
+    test stack (tests/vm/test_nbd_swap.py)."""
+    servers = [] if servers is None else servers
+    setup = {"zram": _guest_zram, "disk": _scratch_disk, "nbdkit": _nbdkit_nbd}[name]
+    with setup(size, pin, servers) as dev:
+        yield dev
+
+
+@contextlib.contextmanager
+def _guest_zram(size, pin, servers):
+    subprocess.run(["modprobe", "zram", "num_devices=1"], capture_output=True)  # no udev in the guest
+    with _zram(size, pin, servers) as dev:
+        yield dev
+
+
+@contextlib.contextmanager
+def _scratch_disk(size, pin, servers):
+    subprocess.run(["modprobe", "virtio_blk"], capture_output=True)
+    why = scratch_disk_reason()
+    if why:
+        raise Unavailable(why)
+    try:
+        sh("mkswap", SCRATCH_DISK)
+        sh("swapon", SCRATCH_DISK)
+        yield SCRATCH_DISK
+    finally:
+        sh("swapoff", SCRATCH_DISK, check=False, timeout=300)
+
+
+@contextlib.contextmanager
+def _nbdkit_nbd(size, pin, servers):
+    if not os.path.exists(NBD_DEV):
+        subprocess.run(["modprobe", "nbd", "nbds_max=4"], capture_output=True)
+    for need, why in ((os.path.exists(NBD_DEV), f"{NBD_DEV} is missing: no kernel NBD client here"),
+                      (shutil.which("nbd-client"), "nbd-client is not installed"),
+                      (shutil.which("nbdkit"), "nbdkit is not installed")):
+        if not need:
+            raise Unavailable(why)
+    tmp = tempfile.mkdtemp(prefix="rram-nbdkit-nbd-")
+    sock = os.path.join(tmp, "nbdkit.sock")
+    server = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", str(size)], stdin=subprocess.DEVNULL)
+    attached = False
+    try:
+        wait_for_path(sock, server)
+        pin(server.pid)
+        servers.append(server.pid)
+        sh("nbd-client", "-unix", sock, NBD_DEV, "-b", "4096", "-swap", timeout=30)
+        attached = True
+        sh("mkswap", NBD_DEV)
+        sh("swapon", NBD_DEV)
+        yield NBD_DEV
+    finally:
+        if NBD_DEV in swaps():
+            sh("swapoff", NBD_DEV, check=False, timeout=300)
+        if attached:  # pages of a device still in use must not lose their server
+            sh("nbd-client", "-d", NBD_DEV, check=False, timeout=30)
+        if not attached or NBD_DEV not in swaps():
+            stop_process(server)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def process_role(pid: int) -> str:
