@@ -4,6 +4,7 @@ Every test checks every page by checksum; stalls are measured on a verifying wor
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -282,17 +283,25 @@ def _slabs_by_provider(store):
     return out
 
 
-def test_ephemeral_pages_take_one_copy_and_a_killed_provider_makes_them_misses(tmp_path):
-    n = 12_000
-    data, eph_data = make_pages(n, seed=29), make_pages(n, seed=30)
-    sums, eph_sums = page_checksums(data, n), page_checksums(eph_data, n)
-    slab = 2 << 20
+@contextlib.contextmanager
+def _persistent_and_ephemeral(tmp_path, n: int, seeds: tuple[int, int]):
+    """Three providers (r=2, 2 MiB slabs) and a store holding ``n`` pages in a persistent pool and
+    ``n`` others in an ephemeral one: (cluster, store, pool, eph, data, eph_data)."""
+    data, eph_data = make_pages(n, seed=seeds[0]), make_pages(n, seed=seeds[1])
     with tcp_cluster(n_providers=3, capacity="256MiB", replicas=2, workdir=str(tmp_path), slab_size="2MiB",
                      requester={"repatriate_rate": 0}, **TIMING) as c, \
             open_store(c.config, name="req", local_budget=1 << 20) as store:
         pool, eph = store.create_pool(), store.create_pool(persistent=False)
         put_range(store, pool, data, 0, n)
         put_range(store, eph, eph_data, 0, n)
+        yield c, store, pool, eph, data, eph_data
+
+
+def test_ephemeral_pages_take_one_copy_and_a_killed_provider_makes_them_misses(tmp_path):
+    n = 12_000
+    slab = 2 << 20
+    with _persistent_and_ephemeral(tmp_path, n, (29, 30)) as (c, store, pool, eph, data, eph_data):
+        sums, eph_sums = page_checksums(data, n), page_checksums(eph_data, n)
         s = store.stats()
         per = _slabs_by_provider(store)
         assert s["ephemeral_slabs"] > 0 and s["degraded_slabs"] == 0
@@ -321,13 +330,7 @@ def test_reclaim_drops_ephemeral_slabs_before_moving_any_persistent_one(tmp_path
     from rram.control.reclaim import reclaim
 
     n = 12_000
-    data, eph_data = make_pages(n, seed=31), make_pages(n, seed=32)
-    with tcp_cluster(n_providers=3, capacity="256MiB", replicas=2, workdir=str(tmp_path), slab_size="2MiB",
-                     requester={"repatriate_rate": 0}, **TIMING) as c, \
-            open_store(c.config, name="req", local_budget=1 << 20) as store:
-        pool, eph = store.create_pool(), store.create_pool(persistent=False)
-        put_range(store, pool, data, 0, n)
-        put_range(store, eph, eph_data, 0, n)
+    with _persistent_and_ephemeral(tmp_path, n, (31, 32)) as (c, store, pool, eph, data, eph_data):
         per = _slabs_by_provider(store)
         victim = max(per, key=lambda name: per[name][0])
         before = c.provider_stats()[victim]["used"]
