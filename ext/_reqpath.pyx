@@ -8,9 +8,9 @@ no Python object is made or touched between them:
 
   read_pages: page map -> zero fill (absent, zero page) | expand from the local pool
               | remote: Router picks a ready replica on a live link (the tier's own router and
-                choice), one READ batch per link posted on the link's C core (_tcpwire's
-                WireRequester) and polled to completion, into the staging arena -> unseal
-                (``_unseal``) -> expand
+                choice), one READ batch per link posted on the link's C core (tcp: _tcpwire's
+                WireRequester; verbs: _verbs' QP) and polled to completion, into the staging
+                arena -> unseal (``_unseal``) -> expand
   write_page: compress -> local slot (owner = the key) -> copy -> page map -> free the old slot
 
 A write that replaces a remote copy leaves the old remote location on a short list, and the
@@ -20,8 +20,8 @@ lock (``PageStore._reap_retired``); until then the slot is merely not reused.
 Anything else it does not try: a full local pool (remotify is policy), a full list of retired
 remote copies, a corrupt image, a closed store or a pool that is gone; and for remote pages: no
 route bound, no ready replica on a live link, a link busy with Python's batches or without a C
-core (verbs, loopback), a link that fails, times out (RemoteTier.read_timeout) or answers with
-an error.  It then answers a REQ_* code having changed nothing and sent nothing to the client,
+core (loopback), a link that fails, times out (RemoteTier.read_timeout) or answers with an
+error.  It then answers a REQ_* code having changed nothing and sent nothing to the client,
 and the caller serves that request on the Python path (hedged reads, failover), which keeps
 control, policy and errors.  A link that failed under C is noted (``take_failures``); the store
 suspends it the next time Python holds its lock, as Python's own fast path would have.
@@ -35,6 +35,20 @@ ready, a repair's target) change in place, under the lock, and C reads them unde
 C's batch ids have bit 63 set (Python's count up from 1), and C posts only on a link with no
 batch outstanding, and holds the store lock until its batches complete, so Python never sees
 them in flight.
+
+Link cores: each link's core comes with its table of C functions (ext/linkcore.pxd: idle, post,
+poll, detail, abandon), tcp's below, verbs' from the QP (``QP.c_interface()``), so that one
+path drives both.  A completion counts only with C's own batch id (as tcp checks it; a verbs
+completion's wr_id names the QP slot that holds the id).  Whatever C gives up on (no completion
+by the read timeout, a failed post or poll, an error completion) it ``abandon``s before the lock
+is released: tcp has nothing to do (READ data lands only inside its own poll), verbs moves the QP
+to the error state, so the device drops late READ responses, and waits for the flush of the
+batch.  Only then may staging be reused.  If the flush does not come (abandon says it is not
+certain), C unbinds its remote routes: nothing reads remote pages in C until Python has taken
+the failure and suspended the link, which deregisters staging from that endpoint
+(RemoteTier.suspend, the fence Python's own timeouts rely on), and bound the routes again.  A
+link C leaves unusable after abandoning its batch (a verbs QP in error, until ``recover()``) is
+noted failed, whatever the completion said.
 
 Sealed pages (an AEAD over the compressed image, for pages that leave this host; ext/_seal.pyx):
 the remote READ lands in the store's seal buffer (an image and its tag a SEAL_STRIDE), and
@@ -54,12 +68,14 @@ from libc.errno cimport EBUSY
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import numpy as np
 
+from linkcore cimport CORE_TCP, core_ops_capsule, core_ops_t
 from location cimport FIRST_REMOTE_SLAB, KIND_MASK, KIND_STORED, KIND_ZERO, loc_offset, loc_size, loc_slab
-from ops cimport WC_FATAL_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR, completion_t
+from ops cimport WC_FATAL_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR, completion_t, op_t
 from rram._ext._codec cimport compress_page, expand
 from rram._ext._pagemap cimport PageMap
 from rram._ext._seal cimport SEAL_STRIDE, SEAL_TAG, Sealer
@@ -106,6 +122,44 @@ cdef inline int64_t _now_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# -- a tcp link's core (ext/linkcore.pxd) over _tcpwire's WireRequester ----------------------------
+
+cdef bint _tcp_idle(void *core) noexcept nogil:
+    return (<WireRequester>core).fd >= 0 and not (<WireRequester>core).count
+
+cdef int _tcp_post(void *core, const op_t *o, Py_ssize_t n, uint64_t batch_id) noexcept nogil:
+    cdef int st = (<WireRequester>core)._encode(o, n, batch_id)
+    if st == 0:
+        st = (<WireRequester>core)._send_frame()
+        while st == C_EINTR:  # a signal is Python's business (its thread checks it); go on sending
+            st = (<WireRequester>core)._send_frame()
+    return st
+
+cdef Py_ssize_t _tcp_poll(void *core, completion_t *out, int64_t deadline) noexcept nogil:
+    # the core checks the completion's sequence number and MAC before it reads a field of it: a
+    # forged, replayed or reordered one is a failed link here, never a result
+    cdef Py_ssize_t got = C_EINTR
+    while got == C_EINTR:
+        got = (<WireRequester>core)._poll(out, 1, deadline)
+    return got
+
+cdef int32_t _tcp_detail(void *core) noexcept nogil:
+    return <int32_t>(<WireRequester>core).a
+
+cdef bint _tcp_abandon(void *core) noexcept nogil:
+    # READ data lands only inside the core's own poll: nothing can arrive behind C's back (the
+    # batch stays outstanding, so C does not post on the link again; Python suspends it)
+    return True
+
+cdef core_ops_t TCP_CORE
+TCP_CORE.kind = CORE_TCP
+TCP_CORE.idle = _tcp_idle
+TCP_CORE.post = _tcp_post
+TCP_CORE.poll = _tcp_poll
+TCP_CORE.detail = _tcp_detail
+TCP_CORE.abandon = _tcp_abandon
 
 
 cdef class StoreLock:
@@ -181,9 +235,11 @@ cdef class RequestPath:
         self.remote_bound = False
         self.router = None
         self.cores = NULL
+        self.core_ops = NULL
         self.fail_rc = self.fail_detail = NULL
         self.nlinks = self.nfailed = 0
         self.batch_seq = self.remote_reads = self.remote_batches = 0
+        self.remote_abandoned = self.remote_unsure = 0
         self.stride = PAGE
         self.sealer = None
 
@@ -193,9 +249,11 @@ cdef class RequestPath:
 
     cdef void _free_links(self):
         free(self.cores)
+        free(self.core_ops)
         free(self.fail_rc)
         free(self.fail_detail)
         self.cores = NULL
+        self.core_ops = NULL
         self.fail_rc = self.fail_detail = NULL
         self.nlinks = self.nfailed = 0
 
@@ -215,13 +273,15 @@ cdef class RequestPath:
                     SlotAllocator versions_e=None):
         """Read remote pages in C from now on: ``router`` bound to the RemoteTier's current tables
         (RemoteTier.router), ``lkeys`` its int64 lkey per link of the arena at ``staging``
-        (``staging_pages`` pages, C's READ target), ``cores`` per link a WireRequester or None (no
-        C core: its pages decline), ``read_timeout`` in seconds.  Failures not yet taken are kept.
+        (``staging_pages`` pages, C's READ target), ``cores`` per link its Endpoint.c_core(): a
+        WireRequester, a verbs QP, or None (no C core: its pages decline), ``read_timeout`` in
+        seconds.  Failures not yet taken are kept.
         Sealed pages: ``sealer`` opens each image READ (staging then holds SEAL_STRIDE bytes an
         image), its version being the owner word of its slot in ``versions_r`` or ``versions_e``."""
         cdef const int64_t[::1] lk = lkeys
         cdef int i, n = len(cores)
         cdef void **c
+        cdef const core_ops_t **ops
         cdef int32_t *rc
         cdef int32_t *det
         if lk.shape[0] < n or router.nlinks != n:
@@ -232,26 +292,29 @@ cdef class RequestPath:
             raise ValueError("sealed pages need both remote allocators, tracking owners (the versions)")
         if staging_pages * PAGE < CHUNK * stride:
             raise ValueError(f"the staging arena must hold {CHUNK} images of {stride} bytes, not {staging_pages} pages")
-        for core in cores:
-            if core is not None and not isinstance(core, WireRequester):
-                raise TypeError(f"a link's C core must be a WireRequester or None, not {type(core).__name__}")
+        tables = [_core_table(core) for core in cores]  # raises before anything changes
         self.remote_bound = False
         c = <void **>calloc(max(1, n), sizeof(void *))
+        ops = <const core_ops_t **>calloc(max(1, n), sizeof(core_ops_t *))
         rc = <int32_t *>calloc(max(1, n), sizeof(int32_t))
         det = <int32_t *>calloc(max(1, n), sizeof(int32_t))
-        if c == NULL or rc == NULL or det == NULL:
+        if c == NULL or ops == NULL or rc == NULL or det == NULL:
             free(c)
+            free(ops)
             free(rc)
             free(det)
             raise MemoryError()
         for i in range(min(n, self.nlinks)):  # links only ever join: indexes stay
             rc[i], det[i] = self.fail_rc[i], self.fail_detail[i]
         for i in range(n):
-            c[i] = <void *>cores[i] if cores[i] is not None else NULL
+            if cores[i] is not None:
+                c[i] = <void *>cores[i]
+                ops[i] = <const core_ops_t *>PyCapsule_GetPointer(tables[i], core_ops_capsule())
         nfailed = self.nfailed
         self._free_links()
-        self.cores, self.fail_rc, self.fail_detail, self.nlinks, self.nfailed = c, rc, det, n, nfailed
-        self._remote_keep = (router, lkeys, list(cores))
+        self.cores, self.core_ops, self.nlinks = c, ops, n
+        self.fail_rc, self.fail_detail, self.nfailed = rc, det, nfailed
+        self._remote_keep = (router, lkeys, list(cores), tables)
         self.router = router
         self.lkeys = &lk[0]
         self.staging = staging
@@ -399,13 +462,17 @@ cdef class RequestPath:
     cdef int _read_remote(self, const uint64_t *locs, Py_ssize_t n) noexcept nogil:
         """READ the stored images of ``locs`` (n <= CHUNK remote locations) into staging + k*stride:
         one batch per link, posted on each link's C core and polled to completion or the read
-        timeout.  Under the lock.  REQ_DONE, or the reason to decline."""
+        timeout; what C gives up on is abandoned before it returns (see the module doc).  Under
+        the lock.  REQ_DONE, or the reason to decline."""
         cdef Py_ssize_t k
-        cdef int u, li, posted = 0, rc = REQ_DONE, st
+        cdef int u, li, posted = 0, sent = 0, rc = REQ_DONE, st
         cdef Py_ssize_t got
         cdef uint64_t bids[CHUNK]
+        cdef bint settled[CHUNK]     # per used link: its batch succeeded, nothing more can land
+        cdef int32_t status[CHUNK]   # per used link: the completion's status (-1: a wrong batch id)
         cdef int64_t deadline
         cdef completion_t comp
+        cdef const core_ops_t *ops
         cdef void *core
         if not self.remote_bound:
             return REQ_REMOTE
@@ -419,45 +486,56 @@ cdef class RequestPath:
                 return REQ_REMOTE
             if self.fail_rc[li]:
                 return REQ_LINK_FAILED
-            core = self.cores[li]
-            if (<WireRequester>core).fd < 0 or (<WireRequester>core).count:
+            if not self.core_ops[li].idle(self.cores[li]):
                 return REQ_LINK_BUSY
         deadline = _now_ns() + self.read_timeout_ns
         for u in range(self.router.nused):
             li = self.router.used[u]
-            core = self.cores[li]
+            core, ops = self.cores[li], self.core_ops[li]
             self.batch_seq += 1
             bids[u] = C_BATCH_BIT | self.batch_seq
-            st = (<WireRequester>core)._encode(self.router.ops[li], self.router.count[li], bids[u])
-            if st == 0:
-                st = (<WireRequester>core)._send_frame()
-                while st == C_EINTR:  # a signal is Python's business (its thread checks it); go on sending
-                    st = (<WireRequester>core)._send_frame()
+            settled[u] = False
+            st = ops.post(core, self.router.ops[li], self.router.count[li], bids[u])
+            posted += 1  # a failed post may have sent part of the batch: abandoned below
             if st != 0:
-                self._note_failure(li, st, <int32_t>(<WireRequester>core).a)
+                self._note_failure(li, st, ops.detail(core))
                 rc = REQ_LINK_FAILED
                 break
-            posted += 1
+            sent += 1
         for u in range(posted):
             li = self.router.used[u]
-            core = self.cores[li]
-            got = C_EINTR
-            # the core checks the completion's sequence number and MAC before it reads a field of
-            # it: a forged, replayed or reordered one is a failed link here, never a result
-            while got == C_EINTR:
-                got = (<WireRequester>core)._poll(&comp, 1, deadline)
+            core, ops = self.cores[li], self.core_ops[li]
+            if self.fail_rc[li]:
+                continue  # its post failed
+            got = ops.poll(core, &comp, deadline)
             if got == 0:
                 self._note_failure(li, FAIL_TIMEOUT, <int32_t>(self.read_timeout_ns // 1000000))
                 rc = REQ_LINK_FAILED
             elif got < 0:
-                self._note_failure(li, <int32_t>got, <int32_t>(<WireRequester>core).a)
+                self._note_failure(li, <int32_t>got, ops.detail(core))
                 rc = REQ_LINK_FAILED
             elif comp.status == WC_RETRY_EXC_ERR or comp.status == WC_FATAL_ERR or comp.status == WC_WR_FLUSH_ERR:
                 self._note_failure(li, FAIL_STATUS, comp.status)
                 rc = REQ_LINK_FAILED
-            elif (comp.status != WC_SUCCESS or comp.batch_id != bids[u]) and rc == REQ_DONE:
-                rc = REQ_REMOTE_ERROR
-        self.remote_batches += <uint64_t>posted
+            elif comp.status != WC_SUCCESS or comp.batch_id != bids[u]:
+                status[u] = comp.status if comp.status != WC_SUCCESS else -1
+                if rc == REQ_DONE:
+                    rc = REQ_REMOTE_ERROR
+            else:
+                settled[u] = True
+        for u in range(posted):
+            if settled[u]:
+                continue
+            li = self.router.used[u]
+            core, ops = self.cores[li], self.core_ops[li]
+            self.remote_abandoned += 1
+            if not ops.abandon(core):
+                self.remote_unsure += 1
+                self.remote_bound = False  # staging is not safe until Python suspends the link
+            if not self.fail_rc[li] and not ops.idle(core):
+                # an error completion left it unusable (a verbs QP in error): Python recovers it
+                self._note_failure(li, FAIL_STATUS, status[u])
+        self.remote_batches += <uint64_t>sent
         self.router._reset()
         return rc
 
@@ -545,9 +623,27 @@ cdef class RequestPath:
                 out[f"{name}_{OUTCOMES[k]}"] = self.outcomes[d][k]
         out.update(zero_reads=self.zero_reads, absent_reads=self.absent_reads, zero_writes=self.zero_writes,
                    bytes_in=self.bytes_in, bytes_stored=self.bytes_stored, remote_reads=self.remote_reads,
-                   remote_batches=self.remote_batches)
+                   remote_batches=self.remote_batches, remote_abandoned=self.remote_abandoned,
+                   remote_unsure=self.remote_unsure)
         return out
 
 
 REQ = {name: k for k, name in enumerate(OUTCOMES)}
 RETIRED_CAPACITY = RETIRED_MAX
+
+
+cdef object _core_table(core):
+    """The PyCapsule of ``core``'s core_ops_t (ext/linkcore.pxd), or None for no core."""
+    if core is None:
+        return None
+    if isinstance(core, WireRequester):
+        return _TCP_TABLE
+    interface = getattr(core, "c_interface", None)
+    if interface is None:
+        raise TypeError(f"a link's C core must be a WireRequester, have c_interface() or be None, not {type(core).__name__}")
+    table = interface()
+    PyCapsule_GetPointer(table, core_ops_capsule())  # raises ValueError on anything else
+    return table
+
+
+_TCP_TABLE = PyCapsule_New(<void *>&TCP_CORE, core_ops_capsule(), NULL)

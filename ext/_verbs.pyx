@@ -10,17 +10,26 @@ array into a chain of preallocated ``ibv_send_wr``/``ibv_sge`` and posts it with
 ``ibv_post_send``, only the last work request signalled; ``QP.poll`` turns work completions
 into one ``COMPLETION_DTYPE`` row per batch.  Both run with the GIL released.  Policy (which
 device, which keys, reconnecting) lives in rram/transport/verbs.py.
+
+A QP is also a link's C core (ext/linkcore.pxd): the page store's request path posts one READ
+batch and polls it without the GIL through ``QP.c_interface()``'s table, on the same slots and
+work request ids as ``post``/``poll``.  When C gives up on a batch (timeout, error) it calls
+``abandon``: the QP goes to the error state, so the device drops READ responses that arrive
+late and flushes what is left, and C waits (DRAIN_NS at most) for the flush of the batch's last
+work request: once it is seen, no READ of that batch can still write into the local buffer.
 """
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport EINTR, errno
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from cpython.pycapsule cimport PyCapsule_New
+from libc.errno cimport EINTR, EIO, errno
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset, strerror
 from posix.unistd cimport usleep
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from libibverbs cimport *
+from linkcore cimport CORE_VERBS, core_ops_capsule, core_ops_t
 from ops cimport OP_READ, OP_WRITE, WC_LOC_PROT_ERR, completion_t, op_t
 
 import errno as _errno
@@ -65,6 +74,20 @@ cdef enum:
     # busy-poll this long before sleeping on the completion channel: under soft-RoCE an
     # operation takes ~100 us, on hardware a few us, so most waits end while spinning
     SPIN_NS = 200000
+    # how long abandon() waits for the flush of the batch it gave up on, after moving the QP
+    # to the error state (a flush is local work: soft-RoCE does it in its next tasklet run)
+    DRAIN_NS = 100000000
+    POST_BAD_OP = -1        # _post_batch: an op's opcode is neither READ nor WRITE, nothing posted
+    # what the C core's post/poll return when the QP cannot go on (ext/linkcore.pxd): the page
+    # store notes the link failed and Python suspends it (VerbsEndpoint.c_failure words them)
+    V_POST_FAILED = -60     # ibv_post_send refused the batch (detail: errno)
+    V_POLL_FAILED = -61     # ibv_poll_cq or the completion channel failed (detail: errno)
+    V_BAD_BATCH = -62       # not 1..max_batch ops, or a bad opcode (detail: the count)
+
+C_POST_FAILED, C_POLL_FAILED, C_BAD_BATCH = V_POST_FAILED, V_POLL_FAILED, V_BAD_BATCH
+
+# QP's C core (ext/linkcore.pxd): filled at the end of this module, handed out by QP.c_interface()
+cdef core_ops_t VERBS_CORE
 
 # the wr_id of a local operation (bind, invalidate): its slot (high 32 bits) is no batch's
 cdef uint64_t LOCAL_WR_ID = 0xFFFFFFFFFFFFFFFFULL
@@ -437,6 +460,7 @@ cdef class QP(Resource):
     cdef readonly bint broken
     cdef readonly uint8_t port_num
     cdef ibv_wc wcs[WC_CHUNK]
+    cdef int32_t c_err          # the C core's last failure: errno (or the op count), for Python
 
     def __init__(self, PD pd not None, CQ cq not None, uint32_t max_batch=256, uint32_t max_outstanding=8):
         cdef ibv_qp_init_attr init
@@ -691,10 +715,7 @@ cdef class QP(Resource):
         WC_LOC_PROT_ERR at that op, after the ops before it ran, as base.py specifies.
         """
         cdef Py_buffer view
-        cdef op_t* o
-        cdef Py_ssize_t n, i, bad_op = -1, cut = -1
-        cdef uint32_t slot
-        cdef ibv_send_wr* bad_wr = NULL
+        cdef Py_ssize_t n, where = 0
         cdef int rc = 0
         self._check()
         if self.broken:
@@ -708,50 +729,64 @@ cdef class QP(Resource):
             n = view.shape[0]
             if n < 1 or n > self.max_batch:
                 raise ValueError(f"a batch holds 1..{self.max_batch} operations, got {n}")
-            o = <op_t*>view.buf
-            slot = (self.head + self.used) % self.max_outstanding
             with nogil:
-                for i in range(n):
-                    if o[i].opcode != OP_READ and o[i].opcode != OP_WRITE:
-                        bad_op = i
-                        break
-                    if not self._local_ok(&o[i]):
-                        cut = i
-                        n = i
-                        break
-                    self.sges[i].addr = o[i].local_addr
-                    self.sges[i].length = o[i].length
-                    self.sges[i].lkey = o[i].lkey
-                    self.wrs[i].wr_id = (<uint64_t>slot << 32) | <uint64_t>i
-                    self.wrs[i].next = &self.wrs[i + 1]
-                    self.wrs[i].sg_list = &self.sges[i]
-                    self.wrs[i].num_sge = 1
-                    self.wrs[i].opcode = IBV_WR_RDMA_READ if o[i].opcode == OP_READ else IBV_WR_RDMA_WRITE
-                    self.wrs[i].send_flags = 0
-                    self.wrs[i].wr.rdma.remote_addr = o[i].remote_addr
-                    self.wrs[i].wr.rdma.rkey = o[i].rkey
-                if bad_op < 0 and n > 0:
-                    self.wrs[n - 1].next = NULL
-                    self.wrs[n - 1].send_flags = IBV_SEND_SIGNALED
-                    rc = ibv_post_send(self.qp, self.wrs, &bad_wr)
-            if bad_op >= 0:
-                raise ValueError(f"op {bad_op}: opcode {o[bad_op].opcode} is neither OP_READ nor OP_WRITE")
+                rc = self._post_batch(<op_t*>view.buf, n, batch_id, &where)
+            if rc == POST_BAD_OP:
+                raise ValueError(f"op {where}: opcode {(<op_t*>view.buf)[where].opcode} is neither OP_READ nor OP_WRITE")
         finally:
             PyBuffer_Release(&view)
+        if rc == 0:
+            return
+        if where > 0:
+            self.reset()  # part of the chain went out, unsignalled: flush it (the batch is reported)
+        raise os_error(f"ibv_post_send (batch {batch_id}, op {where} of {n})", rc)
+
+    cdef int _post_batch(self, const op_t* o, Py_ssize_t n, uint64_t batch_id, Py_ssize_t* where) noexcept nogil:
+        """Post ops[0:n] (1..max_batch; a slot free, the QP connected) as batch ``batch_id``
+        with one ibv_post_send, only the last work request signalled: 0 when posted (cut short at
+        an op outside its local region included, see ``post``); POST_BAD_OP, nothing posted, op
+        ``where`` has a bad opcode; or ibv_post_send's errno, ``where`` work requests having
+        gone out (the batch is then reported; the caller flushes them: ``reset``/``_abandon``)."""
+        cdef Py_ssize_t i, cut = -1
+        cdef uint32_t slot = (self.head + self.used) % self.max_outstanding
+        cdef ibv_send_wr* bad_wr = NULL
+        cdef int rc = 0
+        for i in range(n):
+            if o[i].opcode != OP_READ and o[i].opcode != OP_WRITE:
+                where[0] = i
+                return POST_BAD_OP
+        for i in range(n):
+            if not self._local_ok(&o[i]):
+                cut = i
+                n = i
+                break
+            self.sges[i].addr = o[i].local_addr
+            self.sges[i].length = o[i].length
+            self.sges[i].lkey = o[i].lkey
+            self.wrs[i].wr_id = (<uint64_t>slot << 32) | <uint64_t>i
+            self.wrs[i].next = &self.wrs[i + 1]
+            self.wrs[i].sg_list = &self.sges[i]
+            self.wrs[i].num_sge = 1
+            self.wrs[i].opcode = IBV_WR_RDMA_READ if o[i].opcode == OP_READ else IBV_WR_RDMA_WRITE
+            self.wrs[i].send_flags = 0
+            self.wrs[i].wr.rdma.remote_addr = o[i].remote_addr
+            self.wrs[i].wr.rdma.rkey = o[i].rkey
+        if n > 0:
+            self.wrs[n - 1].next = NULL
+            self.wrs[n - 1].send_flags = IBV_SEND_SIGNALED
+            rc = ibv_post_send(self.qp, self.wrs, &bad_wr)
         if rc == 0:
             self._take_slot(slot, batch_id, n, False)
             if cut >= 0:
                 self.slots[slot].status = WC_LOC_PROT_ERR
                 self.slots[slot].index = cut
-            return
-        posted = (bad_wr - self.wrs) if bad_wr != NULL else 0
-        if posted > 0:
-            # part of the chain went out, unsignalled: flush it and report the batch now
-            self._take_slot(slot, batch_id, posted, True)
-            self.reset()
-        raise os_error(f"ibv_post_send (batch {batch_id}, op {posted} of {n})", rc)
+            return 0
+        where[0] = (bad_wr - self.wrs) if bad_wr != NULL else 0
+        if where[0] > 0:
+            self._take_slot(slot, batch_id, where[0], True)
+        return rc
 
-    cdef void _take_slot(self, uint32_t slot, uint64_t batch_id, uint32_t n, bint reported):
+    cdef void _take_slot(self, uint32_t slot, uint64_t batch_id, uint32_t n, bint reported) noexcept nogil:
         self.slots[slot].batch_id = batch_id
         self.slots[slot].n = n
         self.slots[slot].status = 0
@@ -880,6 +915,84 @@ cdef class QP(Resource):
         finally:
             PyBuffer_Release(&view)
 
+    # -- the C core (ext/linkcore.pxd): the page store's request path, without the GIL --------
+
+    def c_interface(self):
+        """A PyCapsule of this class's core_ops_t (ext/linkcore.pxd): the functions compiled code
+        posts and polls this QP with, without the GIL (the QP itself is the ``core`` argument)."""
+        return PyCapsule_New(<void*>&VERBS_CORE, core_ops_capsule(), NULL)
+
+    cdef bint _c_idle(self) noexcept nogil:
+        return self.qp != NULL and not self.broken and self.used == 0
+
+    cdef int _c_post(self, const op_t* o, Py_ssize_t n, uint64_t batch_id) noexcept nogil:
+        cdef Py_ssize_t where = 0
+        cdef int rc
+        if not self._c_idle() or n < 1 or n > self.max_batch:
+            self.c_err = <int32_t>n
+            return V_BAD_BATCH
+        rc = self._post_batch(o, n, batch_id, &where)
+        if rc == 0:
+            return 0
+        if rc == POST_BAD_OP:
+            self.c_err = <int32_t>n
+            return V_BAD_BATCH
+        self.c_err = rc
+        return V_POST_FAILED   # ops that went out are flushed by the caller's abandon
+
+    cdef Py_ssize_t _c_poll(self, completion_t* out, int64_t deadline) noexcept nogil:
+        """One batch completion into ``out`` by ``deadline``, waiting as ``poll`` does (spin, then
+        sleep on the armed completion channel); a signal only shortens a sleep."""
+        cdef int n, ev, chunk_ms
+        cdef int64_t t = <int64_t>now_ns()
+        cdef int64_t spin_end = t + SPIN_NS
+        if self.qp == NULL:
+            self.c_err = 0
+            return V_POLL_FAILED
+        n = self._poll_cq(out, 1)
+        while n == 0 and t < deadline and t < spin_end:
+            n = self._poll_cq(out, 1)
+            t = <int64_t>now_ns()
+        while n == 0 and t < deadline:
+            if ibv_req_notify_cq(self.cq.cq, 0):
+                self.c_err = errno or EIO
+                return V_POLL_FAILED
+            n = self._poll_cq(out, 1)  # a completion may have landed before arming
+            if n == 0:
+                chunk_ms = <int>min(<int64_t>100, (deadline - t) // 1000000 + 1)
+                ev = self.cq.wait_event(chunk_ms)
+                if ev < 0:
+                    self.c_err = -ev
+                    return V_POLL_FAILED
+                n = self._poll_cq(out, 1)
+            t = <int64_t>now_ns()
+        if n < 0:
+            self.c_err = errno or EIO
+            return V_POLL_FAILED
+        return n
+
+    cdef bint _c_abandon(self) noexcept nogil:
+        """Give up on every batch in flight: the QP to the error state (late READ responses are
+        dropped, the rest flushed), then wait up to DRAIN_NS until the last work request of each
+        has completed (flushed or not).  True when nothing can land in a local buffer any more."""
+        cdef ibv_qp_attr a
+        cdef uint64_t deadline = now_ns() + DRAIN_NS
+        cdef int spins = 0
+        if self.qp == NULL:
+            return True   # destroyed: the device is done with it
+        memset(&a, 0, sizeof(a))
+        a.qp_state = IBV_QPS_ERR
+        if ibv_modify_qp(self.qp, &a, IBV_QP_STATE):
+            self.c_err = errno or EIO
+        self.broken = True   # recover() replaces it (Python, once it has suspended the link)
+        while self.used and now_ns() < deadline:
+            if self._poll_cq(NULL, 0) < 0:
+                break
+            spins += 1
+            if spins > 100:
+                usleep(20)
+        return self.used == 0
+
     cdef int _destroy(self) except -1:
         if self.qp != NULL:
             rc = ibv_destroy_qp(self.qp)
@@ -895,3 +1008,28 @@ cdef class QP(Resource):
         free(self.sges)
         free(self.slots)
         free(self.locals_)
+
+
+# -- the table of QP's C core (ext/linkcore.pxd), handed out by QP.c_interface() ------------------
+
+cdef bint _core_idle(void* core) noexcept nogil:
+    return (<QP>core)._c_idle()
+
+cdef int _core_post(void* core, const op_t* o, Py_ssize_t n, uint64_t batch_id) noexcept nogil:
+    return (<QP>core)._c_post(o, n, batch_id)
+
+cdef Py_ssize_t _core_poll(void* core, completion_t* out, int64_t deadline) noexcept nogil:
+    return (<QP>core)._c_poll(out, deadline)
+
+cdef int32_t _core_detail(void* core) noexcept nogil:
+    return (<QP>core).c_err
+
+cdef bint _core_abandon(void* core) noexcept nogil:
+    return (<QP>core)._c_abandon()
+
+VERBS_CORE.kind = CORE_VERBS
+VERBS_CORE.idle = _core_idle
+VERBS_CORE.post = _core_post
+VERBS_CORE.poll = _core_poll
+VERBS_CORE.detail = _core_detail
+VERBS_CORE.abandon = _core_abandon

@@ -2,6 +2,7 @@
 # C connection loop (_nbdserve), which serves a request through it without the GIL.
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+from linkcore cimport core_ops_t
 from rram._ext._pagemap cimport PageMap
 from rram._ext._seal cimport Sealer
 from rram._ext._slab cimport SlotAllocator
@@ -17,7 +18,8 @@ cdef enum:
     # what read_page/write_page did; anything but DONE means nothing changed: serve it in Python
     REQ_DONE = 0
     REQ_REMOTE = 1       # a remote page C cannot read: routes not bound (they changed since Python
-                         # last bound them) or a link without a C core (verbs, loopback)
+                         # last bound them, or C abandoned a READ it could not make sure of)
+                         # or a link without a C core (loopback)
     REQ_LOCAL_FULL = 2   # no local slot: remotify is policy, Python's
     REQ_OLD_REMOTE = 3   # the write replaces a remote copy and the list of retired ones is full
     REQ_CORRUPT = 4      # the stored image does not expand to a page: Python reports it
@@ -61,7 +63,8 @@ cdef class RequestPath:
     cdef Router router               # the tier's router: replica tables, live links, op arrays
     cdef object _remote_keep         # what the pointers below point into
     cdef const int64_t *lkeys        # per link: the lkey of the staging arena
-    cdef void **cores                # per link: its WireRequester (borrowed), NULL: no C core
+    cdef void **cores                # per link: its C core (borrowed), NULL: none
+    cdef const core_ops_t **core_ops # per link: the functions that drive it (ext/linkcore.pxd)
     cdef int32_t *fail_rc            # per link: why C saw it fail (0: it did not), for Python
     cdef int32_t *fail_detail
     cdef int nlinks
@@ -75,6 +78,7 @@ cdef class RequestPath:
     cdef int64_t read_timeout_ns
     cdef uint64_t batch_seq          # C's batch ids: bit 63 set, never one of Python's
     cdef uint64_t remote_reads, remote_batches
+    cdef uint64_t remote_abandoned, remote_unsure   # batches C gave up on; of those, not made sure of
 
     cdef void _free_links(self)
     cdef bint _usable(self, uint64_t key) noexcept nogil
