@@ -177,10 +177,14 @@ class Endpoint(abc.ABC):
         request path, ext/_reqpath.pyx, reads remote pages through it), or None: this transport
         has none, and those reads take the Python path.  Valid until the endpoint breaks.
 
-        tcp has one (its WireRequester: READ data lands only inside its own poll).  verbs has
-        none yet: a READ C gave up on at the timeout would still be DMA'd into the staging
-        buffer later, which C reuses at once for reads on other links; it needs staging per
-        link (or the link deregistered first) and the VM to test it."""
+        Compiled code drives it through a table of C functions (ext/linkcore.pxd: idle, post,
+        poll, detail, abandon).  tcp's core is its WireRequester (READ data lands only inside its
+        own poll, so a READ C gives up on can never land later).  verbs' is its QP
+        (``c_interface()`` hands out the table): a READ C gave up on at the timeout could still
+        be DMA'd into staging, which C reuses at once for reads on other links, so C abandons it
+        first: the QP goes to the error state (the device drops late responses) and C waits for
+        the batch's flush; if that does not come, C stops reading remote pages until Python has
+        suspended the link (deregistering staging from it) and bound the routes again."""
         return None
 
     def c_failure(self, code: int, detail: int) -> str:

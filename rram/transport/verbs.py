@@ -28,6 +28,7 @@ without it ``recover()`` raises ConnectionLost after the reset and the caller re
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable
@@ -479,6 +480,21 @@ class VerbsEndpoint(Endpoint):
     @property
     def outstanding(self) -> int:
         return 0 if self._closed else self.qp.outstanding
+
+    def c_core(self):
+        """The QP: the page store's C request path posts and polls it without the GIL (through
+        ``QP.c_interface()``), and abandons what it gives up on (QP to error, flush drained)."""
+        return None if self._closed or self.qp.broken else self.qp
+
+    def c_failure(self, code: int, detail: int) -> str:
+        qpn = self.qp.qp_num
+        if code == _verbs.C_POST_FAILED:
+            return f"ibv_post_send on QP {qpn} failed in C: {os.strerror(detail)} (errno {detail})"
+        if code == _verbs.C_POLL_FAILED:
+            return f"polling QP {qpn}'s completions failed in C: {os.strerror(detail)} (errno {detail})"
+        if code == _verbs.C_BAD_BATCH:
+            return f"C posted a batch of {detail} ops on QP {qpn} (1..{self.max_batch}, READ or WRITE)"
+        return super().c_failure(code, detail)
 
     def recover(self) -> None:
         """Replace the QP (dropping batches in flight) and reconnect through ``reconnect_params``."""
