@@ -31,7 +31,7 @@ NATIVE = (
     Native("_nbdwire", why="NBD request parsing and reply packing in batches", optional=False),
     # cimport _codec's C functions, so they need liblz4 too
     Native("_reqpath", "liblz4", ["lz4"], "lz4.h",
-           "single requests on the store's tables, remote READs over tcp included, without the GIL"),
+           "single requests on the store's tables, remote READs over tcp and verbs included, without the GIL"),
     Native("_nbdserve", "liblz4", ["lz4"], "lz4.h", "single NBD requests served through _reqpath in C"),
     Native("_uffd", why="userfaultfd for far-memory regions (rram.frontends.farmem)", optional=False),
     Native("_verbs", "libibverbs", ["ibverbs"], "infiniband/verbs.h", "RDMA verbs transport"),
