@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 ABSENT, CLEAN, DIRTY, CACHED, EVICTING, FETCHING = 0, 1, 2, 3, 4, 5
 MAX_FAULTS = 512          # messages read per wake-up
-MAX_WINDOW = 256          # pages prefetched per run at most (and at most an eighth of the budget)
+MAX_WINDOW = 256          # pages prefetched per run at most (and at most a quarter of the budget:
+                          # an eighth cost ~1 µs more handler CPU a scanned page in thread hand-offs)
 WRITE_AHEAD = 32          # CLEAN pages un-protected ahead of a run of writes (see _write_ahead)
 EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
 EVICT_AHEAD = 1 / 8       # ... once a fill comes this close to the budget: the evictor has time
@@ -103,7 +104,7 @@ class Region:
         self.evict_staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)  # the writer's
         self.ahead = int(self.budget * EVICT_AHEAD)
         self._one_addr = np.zeros(1, dtype=np.uint64)  # the latency path's address, reused
-        self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
+        self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 4)))
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._hits_seen = self._wasted_seen = 0
         self.evicting = 0  # pages handed to the writer for eviction, not reaped yet
