@@ -69,7 +69,8 @@ MAX_WINDOW = 256          # pages prefetched per run at most (and at most a quar
 WRITE_AHEAD = 32          # CLEAN pages un-protected ahead of a run of writes (see _write_ahead)
 EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
 EVICT_AHEAD = 1 / 8       # ... once a fill comes this close to the budget: the evictor has time
-FETCH_DEPTH = 2           # prefetch windows in flight along a trend
+FETCH_DEPTH = 2           # prefetch windows in flight under advise("sequential") (else one:
+                          # a stream of unknown length, 1 MiB chunks say, wasted the second)
 FETCH_BUFFERS = 3         # staging buffers between the fetcher and the writer
 MIN_FETCH = 32            # pages a fetched batch at least (each costs a store call)
 COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
@@ -432,7 +433,8 @@ class Region:
     def _prefetch_after(self, page: int) -> None:
         if not self.minor:
             return
-        ahead = self.predictor.ahead(page, self.npages, FETCH_DEPTH)
+        depth = FETCH_DEPTH if self.predictor.advice == "sequential" else 1
+        ahead = self.predictor.ahead(page, self.npages, depth)
         if ahead:
             ahead = np.array(ahead, dtype=np.int64)
             ahead = np.sort(ahead[self.state[ahead] == ABSENT][: self.budget // 4])
@@ -486,7 +488,7 @@ class Region:
         """Prefetch ``pages`` (ABSENT, sorted) into the memfd's page cache, unmapped: FETCHING
         now, CACHED once reaped.  In batches of about a window: the fetcher reads one while
         the writer writes the one before."""
-        step = min(self.batch, max(MIN_FETCH, self.predictor.window, -(-len(pages) // FETCH_DEPTH)))
+        step = min(self.batch, max(MIN_FETCH, self.predictor.window))
         for i in range(0, len(pages), step):
             chunk = pages[i:i + step]
             self.make_room(len(chunk))
