@@ -138,9 +138,9 @@ def test_a_provider_slower_than_the_cap_turns_the_spin_off():
         c = p.core.spin_counters()
     finally:
         p.close()
-    assert c["hits"] == 0 and c["misses"] + c["preempted"] < 20, c  # the first miss stops it; then rare probes
-    assert c["sleeps"] >= 150, c
-    assert not p.core.spin_on
+    polled = c["hits"] + c["misses"] + c["preempted"]
+    assert polled < 20, c  # the first miss stops it; then a probe every 8, 16, 32, ... waits
+    assert c["sleeps"] >= 140, c  # (a read whose reply was in before its first look does not wait)
 
 
 def test_without_a_spin_the_wait_sleeps_at_once():
@@ -154,7 +154,7 @@ def test_without_a_spin_the_wait_sleeps_at_once():
 
 
 def test_a_zero_timeout_only_looks():
-    p = SlowProvider(CAP, 0.5)
+    p = SlowProvider(CAP, 1.0)
     try:
         _budgets(p.core, ["miss"])  # the spin is off: the next probe is 8 waits away
         gap = p.core.spin_counters()
