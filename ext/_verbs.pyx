@@ -31,6 +31,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libibverbs cimport *
 from linkcore cimport CORE_VERBS, core_ops_capsule, core_ops_t
 from ops cimport OP_READ, OP_WRITE, WC_LOC_PROT_ERR, completion_t, op_t
+from spin cimport SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_t
 
 import errno as _errno
 import weakref
@@ -72,7 +73,8 @@ ctypedef struct local_t:
 cdef enum:
     WC_CHUNK = 32
     # busy-poll this long before sleeping on the completion channel: under soft-RoCE an
-    # operation takes ~100 us, on hardware a few us, so most waits end while spinning
+    # operation takes ~100 us, on hardware a few us, so most waits end while spinning (the C
+    # core's waits poll only while polling catches completions: ext/spin.pxd)
     SPIN_NS = 200000
     # how long abandon() waits for the flush of the batch it gave up on, after moving the QP
     # to the error state (a flush is local work: soft-RoCE does it in its next tasklet run)
@@ -461,6 +463,7 @@ cdef class QP(Resource):
     cdef readonly uint8_t port_num
     cdef ibv_wc wcs[WC_CHUNK]
     cdef int32_t c_err          # the C core's last failure: errno (or the op count), for Python
+    cdef spin_t spin            # the C core's completion wait: polls up to SPIN_NS while polling pays
 
     def __init__(self, PD pd not None, CQ cq not None, uint32_t max_batch=256, uint32_t max_outstanding=8):
         cdef ibv_qp_init_attr init
@@ -469,6 +472,7 @@ cdef class QP(Resource):
             raise TransportError("completion queue is closed")
         if max_batch < 1 or max_outstanding < 1:
             raise ValueError("max_batch and max_outstanding must be >= 1")
+        spin_init(&self.spin, SPIN_NS, True)
         self.wrs = <ibv_send_wr*>calloc(max_batch, sizeof(ibv_send_wr))
         self.sges = <ibv_sge*>calloc(max_batch, sizeof(ibv_sge))
         self.slots = <batch_t*>calloc(max_outstanding, sizeof(batch_t))
@@ -917,6 +921,12 @@ cdef class QP(Resource):
 
     # -- the C core (ext/linkcore.pxd): the page store's request path, without the GIL --------
 
+    def spin_counters(self):
+        """The C core's completion wait: hits, misses, preempted, probes, us polled, sleeps."""
+        c = spin_counters(&self.spin, "")
+        c["sleeps"] = self.spin.sleeps
+        return c
+
     def c_interface(self):
         """A PyCapsule of this class's core_ops_t (ext/linkcore.pxd): the functions compiled code
         posts and polls this QP with, without the GIL (the QP itself is the ``core`` argument)."""
@@ -945,14 +955,29 @@ cdef class QP(Resource):
         sleep on the armed completion channel); a signal only shortens a sleep."""
         cdef int n, ev, chunk_ms
         cdef int64_t t = <int64_t>now_ns()
-        cdef int64_t spin_end = t + SPIN_NS
+        cdef int64_t spin_end, last, budget
+        cdef bint preempted = False
         if self.qp == NULL:
             self.c_err = 0
             return V_POLL_FAILED
         n = self._poll_cq(out, 1)
-        while n == 0 and t < deadline and t < spin_end:
-            n = self._poll_cq(out, 1)
-            t = <int64_t>now_ns()
+        if n == 0 and t < deadline:  # a wait: poll first while polling pays (ext/spin.pxd)
+            # (under soft-RoCE the responder is the kernel on some CPU: our poll may be what
+            # keeps it from running, and then it catches nothing)
+            budget = spin_budget(&self.spin)
+            if budget > 0:
+                spin_end = t + budget
+                last = t
+                while n == 0 and t < deadline and t < spin_end:
+                    n = self._poll_cq(out, 1)
+                    t = <int64_t>now_ns()
+                    if t - last > SPIN_PREEMPT_NS:
+                        preempted = True
+                    last = t
+                if n != 0 or t >= spin_end:  # (a deadline that cut the poll short says nothing)
+                    spin_observe(&self.spin, n > 0, preempted)
+            if n == 0:
+                self.spin.sleeps += 1
         while n == 0 and t < deadline:
             if ibv_req_notify_cq(self.cq.cq, 0):
                 self.c_err = errno or EIO

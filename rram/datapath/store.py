@@ -623,6 +623,17 @@ class PageStore:
                 found[start:end] = self._get_batch(keys[start:end], dst[start * PAGE_SIZE : end * PAGE_SIZE])
         return found
 
+    def _completion_spin(self) -> dict:
+        """How the live links' C cores waited for completions (polled and caught, polled in
+        vain, slept), summed over the links; a link that died takes its counts with it."""
+        total: dict = {}
+        for lk in self.remote.links:
+            core = lk.endpoint.c_core() if lk.alive else None
+            if core is not None:
+                for k, v in core.spin_counters().items():
+                    total[k] = total.get(k, 0) + v
+        return total
+
     def _retry_while_suspended(self, op, *args):
         """``op(*args)``, again while it fails only because the pages' live copies sit on
         suspended providers, for up to ``remote.suspension_wait`` seconds (the store lock is not
@@ -932,6 +943,7 @@ class PageStore:
                                             else "draining" if lk.draining else "alive")
                                   for lk in self.remote.links}
                 c["degraded_slabs"] = len(self.remote.degraded)
+                c["completion_spin"] = self._completion_spin()
                 c["route_generation"] = self.remote.route_generation
                 c.update(self.remote.counters)
             c["codec"] = codec.IMPLEMENTATION

@@ -184,7 +184,8 @@ class Endpoint(abc.ABC):
         be DMA'd into staging, which C reuses at once for reads on other links, so C abandons it
         first: the QP goes to the error state (the device drops late responses) and C waits for
         the batch's flush; if that does not come, C stops reading remote pages until Python has
-        suspended the link (deregistering staging from it) and bound the routes again."""
+        suspended the link (deregistering staging from it) and bound the routes again.  Both
+        have ``spin_counters()``: how their completion waits polled (ext/spin.pxd)."""
         return None
 
     def c_failure(self, code: int, detail: int) -> str:

@@ -128,6 +128,9 @@ def test_remote_single_reads_in_c_verify(tmp_path):
         assert s["c_remote_reads"] > BLOCKS // 2, s
         read_declines = {k: v for k, v in s["c_declined_by"].items() if k.startswith("read_") and v}
         assert not read_declines, read_declines
+        spin = s["completion_spin"]  # every completion wait either polled (hit or miss) or slept
+        assert set(spin) >= {"hits", "misses", "preempted", "probes", "us", "sleeps"}, spin
+        assert spin["hits"] + spin["misses"] + spin["preempted"] + spin["sleeps"] > 0, spin
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
