@@ -98,7 +98,7 @@ class FastPath:
             # from another copy after the last link
             opener = None if self.open is None else self.open(locs, keys, path.sizes)
             # run_routed: set() when every READ landed; None (nothing posted) or the failed links otherwise
-            if tier.run_routed(batches, on_done=opener) != set():
+            if tier.run_routed(batches, on_done=None if opener is None else opener.landed, chunked=True) != set():
                 return None
             if opener is not None:
                 opener.finish(path.srcs)
