@@ -18,6 +18,9 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from rram._ext._nbdwire cimport RequestRun
 from rram._ext._reqpath cimport REQ_DONE, RequestPath
+from spin cimport (
+    SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_steady_budget, spin_t,
+)
 
 import os
 
@@ -48,16 +51,6 @@ cdef enum:
     EOF = 3         # the peer closed the connection
 
 LOOP_RUN, LOOP_DECLINED, LOOP_PARSER, LOOP_EOF = RUN, DECLINED, PARSER, EOF
-
-# the adaptive spin (LoopState)
-cdef enum:
-    SCORE_MAX = 16      # hits banked: a burst of 4 misses does not stop the spin
-    MISS_COST = 4       # a miss takes this many hits back: spinning stays on above ~80 % hits
-    PROBE_FIRST = 8     # waits between probes once the spin is off; doubles per failed probe
-    PROBE_MAX = 1024    # ... up to this (a probe costs one spin of the cap: ~0.1 % of the waits)
-    PREEMPT_NS = 10000  # a step of the poll loop this long: the thread was descheduled, so the
-                        # request that came meanwhile says nothing about polling
-
 
 cdef inline int64_t now_ns() noexcept nogil:
     cdef timespec ts
@@ -91,102 +84,76 @@ cdef class LoopState:
     Polling the socket after a reply catches a qd1 client's next request without a wake-up
     (30-70 us across CPUs here), but the poll holds a CPU: when the client needs that same CPU
     to send the request (nbdfuse pinned with the server, not preempting the poll), or simply
-    takes longer than the cap, every poll is lost time.  So the spin runs only while it pays.
-    Each wait for a new request is a hit (the request came while polling), a miss (the poll ran
-    out) or neither (the thread was descheduled meanwhile: the CPU was someone else's, the
-    request came without our poll; a loaded machine does that to any poll).  A hit banks one
-    point (up to SCORE_MAX), a miss costs MISS_COST; below zero the spin stops and the
-    connection sleeps in recv at once (one syscall).  While stopped, every ``probe_gap``-th wait
-    polls for the cap once: a hit turns the spin on again (with half the points banked), a miss
-    doubles the gap (up to PROBE_MAX), neither tries again after the same gap.  A spin turned
-    on by a probe must bank all its points before it stops again, or the gap doubles as for a
-    missed probe; once it has, the gap is back to PROBE_FIRST.  So a hit rate just under the
-    threshold does not switch it on and off every few waits.  ``cap_ns`` 0 never polls; ``adaptive`` False polls for the cap
-    on every wait (the fixed spin).  No timing is measured but the poll's own steps.
+    takes longer than the cap, every poll is lost time.  So the spin runs only while it pays:
+    the adaptive spin of ext/spin.pxd (which the tcp requester's completion wait shares), fed
+    with each wait for a new request.  ``cap_ns`` 0 never polls; ``adaptive`` False polls for
+    the cap on every wait (the fixed spin).
     """
-    cdef readonly int64_t cap_ns
-    cdef readonly bint adaptive, on
-    cdef readonly int score, probe_gap, until_probe
-    cdef bint probing, proven
+    cdef spin_t spin
     # counters, read by Python while C runs (torn reads of a statistic do not matter)
-    cdef readonly uint64_t served, declined, hits, misses, preempted, probes, spun_ns, sleeps
+    cdef readonly uint64_t served, declined
 
     def __init__(self, int64_t cap_ns, bint adaptive=True):
         if cap_ns < 0:
             raise ValueError(f"spin cap must be >= 0 ns, got {cap_ns}")
-        self.cap_ns = cap_ns
-        self.adaptive = adaptive
-        self.on = cap_ns > 0
-        self.score = 0
-        self.probe_gap = PROBE_FIRST
-        self.until_probe = 0
-        self.probing = False
-        self.proven = True
+        spin_init(&self.spin, cap_ns, adaptive)
 
-    cdef int64_t _budget(self) noexcept nogil:
-        """The poll budget of the next wait for a new request (a probe's when one is due)."""
-        self.probing = False
-        if self.cap_ns == 0 or self.on or not self.adaptive:
-            return self.cap_ns
-        self.until_probe -= 1
-        if self.until_probe > 0:
-            return 0
-        self.probing = True
-        self.probes += 1
-        return self.cap_ns
+    @property
+    def cap_ns(self):
+        return self.spin.cap_ns
 
-    cdef void _observe(self, bint caught, bint preempted) noexcept nogil:
-        """The outcome of a wait that polled: ``caught`` the request while polling, having been
-        ``preempted`` (descheduled) meanwhile."""
-        cdef bint hit = caught and not preempted
-        if caught and preempted:  # says nothing: a probe tries again after the same gap
-            self.preempted += 1
-            if self.probing and self.adaptive:
-                self.probing = False
-                self.until_probe = self.probe_gap
-            return
-        if hit:
-            self.hits += 1
-        else:
-            self.misses += 1
-        if not self.adaptive:
-            return
-        if self.probing:
-            self.probing = False
-            if hit:
-                self.on = True
-                self.score = SCORE_MAX // 2
-                self.proven = False
-            else:
-                self.probe_gap = min(2 * self.probe_gap, PROBE_MAX)
-                self.until_probe = self.probe_gap
-            return
-        if hit:
-            self.score = min(self.score + 1, SCORE_MAX)
-            if self.score == SCORE_MAX:
-                self.proven = True
-                self.probe_gap = PROBE_FIRST
-            return
-        self.score -= MISS_COST
-        if self.score < 0:
-            self.on = False
-            self.score = 0
-            if not self.proven:  # the probe's hit was luck: as good as a missed probe
-                self.probe_gap = min(2 * self.probe_gap, PROBE_MAX)
-            self.until_probe = self.probe_gap
+    @property
+    def adaptive(self):
+        return bool(self.spin.adaptive)
+
+    @property
+    def on(self):
+        return bool(self.spin.on)
+
+    @property
+    def score(self):
+        return self.spin.score
+
+    @property
+    def probe_gap(self):
+        return self.spin.probe_gap
+
+    @property
+    def until_probe(self):
+        return self.spin.until_probe
+
+    @property
+    def hits(self):
+        return self.spin.hits
+
+    @property
+    def misses(self):
+        return self.spin.misses
+
+    @property
+    def preempted(self):
+        return self.spin.preempted
+
+    @property
+    def probes(self):
+        return self.spin.probes
+
+    @property
+    def sleeps(self):
+        return self.spin.sleeps
 
     def next_budget_ns(self):
         """The next wait's poll budget, as serve_loop takes it (advances the probe count): tests."""
-        return self._budget()
+        return spin_budget(&self.spin)
 
     def observe(self, bint caught, bint preempted=False):
         """Record a polled wait's outcome, as serve_loop does: tests."""
-        self._observe(caught, preempted)
+        spin_observe(&self.spin, caught, preempted)
 
     def counters(self):
-        return {"c_requests": self.served, "c_declined": self.declined, "spin_hits": self.hits,
-                "spin_misses": self.misses, "spin_preempted": self.preempted, "spin_probes": self.probes, "spin_us": self.spun_ns // 1000,
-                "sleeps": self.sleeps}
+        c = {"c_requests": self.served, "c_declined": self.declined, "sleeps": self.spin.sleeps}
+        c.update(spin_counters(&self.spin, "spin_"))
+        return c
 
 
 cdef int serve_one(RequestRun run, RequestPath path, uint64_t key_base, int fd, int *err) noexcept nogil:
@@ -231,7 +198,8 @@ cdef ssize_t wait_recv(LoopState st, int fd, uint8_t *dst, size_t room, bint fre
     """recv into ``dst``: poll for the spin budget, then sleep.  ``fresh``: waiting for a new
     request (the spin policy learns from those; a WRITE's payload still coming only polls
     while the spin is on).  recv's result (errno set when < 0)."""
-    cdef int64_t budget = st._budget() if fresh else (st.cap_ns if st.on or not st.adaptive else 0)
+    cdef spin_t *sp = &st.spin
+    cdef int64_t budget = spin_budget(sp) if fresh else spin_steady_budget(sp)
     cdef int64_t t0, t, last, deadline
     cdef bint preempted = False
     cdef ssize_t got
@@ -243,17 +211,17 @@ cdef ssize_t wait_recv(LoopState st, int fd, uint8_t *dst, size_t room, bint fre
             if got >= 0 or (errno != EAGAIN and errno != EINTR):
                 break
             t = now_ns()
-            if t - last > PREEMPT_NS:
+            if t - last > SPIN_PREEMPT_NS:
                 preempted = True
             last = t
             if t >= deadline:
                 break
-        st.spun_ns += <uint64_t>(last - t0)
+        sp.spun_ns += <uint64_t>(last - t0)
         if fresh:
-            st._observe(got >= 0, preempted)
+            spin_observe(sp, got >= 0, preempted)
         if got >= 0 or (errno != EAGAIN and errno != EINTR):
             return got
-    st.sleeps += 1
+    sp.sleeps += 1
     got = recv(fd, dst, room, 0)
     while got < 0 and errno == EINTR:
         got = recv(fd, dst, room, 0)

@@ -35,6 +35,7 @@ from ops cimport (
     OP_READ, OP_WRITE, WC_LOC_PROT_ERR, WC_SUCCESS, completion_t, op_t,
 )
 from rram._ext._regions cimport RegionTable
+from spin cimport SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_t
 
 
 # mirrors WIRE_OP in rram/transport/wire.py (24 bytes)
@@ -857,6 +858,12 @@ cdef class WireServer:
         return 0
 
 
+cdef inline void _spun(spin_t *s, int64_t t0, int64_t last, bint caught, bint preempted) noexcept nogil:
+    """A completion wait polled from t0 to last: count the time, tell the policy the outcome."""
+    s.spun_ns += <uint64_t>(last - t0)
+    spin_observe(s, caught, preempted)
+
+
 cdef class WireRequester:
     """The requester's side of one data connection: post and poll in one C call each.
 
@@ -864,7 +871,9 @@ cdef class WireRequester:
     sends it; while the socket is full it buffers incoming completions (bounded by what the
     outstanding batches can legally return), so neither side blocks on the other.  ``poll``
     parses completions straight from the receive buffer, scatters READ data and fills the
-    completion array; it spins ``spin_ns`` on a non-blocking recv before sleeping in poll().
+    completion array.  Waiting for one, it polls with a non-blocking recv for up to ``spin_ns``
+    before sleeping in poll(), while polling pays (ext/spin.pxd): when the provider shares our
+    CPU, a poll cannot be answered (the provider does not run while we poll) and only delays it.
     """
 
     # attributes and C methods: rram/_ext/_tcpwire.pxd (the page store's C request path calls them)
@@ -890,7 +899,7 @@ cdef class WireRequester:
         self.max_outstanding = max_outstanding
         self.max_batch = max_batch
         self.eof = False
-        self.spin_ns = 0
+        spin_init(&self.spin, 0, True)
 
     def __dealloc__(self):
         cdef int i
@@ -903,6 +912,40 @@ cdef class WireRequester:
     @property
     def outstanding(self):
         return self.count
+
+    @property
+    def spin_ns(self):
+        """The poll budget of a wait for a completion (0: sleep in poll() at once)."""
+        return self.spin.cap_ns
+
+    @spin_ns.setter
+    def spin_ns(self, int64_t cap_ns):
+        self.set_spin(cap_ns, self.spin.adaptive)
+
+    def set_spin(self, int64_t cap_ns, bint adaptive=True):
+        """Poll up to ``cap_ns`` for a completion before sleeping: only while that pays
+        (``adaptive``, ext/spin.pxd) or on every wait.  Resets the policy and its counters."""
+        if cap_ns < 0:
+            raise ValueError(f"spin cap must be >= 0 ns, got {cap_ns}")
+        spin_init(&self.spin, cap_ns, adaptive)
+
+    @property
+    def spin_on(self):
+        return bool(self.spin.on)
+
+    def spin_counters(self):
+        """The completion wait's spin: hits, misses, preempted, probes, us polled, sleeps."""
+        c = spin_counters(&self.spin, "")
+        c["sleeps"] = self.spin.sleeps
+        return c
+
+    def next_budget_ns(self):
+        """The next completion wait's poll budget, as ``poll`` takes it: tests."""
+        return spin_budget(&self.spin)
+
+    def observe(self, bint caught, bint preempted=False):
+        """Record a polled wait's outcome, as ``poll`` does: tests."""
+        spin_observe(&self.spin, caught, preempted)
 
     def detail(self):
         return self.a, self.b, self.c
@@ -1111,7 +1154,8 @@ cdef class WireRequester:
         cdef Py_ssize_t got = 0
         cdef pending_t *p
         cdef int r, ms
-        cdef int64_t now, spin_end = 0
+        cdef int64_t now, t0 = 0, last = 0, spin_end = -1  # -1: not waited yet
+        cdef bint watching = False, preempted = False      # watching: a polled wait, outcome not told yet
         cdef short rev = 0
         while got < cap:
             p = &self.ring[self.head]
@@ -1133,6 +1177,9 @@ cdef class WireRequester:
                 return r
             r = _fb_fill(&self.rx, self.fd, MSG_DONTWAIT)
             if r > 0:
+                if watching:  # the completion's first bytes came while polling
+                    _spun(&self.spin, t0, last, True, preempted)
+                    watching = False
                 continue
             if r == 0:
                 self.eof = True
@@ -1140,14 +1187,23 @@ cdef class WireRequester:
             if r != -EAGAIN and r != C_EINTR:
                 self.a = -r
                 return R_OS_ERROR
-            # nothing there yet: spin a little (a wake-up costs more than a short round trip)
             now = _now_ns()
-            if deadline >= 0 and now >= deadline:
+            if deadline >= 0 and now >= deadline:  # (a zero timeout only looks: not a wait)
                 return 0
-            if spin_end == 0:
-                spin_end = now + self.spin_ns
-            if now < spin_end:
+            if spin_end < 0:  # nothing there yet: poll a little first if the spin policy says it pays
+                spin_end = now + spin_budget(&self.spin)  # (a wake-up costs more than a short round trip)
+                watching = spin_end > now
+                t0 = last = now
+            if now < spin_end and (deadline < 0 or now < deadline):
+                if now - last > SPIN_PREEMPT_NS:
+                    preempted = True
+                last = now
                 continue
+            if watching:
+                if now >= spin_end:  # ran out (a deadline that cut it short says nothing)
+                    _spun(&self.spin, t0, last, False, preempted)
+                watching = False
+            self.spin.sleeps += 1
             ms = -1
             if deadline >= 0:
                 ms = <int>((deadline - now + 999999) // 1000000)

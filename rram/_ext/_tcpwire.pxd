@@ -5,6 +5,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from ops cimport completion_t, op_t
 from rram._ext._regions cimport RegionTable
+from spin cimport spin_t
 
 cdef enum:
     MAX_RING = 64       # batches outstanding on one connection, at most
@@ -47,7 +48,7 @@ cdef class WireRequester:
     cdef bint keyed
     cdef uint32_t seq          # of the next REQUEST
     cdef uint32_t cseq         # the sequence number the next COMPLETION must carry
-    cdef public int64_t spin_ns
+    cdef spin_t spin           # whether a wait for a completion polls before it sleeps (ext/spin.pxd)
 
     # queue n ops as batch ``batch_id`` and build its frame (0 or an R_* code; nothing sent yet)
     cdef int _encode(self, const op_t *o, Py_ssize_t n, uint64_t batch_id) noexcept nogil

@@ -115,7 +115,7 @@ class Failover:
                     if not len(todo):
                         return
             if (link < 0).any():
-                raise self._unreadable(s[link < 0])
+                raise self._no_live_replica(s[link < 0], "have no live replica")
             failed = tier.run_plans(OP_READ, [(link, addr, rkey)], local_addrs[todo], sizes[todo], local_base)
             if not failed:
                 return
@@ -149,9 +149,10 @@ class Failover:
             usable &= ~np.isin(link, list(failed))
         return usable
 
-    def _unreadable(self, slabs: np.ndarray) -> errors.TransportError:
-        """The error for pages of ``slabs`` that no live replica holds: ReplicaSuspended when
-        each still has a copy on a suspended provider (worth waiting for), else TransportError."""
+    def _no_live_replica(self, slabs: np.ndarray, what: str) -> errors.TransportError:
+        """The error for pages of ``slabs`` that no live replica holds or took: ReplicaSuspended
+        when each still has a replica on a suspended provider (worth waiting for: the caller
+        retries once it resumes or is declared dead), else TransportError."""
         tier = self.tier
         suspended = tier.suspended_mask()
         waiting = np.zeros(len(slabs), dtype=bool)
@@ -159,14 +160,15 @@ class Failover:
             cand = tier.rep_link[k, slabs]
             waiting |= (cand >= 0) & suspended[np.maximum(cand, 0)]
         cls = errors.ReplicaSuspended if waiting.all() else errors.TransportError
-        return cls(f"{len(slabs)} pages have no live replica (providers out of use: "
+        return cls(f"{len(slabs)} pages {what} (providers out of use: "
                    f"{', '.join(lk.name + (' (suspended)' if lk.suspended else '') for lk in tier.links if not lk.alive) or 'none'})")
 
     def write(self, remote_locs: np.ndarray, local_addrs: np.ndarray, local_base: int) -> None:
         """WRITE each page to every live replica (and to the copy a drain is moving away from).
 
         A provider that fails meanwhile is suspended (then resumed, or declared dead and its
-        slabs re-replicated); a page whose every replica failed raises TransportError.
+        slabs re-replicated); a page whose every replica failed raises TransportError, or
+        ReplicaSuspended when they are all only suspended (the store retries the whole put).
         """
         tier = self.tier
         sizes = L.loc_size(remote_locs).astype(np.uint32)
@@ -184,7 +186,4 @@ class Failover:
             link = tier.rep_link[j, slabs]
             held |= (link >= 0) & alive[np.maximum(link, 0)]
         if not held.all():
-            raise errors.TransportError(
-                f"{int((~held).sum())} pages could not be written to any live replica"
-                + (f" (failed: {', '.join(tier.links[i].name for i in failed)})" if failed else "")
-            )
+            raise self._no_live_replica(slabs[~held], "could not be written to any live replica")

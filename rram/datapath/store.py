@@ -198,6 +198,12 @@ class PageStore:
         keys = _pack(pool, obj, indexes)
         n = len(keys)
         src = _page_bytes(pages, n, "pages")
+        # a put that must go remote while every replica of its slots is suspended waits, as a
+        # read does, and starts again: each attempt stores every page (again), so a page already
+        # committed by a failed attempt is simply replaced by the same bytes
+        self._retry_while_suspended(self._put_many, pool, keys, src, n)
+
+    def _put_many(self, pool: int, keys: np.ndarray, src: np.ndarray, n: int) -> None:
         with self._lock:
             self._check_open()
             persistent = self._persistent(pool)
@@ -367,13 +373,14 @@ class PageStore:
     def _write_remote(self, keys, srcs, sizes, base: int) -> np.ndarray | None:
         """Persistent images to new remote slots, written to every replica (sealed first when
         sealing): their locations, or None when no provider has room.  ReplicationError (too few
-        copies) frees the slots and propagates."""
+        copies) and TransportError (no live replica took some page; ReplicaSuspended if they
+        are suspended) free the slots and propagate."""
         rlocs, srcs, base = self._alloc_remote(keys, srcs, sizes, base, True)
         if rlocs is None:
             return None
         try:
             self._remote_io(True, rlocs, srcs, base, self._min_copies(True))
-        except errors.ReplicationError:
+        except (errors.ReplicationError, errors.TransportError):
             self.remote_alloc.free(rlocs, len(rlocs))
             self._unswept = True
             raise
@@ -619,8 +626,8 @@ class PageStore:
     def _retry_while_suspended(self, op, *args):
         """``op(*args)``, again while it fails only because the pages' live copies sit on
         suspended providers, for up to ``remote.suspension_wait`` seconds (the store lock is not
-        held while waiting: the keeper needs it to resume or bury the provider).  Reads are
-        idempotent, so a retry from the start is safe."""
+        held while waiting: the keeper needs it to resume or bury the provider).  Reads and
+        puts are idempotent, so a retry from the start is safe."""
         deadline = None
         while True:
             try:

@@ -58,8 +58,10 @@ HELLO_TIMEOUT = 10.0
 DEFAULT_IO_BUDGET = 256 << 20
 CONNECT_TIMEOUT = 10.0
 SHUT_TIMEOUT = 1.0
-#: how long the requester's ``poll`` spins on a non-blocking recv before sleeping in poll():
-#: measured 4 KiB READ p50 on 2 vCPUs, split CPUs 85 -> 25 us, same CPU unchanged (9 us)
+#: how long the requester's ``poll`` may spin on a non-blocking recv before sleeping in poll():
+#: measured 4 KiB READ p50 on 2 vCPUs, split CPUs 85 -> 25 us, same CPU unchanged (9 us).  It
+#: spins only while spinning catches completions (ext/spin.pxd): with the provider on the
+#: requester's own CPU, a spin is never answered and it stops
 DEFAULT_SPIN_US = 20
 #: the provider's connection loop does not spin by default: 20 us brings the split case to
 #: 9 us but costs the donor a busy CPU and makes a same-CPU pair 3-6x slower

@@ -366,3 +366,26 @@ def test_a_read_whose_only_copy_hangs_briefly_waits_for_it_instead_of_failing(tm
         assert s["providers"]["p0"] == "alive" and s["providers_suspended"] >= 1, s["providers"]
         assert s["suspension_waits"] > 0 and s["slabs_lost"] == 0
         assert took < 1.2 + 2.0 + SLACK, f"reads took {took:.1f}s to resume"
+
+
+def test_a_write_whose_every_replica_hangs_briefly_waits_for_it_instead_of_failing(tmp_path):
+    """Puts that must go remote while the only provider stalls for less than the dead threshold:
+    they wait for it to resume instead of failing (an NBD write would be EIO, swap would lose
+    its page), and every acknowledged page reads back."""
+    n = 4000
+    data = make_pages(n, seed=28)
+    with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path), slab_size="1MiB",
+                     lease_grace=5.0, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=256 << 10) as store:
+        pool = store.create_pool()
+        put_range(store, pool, data, 0, n // 2)
+        c.kill("p0", signal.SIGSTOP)
+        threading.Timer(1.2, c.kill, ("p0", signal.SIGCONT)).start()  # < dead_threshold (2 s)
+        t = time.monotonic()
+        put_range(store, pool, data, n // 2, n)
+        took = time.monotonic() - t
+        s = store.stats()
+        assert s["providers"]["p0"] == "alive" and s["providers_suspended"] >= 1, s["providers"]
+        assert s["suspension_waits"] > 0 and s["slabs_lost"] == 0
+        assert took < 1.2 + 2.0 + SLACK, f"writes took {took:.1f}s to resume"
+        verify(store, pool, data, page_checksums(data, n), n)

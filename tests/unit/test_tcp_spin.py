@@ -1,0 +1,167 @@
+"""The tcp requester's wait for a completion polls only while polling catches completions.
+
+WireRequester keeps the adaptive spin of ext/spin.pxd, the policy the NBD loop's LoopState
+runs (tests/unit/test_nbd_spin.py drives it outcome by outcome): here the same outcomes give
+the same budgets, so the two waits share one policy, not two copies.  Then live cores on a
+socketpair: a provider that answers long after the cap turns the spin off (the waits sleep in
+poll(), a probe now and then), a zero spin never polls, and a poll with a zero timeout only
+looks (it is no wait the policy learns from).  Every READ brings its page back.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rram import transport
+from rram.transport import OP_READ, wire
+
+_tcpwire = pytest.importorskip("rram._ext._tcpwire")
+
+CAP = 50_000
+PAGE = 4096
+
+
+def _budgets(policy, outcomes):
+    budgets = []
+    for outcome in outcomes:
+        budget = policy.next_budget_ns()
+        budgets.append(budget)
+        if budget:
+            policy.observe(outcome != "miss", preempted=outcome == "preempted")
+    return budgets
+
+
+def _requester(cap_ns: int = CAP, adaptive: bool = True):
+    from rram._ext import _regions
+
+    core = _tcpwire.WireRequester(_regions.RegionTable(), 8, 64)
+    core.set_spin(cap_ns, adaptive)
+    return core
+
+
+SEQUENCES = {
+    "hits": ["hit"] * 300,
+    "misses": ["miss"] * 3000,
+    "off then on": ["miss"] * 100 + ["hit"] * 100,
+    "four in five": (["hit"] * 4 + ["miss"]) * 200,
+    "two in three": (["hit"] * 2 + ["miss"]) * 300,
+    "preempted": ["hit"] * 3 + ["preempted"] * 50 + ["miss"] + ["preempted"] * 200,
+}
+
+
+@pytest.mark.parametrize("name", SEQUENCES)
+def test_the_completion_wait_learns_as_the_nbd_loop_does(name):
+    core = _requester()
+    budgets = _budgets(core, SEQUENCES[name])
+    nbdserve = pytest.importorskip("rram._ext._nbdserve", reason="built without liblz4: no NBD C loop")
+    loop = nbdserve.LoopState(CAP)
+    assert budgets == _budgets(loop, SEQUENCES[name])
+    counters = core.spin_counters()
+    assert (counters["hits"], counters["misses"], counters["preempted"], counters["probes"]) == (
+        loop.hits, loop.misses, loop.preempted, loop.probes)
+    assert core.spin_on == loop.on
+
+
+def test_misses_turn_the_completion_spin_off_and_fixed_or_zero_do_not_learn():
+    core = _requester()
+    budgets = _budgets(core, ["miss"] * 2000)
+    assert budgets[:2] == [CAP, 0] and not core.spin_on and sum(1 for b in budgets if b) < 20
+    fixed = _requester(adaptive=False)
+    assert _budgets(fixed, ["miss"] * 100) == [CAP] * 100
+    never = _requester(0)
+    assert _budgets(never, ["hit"] * 100) == [0] * 100
+    with pytest.raises(ValueError):
+        never.set_spin(-1)
+
+
+class SlowProvider:
+    """A requester core with spin ``cap_ns`` and, on a socketpair, a provider that answers each
+    READ ``delay`` seconds after it arrived (unsigned frames: the C core still speaks them)."""
+
+    def __init__(self, cap_ns: int, delay: float):
+        from rram._ext import _regions
+
+        self.local = _regions.RegionTable()
+        self.core = _tcpwire.WireRequester(self.local, 8, 64)
+        self.core.set_spin(cap_ns)
+        self.delay = delay
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.region = np.random.default_rng(7).integers(0, 256, 8 * PAGE, dtype=np.uint8)
+        self.buf = np.zeros(PAGE, np.uint8)
+        self.lkey = self.local.register(self.buf.ctypes.data, self.buf.nbytes)
+        self.core.attach(self.ours.fileno())
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        f = self.theirs.makefile("rb")
+        while True:
+            raw = f.read(wire.HEADER.size)
+            if len(raw) < wire.HEADER.size:
+                return
+            h = wire.parse_header(raw, 0, wire.TO_PROVIDER)
+            descs = np.frombuffer(f.read(h.count * wire.WIRE_OP.itemsize), dtype=wire.WIRE_OP)
+            time.sleep(self.delay)
+            data = b"".join(self.region[d["remote_addr"]: d["remote_addr"] + d["length"]].tobytes() for d in descs)
+            self.theirs.sendall(wire.completion(h.batch_id, 0, h.count, data))
+
+    def post(self, batch: int, page: int) -> None:
+        ops = transport.new_ops(1)
+        ops[0] = (self.buf.ctypes.data, page * PAGE, PAGE, self.lkey, 0, OP_READ, 0)
+        assert self.core.post(ops, batch) == 0
+
+    def read(self, batch: int, page: int) -> bool:
+        """READ page ``page`` of the region: whether its bytes came back."""
+        self.post(batch, page)
+        comp = transport.new_completions(1)
+        n = self.core.poll(comp, 10.0)
+        assert n == 1 and int(comp[0]["batch_id"]) == batch and int(comp[0]["status"]) == 0
+        return np.array_equal(self.buf, self.region[page * PAGE: (page + 1) * PAGE])
+
+    def close(self):
+        self.core.detach()
+        self.ours.close()
+        self.thread.join(timeout=5)
+        self.theirs.close()
+
+
+def test_a_provider_slower_than_the_cap_turns_the_spin_off():
+    # 2 ms a reply: 40 times the 50 us cap, so no poll can catch one
+    p = SlowProvider(CAP, 0.002)
+    try:
+        assert all(p.read(i + 1, i % 8) for i in range(150))
+        c = p.core.spin_counters()
+    finally:
+        p.close()
+    polled = c["hits"] + c["misses"] + c["preempted"]
+    assert polled < 20, c  # the first miss stops it; then a probe every 8, 16, 32, ... waits
+    assert c["sleeps"] >= 140, c  # (a read whose reply was in before its first look does not wait)
+
+
+def test_without_a_spin_the_wait_sleeps_at_once():
+    p = SlowProvider(0, 0)
+    try:
+        assert all(p.read(i + 1, i % 8) for i in range(40))
+        c = p.core.spin_counters()
+    finally:
+        p.close()
+    assert c["hits"] == c["misses"] == c["probes"] == c["us"] == 0, c
+
+
+def test_a_zero_timeout_only_looks():
+    p = SlowProvider(CAP, 1.0)
+    try:
+        _budgets(p.core, ["miss"])  # the spin is off: the next probe is 8 waits away
+        gap = p.core.spin_counters()
+        p.post(1, 0)
+        comp = transport.new_completions(1)
+        assert all(p.core.poll(comp, 0) == 0 for _ in range(100))  # nothing yet: no wait, no probe
+        assert p.core.spin_counters() == gap
+        assert p.core.poll(comp, 10.0) == 1
+    finally:
+        p.close()
