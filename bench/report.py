@@ -177,7 +177,9 @@ FIGURES = (
     ("FarMemory sequential scan with prefetch, region 4x its budget", f"{FARMEM}test_sequential_scan[prefetch]",
      "GB/s", 1, ">= 1 GB/s over tcp"),
     ("FarMemory sequential scan without prefetch", f"{FARMEM}test_sequential_scan[no-prefetch]", "GB/s", 1, ""),
-    ("FarMemory random 4 KiB reads, predictor on", f"{FARMEM}test_random_faults", "faults/s", 1, ">= 50,000"),
+    *((f"FarMemory random 4 KiB reads, {t} thread{'s' if t > 1 else ''}, pages {where_label}",
+       f"{FARMEM}test_random_faults[{t}-{where}]", "faults/s", 1, ">= 50,000")
+      for t in (1, 4) for where, where_label in (("remote", "on the providers"), ("local", "in the local pool"))),
     *((f"numpy workload, array 4x its resident memory, {label}", NUMPY.format(key), "s", 1, "")
       for key, label in (("plain", "plain memory"), ("farmem", "in a FarMemory region"),
                          ("swap_on_rram", "swapping onto rram (memory cgroup)"))),
@@ -637,10 +639,13 @@ def _farmem_extras(last) -> list[str]:
             notes.append(f"* FarMemory fault service p99, {where} page: {p99} µs (floor parts' p99: bare round trip "
                          f"{last(f'{FARMEM}test_floor_bare_userfaultfd_round_trip', 'p99_us')} µs, store.get "
                          f"{last(f'{FARMEM}test_floor_store_get[{where}]', 'p99_us')} µs)")
-    wasted = last(f"{FARMEM}test_random_faults", "wasted_pct")
-    if wasted is not None:
-        notes.append(f"* FarMemory random 4 KiB reads: {wasted} % of the "
-                     f"{last(f'{FARMEM}test_random_faults', 'prefetched'):,} prefetched pages wasted (goal < 10 %)")
+    for t in (1, 4):
+        key = f"{FARMEM}test_random_faults[{t}-remote]"
+        wasted = last(key, "wasted_pct")
+        if wasted is not None:
+            notes.append(f"* FarMemory random 4 KiB reads, {t} thread(s), remote pages: {wasted} % of the "
+                         f"{last(key, 'prefetched'):,} prefetched pages wasted (goal < 10 %); "
+                         f"{last(key, 'c_served_pct')} % of faults served by the handler's C loop")
     passes = {label: last(NUMPY.format(key), "pass_seconds") for key, label in
               (("plain", "plain"), ("farmem", "FarMemory"), ("swap_on_rram", "swap on rram"))}
     if any(passes.values()):

@@ -18,6 +18,7 @@ from posix.unistd cimport close, read, write, pwrite, pipe, getpid, dup
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from uffd cimport *
+from rram._ext._reqpath cimport REQ_DONE, RequestPath
 
 PAGE_SIZE = 4096
 FEATURE_PAGEFAULT_FLAG_WP = UFFD_FEATURE_PAGEFAULT_FLAG_WP
@@ -41,6 +42,22 @@ cdef enum:
     PAGE = 4096
     MAX_MSGS = 512
     MAX_REGIONS = 64
+    READ_HUP = -100000   # _read_faults: poll reported an error on the userfaultfd
+    # serve_faults (the values of ST_* and HISTORY / TREND_HEAVY below)
+    S_ABSENT = 0
+    S_CLEAN = 1
+    S_DIRTY = 2
+    S_MARK = 255         # in this batch (a page two threads wait for is served once)
+    N_HIST = 33
+    HEAVY = 5
+    P_HEAD = 0
+    P_COUNT = 1
+    P_LIMIT = 2
+    K_FAULTS = 0
+    K_MISSING = 1
+    K_ZERO = 2
+    K_WAKEUPS = 3
+    K_BATCHES = 4
 
 
 cdef int _oserror(str op) except -1:
@@ -110,6 +127,59 @@ def register(int fd, uint64_t addr, uint64_t length, uint64_t mode):
     return r.ioctls
 
 
+cdef Py_ssize_t _read_faults(int fd, uint64_t *addrs, uint64_t *flags, int cap, int timeout_ms, int other_fd,
+                             int spin_us, bint *other_ready) noexcept nogil:
+    """read_faults without the GIL: n >= 0 messages, or -errno, or READ_HUP (poll reported an
+    error on the userfaultfd)."""
+    cdef pollfd pfd[2]
+    cdef uffd_msg msgs[MAX_MSGS]
+    cdef int nfds = 2 if other_fd >= 0 else 1
+    cdef long got
+    cdef int rc = 0, i
+    cdef Py_ssize_t n = 0
+    cdef timespec now
+    cdef double deadline
+    pfd[0].fd = fd
+    pfd[0].events = POLLIN
+    pfd[1].fd = other_fd
+    pfd[1].events = POLLIN
+    pfd[1].revents = 0
+    if cap > MAX_MSGS:
+        cap = MAX_MSGS
+    if spin_us > 0:
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        deadline = now.tv_sec + now.tv_nsec * 1e-9 + spin_us * 1e-6
+        while rc == 0 and now.tv_sec + now.tv_nsec * 1e-9 < deadline:
+            rc = poll(pfd, nfds, 0)
+            clock_gettime(CLOCK_MONOTONIC, &now)
+    while rc == 0 or (rc < 0 and errno == EINTR):
+        rc = poll(pfd, nfds, timeout_ms)
+        if rc == 0:
+            break
+    if rc < 0:
+        return -errno
+    other_ready[0] = nfds == 2 and pfd[1].revents != 0
+    if rc > 0 and pfd[0].revents & (POLLERR | POLLHUP):
+        return READ_HUP
+    if rc > 0 and pfd[0].revents & POLLIN:
+        got = read(fd, msgs, cap * sizeof(uffd_msg))
+        if got < 0 and errno != EAGAIN and errno != EINTR:
+            return -errno
+        for i in range(got // <long>sizeof(uffd_msg) if got > 0 else 0):
+            if msgs[i].event == UFFD_EVENT_PAGEFAULT:
+                addrs[n] = msgs[i].arg.pagefault.address
+                flags[n] = msgs[i].arg.pagefault.flags
+                n += 1
+    return n
+
+
+cdef int _read_error(Py_ssize_t n) except -1:
+    if n == READ_HUP:
+        raise OSError(0, "userfaultfd poll reported an error (the region's process is gone?)")
+    import os
+    raise OSError(-n, f"poll/read(userfaultfd): {os.strerror(-n)}")
+
+
 def read_faults(int fd, uint64_t[::1] addrs, uint64_t[::1] flags, int timeout_ms, int other_fd=-1, int spin_us=0):
     """Wait up to ``timeout_ms`` for fault messages (GIL released); read up to len(addrs).
 
@@ -118,44 +188,185 @@ def read_faults(int fd, uint64_t[::1] addrs, uint64_t[::1] flags, int timeout_ms
     Returns ``(n, other_ready)``: n page faults (address, flags) and whether ``other_fd``
     (the handler's control socket) became readable meanwhile.  Other events are skipped.
     """
-    cdef pollfd pfd[2]
-    cdef uffd_msg msgs[MAX_MSGS]
-    cdef int nfds = 2 if other_fd >= 0 else 1
-    cdef long got
-    cdef int rc = 0, i, n = 0
-    cdef int cap = min(<int>addrs.shape[0], <int>flags.shape[0], MAX_MSGS)
-    cdef timespec now
-    cdef double deadline
-    pfd[0].fd = fd
-    pfd[0].events = POLLIN
-    pfd[1].fd = other_fd
-    pfd[1].events = POLLIN
+    cdef int cap = min(<int>addrs.shape[0], <int>flags.shape[0])
+    cdef bint ctl = False
+    cdef Py_ssize_t n
     with nogil:
-        if spin_us > 0:
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            deadline = now.tv_sec + now.tv_nsec * 1e-9 + spin_us * 1e-6
-            while rc == 0 and now.tv_sec + now.tv_nsec * 1e-9 < deadline:
-                rc = poll(pfd, nfds, 0)
-                clock_gettime(CLOCK_MONOTONIC, &now)
-        while rc == 0 or (rc < 0 and errno == EINTR):
-            rc = poll(pfd, nfds, timeout_ms)
-            if rc == 0:
+        n = _read_faults(fd, &addrs[0], &flags[0], cap, timeout_ms, other_fd, spin_us, &ctl)
+    if n < 0:
+        _read_error(n)
+    return n, bool(ctl)
+
+
+# -- the fault loop's common case in C: missing faults on absent pages ------------------------
+
+# page states shared with rram/frontends/farmem/handler.py (one byte a page)
+ST_ABSENT = 0
+ST_CLEAN = 1
+ST_DIRTY = 2
+#: serve_faults' counters (uint64 array, added to by C)
+C_FAULTS, C_MISSING, C_ZERO, C_WAKEUPS, C_BATCHES = K_FAULTS, K_MISSING, K_ZERO, K_WAKEUPS, K_BATCHES
+#: serve_faults' ``pos`` fields (int64 array shared with Python)
+POS_HEAD, POS_COUNT, POS_LIMIT = P_HEAD, P_COUNT, P_LIMIT
+#: the page history: HISTORY pages, then how many were ever recorded
+HISTORY = N_HIST
+#: a delta seen this often among the last HISTORY-1 deltas may make a trend (prefetch.HEAVY)
+TREND_HEAVY = HEAVY
+
+
+cdef struct fault_ctx:
+    int fd
+    uint64_t base
+    Py_ssize_t npages
+    uint8_t *state
+    const uint8_t *stored
+    int64_t *ring
+    Py_ssize_t ring_len
+    int64_t *pos
+    int64_t *hist
+    uint64_t *counters
+    uint64_t staging
+    Py_ssize_t staging_pages
+    uint64_t key_base
+
+
+cdef bint _record(fault_ctx *c, int64_t page) noexcept nogil:
+    """Note ``page`` in the history; True when its delta from the last page now occurs HEAVY
+    times among the recorded deltas (a trend may be starting: the predictor must see it)."""
+    cdef int64_t total = c.hist[N_HIST], k, j, d, seen = 1
+    cdef int64_t m = total if total < N_HIST else N_HIST
+    if total:
+        d = page - c.hist[(total - 1) % N_HIST]
+        for k in range(1, m):
+            j = total - k  # deltas between recorded pages j-1 and j, newest first
+            if c.hist[j % N_HIST] - c.hist[(j - 1) % N_HIST] == d:
+                seen += 1
+    c.hist[total % N_HIST] = page
+    c.hist[N_HIST] = total + 1
+    return total > 0 and seen >= HEAVY
+
+
+cdef int _serve_batch(fault_ctx *c, RequestPath path, const uint64_t *addrs, const uint64_t *flags,
+                      Py_ssize_t n, bint *trend) noexcept nogil:
+    """Serve ``n`` messages when every one is a missing fault on an ABSENT page and they fit
+    under the limit: one read_pages for all, UFFDIO_COPY each (write-protected unless written
+    or never stored), states, FIFO ring.  1 when served, 0 when declined with nothing changed
+    (the Python path serves them), -errno when an ioctl failed."""
+    cdef uint32_t pages[MAX_MSGS]
+    cdef uint8_t written[MAX_MSGS]
+    cdef Py_ssize_t i, k, m = 0
+    cdef uint64_t a, page
+    cdef int64_t count = c.pos[P_COUNT], at
+    cdef int err = 0
+    cdef int64_t copied = 0
+    cdef bint wp, ok = True
+    for i in range(n):
+        a = addrs[i]
+        if a < c.base or flags[i] & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR):
+            ok = False
+            break
+        page = (a - c.base) >> 12
+        if <Py_ssize_t>page >= c.npages:
+            ok = False
+            break
+        if c.state[page] == S_MARK:
+            for k in range(m):
+                if pages[k] == page:
+                    written[k] |= (flags[i] & UFFD_PAGEFAULT_FLAG_WRITE) != 0
+            continue
+        if c.state[page] != S_ABSENT:
+            ok = False
+            break
+        c.state[page] = S_MARK
+        pages[m] = <uint32_t>page
+        written[m] = (flags[i] & UFFD_PAGEFAULT_FLAG_WRITE) != 0
+        m += 1
+    if ok and (count + m > c.pos[P_LIMIT] or m > c.staging_pages):
+        ok = False
+    if ok and path.read_pages(c.key_base, pages, m, <uint8_t *>c.staging) != REQ_DONE:
+        ok = False
+    if not ok:
+        for k in range(m):
+            c.state[pages[k]] = S_ABSENT
+        return 0
+    for k in range(m):
+        page = pages[k]
+        wp = c.stored[page] and not written[k]
+        if not c.stored[page]:
+            c.counters[K_ZERO] += 1
+        err = _copy_run(c.fd, c.base + page * PAGE, c.staging + k * PAGE, PAGE, UFFDIO_COPY_MODE_WP if wp else 0, &copied)
+        if err == EEXIST:
+            _wake(c.fd, c.base + page * PAGE, PAGE)
+            err = 0
+        if err:
+            for i in range(k, m):
+                c.state[pages[i]] = S_ABSENT
+            c.pos[P_COUNT] = count
+            return -err
+        c.state[page] = S_CLEAN if wp else S_DIRTY
+        at = (c.pos[P_HEAD] + count) % c.ring_len
+        c.ring[at] = page
+        count += 1
+        if _record(c, page):
+            trend[0] = True
+    c.pos[P_COUNT] = count
+    c.counters[K_FAULTS] += <uint64_t>n
+    c.counters[K_MISSING] += <uint64_t>m
+    c.counters[K_WAKEUPS] += 1
+    return 1
+
+
+def serve_faults(int fd, uint64_t[::1] addrs, uint64_t[::1] flags, int timeout_ms, int other_fd, int first_spin_us,
+                 int spin_us, RequestPath path not None, uint64_t key_base, uint64_t base, uint8_t[::1] state, const uint8_t[::1] stored,
+                 int64_t[::1] ring, int64_t[::1] pos, int64_t[::1] hist, uint64_t[::1] counters,
+                 uint64_t staging, Py_ssize_t staging_pages):
+    """``read_faults``, serving in C (GIL released) every batch of missing faults on ABSENT
+    pages that fits under ``pos[POS_LIMIT]`` resident pages: the pages come from the store's
+    request path (``path.read_pages``, local pool or remote, one call a batch), are copied in
+    write-protected unless written or never ``stored`` (zeros, mapped writable), and join the
+    FIFO ``ring`` (``pos``: head, count).  Returns ``(n, other_ready, trend)``: n > 0 messages
+    it left for the Python path (anything else: WP and minor faults, pages in other states,
+    no room, a request the store's C path declined), or 0 on a timeout, control-socket input
+    or ``trend``: a fault delta now repeats often enough that the predictor must look at the
+    ``hist`` of the last pages served here.  The first wait spins ``first_spin_us``, the
+    ones after a batch served here ``spin_us``.  Counters: see C_*."""
+    cdef fault_ctx c
+    cdef int cap = min(<int>addrs.shape[0], <int>flags.shape[0])
+    cdef bint ctl = False, trend = False
+    cdef Py_ssize_t n = 0
+    cdef int rc = 1
+    if hist.shape[0] < N_HIST + 1 or pos.shape[0] < 3 or counters.shape[0] < 5:
+        raise ValueError("serve_faults: hist, pos or counters too short")
+    c.fd = fd
+    c.base = base
+    c.npages = min(state.shape[0], stored.shape[0])
+    c.state = &state[0]
+    c.stored = &stored[0]
+    c.ring = &ring[0]
+    c.ring_len = ring.shape[0]
+    c.pos = &pos[0]
+    c.hist = &hist[0]
+    c.counters = &counters[0]
+    c.staging = staging
+    c.staging_pages = staging_pages
+    c.key_base = key_base
+    cdef int spin = first_spin_us
+    with nogil:
+        while True:
+            n = _read_faults(fd, &addrs[0], &flags[0], cap, timeout_ms, other_fd, spin, &ctl)
+            if n <= 0:
                 break
+            rc = _serve_batch(&c, path, &addrs[0], &flags[0], n, &trend)
+            if rc <= 0 or trend or ctl:
+                break
+            c.counters[K_BATCHES] += 1
+            spin = spin_us  # right after work: the next fault may be close
+    if n < 0:
+        _read_error(n)
     if rc < 0:
-        _oserror("poll(userfaultfd)")
-    if rc > 0 and pfd[0].revents & (POLLERR | POLLHUP):
-        raise OSError(0, "userfaultfd poll reported an error (the region's process is gone?)")
-    if rc > 0 and pfd[0].revents & POLLIN:
-        with nogil:
-            got = read(fd, msgs, cap * sizeof(uffd_msg))
-        if got < 0 and errno != EAGAIN and errno != EINTR:
-            _oserror("read(userfaultfd)")
-        for i in range(got // <long>sizeof(uffd_msg) if got > 0 else 0):
-            if msgs[i].event == UFFD_EVENT_PAGEFAULT:
-                addrs[n] = msgs[i].arg.pagefault.address
-                flags[n] = msgs[i].arg.pagefault.flags
-                n += 1
-    return n, bool(nfds == 2 and pfd[1].revents)
+        errno = -rc
+        _oserror("UFFDIO_COPY")
+    return (n if rc == 0 else 0), bool(ctl), bool(trend)
 
 
 cdef int _copy_run(int fd, uint64_t dst, uint64_t src, uint64_t length, uint64_t mode, int64_t *copied) noexcept nogil:

@@ -204,6 +204,34 @@ def test_prefetch_counters_on_a_sequential_scan(cluster):
         del a
 
 
+def test_random_faults_served_in_c_then_a_scan_is_prefetched(cluster):
+    """Random reads of evicted pages are served by the handler's C loop (no Python a fault),
+    from the local pool and from the providers, byte for byte and under the budget; a scan
+    that follows makes a trend the C loop hands back to the predictor, which prefetches it."""
+    data = np.random.default_rng(5).integers(0, 256, SIZE, dtype=np.uint8)
+    data[: SIZE // 2].reshape(-1, PAGE_SIZE)[:, 64:] = 0  # half the pages compress well
+    with region(cluster) as mem:
+        a = mem.array(np.uint8, SIZE)
+        mem.advise("random")
+        a[:] = data
+        mem.advise("normal")
+        before = mem.stats()
+        npages = SIZE // PAGE_SIZE
+        for p in np.random.default_rng(6).permutation(npages)[: npages // 2].tolist():
+            assert a[p * PAGE_SIZE + 100] == data[p * PAGE_SIZE + 100]
+        s = mem.stats()
+        c_faults = s["c_faults"] - before["c_faults"]
+        assert c_faults > (s["missing_faults"] - before["missing_faults"]) // 2, s
+        assert s["resident_pages"] <= BUDGET // PAGE_SIZE
+        assert s["written_back"] > 0 and s["prefetched"] == before["prefetched"]  # random: nothing prefetched
+        if mem.prefetch_ok:
+            assert digest(a) == digest(data)  # a scan: the trend leaves the C loop
+            t = mem.stats()
+            assert t["prefetch_hits"] > s["prefetch_hits"] and t["c_faults"] - s["c_faults"] < npages // 4, t
+        assert digest(a) == digest(data)
+        del a
+
+
 def test_bad_input_gets_a_clear_error_and_the_region_keeps_serving(cluster):
     with pytest.raises(errors.ConfigError, match="size"):
         FarMemory(cluster.config_path, size=0, budget=BUDGET)

@@ -6,19 +6,35 @@ its lifeline pipe (rram/frontends/farmem/wire.py).  The handler opens its own Pa
 the same cluster, maps the memfd and serves the region until ``close`` or end of stream.
 
 Page states (one byte a page):
-  ABSENT  not in the memfd: the next touch is a *missing* fault, filled from the store
-  CLEAN   mapped write-protected (UFFDIO_COPY_MODE_WP): the first write is a *WP* fault
-          (or none: a walk of writes un-protects the CLEAN pages ahead of it, _write_ahead)
-  DIRTY   mapped writable: written back to the store before it is dropped
-  CACHED  prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
-          fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
+  ABSENT   not in the memfd: the next touch is a *missing* fault, filled from the store
+  CLEAN    mapped write-protected (UFFDIO_COPY_MODE_WP): the first write is a *WP* fault
+           (or none: a walk of writes un-protects the CLEAN pages ahead of it, _write_ahead)
+  DIRTY    mapped writable: written back to the store before it is dropped
+  CACHED   prefetched into the memfd's page cache, not mapped: the next touch is a *minor*
+           fault (UFFDIO_CONTINUE, a prefetch hit); dropped unused, it counts as wasted
+  EVICTING handed to the writer thread for eviction: ABSENT once reaped
+  FETCHING handed to the fetcher thread: CACHED once reaped
 A page the store has never held (``stored`` clear: never evicted dirty) is zeros: it is
 filled without a store read and mapped writable (DIRTY) at once, since write-protecting it
-would only buy a WP fault on its first write.  Eviction is FIFO over resident pages, run
-before a fill that would pass the budget: dirty victims are write-protected (writes now wait
-for us), read through our mapping, put to the store, then every victim is punched out of the
-memfd.  A write that races with it waits as a
-WP fault and is served after the punch by a fresh fill from the store.
+would only buy a WP fault on its first write.
+
+Three threads (iothread.py, umap's filler/evictor split): this loop keeps the policy and is
+the only one to change page states; the fetcher reads prefetched pages from the store into a
+staging buffer; the writer writes them into the memfd's page cache and does eviction's I/O,
+in the order handed over (both take the memfd's inode lock: one thread, no contention).
+Eviction is FIFO over resident pages, started once a fill comes within EVICT_AHEAD of the
+budget, so that its I/O overlaps the fills that follow: the writer write-protects the dirty
+victims (writes now wait for us), reads them through our mapping, puts them to the store,
+then punches every victim out of the memfd.  A fill that would pass the budget itself waits
+for the writer.  A fault on an EVICTING or FETCHING page (a write racing with its
+write-back, a touch after its punch, a scan overtaking its prefetch) waits until the threads
+are done with it, then is served as the page now stands.
+
+While no trend holds, the wait for faults is ``_uffd.serve_faults``: a C loop that serves
+batches of missing faults on ABSENT pages itself, through the store's C request path
+(ext/_reqpath.pyx), and returns to Python only what needs policy (other states, WP and minor
+faults, no room under the budget, a request the C path declines) or when a delta among the
+pages it served repeats (the predictor then sees them: ``_replay``).
 
 If the store fails, the reason goes down the lifeline and the process exits: the region's
 watchdog then makes the region PROT_NONE and faulting threads die with that message.
@@ -30,6 +46,7 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import socket
 import sys
 
@@ -40,18 +57,25 @@ from ... import errors
 from ..._ext import _uffd as U
 from . import wire as W
 from ...logsetup import configure_logging
+from .iothread import IoThread
 from .prefetch import Predictor
 
 log = logging.getLogger(__name__)
 
-ABSENT, CLEAN, DIRTY, CACHED = 0, 1, 2, 3
+ABSENT, CLEAN, DIRTY, CACHED, EVICTING, FETCHING = 0, 1, 2, 3, 4, 5
 MAX_FAULTS = 512          # messages read per wake-up
-MAX_WINDOW = 256          # pages prefetched per run at most (and at most an eighth of the budget)
+MAX_WINDOW = 256          # pages prefetched per run at most (and at most a quarter of the budget:
+                          # an eighth cost ~1 µs more handler CPU a scanned page in thread hand-offs)
 WRITE_AHEAD = 32          # CLEAN pages un-protected ahead of a run of writes (see _write_ahead)
 EVICT_SLACK = 1 / 16      # evict down to budget*(1-slack) (umap's high/low water marks)
+EVICT_AHEAD = 1 / 8       # ... once a fill comes this close to the budget: the evictor has time
+FETCH_DEPTH = 2           # prefetch windows in flight under advise("sequential") (else one:
+                          # a stream of unknown length, 1 MiB chunks say, wasted the second)
+FETCH_BUFFERS = 3         # staging buffers between the fetcher and the writer
+MIN_FETCH = 32            # pages a fetched batch at least (each costs a store call)
 COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
             "evicted_clean", "evicted_dirty", "written_back", "write_ahead", "prefetched", "prefetch_hits",
-            "wasted", "wakeups")
+            "wasted", "wakeups", "c_faults")
 
 
 class Region:
@@ -78,13 +102,31 @@ class Region:
         self.batch = max(16, min(batch, self.budget // 2))
         self.staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)
         self.staging_addr = self.staging.ctypes.data
+        self.evict_staging = np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8)  # the writer's
+        self.ahead = int(self.budget * EVICT_AHEAD)
         self._one_addr = np.zeros(1, dtype=np.uint64)  # the latency path's address, reused
-        self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 8)))
+        self.predictor = Predictor(max_window=min(MAX_WINDOW, max(1, self.budget // 4)))
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._hits_seen = self._wasted_seen = 0
+        self.evicting = 0  # pages handed to the writer for eviction, not reaped yet
+        # staging buffers between the fetcher (fills one) and the writer (empties it)
+        self._buffers: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(FETCH_BUFFERS):
+            self._buffers.put(np.zeros(self.batch * PAGE_SIZE, dtype=np.uint8))
+        self.writer = IoThread(self._write_io, f"farmem-write-{self.name}")
+        self.fetcher = IoThread(self._fetch_io, f"farmem-fetch-{self.name}")
+        # the fault loop in C (_uffd.serve_faults) over the store's C request path, while no
+        # trend holds: ring head/count/limit, the pages it served lately, its counters
+        self.c_path = getattr(store, "requests", None)
+        self.key_base = self.pool << 56  # (pool, object 0, index 0): rram.datapath.keys
+        self.pos = np.zeros(3, dtype=np.int64)
+        self.hist = np.zeros(U.HISTORY + 1, dtype=np.int64)
+        self.c_counters = np.zeros(5, dtype=np.uint64)
 
     def close(self) -> None:
         """Forget the region: its pages leave the store, its fds are closed."""
+        self.fetcher.close()
+        self.writer.close()
         try:
             self.store.invalidate_pool(self.pool)
         except Exception as exc:  # noqa: BLE001 - the store may be the reason we stop
@@ -102,45 +144,141 @@ class Region:
         self.count += len(pages)
 
     def make_room(self, n: int) -> None:
-        """Evict so that ``n`` more pages fit under the budget."""
-        over = self.count + n - self.budget
-        if over <= 0:
-            return
-        k = min(self.count, over + int(self.budget * EVICT_SLACK))
-        at = (self.head + np.arange(k)) % len(self.ring)
-        victims = np.sort(self.ring[at])
-        self.head = (self.head + k) % len(self.ring)
-        self.count -= k
-        self.evict(victims)
+        """Evict so that ``n`` more pages fit under the budget: the oldest resident pages go to
+        the writer once the fill comes within ``ahead`` of the budget (down to ``slack``
+        under it), and this waits for it only while the fill would pass the budget itself."""
+        if self.writer.inflight:
+            self.reap()
+        over = self.count + n - (self.budget - self.ahead)  # EVICTING pages are on their way out
+        if over > 0 and self.count:
+            k = min(self.count, over + int(self.budget * EVICT_SLACK))
+            at = (self.head + np.arange(k)) % len(self.ring)
+            victims = np.sort(self.ring[at])
+            if (self.state[victims] == FETCHING).any():  # a tiny budget: prefetched pages first
+                self._settle(victims)
+            self.head = (self.head + k) % len(self.ring)
+            self.count -= k
+            self.evict(victims)
+        while self.evicting and self.count + self.evicting + n > self.budget:
+            self._reaped(self.writer.wait())
 
     def evict(self, victims: np.ndarray) -> None:
+        """Hand ``victims`` (resident, sorted) to the writer: EVICTING until reaped."""
         st = self.state[victims]
         dirty = victims[st == DIRTY]
+        self.counters["wasted"] += int((st == CACHED).sum())
+        self.counters["evicted_dirty"] += len(dirty)
+        self.counters["evicted_clean"] += len(victims) - len(dirty)
+        self.state[victims] = EVICTING
+        self.evicting += len(victims)
+        self.writer.submit(victims, (dirty,))
+
+    def _write_io(self, pages: np.ndarray, job: tuple) -> None:
+        """The writer thread's part: a fetched batch into the memfd's page cache (job: its
+        buffer), or an eviction (job: its dirty pages), in the order they were handed over:
+        both take the memfd's inode lock, so one thread does both, without contention."""
+        if len(job) == 2:
+            buf = job[0]
+            U.write_pages(self.memfd, (pages * PAGE_SIZE).astype(np.uint64), len(pages), buf.ctypes.data)
+            self._buffers.put(buf)
+            return
+        dirty = job[0]
         if len(dirty):
             # stop writes first: a write from now on waits as a WP fault until we are done
             U.writeprotect_pages(self.uffd, self._addrs(dirty), len(dirty), True)
+            staging = self.evict_staging
             for i in range(0, len(dirty), self.batch):
                 chunk = dirty[i:i + self.batch]
                 offs = (chunk * PAGE_SIZE).astype(np.uint64)
-                U.gather_pages(self.map_addr, offs, len(chunk), self.staging_addr)
+                U.gather_pages(self.map_addr, offs, len(chunk), staging.ctypes.data)
                 # all-zero pages cost the store a page-map entry, no remote write (its codec
                 # sees them); stored, they come back write-protected like any other, which keeps
                 # the runs of a later scan all one kind (one CONTINUE a run, not one a page)
-                self.store.put_many(self.pool, 0, chunk, self.staging[:len(chunk) * PAGE_SIZE])
-                self.stored[chunk] = True
-            self.counters["written_back"] += len(dirty)
-        wasted = int((st == CACHED).sum())
-        self.counters["wasted"] += wasted
-        self.counters["evicted_dirty"] += len(dirty)
-        self.counters["evicted_clean"] += len(victims) - len(dirty)
-        offs = (victims * PAGE_SIZE).astype(np.uint64)
-        U.punch_pages(self.memfd, offs, len(victims))
-        self.state[victims] = ABSENT
+                self.store.put_many(self.pool, 0, chunk, staging[:len(chunk) * PAGE_SIZE])
+        U.punch_pages(self.memfd, (pages * PAGE_SIZE).astype(np.uint64), len(pages))
+
+    def _fetch_io(self, pages: np.ndarray, _job) -> None:
+        """The fetcher thread's part: ``pages`` from the store into a free buffer, handed to
+        the writer (which frees the buffer once it wrote it into the page cache)."""
+        while True:
+            try:
+                buf = self._buffers.get(timeout=1.0)
+                break
+            except queue.Empty:
+                self.writer.check()  # a failed writer frees nothing: do not wait for it
+        zeros = self._fetch(pages, buf)
+        self.writer.submit(pages, (buf, zeros))
+
+    def _reaped(self, batches) -> None:
+        c = self.counters
+        for pages, job in batches:
+            if len(job) == 2:
+                self.state[pages] = CACHED
+                c["zero_filled"] += job[1]
+            else:
+                self.state[pages] = ABSENT
+                self.stored[job[0]] = True
+                self.evicting -= len(pages)
+                c["written_back"] += len(job[0])
+
+    def reap(self) -> None:
+        """Take in what the I/O threads finished (and raise what failed there)."""
+        if self.fetcher.inflight:
+            self.fetcher.reap()
+        if self.writer.inflight:
+            self._reaped(self.writer.reap())
+
+    def _settle(self, pages) -> None:
+        """Wait until no page of ``pages`` is EVICTING or FETCHING (a fault on one: after the
+        I/O threads that hold it).  The fetcher hands its batch to the writer before it is done."""
+        st = self.state[pages]
+        busy = np.atleast_1d(pages)[(st == FETCHING) | (st == EVICTING)]
+        if len(busy):
+            self.fetcher.wait_for(busy)
+            self._reaped(self.writer.wait_for(busy))
 
     def _addrs(self, pages: np.ndarray) -> np.ndarray:
         return (self.base + pages * PAGE_SIZE).astype(np.uint64)
 
     # -- faults ------------------------------------------------------------------------------
+
+    def wait_faults(self, addrs: np.ndarray, flags: np.ndarray, ctl_fd: int, first_spin: int, spin: int):
+        """Wait for fault messages: ``(n, control socket readable)``, n of them for ``serve``.
+        While no trend holds, the C loop serves the missing faults it can itself (no Python
+        per fault) and returns only what needs policy; a repeating delta among the pages it
+        served sends them to the predictor."""
+        if self.c_path is None or self.predictor.trend() is not None:
+            return U.read_faults(self.uffd, addrs, flags, 1000, ctl_fd, first_spin)
+        pos, hist = self.pos, self.hist
+        pos[U.POS_HEAD] = self.head
+        pos[U.POS_COUNT] = self.count
+        # no further than eviction would start, and never past the budget with EVICTING pages
+        pos[U.POS_LIMIT] = min(self.budget - self.ahead, self.budget - self.evicting)
+        seen = int(hist[U.HISTORY])
+        n, ctl, trend = U.serve_faults(self.uffd, addrs, flags, 1000, ctl_fd, first_spin, spin, self.c_path,
+                                       self.key_base, self.base, self.state, self.stored.view(np.uint8),
+                                       self.ring, pos, hist, self.c_counters, self.staging_addr, self.batch)
+        self.count = int(pos[U.POS_COUNT])
+        total = int(hist[U.HISTORY])
+        if total != seen:
+            if trend:
+                self._replay(total)
+            else:
+                self.predictor.skip_to(int(hist[(total - 1) % U.HISTORY]))
+        return n, ctl
+
+    def _replay(self, total: int) -> None:
+        """The pages the C loop served lately, to the predictor; then prefetch along a trend
+        it finds, or let the C loop start a fresh history (a repeat that made no trend)."""
+        m = min(total, U.HISTORY)
+        pages = [int(self.hist[i % U.HISTORY]) for i in range(total - m, total)]
+        self.predictor.skip_to(pages[0])
+        for p in pages[1:]:
+            self.predictor.on_fault(p)
+        if self.predictor.trend() is None:
+            self.hist[U.HISTORY] = 0
+        elif self.minor:
+            self._prefetch_after(pages[-1])
 
     def serve(self, addrs: np.ndarray, flags: np.ndarray) -> None:
         c = self.counters
@@ -151,6 +289,8 @@ class Region:
         pages = ((addrs - self.base) // PAGE_SIZE).astype(np.int64)
         inside = (addrs >= self.base) & (pages < self.npages)
         pages, flags = pages[inside], flags[inside]
+        self.reap()
+        self._settle(pages)
         st = self.state[pages]
         wpf, minor = (flags & U.FLAG_WP) != 0, (flags & U.FLAG_MINOR) != 0
         mapped = (st == CLEAN) | (st == DIRTY)
@@ -175,7 +315,11 @@ class Region:
         page = (addr - self.base) // PAGE_SIZE
         if not 0 <= page < self.npages:
             return
+        self.reap()
         st = self.state[page]
+        if st == EVICTING or st == FETCHING:
+            self._settle(page)
+            st = self.state[page]
         if st == CLEAN or st == DIRTY or st == CACHED:
             self._serve_mapped(page, st, flags)
         else:
@@ -289,7 +433,8 @@ class Region:
     def _prefetch_after(self, page: int) -> None:
         if not self.minor:
             return
-        ahead = self.predictor.ahead(page, self.npages)
+        depth = FETCH_DEPTH if self.predictor.advice == "sequential" else 1
+        ahead = self.predictor.ahead(page, self.npages, depth)
         if ahead:
             ahead = np.array(ahead, dtype=np.int64)
             ahead = np.sort(ahead[self.state[ahead] == ABSENT][: self.budget // 4])
@@ -320,7 +465,7 @@ class Region:
             for i in range(0, len(group), self.batch):
                 chunk = group[i:i + self.batch]
                 self.make_room(len(chunk))
-                self._fetch(chunk)
+                self.counters["zero_filled"] += self._fetch(chunk, self.staging)
                 U.copy_pages(self.uffd, self._addrs(chunk), self.staging_addr, len(chunk), wp)
                 self.state[chunk] = CLEAN if wp else DIRTY
                 self._push(chunk)
@@ -329,26 +474,41 @@ class Region:
         if self.minor and self.predictor.trend():
             self._prefetch_after(int(pages[-1]))
 
-    def _fetch(self, pages: np.ndarray) -> None:
-        """``pages`` into the staging buffer; pages never stored are zeroed, not looked up."""
-        staged = self.staging[:len(pages) * PAGE_SIZE]
+    def _fetch(self, pages: np.ndarray, staging: np.ndarray) -> int:
+        """``pages`` into ``staging``; pages never stored are zeroed, not looked up.  Returns
+        how many were zeros."""
+        staged = staging[:len(pages) * PAGE_SIZE]
         if not self.stored[pages].any():
             staged[:] = 0
-            self.counters["zero_filled"] += len(pages)
-            return
+            return len(pages)
         found = self.store.get_many(self.pool, 0, pages, staged)
-        self.counters["zero_filled"] += len(pages) - int(np.count_nonzero(found))
+        return len(pages) - int(np.count_nonzero(found))
 
     def cache(self, pages: np.ndarray) -> None:
-        """Prefetch ``pages`` (ABSENT) into the memfd's page cache, unmapped: CACHED."""
-        for i in range(0, len(pages), self.batch):
-            chunk = pages[i:i + self.batch]
+        """Prefetch ``pages`` (ABSENT, sorted) into the memfd's page cache, unmapped: FETCHING
+        now, CACHED once reaped.  In batches of about a window: the fetcher reads one while
+        the writer writes the one before."""
+        step = min(self.batch, max(MIN_FETCH, self.predictor.window))
+        for i in range(0, len(pages), step):
+            chunk = pages[i:i + step]
             self.make_room(len(chunk))
-            self._fetch(chunk)
-            U.write_pages(self.memfd, (chunk * PAGE_SIZE).astype(np.uint64), len(chunk), self.staging_addr)
-            self.state[chunk] = CACHED
+            self.state[chunk] = FETCHING
             self._push(chunk)
             self.counters["prefetched"] += len(chunk)
+            self.fetcher.submit(chunk)
+
+    def _counted(self) -> dict:
+        """The counters, with what the C loop counted."""
+        out = dict(self.counters)
+        cc = self.c_counters.tolist()
+        missing = cc[U.C_MISSING]
+        out["faults"] += cc[U.C_FAULTS]
+        out["missing_faults"] += missing
+        out["filled"] += missing
+        out["zero_filled"] += cc[U.C_ZERO]
+        out["wakeups"] += cc[U.C_WAKEUPS]
+        out["c_faults"] += cc[U.C_FAULTS]
+        return out
 
     def _feedback(self) -> None:
         c = self.counters
@@ -362,7 +522,7 @@ class Region:
     def request(self, msg: dict) -> dict:
         op = msg.get("op")
         if op == "stats":
-            return {"ok": True, "counters": dict(self.counters), "resident": self.count,
+            return {"ok": True, "counters": self._counted(), "resident": self.count + self.evicting,
                     "budget_pages": self.budget, "window": self.predictor.window}
         if op == "prefetch":
             if not self.minor:
@@ -404,9 +564,11 @@ def run(region: Region, sock: socket.socket, reader: W.Reader, spin_us: int) -> 
     try:
         while True:
             # spin only right after work: an idle region costs no CPU
-            n, ctl = U.read_faults(region.uffd, addrs, flags, 1000, sock.fileno(), spin_us if n else 0)
+            n, ctl = region.wait_faults(addrs, flags, sock.fileno(), spin_us if n else 0, spin_us)
             if n:
                 region.serve(addrs[:n].copy(), flags[:n].copy())
+            else:  # idle: take in what the I/O threads finished, and their failures
+                region.reap()
             while ctl or reader.pending():
                 ctl = False
                 msg, _ = reader.recv()

@@ -122,9 +122,9 @@ class Predictor:
         """The stream moved on to ``page`` without faulting (pages mapped ahead of it)."""
         self.last = page
 
-    def ahead(self, page: int, npages: int) -> list[int]:
-        """The pages to fetch after ``page`` along the trend (possibly none)."""
+    def ahead(self, page: int, npages: int, depth: int = 1) -> list[int]:
+        """The pages to fetch after ``page`` along the trend, ``depth`` windows (possibly none)."""
         d = self.trend()
         if not d or not self.window:
             return []
-        return [p for p in range(page + d, page + d * (self.window + 1), d) if 0 <= p < npages]
+        return [p for p in range(page + d, page + d * (self.window * depth + 1), d) if 0 <= p < npages]

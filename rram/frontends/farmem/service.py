@@ -9,7 +9,8 @@ socket and send the same hello (userfaultfd, memfd, lifeline by SCM_RIGHTS).  Al
 one PageStore: one set of provider connections, one local compressed pool, and one resident
 budget: a region is admitted only while the budgets of the regions served add up to at most
 ``--budget`` (refused with the numbers otherwise).  Each region is served by a thread of its
-own running handler.run; the service's GIL is never one the regions' processes need.  If the
+own running handler.run (and the region's fetcher and writer threads, handler.Region); the
+service's GIL is never one the regions' processes need.  If the
 service dies, every region it serves fails loudly (their lifelines hang up).
 """
 from __future__ import annotations
