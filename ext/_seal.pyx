@@ -196,10 +196,10 @@ cdef class Sealer:
 
     def open_reads(self, ops, Py_ssize_t count, uint64_t base, uint64_t stride, locs, keys, sizes,
                    Py_ssize_t n, SlotAllocator versions_r, SlotAllocator versions_e, ok):
-        """Open in place the pages one link's READs brought in (the fast path: called as each
-        link's batch completes, while the other links' READs are still in flight).
+        """Open in place the pages READs of a planned batch brought in (PlannedReads binds the
+        plan once and opens each link's or chunk's READs as they land; this is one such call).
 
-        ``ops[:count]``: that link's READs, each into base + i * stride for page i of a planned
+        ``ops[:count]``: READs, each into base + i * stride for page i of a planned
         batch of n (locs[i], keys[i], sizes[i] its sealed size).  Each image is opened with the
         version its slot's owner word holds (in ``versions_r``, else ``versions_e``) and
         sizes[i] drops by TAG, ready for decompression; where the tag (or the version lookup)
@@ -211,33 +211,8 @@ cdef class Sealer:
         cdef const uint64_t *k = _u64(keys, n, "keys")
         cdef uint32_t *z = <uint32_t *>_buf(sizes, 4, n, True, "sizes")
         cdef uint8_t *o = <uint8_t *>_buf(ok, 1, n, True, "ok")
-        cdef Py_ssize_t j, bad = 0, stray = -1
-        cdef uint64_t i, loc, version
-        if versions_r is None or versions_e is None or not (versions_r.track_owners and versions_e.track_owners):
-            raise ValueError("open_reads needs both remote allocators, tracking owners (the versions)")
-        if stride == 0:
-            raise ValueError("stride must not be 0")
-        with nogil:
-            for j in range(count):
-                i = (op[j].local_addr - base) // stride
-                if op[j].local_addr < base or i >= <uint64_t>n or op[j].local_addr != base + i * stride:
-                    stray = j  # not a READ of this plan: a bug, not a provider's doing
-                    break
-                loc = l[i]
-                if (loc & KIND_MASK) != KIND_STORED or loc_slab(loc) < FIRST_REMOTE_SLAB or op[j].length != loc_size(loc):
-                    stray = j
-                    break
-                if versions_r._owner(loc, &version) != E_OK and versions_e._owner(loc, &version) != E_OK:
-                    version = 0  # no version: the open fails (and counts)
-                if self.open_one(<uint8_t *><uintptr_t>op[j].local_addr, z[i], k[i], version):
-                    z[i] -= SEAL_TAG
-                    o[i] = 1
-                else:
-                    o[i] = 0
-                    bad += 1
-        if stray >= 0:
-            raise RramError(f"READ {stray} of {count} does not match the planned batch (address or length)")
-        return bad
+        _check_plan(versions_r, versions_e, stride)
+        return _open_ops(self, op, count, base, stride, l, k, z, o, n, versions_r, versions_e)
 
     def open_page(self, uint64_t addr, uint32_t sealed_size, uint64_t key, uint64_t version) -> bool:
         """``open`` for one page (the latency path: no arrays)."""
@@ -261,3 +236,95 @@ cdef class Sealer:
                 o[i] = self.open_one(<uint8_t *><uintptr_t>a[i], z[i], k[i], v[i])
                 bad += 1 - o[i]
         return bad
+
+
+cdef int _check_plan(SlotAllocator versions_r, SlotAllocator versions_e, uint64_t stride) except -1:
+    if versions_r is None or versions_e is None or not (versions_r.track_owners and versions_e.track_owners):
+        raise ValueError("open_reads needs both remote allocators, tracking owners (the versions)")
+    if stride == 0:
+        raise ValueError("stride must not be 0")
+    return 0
+
+
+cdef Py_ssize_t _open_ops(Sealer sealer, const op_t *op, Py_ssize_t count, uint64_t base, uint64_t stride,
+                          const uint64_t *l, const uint64_t *k, uint32_t *z, uint8_t *o, Py_ssize_t n,
+                          SlotAllocator versions_r, SlotAllocator versions_e) except -1:
+    """``Sealer.open_reads`` on bound arrays: the number that failed, or RramError for a READ
+    that is not one of the plan's (a bug, not a provider's doing)."""
+    cdef Py_ssize_t j, bad = 0, stray = -1
+    cdef uint64_t i, loc, version
+    with nogil:
+        for j in range(count):
+            i = (op[j].local_addr - base) // stride
+            if op[j].local_addr < base or i >= <uint64_t>n or op[j].local_addr != base + i * stride:
+                stray = j
+                break
+            loc = l[i]
+            if (loc & KIND_MASK) != KIND_STORED or loc_slab(loc) < FIRST_REMOTE_SLAB or op[j].length != loc_size(loc):
+                stray = j
+                break
+            if versions_r._owner(loc, &version) != E_OK and versions_e._owner(loc, &version) != E_OK:
+                version = 0  # no version: the open fails (and counts)
+            if sealer.open_one(<uint8_t *><uintptr_t>op[j].local_addr, z[i], k[i], version):
+                z[i] -= SEAL_TAG
+                o[i] = 1
+            else:
+                o[i] = 0
+                bad += 1
+    if stray >= 0:
+        raise RramError(f"READ {stray} of {count} does not match the planned batch (address or length)")
+    return bad
+
+
+cdef class PlannedReads:
+    """The sealed pages of one planned get batch, opened as their READs land.
+
+    ``start`` binds the batch's arrays once; ``landed(ops)`` (run_routed's ``on_done``, once
+    a link or a chunk of it) then opens those READs' pages as ``Sealer.open_reads`` does, with
+    one buffer to look at per call instead of six, since the fast path calls it for every
+    ~64 KiB a provider sends.  ``bad``: pages that failed since ``start``.  The arrays must
+    stay alive and unmoved until the batch is done (the store's scratch arrays do).
+    """
+    cdef Sealer sealer
+    cdef SlotAllocator versions_r, versions_e
+    cdef uint64_t base, stride
+    cdef object refs  # the bound arrays, kept alive
+    cdef const uint64_t *l
+    cdef const uint64_t *k
+    cdef uint32_t *z
+    cdef uint8_t *o
+    cdef Py_ssize_t n
+    cdef readonly Py_ssize_t bad
+
+    def __cinit__(self, Sealer sealer, uint64_t base, uint64_t stride, SlotAllocator versions_r,
+                  SlotAllocator versions_e):
+        _check_plan(versions_r, versions_e, stride)
+        self.sealer, self.base, self.stride = sealer, base, stride
+        self.versions_r, self.versions_e = versions_r, versions_e
+        self.n = 0
+
+    def start(self, locs, keys, sizes, ok, Py_ssize_t n):
+        """A new batch of n pages: locs/keys (uint64) planned, sizes (uint32, their stored sizes,
+        cut to the images' as pages open), ok (uint8, set per page opened)."""
+        self.l = _u64(locs, n, "locs")
+        self.k = _u64(keys, n, "keys")
+        self.z = <uint32_t *>_buf(sizes, 4, n, True, "sizes")
+        self.o = <uint8_t *>_buf(ok, 1, n, True, "ok")
+        self.refs = (locs, keys, sizes, ok)
+        self.n, self.bad = n, 0
+
+    def landed(self, ops):
+        """Open the pages of ``ops`` (READs of this batch that completed); returns how many failed."""
+        cdef Py_buffer b
+        cdef Py_ssize_t bad
+        PyObject_GetBuffer(ops, &b, PyBUF_C_CONTIGUOUS)
+        try:
+            if b.itemsize != sizeof(op_t):
+                raise ValueError(f"ops: need {sizeof(op_t)}-byte items, got {b.itemsize}")
+            bad = _open_ops(self.sealer, <const op_t *>b.buf, b.len // sizeof(op_t), self.base, self.stride,
+                            self.l, self.k, self.z, self.o, self.n, self.versions_r, self.versions_e)
+        finally:
+            PyBuffer_Release(&b)
+        self.bad += bad
+        return bad
+

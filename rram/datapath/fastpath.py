@@ -13,10 +13,12 @@ repair is copying a slab, and every posted batch succeeds.  Then
 In any other case it answers None or False, with nothing to undo (a link that failed is
 suspended), and ``PageStore`` hands the whole batch to the failover path (failover.py).
 
-With sealed pages, remote pages are READ into the seal buffer and each link's pages are opened
-in one C call as soon as that link's READs land (``opener``: seal.PlannedOpen, through
-``run_routed``'s ``on_done``), while the other links' READs are still in flight; pages whose tag
-failed are recovered from other copies before the decompress call.
+A get's READs go out in chunks of about the endpoint's ``read_chunk`` bytes (tcp: a provider
+answers a batch as one frame, so smaller frames overlap its sending with our receiving).  With
+sealed pages, remote pages are READ into the seal buffer and each chunk's pages are opened in
+one C call as soon as it lands (``opener``: seal.PlannedOpen, through ``run_routed``'s
+``on_done``), while the next chunks and the other links' READs are still in flight; pages whose
+tag failed are recovered from other copies before the decompress call.
 """
 from __future__ import annotations
 
@@ -93,12 +95,12 @@ class FastPath:
         if batches is None:
             return None
         if batches:
-            # sealed: each link's pages are opened as soon as its READs land (sizes become the
-            # images'), while the other links' are still in flight; a failed tag is recovered
-            # from another copy after the last link
+            # sealed: each chunk's pages are opened as soon as its READs land (sizes become the
+            # images'), while the rest are still in flight; a failed tag is recovered from
+            # another copy after the last link
             opener = None if self.open is None else self.open(locs, keys, path.sizes)
             # run_routed: set() when every READ landed; None (nothing posted) or the failed links otherwise
-            if tier.run_routed(batches, on_done=opener) != set():
+            if tier.run_routed(batches, on_done=None if opener is None else opener.landed, chunked=True) != set():
                 return None
             if opener is not None:
                 opener.finish(path.srcs)

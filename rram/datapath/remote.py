@@ -343,13 +343,16 @@ class RemoteTier:
         return np.array([lk.suspended for lk in self.links] or [False], dtype=bool)
 
     def run_routed(self, batches: list[tuple[int, int]], timeout: float | None = None,
-                   on_done=None) -> set[int] | None:
+                   on_done=None, chunked: bool = False) -> set[int] | None:
         """Post the batches the router wrote (one per link) and wait for every one of them.
 
         ``timeout``: how long a link may take before it is suspended; default ``read_timeout``
         (a get's batches are reads; writes pass ``io_timeout``).  ``on_done(ops)``: called with
         each link's ops as soon as its batch has succeeded, before the next link is waited for
         (the fast path opens sealed pages there, while the other links' READs are in flight).
+        ``chunked`` (gets): post each link's ops in batches of about its endpoint's
+        ``read_chunk`` bytes and call ``on_done`` as each lands, so that its work overlaps the
+        transfer of the next even when one link serves the whole batch.
 
         Returns the links that failed as a whole (now marked dead; the failover path redoes the
         I/O), or None when nothing was posted because a link still has batches outstanding (the
@@ -366,21 +369,43 @@ class RemoteTier:
         posted = []
         for li, count in batches:
             link = links[li]
-            batch = link.next_batch
-            link.next_batch += 1
-            try:
-                link.endpoint.post(self._ops[li][:count], batch)
-            except errors.TransportError as exc:
-                self._link_failed(link, exc, failed)
+            ops = self._ops[li]
+            parts = []
+            for start, end in _chunks(ops, count, link.endpoint) if chunked else ((0, count),):
+                batch = link.next_batch
+                link.next_batch += 1
+                try:
+                    link.endpoint.post(ops[start:end], batch)
+                except errors.TransportError as exc:
+                    self._link_failed(link, exc, failed)  # its posted chunks complete stale, if ever
+                    break
+                parts.append((batch, start, end))
+            else:
+                posted.append((link, parts))
+        for link, parts in posted:
+            if len(parts) == 1:
+                batch, start, end = parts[0]
+                self._wait(link, batch, failed, errs, timeout)
+                if on_done is not None and not errs and link.index not in failed:
+                    on_done(self._ops[link.index][start:end])
                 continue
-            posted.append((link, batch, count))
-        for link, batch, count in posted:
-            self._wait(link, batch, failed, errs, timeout)
-            if on_done is not None and not errs and link.index not in failed:
-                on_done(self._ops[link.index][:count])
+            self._wait_parts(link, parts, failed, errs, timeout, on_done)
         if errs:
             raise errs[0]
         return failed
+
+    def _wait_parts(self, link: Link, parts: list, failed: set, errs: list, timeout: float, on_done) -> None:
+        """Reap the chunks of one link's batch (``run_routed``), handing each to ``on_done`` as it
+        lands: a link completes its batches in the order they were posted."""
+        mine = {batch for batch, _s, _e in parts}
+        pending = {link.index: mine}
+        done = 0
+        while mine and link.index not in failed:
+            self._reap(link, pending, failed, errs, timeout)
+            while done < len(parts) and parts[done][0] not in mine and not errs and link.index not in failed:
+                if on_done is not None:
+                    on_done(self._ops[link.index][parts[done][1]:parts[done][2]])
+                done += 1
 
     def _wait(self, link: Link, batch: int, failed: set, errs: list, timeout: float) -> None:
         """Reap the one batch posted on ``link``; anything but its lone success goes through ``_take``."""
@@ -745,3 +770,20 @@ class RemoteTier:
                 link.client.close()
             except (errors.RramError, OSError) as exc:
                 log.debug("closing %s: %s", link.name, exc)
+
+
+def _chunks(ops: np.ndarray, count: int, endpoint: Endpoint) -> list[tuple[int, int]]:
+    """``ops[:count]`` cut into runs of about ``endpoint.read_chunk`` bytes (at most
+    ``max_outstanding`` runs): one run when the endpoint does not chunk or the ops are fewer."""
+    size = endpoint.read_chunk
+    if size <= 0 or count < 2:
+        return [(0, count)]
+    ends = np.cumsum(ops["length"][:count], dtype=np.uint64)
+    total = int(ends[-1])
+    parts = min(endpoint.max_outstanding, -(-total // size))
+    if parts < 2:
+        return [(0, count)]
+    cuts = np.searchsorted(ends, np.arange(1, parts, dtype=np.uint64) * np.uint64(-(-total // parts)), "right")
+    bounds = [0, *(int(c) for c in cuts if 0 < c < count), count]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+

@@ -5,7 +5,7 @@ one C call a batch, GIL released) into the seal buffer, a registered arena of ``
 of ``STRIDE`` bytes: the image followed by its 16-byte tag.  Between the remote READ (into the
 same slots) and decompression it is opened in place: by ``PageSeal.open`` (failover path),
 ``open_one`` (the one-page latency path) or ``PlannedOpen`` (the fast path's batches, one C
-call per link as its READs land, version lookup included); all three open through the same
+call per ~64 KiB of READs as they land, version lookup included); all three open through the same
 ``Sealer`` and recover failed pages the same way.
 
 The key is ``os.urandom(32)`` per store: pages never outlive the requester process that wrote
@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from .. import errors
-from .._ext._seal import ALGORITHM, STRIDE, TAG, Sealer
+from .._ext._seal import ALGORITHM, STRIDE, TAG, PlannedReads, Sealer
 from ..memory import Arena
 from . import slab as L
 
@@ -127,39 +127,36 @@ class PageSeal:
 
 
 class PlannedOpen:
-    """Opens the remote pages of the fast path's planned get batch link by link, as each link's
-    READs land (``run_routed``'s ``on_done``), in one C call a link; ``finish`` then recovers
-    any page whose tag failed from its other copies.  One per store, reused by every batch
-    (the store's lock is held throughout)."""
+    """Opens the remote pages of the fast path's planned get batch as their READs land
+    (``landed``: ``run_routed``'s ``on_done``, once a link or a chunk of one), in one C call
+    each; ``finish`` then recovers any page whose tag failed from its other copies.  One per
+    store, reused by every batch (the store's lock is held throughout)."""
 
     def __init__(self, seal: PageSeal, versions_r, versions_e, owners, reread, logged):
         self.seal = seal
-        self.sealer = seal.sealer
-        self.versions_r, self.versions_e = versions_r, versions_e  # the remote allocators (owner words)
+        #: the C side: the batch's arrays bound once (``start``), each landing opened in C
+        self.reads = PlannedReads(seal.sealer, seal.base, STRIDE, versions_r, versions_e)
+        self.landed = self.reads.landed  # ops -> failures; bound once, called per chunk
         self.owners = owners  # rlocs -> versions, for recovery (PageStore._owners)
         self.reread = reread  # as ``PageSeal.open``'s
         self.logged = logged  # called with the failure count before, once recovery is over
         self.locs = self.keys = self.sizes = None
-        self.n = self.bad = 0
+        self.n = 0
 
     def start(self, locs: np.ndarray, keys: np.ndarray, sizes: np.ndarray) -> PlannedOpen:
         """A new batch: ``locs``/``keys`` (uint64) planned, ``sizes`` (uint32, stored sizes: cut
         to the images' as pages open)."""
-        self.locs, self.keys, self.sizes, self.n, self.bad = locs, keys, sizes, len(locs), 0
+        self.locs, self.keys, self.sizes, self.n = locs, keys, sizes, len(locs)
+        self.reads.start(locs, keys, sizes, self.seal._ok, self.n)
         return self
-
-    def __call__(self, ops: np.ndarray) -> None:
-        """One link's READs have landed: open their pages in place."""
-        seal = self.seal
-        self.bad += self.sealer.open_reads(ops, len(ops), seal.base, STRIDE, self.locs, self.keys, self.sizes,
-                                           self.n, self.versions_r, self.versions_e, seal._ok)
 
     def finish(self, srcs: np.ndarray) -> None:
         """After the last link: recover the pages that failed (SealError when no copy opens)."""
-        if not self.bad:
+        bad = self.reads.bad
+        if not bad:
             return
         seal, n = self.seal, self.n
-        before = seal.failures - self.bad  # the sealer counted them as they failed
+        before = seal.failures - bad  # the sealer counted them as they failed
         try:
             ok = seal._ok[:n]
             idx = np.flatnonzero(L.is_remote(self.locs) & (ok == 0))  # each remote page was READ, so opened
@@ -169,7 +166,6 @@ class PlannedOpen:
                           self.owners(rlocs), self.reread)
             self.sizes[idx] -= np.uint32(TAG)
         finally:
-            self.bad = 0
             self.logged(before)
 
 

@@ -133,6 +133,9 @@ class Endpoint(abc.ABC):
     max_batch: int = 1024
     #: batches that may be outstanding (posted, not yet polled)
     max_outstanding: int = 16
+    #: a get posts its READs to this endpoint in batches of about this many bytes, so that the
+    #: first land (and are opened or copied) while the rest are on their way; 0: one batch
+    read_chunk: int = 0
     #: set by whoever ran the connect exchange: ``params -> reply`` through the control
     #: connection, so that ``recover()`` can build a new connection (verbs needs a new QP)
     reconnect_params = None

@@ -121,3 +121,65 @@ def test_a_late_error_completion_of_an_abandoned_batch_is_not_the_current_call_s
     remote_io(tier, op, ls, np.full(len(ls), BASE, dtype=np.uint64), fast=fast)
     assert all(lk.alive for lk in tier.links)
     assert tier.counters["stale_completions"] >= 1
+
+
+class TrickleEndpoint(RecordingEndpoint):
+    """Chunks a get's READs (``read_chunk`` bytes) and completes one batch per poll, as a
+    provider answering frame by frame does."""
+
+    read_chunk = 256
+
+    def __init__(self, max_batch):
+        super().__init__(max_batch)
+        self.polls = 0
+
+    def poll(self, out, timeout=None):
+        self.polls += 1
+        if not self.done:
+            return 0
+        out[0] = (self.done.pop(0), 0, 0)
+        return 1
+
+
+def test_chunked_reads_land_in_order_and_each_is_handed_over_as_it_lands():
+    """A get's READs go out in ~read_chunk-byte batches (at most max_outstanding a link), and
+    on_done sees each batch's ops once it completed, in the order posted, before the next poll."""
+    from rram.datapath.remote import _chunks
+
+    tier = tier_on_two_links()
+    for lk in tier.links:
+        lk.endpoint = TrickleEndpoint(64)
+    ls = locs(40)  # 64-byte READs: 20 a link (slabs alternate links), 4 a chunk of 256 bytes
+    router, lkeys = tier.router(BASE)
+    batches = router.route(False, ls, BASE + np.arange(40, dtype=np.uint64) * 4096, 40, lkeys)
+    landed = []
+    assert tier.run_routed(batches, on_done=lambda ops: landed.append(
+        (sum(lk.endpoint.polls for lk in tier.links), ops["local_addr"].copy())), chunked=True) == set()
+    posted = [ep.posted for ep in (lk.endpoint for lk in tier.links)]
+    assert [len(p) for p in posted] == [5, 5] and all(len(b) == 4 for p in posted for b in p)
+    assert [polls for polls, _ in landed] == list(range(1, 11)), "each chunk opened before the next poll"
+    flat = [b["local_addr"] for p in posted for b in p]
+    assert all(np.array_equal(a, b) for (_, a), b in zip(landed, flat))
+    # unchunked (writes, and endpoints without read_chunk): one batch a link, handed over whole
+    landed.clear()
+    for lk in tier.links:
+        lk.endpoint.posted.clear()
+    assert tier.run_routed(router.route(False, ls, BASE + np.arange(40, dtype=np.uint64) * 4096, 40, lkeys),
+                           on_done=lambda ops: landed.append(len(ops))) == set()
+    assert landed == [20, 20]
+
+    class Ep:
+        read_chunk, max_outstanding = 1000, 4
+
+    ops = np.zeros(64, dtype=[("length", np.uint32)])
+    ops["length"] = 100
+    assert _chunks(ops, 64, Ep()) == [(0, 16), (16, 32), (32, 48), (48, 64)], "no more runs than max_outstanding"
+    assert _chunks(ops, 10, Ep()) == [(0, 10)] and _chunks(ops, 1, Ep()) == [(0, 1)]
+    assert _chunks(ops, 11, Ep()) == [(0, 5), (5, 11)]
+    ops["length"][:50] = 10  # 500 small bytes, then 14 pages of 100
+    parts = _chunks(ops, 64, Ep())
+    assert parts[0][0] == 0 and parts[-1][1] == 64 and all(a < b for a, b in parts)
+    assert all(int(ops["length"][a:b].sum()) <= 1000 + 100 for a, b in parts)
+    Ep.read_chunk = 0
+    assert _chunks(ops, 64, Ep()) == [(0, 64)]
+

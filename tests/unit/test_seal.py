@@ -159,3 +159,47 @@ def test_open_reads_opens_one_links_pages_of_a_planned_batch():
         s.open_reads(ops, 1, base, STRIDE, locs, keys, sizes, N, persistent, ephemeral, ok)
     with pytest.raises(ValueError, match="tracking owners"):
         s.open_reads(ops, 0, base, STRIDE, locs, keys, sizes, N, SlotAllocator(), ephemeral, ok)
+
+
+def test_planned_reads_open_each_chunk_as_it_lands():
+    """PlannedReads binds a batch once and opens chunk after chunk, as ``open_reads`` would:
+    the same pages opened, sizes cut, the bad tag marked and counted, a stray READ refused."""
+    from rram._ext._seal import PlannedReads
+    from rram._ext._slab import SlotAllocator
+    from rram.datapath import slab as L
+    from rram.transport import OP_READ, new_ops
+
+    s = Sealer(os.urandom(32), requester=5)
+    slots = Slots([100, 2000, 4096, 1, 3000, 64, 4000, 700])
+    keys = np.arange(900, 900 + N, dtype=np.uint64)
+    versions = sealed(s, slots, keys)
+    persistent, ephemeral = SlotAllocator(track_owners=True), SlotAllocator(track_owners=True)
+    persistent.add_slab(L.FIRST_REMOTE_SLAB, 1 << 20)
+    ephemeral.add_slab(L.FIRST_REMOTE_SLAB + 1, 1 << 20)
+    locs = np.zeros(N, dtype=np.uint64)
+    sealed_sizes = slots.sizes + np.uint32(TAG)
+    persistent.alloc(sealed_sizes[:5], locs[:5], versions[:5])
+    ephemeral.alloc(sealed_sizes[5:], locs[5:], versions[5:])
+    slots.buf[2 * STRIDE + 99] ^= 1  # page 2's ciphertext altered
+    base = int(slots.addrs[0])
+    ops = new_ops(N)
+    ops["opcode"] = OP_READ
+    ops["local_addr"] = slots.addrs
+    ops["length"] = sealed_sizes
+    sizes = sealed_sizes.copy()
+    ok = np.zeros(N, dtype=np.uint8)
+    with pytest.raises(ValueError, match="tracking owners"):
+        PlannedReads(s, base, STRIDE, SlotAllocator(), ephemeral)
+    reads = PlannedReads(s, base, STRIDE, persistent, ephemeral)
+    reads.start(locs, keys, sizes, ok, N)
+    assert [reads.landed(ops[a:b]) for a, b in ((0, 3), (3, 7), (7, 8))] == [1, 0, 0]
+    assert reads.bad == 1 and s.failures == 1 and list(ok) == [1, 1, 0, 1, 1, 1, 1, 1]
+    assert all(slots.image(i) == slots.plain[i] for i in range(N) if i != 2)
+    assert slots.image(2) == bytes(int(slots.sizes[2]))
+    assert list(sizes) == [int(x) for x in slots.sizes[:2]] + [int(sealed_sizes[2])] + [int(x) for x in slots.sizes[3:]]
+    reads.start(locs, keys, sizes, ok, N)  # a new batch starts its own count
+    assert reads.bad == 0
+    ops["local_addr"][0] += 8
+    with pytest.raises(RramError, match="does not match the planned batch"):
+        reads.landed(ops[:1])
+

@@ -56,6 +56,8 @@ def test_pack_keys_leaves_the_unusual_to_pack_many(bad):
 class RecordingEndpoint:
     """Executes nothing; records every posted op and completes each batch successfully."""
 
+    read_chunk = 0  # gets post one batch a link (Endpoint.read_chunk)
+
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
         self.max_outstanding = 16
