@@ -346,14 +346,22 @@ def test_reclaim_drops_ephemeral_slabs_before_moving_any_persistent_one(tmp_path
         verify(store, pool, data, page_checksums(data, n), n)
 
 
+@contextlib.contextmanager
+def _one_provider_one_copy(tmp_path):
+    """One provider process, r=1, and a store whose 256 KiB local pool sends most pages to it:
+    a stall of that provider stalls the last copy of every remote page."""
+    with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path), slab_size="1MiB",
+                     lease_grace=5.0, **TIMING) as c, \
+            open_store(c.config, name="req", local_budget=256 << 10) as store:
+        yield c, store
+
+
 def test_a_read_whose_only_copy_hangs_briefly_waits_for_it_instead_of_failing(tmp_path):
     """The last live copy on a provider that stalls for less than the dead threshold (a frozen VM,
     a lossy link): reads stall until it resumes, they do not fail (swap would SIGBUS)."""
     n = 4000
     data = make_pages(n, seed=27)
-    with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path), slab_size="1MiB",
-                     lease_grace=5.0, **TIMING) as c, \
-            open_store(c.config, name="req", local_budget=256 << 10) as store:
+    with _one_provider_one_copy(tmp_path) as (c, store):
         pool = store.create_pool()
         put_range(store, pool, data, 0, n)
         sums = page_checksums(data, n)
@@ -374,9 +382,7 @@ def test_a_write_whose_every_replica_hangs_briefly_waits_for_it_instead_of_faili
     its page), and every acknowledged page reads back."""
     n = 4000
     data = make_pages(n, seed=28)
-    with tcp_cluster(n_providers=1, capacity="64MiB", replicas=1, workdir=str(tmp_path), slab_size="1MiB",
-                     lease_grace=5.0, **TIMING) as c, \
-            open_store(c.config, name="req", local_budget=256 << 10) as store:
+    with _one_provider_one_copy(tmp_path) as (c, store):
         pool = store.create_pool()
         put_range(store, pool, data, 0, n // 2)
         c.kill("p0", signal.SIGSTOP)

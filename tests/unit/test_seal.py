@@ -120,6 +120,28 @@ def test_the_one_page_call_and_bad_arguments():
     assert issubclass(SealError, RramError) and SealError.errno == 5
 
 
+def _sealed_in_remote_slabs(requester: int, first_key: int, persistent_pages: int):
+    """N pages sealed by a Sealer of ``requester`` in Slots, their sealed images given remote slots
+    (the first ``persistent_pages`` in a persistent slab, the rest in an ephemeral one) whose
+    owner words are their seal versions, as the store's allocators hold them."""
+    from rram._ext._slab import SlotAllocator
+    from rram.datapath import slab as L
+
+    s = Sealer(os.urandom(32), requester=requester)
+    slots = Slots([100, 2000, 4096, 1, 3000, 64, 4000, 700])
+    keys = np.arange(first_key, first_key + N, dtype=np.uint64)
+    versions = sealed(s, slots, keys)
+    persistent, ephemeral = SlotAllocator(track_owners=True), SlotAllocator(track_owners=True)
+    persistent.add_slab(L.FIRST_REMOTE_SLAB, 1 << 20)
+    ephemeral.add_slab(L.FIRST_REMOTE_SLAB + 1, 1 << 20)
+    locs = np.zeros(N, dtype=np.uint64)
+    sealed_sizes = slots.sizes + np.uint32(TAG)
+    k = persistent_pages
+    persistent.alloc(sealed_sizes[:k], locs[:k], versions[:k])
+    ephemeral.alloc(sealed_sizes[k:], locs[k:], versions[k:])
+    return s, slots, keys, persistent, ephemeral, locs, sealed_sizes
+
+
 def test_open_reads_opens_one_links_pages_of_a_planned_batch():
     """The fast path's call: pages located by their READs' addresses, versions from the remote
     allocators' owner words, sizes cut by the tag; a bad tag marks only that page."""
@@ -127,18 +149,7 @@ def test_open_reads_opens_one_links_pages_of_a_planned_batch():
     from rram.datapath import slab as L
     from rram.transport import OP_READ, new_ops
 
-    s = Sealer(os.urandom(32), requester=3)
-    slots = Slots([100, 2000, 4096, 1, 3000, 64, 4000, 700])
-    keys = np.arange(500, 500 + N, dtype=np.uint64)
-    versions = sealed(s, slots, keys)
-    persistent, ephemeral = SlotAllocator(track_owners=True), SlotAllocator(track_owners=True)
-    persistent.add_slab(L.FIRST_REMOTE_SLAB, 1 << 20)
-    ephemeral.add_slab(L.FIRST_REMOTE_SLAB + 1, 1 << 20)
-    locs = np.zeros(N, dtype=np.uint64)
-    sealed_sizes = slots.sizes + np.uint32(TAG)
-    half = N // 2
-    persistent.alloc(sealed_sizes[:half], locs[:half], versions[:half])
-    ephemeral.alloc(sealed_sizes[half:], locs[half:], versions[half:])
+    s, slots, keys, persistent, ephemeral, locs, sealed_sizes = _sealed_in_remote_slabs(3, 500, N // 2)
     locs[0] = L.ZERO_LOCATION  # a zero page: not READ, left alone
     slots.buf[5 * STRIDE + 10] ^= 1  # page 5's ciphertext altered
     base = int(slots.addrs[0])
@@ -166,20 +177,9 @@ def test_planned_reads_open_each_chunk_as_it_lands():
     the same pages opened, sizes cut, the bad tag marked and counted, a stray READ refused."""
     from rram._ext._seal import PlannedReads
     from rram._ext._slab import SlotAllocator
-    from rram.datapath import slab as L
     from rram.transport import OP_READ, new_ops
 
-    s = Sealer(os.urandom(32), requester=5)
-    slots = Slots([100, 2000, 4096, 1, 3000, 64, 4000, 700])
-    keys = np.arange(900, 900 + N, dtype=np.uint64)
-    versions = sealed(s, slots, keys)
-    persistent, ephemeral = SlotAllocator(track_owners=True), SlotAllocator(track_owners=True)
-    persistent.add_slab(L.FIRST_REMOTE_SLAB, 1 << 20)
-    ephemeral.add_slab(L.FIRST_REMOTE_SLAB + 1, 1 << 20)
-    locs = np.zeros(N, dtype=np.uint64)
-    sealed_sizes = slots.sizes + np.uint32(TAG)
-    persistent.alloc(sealed_sizes[:5], locs[:5], versions[:5])
-    ephemeral.alloc(sealed_sizes[5:], locs[5:], versions[5:])
+    s, slots, keys, persistent, ephemeral, locs, sealed_sizes = _sealed_in_remote_slabs(5, 900, 5)
     slots.buf[2 * STRIDE + 99] ^= 1  # page 2's ciphertext altered
     base = int(slots.addrs[0])
     ops = new_ops(N)
