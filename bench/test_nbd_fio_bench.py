@@ -97,8 +97,8 @@ def _nbd_counters(out_path: str) -> dict:
     if line is None:
         return {}
     nbd = json.loads(line[line.index("{"):]).get("nbd", {})
-    keep = ("requests", "c_requests", "c_declined", "runs", "spin_hits", "spin_misses", "spin_preempted",
-            "spin_probes", "spin_us", "sleeps")
+    keep = ("requests", "c_requests", "c_declined", "c_runs", "c_run_requests", "c_run_declined", "runs",
+            "spin_hits", "spin_misses", "spin_preempted", "spin_probes", "spin_us", "sleeps")
     return {k: nbd[k] for k in keep if k in nbd}
 
 

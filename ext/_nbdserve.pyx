@@ -1,14 +1,17 @@
 # cython: language_level=3
-"""An NBD connection's common case in C: receive, parse, serve one request, reply, repeat.
+"""An NBD connection's common case in C: receive, parse, serve the requests, reply, repeat.
 
 The kernel's swap I/O is mostly single READs and WRITEs of a few 4 KiB blocks (most often one),
-one at a time.  ``serve_loop`` runs the connection while that lasts, without the GIL and without a Python object per request:
-recv (polling for a while first when that pays, then sleeping: LoopState), parse with
-_nbdwire.RequestRun, serve the blocks through the store's RequestPath (ext/_reqpath.pyx), pack
-the reply and send it.  It returns to
-the Python server (rram/frontends/nbd/server.py) as soon as something needs Python: a run of
-several requests (one batched store call), a request the request path declined (a remote page
-it could not read, a full local pool, ...: nothing was changed or sent), any other command or a protocol error
+one at a time; a client with a deep queue (fio at qd32, a swap burst) sends runs of them back
+to back.  ``serve_loop`` runs the connection while that lasts, without the GIL and without a
+Python object per request: recv (polling for a while first when that pays, then sleeping:
+LoopState), parse with _nbdwire.RequestRun (the run of READs, or of WRITEs, at the buffer's
+head), serve its blocks through the store's RequestPath (ext/_reqpath.pyx: a run's READs in
+one read_pages, so its remote pages share round trips), pack the replies and send them at once.
+It returns to the Python server (rram/frontends/nbd/server.py) as soon as something needs
+Python: a request the request path declined (a remote page it could not read, a full local
+pool, ...: nothing of it was changed or sent; the requests of its run before it were served
+and answered, the rest are left in ``run`` for Python), any other command or a protocol error
 (the sans-IO parser answers those), the peer closing, or a request bigger than the buffer.
 """
 from libc.errno cimport errno, EAGAIN, EINTR
@@ -45,7 +48,7 @@ cdef enum:
 
 # why serve_loop returned
 cdef enum:
-    RUN = 0         # ``run`` holds several requests, for the batch path
+    RUN = 0         # ``run`` holds several requests, the first declined: for the batch path
     DECLINED = 1    # ``run`` holds one request the request path declined: serve it in Python
     PARSER = 2      # the buffer's head is for the Python parser (another command, an error, ...)
     EOF = 3         # the peer closed the connection
@@ -90,8 +93,10 @@ cdef class LoopState:
     the cap on every wait (the fixed spin).
     """
     cdef spin_t spin
-    # counters, read by Python while C runs (torn reads of a statistic do not matter)
-    cdef readonly uint64_t served, declined
+    # counters, read by Python while C runs (torn reads of a statistic do not matter):
+    # single requests served and declined; runs of several served whole, requests of runs
+    # served (those before a decline too), runs declined part way (the rest went to Python)
+    cdef readonly uint64_t served, declined, runs, run_requests, run_declined
 
     def __init__(self, int64_t cap_ns, bint adaptive=True):
         if cap_ns < 0:
@@ -151,32 +156,51 @@ cdef class LoopState:
         spin_observe(&self.spin, caught, preempted)
 
     def counters(self):
-        c = {"c_requests": self.served, "c_declined": self.declined, "sleeps": self.spin.sleeps}
+        c = {"c_requests": self.served, "c_declined": self.declined, "c_runs": self.runs,
+             "c_run_requests": self.run_requests, "c_run_declined": self.run_declined, "sleeps": self.spin.sleeps}
         c.update(spin_counters(&self.spin, "spin_"))
         return c
 
 
-cdef int serve_one(RequestRun run, RequestPath path, uint64_t key_base, int fd, int *err) noexcept nogil:
-    """Serve the run's one request (its blocks in order) and send its reply: REQ_DONE, or the
-    request path's reason not to, with nothing sent.  A WRITE declined at block k has stored
-    blocks 0..k-1 already; the Python path then stores the whole request again, the same bytes,
-    before anything is acknowledged.  ``err``: the send's errno, 0 when sent."""
-    cdef int rc = REQ_DONE, i
-    cdef Py_ssize_t hsz
+cdef int serve_run(RequestRun run, RequestPath path, uint64_t key_base, int fd, int *served, int *err) noexcept nogil:
+    """Serve the run's requests in order and send the replies of those served, in one send:
+    REQ_DONE when all were, else the request path's reason to decline request ``served[0]``
+    (nothing of it sent; the ones before it were served and answered).  READs: every page of
+    the run in one read_pages (one lock, a remote batch per link per CHUNK pages), so one that
+    declines leaves the whole run to Python.  WRITEs: page by page; a WRITE declined at block
+    k has stored blocks 0..k-1 already, and the Python path then stores the whole request
+    again, the same bytes, before anything is acknowledged.  ``err``: the send's errno, 0 when
+    sent (or nothing to send)."""
+    cdef int rc = REQ_DONE, k = 0
+    cdef Py_ssize_t size = 0, page = 0, hsz, end
     err[0] = 0
     if run.command == CMD_READ:
-        hsz = run._read_header(&run._out[0], 0)
-        rc = path.read_pages(key_base, &run._pages[0], run.npages, &run._out[hsz])  # remote pages too
-        if rc != REQ_DONE:
-            return rc
-        err[0] = send_all(fd, &run._out[0], hsz + run.npages * PAGE)
+        if run.nreq == 1:  # the common case: the pages go straight behind the header
+            hsz = run._read_header(&run._out[0], 0)
+            rc = path.read_pages(key_base, &run._pages[0], run.npages, &run._out[hsz])
+            size = hsz + run.npages * PAGE
+        else:
+            rc = path.read_pages(key_base, &run._pages[0], run.npages, &run._data[0])
+            size = run._read_replies()
+        if rc == REQ_DONE:
+            k = run.nreq
+        else:
+            size = 0
     else:
-        for i in range(run.npages):
-            rc = path.write_page(key_base | run._pages[i], &run._data[i * PAGE])
+        while k < run.nreq:
+            end = page + run._lengths[k] // PAGE
+            while page < end:
+                rc = path.write_page(key_base | run._pages[page], &run._data[page * PAGE])
+                if rc != REQ_DONE:
+                    break
+                page += 1
             if rc != REQ_DONE:
-                return rc
-        run._simple_reply(&run._out[0], run._handles[0])
-        err[0] = send_all(fd, &run._out[0], 16)
+                break
+            k += 1
+        size = run._write_replies(k)
+    served[0] = k
+    if size:
+        err[0] = send_all(fd, &run._out[0], size)
     return rc
 
 
@@ -231,36 +255,40 @@ cdef ssize_t wait_recv(LoopState st, int fd, uint8_t *dst, size_t room, bint fre
 def serve_loop(RequestRun run, RequestPath path, uint64_t key_base, int fd, uint8_t[::1] buf,
                Py_ssize_t start, Py_ssize_t end, uint64_t export_size, uint32_t max_block, uint32_t min_block,
                LoopState state not None):
-    """Serve single requests from ``buf[start:end]`` and the socket ``fd`` (blocking) until
-    something needs Python.  Returns (start, end, why): the buffer's new bounds (data may have
-    moved to the front) and LOOP_*; ``state`` counts what C served and declined (live: Python
-    reads it while C waits).  A request is served here when the parser takes it alone (whole
-    4 KiB blocks, no flag but FUA).  Between requests it polls the socket as ``state``'s spin
-    policy says, then sleeps in recv.  Raises OSError when the socket fails."""
+    """Serve requests from ``buf[start:end]`` and the socket ``fd`` (blocking) until something
+    needs Python.  Returns (start, end, why): the buffer's new bounds (data may have moved to
+    the front) and LOOP_*; ``state`` counts what C served and declined (live: Python reads it
+    while C waits).  Requests are served here when the parser takes them (whole 4 KiB blocks,
+    no flag but FUA), alone or as a run.  Between requests it polls the socket as ``state``'s
+    spin policy says, then sleeps in recv.  Raises OSError when the socket fails."""
     if run.nreq:
         raise ValueError("serve_loop needs an empty run")
     if start < 0 or end > buf.shape[0] or start > end:
         raise ValueError(f"bad buffer range {start}..{end} of {buf.shape[0]}")
     cdef Py_ssize_t cap = buf.shape[0]
     cdef ssize_t got
-    cdef int rc, err = 0, why = -1
+    cdef int rc, err = 0, why = -1, nreq, served = 0
     cdef uint8_t *b = &buf[0]
     with nogil:
         while True:
             start = run._parse(b, start, end, export_size, max_block, min_block)
-            if run.nreq == 1:
-                rc = serve_one(run, path, key_base, fd, &err)
+            if run.nreq:
+                nreq = run.nreq
+                rc = serve_run(run, path, key_base, fd, &served, &err)
                 if err:
                     break
-                if rc != REQ_DONE:
-                    state.declined += 1
-                    why = DECLINED
-                    break
-                state.served += 1
-                run._clear()
-                continue
-            if run.nreq:
-                why = RUN
+                if nreq == 1:
+                    state.served += served
+                    state.declined += rc != REQ_DONE
+                else:
+                    state.run_requests += served
+                    state.runs += rc == REQ_DONE
+                    state.run_declined += rc != REQ_DONE
+                if rc == REQ_DONE:
+                    run._clear()
+                    continue
+                run._drop(served)  # what is left is a run (or a request) as Python's paths take it
+                why = DECLINED if run.nreq == 1 else RUN
                 break
             if not wants_more(b + start, end - start, cap, max_block):
                 why = PARSER

@@ -12,7 +12,7 @@ the Python parser (rram.frontends.nbd.protocol), which owns every error reply.  
 changes no behaviour; it only skips the per-request Python work.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 import numpy as np
 
@@ -179,15 +179,21 @@ cdef class RequestRun:
 
     def read_replies(self):
         """Every READ's reply (header, then its pages from ``data``) back to back; the bytes to send."""
+        cdef Py_ssize_t pos
+        with nogil:
+            pos = self._read_replies()
+        return memoryview(self._out)[:pos]
+
+    cdef Py_ssize_t _read_replies(self) noexcept nogil:
+        """read_replies into ``_out``; their size."""
         cdef Py_ssize_t pos = 0, page = 0
         cdef int k
-        with nogil:
-            for k in range(self.nreq):
-                pos += self._read_header(&self._out[pos], k)
-                memcpy(&self._out[pos], &self._data[page], self._lengths[k])
-                pos += self._lengths[k]
-                page += self._lengths[k]
-        return memoryview(self._out)[:pos]
+        for k in range(self.nreq):
+            pos += self._read_header(&self._out[pos], k)
+            memcpy(&self._out[pos], &self._data[page], self._lengths[k])
+            pos += self._lengths[k]
+            page += self._lengths[k]
+        return pos
 
     cdef Py_ssize_t _read_header(self, uint8_t *o, int k) noexcept nogil:
         """The reply header of READ k at ``o`` (its data follows); the header's size."""
@@ -204,16 +210,54 @@ cdef class RequestRun:
 
     def write_replies(self):
         """One simple reply (no error) per WRITE; the bytes to send."""
-        cdef int k
+        cdef Py_ssize_t size
         with nogil:
-            for k in range(self.nreq):
-                self._simple_reply(&self._out[k * SIMPLE_REPLY_SIZE], self._handles[k])
-        return memoryview(self._out)[:self.nreq * SIMPLE_REPLY_SIZE]
+            size = self._write_replies(self.nreq)
+        return memoryview(self._out)[:size]
+
+    cdef Py_ssize_t _write_replies(self, int n) noexcept nogil:
+        """The replies of the first ``n`` WRITEs into ``_out``; their size."""
+        cdef int k
+        for k in range(n):
+            self._simple_reply(&self._out[k * SIMPLE_REPLY_SIZE], self._handles[k])
+        return n * SIMPLE_REPLY_SIZE
 
     cdef void _simple_reply(self, uint8_t *o, uint64_t handle) noexcept nogil:
         wr32(o, SIMPLE_REPLY_MAGIC)
         wr32(o + 4, 0)
         wr64(o + 8, handle)
+
+    def drop(self, int k):
+        """_drop: tests."""
+        if not 0 <= k <= self.nreq:
+            raise IndexError(k)
+        self._drop(k)
+
+    cdef void _drop(self, int k) noexcept nogil:
+        """Forget the first ``k`` requests (served already): the rest move to the front, as if
+        parsed alone (a WRITE's payload with them)."""
+        cdef Py_ssize_t skip = 0
+        cdef int i
+        if k <= 0:
+            return
+        for i in range(k):
+            skip += self._lengths[i] >> PAGE_SHIFT
+        self.nreq -= k
+        self.npages -= <int>skip
+        self.fua = False
+        for i in range(self.nreq):
+            self._handles[i] = self._handles[i + k]
+            self._offsets[i] = self._offsets[i + k]
+            self._lengths[i] = self._lengths[i + k]
+            self._flags[i] = self._flags[i + k]
+            if self._flags[i] & FLAG_FUA:
+                self.fua = True
+        if self.npages:
+            memmove(&self._pages[0], &self._pages[skip], self.npages * sizeof(uint32_t))
+            if self.command == CMD_WRITE:
+                memmove(&self._data[0], &self._data[skip * PAGE], self.npages * PAGE)
+        else:
+            self.command = -1
 
     def request(self, int k):
         """Request k as (command, flags, handle, offset, length, data view or None): the

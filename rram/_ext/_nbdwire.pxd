@@ -19,4 +19,7 @@ cdef class RequestRun:
                            uint32_t max_block, uint32_t min_block) noexcept nogil
     cdef bint _overlaps(self, uint64_t offset, uint32_t length) noexcept nogil
     cdef Py_ssize_t _read_header(self, uint8_t *o, int k) noexcept nogil
+    cdef Py_ssize_t _read_replies(self) noexcept nogil
+    cdef Py_ssize_t _write_replies(self, int n) noexcept nogil
+    cdef void _drop(self, int k) noexcept nogil
     cdef void _simple_reply(self, uint8_t *o, uint64_t handle) noexcept nogil

@@ -32,7 +32,7 @@ NATIVE = (
     # cimport _codec's C functions, so they need liblz4 too
     Native("_reqpath", "liblz4", ["lz4"], "lz4.h",
            "single requests on the store's tables, remote READs over tcp and verbs included, without the GIL"),
-    Native("_nbdserve", "liblz4", ["lz4"], "lz4.h", "single NBD requests served through _reqpath in C"),
+    Native("_nbdserve", "liblz4", ["lz4"], "lz4.h", "NBD requests, single and in runs, served through _reqpath in C"),
     Native("_uffd", why="userfaultfd for far-memory regions (rram.frontends.farmem)", optional=False),
     Native("_verbs", "libibverbs", ["ibverbs"], "infiniband/verbs.h", "RDMA verbs transport"),
 )

@@ -3,12 +3,12 @@
 One thread per connection.  Requests come in runs: a client with a deep queue sends many
 READs (or WRITEs) back to back, and the C parser (rram._ext._nbdwire.RequestRun) takes every
 consecutive plain READ or WRITE of whole 4 KiB blocks already in the receive buffer in one
-call.  While requests come one at a time (the kernel's swap I/O, mostly: READs and WRITEs
-of a block or a few) and the backend offers a request path, the connection runs in C (rram._ext._nbdserve:
-recv, parse, the store's tables, the reply packed and sent, no GIL) and comes back here for
-anything else; a request that path declines is served on the Python path.  A longer run is
-served with one backend call (one store lock, one LZ4 batch) and one send for all its
-replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
+call.  When the backend offers a request path, the connection runs in C (rram._ext._nbdserve:
+recv, parse, the store's tables, the replies packed and sent, no GIL), for single requests (the
+kernel's swap I/O, mostly: READs and WRITEs of a block or a few) as for runs, and comes back
+here for anything else; a request that path declines, and the rest of its run, are served on
+the Python path.  There (and without a request path) a run is served with one backend call
+(one store lock, one LZ4 batch) and one send for all its replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
 flagged requests, protocol errors) goes through the sans-IO parser one request at a time,
 after the run before it, so a FLUSH follows the writes before it and a READ sees every
 earlier WRITE.  Buffers are allocated once per connection.  Several connections run in
@@ -121,8 +121,10 @@ class NBDServer:
     @property
     def counters(self) -> dict[str, int]:
         """Requests served (in C and in Python), runs, errors, connections...; the C loops'
-        counters (c_requests, c_declined, and the spin's: spin_hits, spin_misses, spin_probes,
-        spin_us polled, sleeps in recv) are current while their connections wait."""
+        counters (c_requests and c_declined: single requests; c_runs served whole, c_run_requests,
+        c_run_declined: runs C served; the spin's: spin_hits, spin_misses, spin_probes, spin_us
+        polled, sleeps in recv) are current while their connections wait.  ``runs`` and
+        ``run_requests`` count the Python batch path's."""
         with self._lock:
             out = dict(self._counts)
             for key, value in self._loop_totals.items():
@@ -130,7 +132,7 @@ class NBDServer:
             for state in self._loops:
                 for key, value in state.counters().items():
                     out[key] = out.get(key, 0) + value
-        out["requests"] += out.get("c_requests", 0)
+        out["requests"] += out.get("c_requests", 0) + out.get("c_run_requests", 0)
         return out
 
     # -- listening ------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ class NBDServer:
                         reply = self._handle(conn, sock, P.Request(*run.request(0)), reply)
                         run.clear()
                         continue
-                    if why == LOOP_RUN:
+                    if why == LOOP_RUN:  # the rest of a run, from the request C declined
                         reply = self._serve_run(conn, sock, run, reply)
                         continue
                     # LOOP_PARSER: the head of the buffer is for the Python parser below
