@@ -172,7 +172,7 @@ def test_fio_verifies_runs_at_queue_depth_32(tmp_path):
         sock = str(tmp_path / "nbd.sock")
         proc = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
                                "--rw=randwrite", "--bs=4k", f"--size={BLOCKS * PAGE}", "--iodepth=32",
-                               "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                               "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
                                "--buffer_compress_percentage=50", "--refill_buffers", "--output-format=json"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

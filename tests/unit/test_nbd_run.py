@@ -128,3 +128,37 @@ def test_parse_rejects_a_bad_range():
         run.parse(bytearray(10), 5, 11, SIZE, SIZE, 1)
     with pytest.raises(ValueError):
         RequestRun(0, False)
+
+
+def _run_of(requests: list[bytes], structured: bool) -> RequestRun:
+    run = RequestRun(MAX_PAGES, structured)
+    buf = bytearray(b"".join(requests))
+    assert run.parse(buf, 0, len(buf), SIZE, SIZE, 1) == len(buf)
+    return run
+
+
+@settings(max_examples=100, deadline=None)
+@given(cmd=st.sampled_from([P.NBD_CMD_READ, P.NBD_CMD_WRITE]), n=st.integers(1, 6), data=st.data())
+def test_dropping_served_requests_leaves_the_run_of_the_rest(cmd, n, data):
+    """The C loop drops the requests it served before a decline: the rest must be the run
+    that parsing them alone gives (requests, pages, payloads, FUA)."""
+    lengths = data.draw(st.lists(st.integers(1, 2), min_size=n, max_size=n))
+    flags = data.draw(st.lists(st.sampled_from([0, P.NBD_CMD_FLAG_FUA]), min_size=n, max_size=n))
+    k = data.draw(st.integers(0, n))
+    reqs, offset = [], 0
+    for i in range(n):
+        reqs.append(_req(cmd, offset, lengths[i] * PAGE, flags[i], 100 + i))
+        offset += lengths[i] * PAGE
+    run = _run_of(reqs, False)
+    run.drop(k)
+    if k == n:
+        assert (run.nreq, run.npages, run.command) == (0, 0, -1)
+        return
+    rest = _run_of(reqs[k:], False)
+    assert (run.command, run.nreq, run.npages, run.fua) == (rest.command, rest.nreq, rest.npages, rest.fua)
+    assert list(run.pages[:run.npages]) == list(rest.pages[:rest.npages])
+    assert [run.request(i)[:5] for i in range(run.nreq)] == [rest.request(i)[:5] for i in range(rest.nreq)]
+    if cmd == P.NBD_CMD_WRITE:
+        assert bytes(run.data[:run.npages * PAGE]) == bytes(rest.data[:rest.npages * PAGE])
+    with pytest.raises(IndexError):
+        run.drop(run.nreq + 1)
