@@ -88,7 +88,9 @@ class Workload:
 
 
 @contextlib.contextmanager
-def nbd_over_cluster(tmp_path, n_providers: int, **cluster):
+def export_over_cluster(tmp_path, n_providers: int, **cluster):
+    """An empty BLOCKS-block export, r=2 over tcp provider processes, served with the C path:
+    (cluster, store, server, its socket path)."""
     with tcp_cluster(n_providers=n_providers, capacity="128MiB", replicas=2, workdir=str(tmp_path),
                      slab_size="1MiB", lease_grace=5.0, **TIMING, **cluster) as c, \
             open_store(c.config, name="req", local_budget=1 << 20) as store:  # sealed, the default
@@ -97,12 +99,18 @@ def nbd_over_cluster(tmp_path, n_providers: int, **cluster):
             path = str(tmp_path / "nbd.sock")
             srv.listen_unix(path)
             srv.start()
-            client = Client(path, structured=False)
-            for block in range(BLOCKS):  # qd1 writes: C stores them, Python moves them out
-                client.sock.sendall(client.request(P.NBD_CMD_WRITE, 1, block * PAGE, PAGE, page(block, 0)))
-                assert client.reply({})[1] == 0
-            client.close()
-            yield c, store, path, {b: 0 for b in range(BLOCKS)}
+            yield c, store, srv, path
+
+
+@contextlib.contextmanager
+def nbd_over_cluster(tmp_path, n_providers: int, **cluster):
+    with export_over_cluster(tmp_path, n_providers, **cluster) as (c, store, _srv, path):
+        client = Client(path, structured=False)
+        for block in range(BLOCKS):  # qd1 writes: C stores them, Python moves them out
+            client.sock.sendall(client.request(P.NBD_CMD_WRITE, 1, block * PAGE, PAGE, page(block, 0)))
+            assert client.reply({})[1] == 0
+        client.close()
+        yield c, store, path, {b: 0 for b in range(BLOCKS)}
 
 
 def _read_all(path: str, versions: dict[int, int]) -> None:

@@ -2,8 +2,9 @@
 
 A deep-queue client sends READs or WRITEs back to back; the server's C loop serves the whole
 run (its READs in one read_pages, its WRITEs page by page) and sends the replies at once.  The
-export's pages are local, remote (two providers, r=2), zero or never written; every reply is
-checked by checksum against a model.  Declines in the middle of a run (a full local pool for
+export (test_nbd_creads.py's: BLOCKS blocks, a 1 MiB local budget) holds local, remote (two
+providers, r=2), zero and never written pages; every reply is checked by checksum against a
+model.  Declines in the middle of a run (a full local pool for
 WRITEs, a stopped provider for READs) must still give every request its right reply: C answers
 the requests before the decline, Python the rest.  fio's nbd engine, writing and verifying at
 queue depth 32, is the real client.
@@ -20,22 +21,17 @@ import subprocess
 
 import pytest
 
-from rram.cluster import open_store
 from rram.frontends.nbd import protocol as P
-from rram.frontends.nbd.backend import PageStoreBackend
-from rram.frontends.nbd.server import NBDServer
 
 from ..unit.test_nbd_batching import Client
-from .conftest import tcp_cluster
 from .test_failures import wait_for
+from .test_nbd_creads import BLOCKS, export_over_cluster
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("rram._ext._nbdserve", reason="built without liblz4: no C request path")
 
 PAGE = 4096
-BLOCKS = 2048  # 8 MiB of half-compressible pages against a 1 MiB local budget: most go remote
-RUN = 32       # requests a burst: fio's qd32
-TIMING = {"heartbeat_interval": 0.2, "suspect_threshold": 0.6, "dead_threshold": 2.0}
+RUN = 32  # requests a burst: fio's qd32
 
 
 def page(block: int, version: int) -> bytes:
@@ -90,19 +86,12 @@ def read_burst(client: Client, model: Model, blocks: list[int]) -> None:
 
 @contextlib.contextmanager
 def nbd_over_cluster(tmp_path, structured: bool = False):
-    with tcp_cluster(n_providers=2, capacity="128MiB", replicas=2, workdir=str(tmp_path), slab_size="1MiB",
-                     lease_grace=5.0, **TIMING) as c, \
-            open_store(c.config, name="req", local_budget=1 << 20) as store:  # sealed, the default
-        backend = PageStoreBackend(store, store.create_pool(persistent=True), obj=1, size=BLOCKS * PAGE)
-        with NBDServer(backend, c_requests=True) as srv:
-            path = str(tmp_path / "nbd.sock")
-            srv.listen_unix(path)
-            srv.start()
-            client = Client(path, structured=structured)
-            try:
-                yield c, store, srv, client
-            finally:
-                client.close()
+    with export_over_cluster(tmp_path, 2) as (c, store, srv, path):
+        client = Client(path, structured=structured)
+        try:
+            yield c, store, srv, client
+        finally:
+            client.close()
 
 
 def fill(client: Client, model: Model, blocks: range) -> None:

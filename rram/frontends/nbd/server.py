@@ -8,13 +8,13 @@ recv, parse, the store's tables, the replies packed and sent, no GIL), for singl
 kernel's swap I/O, mostly: READs and WRITEs of a block or a few) as for runs, and comes back
 here for anything else; a request that path declines, and the rest of its run, are served on
 the Python path.  There (and without a request path) a run is served with one backend call
-(one store lock, one LZ4 batch) and one send for all its replies, packed in C.  Everything else (FLUSH, TRIM, WRITE_ZEROES, unaligned or
-flagged requests, protocol errors) goes through the sans-IO parser one request at a time,
-after the run before it, so a FLUSH follows the writes before it and a READ sees every
-earlier WRITE.  Buffers are allocated once per connection.  Several connections run in
-parallel (NBD_FLAG_CAN_MULTI_CONN: every connection sees the same backend, and FLUSH/FUA go
-to the shared store).  A client that breaks the protocol is disconnected; the others are
-not affected.
+(one store lock, one LZ4 batch) and one send for all its replies, packed in C.  Everything
+else (FLUSH, TRIM, WRITE_ZEROES, unaligned or flagged requests, protocol errors) goes through
+the sans-IO parser one request at a time, after the run before it, so a FLUSH follows the
+writes before it and a READ sees every earlier WRITE.  Buffers are allocated once per
+connection.  Several connections run in parallel (NBD_FLAG_CAN_MULTI_CONN: every connection
+sees the same backend, and FLUSH/FUA go to the shared store).  A client that breaks the
+protocol is disconnected; the others are not affected.
 
 With ``tls`` (an ssl.SSLContext, rram.tls.server_context) every connection must negotiate
 NBD_OPT_STARTTLS first (the spec's FORCEDTLS mode); the TLS handshake runs in the
