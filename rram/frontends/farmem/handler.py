@@ -33,8 +33,9 @@ are done with it, then is served as the page now stands.
 While no trend holds, the wait for faults is ``_uffd.serve_faults``: a C loop that serves
 batches of missing faults on ABSENT pages itself, through the store's C request path
 (ext/_reqpath.pyx), and returns to Python only what needs policy (other states, WP and minor
-faults, no room under the budget, a request the C path declines) or when a delta among the
-pages it served repeats (the predictor then sees them: ``_replay``).
+faults, no room under the budget, a request the C path declines), when a delta among the
+pages it served repeats (the predictor then sees them: ``_replay``) or when room runs low or an
+eviction may have finished (Python evicts and reaps: ``wait_faults``).
 
 If the store fails, the reason goes down the lifeline and the process exits: the region's
 watchdog then makes the region PROT_NONE and faulting threads die with that message.
