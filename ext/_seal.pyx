@@ -286,11 +286,14 @@ cdef Py_ssize_t _open_ops(Sealer sealer, const op_t *op, Py_ssize_t count, uint6
 cdef class PlannedReads:
     """The sealed pages of one planned get batch, opened as their READs land.
 
-    ``start`` binds the batch's arrays once; ``landed(ops)`` (run_routed's ``on_done``, once
-    a link or a chunk of it) then opens those READs' pages as ``Sealer.open_reads`` does, with
-    one buffer to look at per call instead of six, since the fast path calls it for every
-    ~64 KiB a provider sends.  ``bad``: pages that failed since ``start``.  The arrays must
-    stay alive and unmoved until the batch is done (the store's scratch arrays do).
+    ``start`` binds the batch's arrays once; ``landed(ops, start, end)`` (run_routed's
+    ``on_done``, once a link or a chunk of it) then opens the pages of ``ops[start:end]`` as
+    ``Sealer.open_reads`` does, with one buffer to look at per call instead of six, since the
+    fast path calls it for every ~64 KiB a provider sends.  ``ops`` is a link's whole op array
+    (RemoteTier's, allocated once a link): the address of the last one seen is kept, with a
+    reference to it, so a chunk costs no buffer export (numpy builds a structured array's format
+    for each, ~3 us).  ``bad``: pages that failed since ``start``.  The arrays must stay alive
+    and unmoved until the batch is done (the store's scratch arrays and the tier's op arrays do).
     """
     cdef Sealer sealer
     cdef SlotAllocator versions_r, versions_e
@@ -301,6 +304,9 @@ cdef class PlannedReads:
     cdef uint32_t *z
     cdef uint8_t *o
     cdef Py_ssize_t n
+    cdef object ops  # the op array last landed from, kept alive, and its address and length
+    cdef const op_t *op
+    cdef Py_ssize_t nops
     cdef readonly Py_ssize_t bad
 
     def __cinit__(self, Sealer sealer, uint64_t base, uint64_t stride, SlotAllocator versions_r,
@@ -309,6 +315,7 @@ cdef class PlannedReads:
         self.sealer, self.base, self.stride = sealer, base, stride
         self.versions_r, self.versions_e = versions_r, versions_e
         self.n = 0
+        self.nops = 0
 
     def start(self, locs, keys, sizes, ok, Py_ssize_t n):
         """A new batch of n pages: locs/keys (uint64) planned, sizes (uint32, their stored sizes,
@@ -320,18 +327,25 @@ cdef class PlannedReads:
         self.refs = (locs, keys, sizes, ok)
         self.n, self.bad = n, 0
 
-    def landed(self, ops):
-        """Open the pages of ``ops`` (READs of this batch that completed); returns how many failed."""
+    def landed(self, ops, Py_ssize_t start=0, Py_ssize_t end=-1):
+        """Open the pages of ``ops[start:end]`` (READs of this batch that completed; ``end`` -1:
+        to the end of ``ops``); returns how many failed."""
         cdef Py_buffer b
         cdef Py_ssize_t bad
-        PyObject_GetBuffer(ops, &b, PyBUF_C_CONTIGUOUS)
-        try:
-            if b.itemsize != sizeof(op_t):
-                raise ValueError(f"ops: need {sizeof(op_t)}-byte items, got {b.itemsize}")
-            bad = _open_ops(self.sealer, <const op_t *>b.buf, b.len // sizeof(op_t), self.base, self.stride,
-                            self.l, self.k, self.z, self.o, self.n, self.versions_r, self.versions_e)
-        finally:
-            PyBuffer_Release(&b)
+        if ops is not self.ops:
+            PyObject_GetBuffer(ops, &b, PyBUF_C_CONTIGUOUS)
+            try:
+                if b.itemsize != sizeof(op_t):
+                    raise ValueError(f"ops: need {sizeof(op_t)}-byte items, got {b.itemsize}")
+                self.op, self.nops = <const op_t *>b.buf, b.len // sizeof(op_t)
+            finally:
+                PyBuffer_Release(&b)
+            self.ops = ops
+        if end < 0:
+            end = self.nops
+        if start < 0 or start > end or end > self.nops:
+            raise ValueError(f"ops[{start}:{end}] is not within its {self.nops} ops")
+        bad = _open_ops(self.sealer, self.op + start, end - start, self.base, self.stride,
+                        self.l, self.k, self.z, self.o, self.n, self.versions_r, self.versions_e)
         self.bad += bad
         return bad
-

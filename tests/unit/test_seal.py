@@ -215,14 +215,19 @@ def test_planned_reads_open_each_chunk_as_it_lands():
         PlannedReads(s, base, STRIDE, SlotAllocator(), ephemeral)
     reads = PlannedReads(s, base, STRIDE, persistent, ephemeral)
     reads.start(locs, keys, sizes, ok, N)
-    assert [reads.landed(ops[a:b]) for a, b in ((0, 3), (3, 7), (7, 8))] == [1, 0, 0]
+    # run_routed hands over the link's whole op array and the chunk's bounds
+    assert [reads.landed(ops, a, b) for a, b in ((0, 3), (3, 7), (7, 8))] == [1, 0, 0]
     assert reads.bad == 1 and s.failures == 1 and list(ok) == [1, 1, 0, 1, 1, 1, 1, 1]
     assert all(slots.image(i) == slots.plain[i] for i in range(N) if i != 2)
     assert slots.image(2) == bytes(int(slots.sizes[2]))
     assert list(sizes) == [int(x) for x in slots.sizes[:2]] + [int(sealed_sizes[2])] + [int(x) for x in slots.sizes[3:]]
     reads.start(locs, keys, sizes, ok, N)  # a new batch starts its own count
     assert reads.bad == 0
-    ops["local_addr"][0] += 8
+    with pytest.raises(ValueError, match="not within"):
+        reads.landed(ops, 7, N + 1)
+    ops["local_addr"][0] += 8  # the same array, changed in place: seen through the kept address
     with pytest.raises(RramError, match="does not match the planned batch"):
-        reads.landed(ops[:1])
+        reads.landed(ops, 0, 1)
+    with pytest.raises(RramError, match="does not match the planned batch"):
+        reads.landed(ops[:1])  # another array (a slice, to its end)
 
