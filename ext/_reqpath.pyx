@@ -74,7 +74,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 import numpy as np
 
 from linkcore cimport CORE_TCP, core_ops_capsule, core_ops_t
-from location cimport FIRST_REMOTE_SLAB, KIND_MASK, KIND_STORED, KIND_ZERO, loc_offset, loc_size, loc_slab
+from location cimport FIRST_REMOTE_SLAB, KIND_ABSENT, KIND_MASK, KIND_STORED, KIND_ZERO, loc_offset, loc_size, loc_slab
 from ops cimport WC_FATAL_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR, completion_t, op_t
 from rram._ext._codec cimport compress_page, expand
 from rram._ext._pagemap cimport PageMap
@@ -108,6 +108,7 @@ cdef enum:
     CHUNK = 16                 # pages of a request read remotely per round trip (staging holds >= 16)
     FAIL_TIMEOUT = 1           # fail_rc: no completion within the read timeout (detail: ms)
     FAIL_STATUS = 2            # fail_rc: a completion with a link-failure status (detail: it)
+    GET_MISS = -1              # get(): the map holds no such page
                                # (negative fail_rc: the core's R_* code; detail: errno or 0)
 
 # bit 63 of C's batch ids: Python's ids (Link.next_batch) count up from 1 and never reach it
@@ -594,6 +595,21 @@ cdef class RequestPath:
         cdef int rc
         with nogil:
             rc = self.read_page(key, &out[0])
+        return rc
+
+    def get(self, uint64_t key, uint8_t[::1] out):
+        """store.get's C path: ``read`` of a page the map holds, or GET_MISS (nothing done, nothing
+        counted, ``out`` untouched) when it holds none, so that Python answers the miss (None)."""
+        if out.shape[0] != PAGE:
+            raise ValueError(f"out must be {PAGE} bytes, got {out.shape[0]}")
+        cdef int rc
+        with nogil:
+            self.store_lock.lock()  # recursive: read_page takes it again, the page cannot go in between
+            if (self.map._get(key) & KIND_MASK) == KIND_ABSENT:
+                rc = GET_MISS
+            else:
+                rc = self.read_page(key, &out[0])
+            self.store_lock.unlock()
         return rc
 
     def read_many(self, uint64_t key_base, const uint32_t[::1] pages, uint8_t[::1] out):

@@ -53,6 +53,7 @@ cdef enum:
     P_HEAD = 0
     P_COUNT = 1
     P_LIMIT = 2
+    P_LOW = 3
     K_FAULTS = 0
     K_MISSING = 1
     K_ZERO = 2
@@ -207,7 +208,7 @@ ST_DIRTY = 2
 #: serve_faults' counters (uint64 array, added to by C)
 C_FAULTS, C_MISSING, C_ZERO, C_WAKEUPS, C_BATCHES = K_FAULTS, K_MISSING, K_ZERO, K_WAKEUPS, K_BATCHES
 #: serve_faults' ``pos`` fields (int64 array shared with Python)
-POS_HEAD, POS_COUNT, POS_LIMIT = P_HEAD, P_COUNT, P_LIMIT
+POS_HEAD, POS_COUNT, POS_LIMIT, POS_LOW = P_HEAD, P_COUNT, P_LIMIT, P_LOW
 #: the page history: HISTORY pages, then how many were ever recorded
 HISTORY = N_HIST
 #: a delta seen this often among the last HISTORY-1 deltas may make a trend (prefetch.HEAVY)
@@ -326,16 +327,18 @@ def serve_faults(int fd, uint64_t[::1] addrs, uint64_t[::1] flags, int timeout_m
     write-protected unless written or never ``stored`` (zeros, mapped writable), and join the
     FIFO ``ring`` (``pos``: head, count).  Returns ``(n, other_ready, trend)``: n > 0 messages
     it left for the Python path (anything else: WP and minor faults, pages in other states,
-    no room, a request the store's C path declined), or 0 on a timeout, control-socket input
-    or ``trend``: a fault delta now repeats often enough that the predictor must look at the
-    ``hist`` of the last pages served here.  The first wait spins ``first_spin_us``, the
+    no room, a request the store's C path declined), or 0 on a timeout, control-socket input,
+    a count of resident pages that reached ``pos[POS_LOW]`` (room runs low: Python starts an
+    eviction before a batch has to be declined for want of it) or ``trend``: a fault delta
+    now repeats often enough that the predictor must look at the ``hist`` of the last pages
+    served here.  The first wait spins ``first_spin_us``, the
     ones after a batch served here ``spin_us``.  Counters: see C_*."""
     cdef fault_ctx c
     cdef int cap = min(<int>addrs.shape[0], <int>flags.shape[0])
     cdef bint ctl = False, trend = False
     cdef Py_ssize_t n = 0
     cdef int rc = 1
-    if hist.shape[0] < N_HIST + 1 or pos.shape[0] < 3 or counters.shape[0] < 5:
+    if hist.shape[0] < N_HIST + 1 or pos.shape[0] < 4 or counters.shape[0] < 5:
         raise ValueError("serve_faults: hist, pos or counters too short")
     c.fd = fd
     c.base = base
@@ -357,7 +360,7 @@ def serve_faults(int fd, uint64_t[::1] addrs, uint64_t[::1] flags, int timeout_m
             if n <= 0:
                 break
             rc = _serve_batch(&c, path, &addrs[0], &flags[0], n, &trend)
-            if rc <= 0 or trend or ctl:
+            if rc <= 0 or trend or ctl or c.pos[P_COUNT] >= c.pos[P_LOW]:
                 break
             c.counters[K_BATCHES] += 1
             spin = spin_us  # right after work: the next fault may be close

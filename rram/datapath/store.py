@@ -587,6 +587,14 @@ class PageStore:
 
     def _get_one(self, pool: int, obj: int, index: int, out) -> bytes | None:
         key = K.pack(pool, obj, index)
+        if self.requests is not None:  # the C request path first: no Python between lookup and page
+            dst = bytearray(PAGE_SIZE) if out is None else out  # not _one_page: C runs without our lock
+            try:
+                rc = self.requests.get(key, dst)
+            except (TypeError, ValueError):  # not a buffer of 4096 bytes C takes: Python's path says
+                rc = None
+            if rc == 0:  # REQ_DONE; anything else changed nothing: a miss, or a case Python serves
+                return bytes(dst) if out is None else out
         dst = self._one_page if out is None else out
         with self._lock:
             self._check_open()

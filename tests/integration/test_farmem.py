@@ -221,7 +221,8 @@ def test_random_faults_served_in_c_then_a_scan_is_prefetched(cluster):
             assert a[p * PAGE_SIZE + 100] == data[p * PAGE_SIZE + 100]
         s = mem.stats()
         c_faults = s["c_faults"] - before["c_faults"]
-        assert c_faults > (s["missing_faults"] - before["missing_faults"]) // 2, s
+        # nearly all: C returns before room runs out and after an eviction begins (wait_faults)
+        assert c_faults > 0.9 * (s["missing_faults"] - before["missing_faults"]), s
         assert s["resident_pages"] <= BUDGET // PAGE_SIZE
         assert s["written_back"] > 0 and s["prefetched"] == before["prefetched"]  # random: nothing prefetched
         if mem.prefetch_ok:

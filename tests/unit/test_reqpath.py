@@ -65,8 +65,10 @@ class Store:
         return bytes(out), rc
 
     def python_read(self, index: int) -> bytes:
+        """The page through the store's Python path (get_many; store.get tries C first)."""
         out = bytearray(PAGE_SIZE)
-        return bytes(out) if self.store.get(self.pool, OBJ, index, out) is None else bytes(out)
+        self.store.get_many(self.pool, OBJ, [index], out)
+        return bytes(out)
 
     def close(self) -> None:
         self.store.close()
@@ -294,6 +296,39 @@ def test_remote_pages_are_read_in_c_over_tcp(tcp):
     want = b"".join(pages.get(int(i), bytes(PAGE_SIZE)) for i in idx)
     assert bytes(out) == want
     assert tcp.store.stats()["c_remote_batches"] < stats["c_remote_batches"] + 2 * 2 + 1  # <= 1 per link and chunk
+
+
+def test_store_get_reads_in_c_and_answers_misses_in_python(tcp):
+    """store.get (the latency path) goes through C; a miss stays store.get's None with ``out``
+    untouched; gets with out=None from several threads at once each get their own page."""
+    n = 120
+    pages = {i: page_of(i, "raw" if i % 7 == 0 else "half") for i in range(n)}
+    tcp.store.put_many(tcp.pool, OBJ, np.arange(n, dtype=np.uint32), b"".join(pages[i] for i in range(n)))
+    remote = _remote_indexes(tcp, n)
+    before = tcp.store.stats()
+    for i in remote:
+        out = bytearray(PAGE_SIZE)
+        assert tcp.store.get(tcp.pool, OBJ, i, out) is out and bytes(out) == pages[i], i
+    stats = tcp.store.stats()
+    assert stats["c_remote_reads"] - before["c_remote_reads"] == len(remote)
+    assert stats["remote_gets"] - before["remote_gets"] == len(remote) and stats["c_declined"] == 0
+    out = bytearray(b"\xaa" * PAGE_SIZE)
+    assert tcp.store.get(tcp.pool, OBJ, n + 9, out) is None and out == b"\xaa" * PAGE_SIZE
+    assert tcp.store.stats()["failed_gets"] == stats["failed_gets"] + 1
+    bad = []
+
+    def reader(seed: int) -> None:
+        order = np.random.default_rng(seed).permutation(n)
+        for i in order[:60]:
+            if tcp.store.get(tcp.pool, OBJ, int(i)) != pages[int(i)]:
+                bad.append(int(i))
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
 
 
 def test_route_changes_unbind_the_c_path_until_python_binds_it_again():

@@ -33,8 +33,9 @@ are done with it, then is served as the page now stands.
 While no trend holds, the wait for faults is ``_uffd.serve_faults``: a C loop that serves
 batches of missing faults on ABSENT pages itself, through the store's C request path
 (ext/_reqpath.pyx), and returns to Python only what needs policy (other states, WP and minor
-faults, no room under the budget, a request the C path declines) or when a delta among the
-pages it served repeats (the predictor then sees them: ``_replay``).
+faults, no room under the budget, a request the C path declines), when a delta among the
+pages it served repeats (the predictor then sees them: ``_replay``) or when room runs low or an
+eviction may have finished (Python evicts and reaps: ``wait_faults``).
 
 If the store fails, the reason goes down the lifeline and the process exits: the region's
 watchdog then makes the region PROT_NONE and faulting threads die with that message.
@@ -54,6 +55,7 @@ import numpy as np
 
 from ...units import PAGE_SIZE
 from ... import errors
+from ..._ext import _reqpath
 from ..._ext import _uffd as U
 from . import wire as W
 from ...logsetup import configure_logging
@@ -73,6 +75,11 @@ FETCH_DEPTH = 2           # prefetch windows in flight under advise("sequential"
                           # a stream of unknown length, 1 MiB chunks say, wasted the second)
 FETCH_BUFFERS = 3         # staging buffers between the fetcher and the writer
 MIN_FETCH = 32            # pages a fetched batch at least (each costs a store call)
+C_ROOM = 32               # the C loop returns this close to its limit so that Python evicts before
+                          # a batch must be declined for want of room (the Python path serving it
+                          # cost ~1 ms under load: a tenth of the faults of a random read took it)
+REAP_AFTER = 8            # ... and after this many pages while an eviction is under way (~100 µs):
+                          # a random fault on a page still EVICTING goes the Python way
 COUNTERS = ("faults", "missing_faults", "wp_faults", "minor_faults", "filled", "zero_filled",
             "evicted_clean", "evicted_dirty", "written_back", "write_ahead", "prefetched", "prefetch_hits",
             "wasted", "wakeups", "c_faults")
@@ -119,7 +126,9 @@ class Region:
         # trend holds: ring head/count/limit, the pages it served lately, its counters
         self.c_path = getattr(store, "requests", None)
         self.key_base = self.pool << 56  # (pool, object 0, index 0): rram.datapath.keys
-        self.pos = np.zeros(3, dtype=np.int64)
+        self.pos = np.zeros(4, dtype=np.int64)
+        self.c_room = max(1, min(C_ROOM, self.budget // 8))
+        self.c_done = _reqpath.REQ["done"]
         self.hist = np.zeros(U.HISTORY + 1, dtype=np.int64)
         self.c_counters = np.zeros(5, dtype=np.uint64)
 
@@ -250,10 +259,17 @@ class Region:
         if self.c_path is None or self.predictor.trend() is not None:
             return U.read_faults(self.uffd, addrs, flags, 1000, ctl_fd, first_spin)
         pos, hist = self.pos, self.hist
+        # no further than eviction would start, and never past the budget with EVICTING pages
+        limit = min(self.budget - self.ahead, self.budget - self.evicting)
+        if self.count + self.c_room > limit:  # make_room leaves count + c_room <= the new limit
+            self.make_room(self.c_room)
+            limit = min(self.budget - self.ahead, self.budget - self.evicting)
         pos[U.POS_HEAD] = self.head
         pos[U.POS_COUNT] = self.count
-        # no further than eviction would start, and never past the budget with EVICTING pages
-        pos[U.POS_LIMIT] = min(self.budget - self.ahead, self.budget - self.evicting)
+        pos[U.POS_LIMIT] = limit
+        # EVICTING pages are declined by C (the writer may not have punched them yet) until
+        # Python reaps them: with an eviction under way, come back after a few faults
+        pos[U.POS_LOW] = min(limit - self.c_room, self.count + REAP_AFTER) if self.evicting else limit - self.c_room
         seen = int(hist[U.HISTORY])
         n, ctl, trend = U.serve_faults(self.uffd, addrs, flags, 1000, ctl_fd, first_spin, spin, self.c_path,
                                        self.key_base, self.base, self.state, self.stored.view(np.uint8),
@@ -329,9 +345,12 @@ class Region:
             wp = not (fresh or flags & U.FLAG_WRITE)
             self.make_room(1)
             staged = self.staging[:PAGE_SIZE]
-            if fresh or self.store.get(self.pool, 0, page, staged) is None:
+            if fresh:
                 staged[:] = 0
                 self.counters["zero_filled"] += 1
+            elif self.c_path is None or self.c_path.read(self.key_base | page, staged) != self.c_done:
+                if self.store.get(self.pool, 0, page, staged) is None:
+                    self.counters["zero_filled"] += 1
             addr = self._one_addr
             addr[0] = self.base + page * PAGE_SIZE
             if not U.copy_pages(self.uffd, addr, self.staging_addr, 1, wp):
@@ -476,11 +495,16 @@ class Region:
 
     def _fetch(self, pages: np.ndarray, staging: np.ndarray) -> int:
         """``pages`` into ``staging``; pages never stored are zeroed, not looked up.  Returns
-        how many were zeros."""
+        how many were zeros.  The store's C request path first (GIL released, no Python per
+        batch: the fetcher and the fault loop run beside each other), its Python path for what
+        C declines (failover, routes to bind, a sealed page that does not open)."""
         staged = staging[:len(pages) * PAGE_SIZE]
-        if not self.stored[pages].any():
+        stored = self.stored[pages]
+        if not stored.any():
             staged[:] = 0
             return len(pages)
+        if self.c_path is not None and self.c_path.read_many(self.key_base, pages.astype(np.uint32), staged) == self.c_done:
+            return len(pages) - int(np.count_nonzero(stored))  # as the C fault loop counts them
         found = self.store.get_many(self.pool, 0, pages, staged)
         return len(pages) - int(np.count_nonzero(found))
 

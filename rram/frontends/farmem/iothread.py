@@ -36,6 +36,7 @@ class IoThread:
         self._stop = False
         #: pages submitted and not reaped yet
         self.inflight = 0
+        self._finished = 0  # batches done so far (they finish in the order submitted)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -66,8 +67,23 @@ class IoThread:
 
     def wait_for(self, pages: np.ndarray) -> list[tuple[np.ndarray, Any]]:
         """Wait until no batch left to do holds one of ``pages``, then ``reap``."""
+        pages = np.atleast_1d(pages)
+        lo, hi = int(pages.min()), int(pages.max())
+
+        def holds(batch: np.ndarray) -> bool:
+            # the batches are runs of nearby pages: most are told apart by their bounds, without
+            # np.isin (tens of µs a batch; a scan waits on its prefetch once a window)
+            if not len(batch) or batch.min() > hi or batch.max() < lo:
+                return False
+            if len(batch) * len(pages) <= 4096:  # np.isin's set-up costs more than comparing all
+                return bool((batch[:, None] == pages).any())
+            return bool(np.isin(pages, batch).any())
+
         with self._cond:
-            while self._error is None and any(np.isin(pages, p).any() for p, _ in self._todo):
+            # the last batch holding one of them, by number: each wake-up then costs a compare
+            last = max((j for j, (p, _) in enumerate(self._todo) if holds(p)), default=-1)
+            target = self._finished + last + 1
+            while self._error is None and self._finished < target:
                 self._cond.wait(1.0)
         return self.reap()
 
@@ -105,5 +121,6 @@ class IoThread:
                 return
             with self._cond:
                 self._todo.popleft()
+                self._finished += 1
                 self._done.append((pages, arg))
                 self._cond.notify_all()
