@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Sealed pages: AES-256-GCM over each stored image a provider keeps (OpenSSL's EVP API).
+"""Sealed pages: AES-256-GCM over each stored image a provider keeps (libgcrypt's cipher API).
 
 A sealed image is the stored image (LZ4 block or raw page) encrypted, followed by the 16-byte
 GCM tag.  The key is random per Sealer (per requester store process: pages never outlive it)
@@ -15,9 +15,18 @@ older image of the same page, fails the tag, as does any altered byte.
 
 Batches are one call each, with the GIL released; single pages (the C request path) use the
 cdef methods declared in rram/_ext/_seal.pxd.
+
+Why libgcrypt and not OpenSSL 3.0's EVP (which this module used first): a page is one short
+message (~2.2 KiB compressed), so the per-message cost counts as much as the bulk.  EVP in 3.0
+goes through its provider layer on every call (the tag travels as an OSSL_PARAM found by name)
+and its AES-GCM on this AMD EPYC (VAES, no AVX-512) is the 128-bit AES-NI one; libgcrypt 1.10
+keys a handle once, sets the nonce with a memcpy, and runs CTR and GHASH with 256-bit
+VAES/VPCLMUL.  Opening a 2.2 KiB image took ~1.0 us with EVP against ~0.73 us (best of 8,
+loaded 2-vCPU machine; a 64-byte one 0.32 against 0.15 us), and sealed gets spend most of
+their extra CPU there (docs/architecture.md).
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyObject_GetBuffer, PyBuffer_Release
 
 from location cimport FIRST_REMOTE_SLAB, KIND_MASK, KIND_STORED, loc_size, loc_slab
@@ -26,27 +35,29 @@ from rram._ext._slab cimport E_OK, SlotAllocator
 
 from rram.errors import RramError
 
-cdef extern from "openssl/evp.h" nogil:
-    ctypedef struct EVP_CIPHER_CTX
-    ctypedef struct EVP_CIPHER
-    ctypedef struct ENGINE
-    EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
-    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
-    const EVP_CIPHER *EVP_aes_256_gcm()
-    int EVP_EncryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, ENGINE *impl,
-                           const unsigned char *key, const unsigned char *iv)
-    int EVP_EncryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
-    int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
-    int EVP_DecryptInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, ENGINE *impl,
-                           const unsigned char *key, const unsigned char *iv)
-    int EVP_DecryptUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl, const unsigned char *inp, int inl)
-    int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl)
-    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
-    int EVP_CTRL_GCM_GET_TAG
-    int EVP_CTRL_GCM_SET_TAG
+cdef extern from "gcrypt.h" nogil:
+    ctypedef unsigned int gcry_error_t
+    ctypedef struct gcry_cipher_handle:
+        pass
+    ctypedef gcry_cipher_handle *gcry_cipher_hd_t
+    int GCRY_CIPHER_AES256
+    int GCRY_CIPHER_MODE_GCM
+    const char *GCRYPT_VERSION
+    const char *gcry_check_version(const char *req_version)
+    gcry_error_t gcry_cipher_open(gcry_cipher_hd_t *hd, int algo, int mode, unsigned int flags)
+    void gcry_cipher_close(gcry_cipher_hd_t h)  # wipes the expanded key
+    gcry_error_t gcry_cipher_setkey(gcry_cipher_hd_t h, const void *key, size_t keylen)
+    gcry_error_t gcry_cipher_setiv(gcry_cipher_hd_t h, const void *iv, size_t ivlen)
+    gcry_error_t gcry_cipher_authenticate(gcry_cipher_hd_t h, const void *abuf, size_t abuflen)
+    gcry_error_t gcry_cipher_encrypt(gcry_cipher_hd_t h, void *out, size_t outsize, const void *inp, size_t inlen)
+    gcry_error_t gcry_cipher_decrypt(gcry_cipher_hd_t h, void *out, size_t outsize, const void *inp, size_t inlen)
+    gcry_error_t gcry_cipher_gettag(gcry_cipher_hd_t h, void *outtag, size_t taglen)
+    gcry_error_t gcry_cipher_checktag(gcry_cipher_hd_t h, const void *intag, size_t taglen)  # constant time
 
-cdef extern from "openssl/crypto.h" nogil:
-    void OPENSSL_cleanse(void *ptr, size_t len)
+# libgcrypt's one-time set-up (a library leaves the rest of its initialization to the
+# application); the header's version is the least the library may be
+if gcry_check_version(GCRYPT_VERSION) == NULL:
+    raise ImportError(f"libgcrypt is older than the {GCRYPT_VERSION.decode()} this module was built against")
 
 cdef enum:
     KEY_BYTES = 32
@@ -105,18 +116,19 @@ cdef class Sealer:
             raise ValueError("versions start at 1 (0 marks a slot with no version)")
         self.requester = requester
         self.next_version = first_version
-        self.enc = EVP_CIPHER_CTX_new()
-        self.dec = EVP_CIPHER_CTX_new()
-        if self.enc == NULL or self.dec == NULL:
-            raise MemoryError("EVP_CIPHER_CTX_new failed")
-        # the key is expanded into the contexts once; each page only sets its nonce
-        if (EVP_EncryptInit_ex(<EVP_CIPHER_CTX *>self.enc, EVP_aes_256_gcm(), NULL, &k[0], NULL) != 1
-                or EVP_DecryptInit_ex(<EVP_CIPHER_CTX *>self.dec, EVP_aes_256_gcm(), NULL, &k[0], NULL) != 1):
-            raise RramError("OpenSSL refused the AES-256-GCM key")
+        # the key is expanded into the handles once; each page only sets its nonce
+        if (gcry_cipher_open(<gcry_cipher_hd_t *>&self.enc, GCRY_CIPHER_AES256, GCRY_CIPHER_MODE_GCM, 0) != 0
+                or gcry_cipher_open(<gcry_cipher_hd_t *>&self.dec, GCRY_CIPHER_AES256, GCRY_CIPHER_MODE_GCM, 0) != 0):
+            raise MemoryError("libgcrypt could not open an AES-256-GCM handle")
+        if (gcry_cipher_setkey(<gcry_cipher_hd_t>self.enc, &k[0], KEY_BYTES) != 0
+                or gcry_cipher_setkey(<gcry_cipher_hd_t>self.dec, &k[0], KEY_BYTES) != 0):
+            raise RramError("libgcrypt refused the AES-256-GCM key")
 
     def __dealloc__(self):
-        EVP_CIPHER_CTX_free(<EVP_CIPHER_CTX *>self.enc)  # frees (and cleanses) the expanded key
-        EVP_CIPHER_CTX_free(<EVP_CIPHER_CTX *>self.dec)
+        if self.enc != NULL:
+            gcry_cipher_close(<gcry_cipher_hd_t>self.enc)  # wipes the expanded key
+        if self.dec != NULL:
+            gcry_cipher_close(<gcry_cipher_hd_t>self.dec)
 
     cdef uint64_t take_version(self) noexcept nogil:
         self.next_version += 1
@@ -124,39 +136,34 @@ cdef class Sealer:
 
     cdef int seal_one(self, const uint8_t *src, uint8_t *dst, uint32_t size, uint64_t key,
                       uint64_t version) noexcept nogil:
-        cdef EVP_CIPHER_CTX *ctx = <EVP_CIPHER_CTX *>self.enc
+        cdef gcry_cipher_hd_t h = <gcry_cipher_hd_t>self.enc
         cdef uint8_t nonce[NONCE_BYTES]
         cdef uint8_t aad[AAD_BYTES]
-        cdef int outl = 0, fin = 0
         _context(self.requester, key, version, nonce, aad)
-        if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
-                or EVP_EncryptUpdate(ctx, NULL, &outl, aad, AAD_BYTES) != 1
-                or EVP_EncryptUpdate(ctx, dst, &outl, src, <int>size) != 1
-                or EVP_EncryptFinal_ex(ctx, dst + outl, &fin) != 1
-                or EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, SEAL_TAG, dst + size) != 1):
+        if (gcry_cipher_setiv(h, nonce, NONCE_BYTES) != 0
+                or gcry_cipher_authenticate(h, aad, AAD_BYTES) != 0
+                or gcry_cipher_encrypt(h, dst, size, src, size) != 0
+                or gcry_cipher_gettag(h, dst + size, SEAL_TAG) != 0):
             return -1
         self.sealed += 1
         return 0
 
     cdef int open_one(self, uint8_t *buf, uint32_t sealed_size, uint64_t key, uint64_t version,
                       bint count=True) noexcept nogil:
-        cdef EVP_CIPHER_CTX *ctx = <EVP_CIPHER_CTX *>self.dec
+        cdef gcry_cipher_hd_t h = <gcry_cipher_hd_t>self.dec
         cdef uint8_t nonce[NONCE_BYTES]
         cdef uint8_t aad[AAD_BYTES]
-        cdef uint8_t tag[SEAL_TAG]
-        cdef int outl = 0, fin = 0
         cdef uint32_t size
         if sealed_size <= SEAL_TAG or sealed_size > MAX_IMAGE + SEAL_TAG or version == 0:
             self.failures += count
             return 0
         size = sealed_size - SEAL_TAG
-        memcpy(tag, buf + size, SEAL_TAG)  # decryption in place must not overwrite it first
         _context(self.requester, key, version, nonce, aad)
-        if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
-                or EVP_DecryptUpdate(ctx, NULL, &outl, aad, AAD_BYTES) != 1
-                or EVP_DecryptUpdate(ctx, buf, &outl, buf, <int>size) != 1
-                or EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, SEAL_TAG, tag) != 1
-                or EVP_DecryptFinal_ex(ctx, buf + outl, &fin) != 1):
+        # decrypted in place: the first ``size`` bytes only, so the tag after them stays as READ
+        if (gcry_cipher_setiv(h, nonce, NONCE_BYTES) != 0
+                or gcry_cipher_authenticate(h, aad, AAD_BYTES) != 0
+                or gcry_cipher_decrypt(h, buf, size, NULL, 0) != 0
+                or gcry_cipher_checktag(h, buf + size, SEAL_TAG) != 0):
             # never leave unauthenticated plaintext behind for a caller that ignores the result
             memset(buf, 0, size)
             self.failures += count
@@ -192,7 +199,7 @@ cdef class Sealer:
                     bad = i
                     break
         if bad >= 0:
-            raise RramError(f"OpenSSL failed to seal page {bad} of {n}")
+            raise RramError(f"libgcrypt failed to seal page {bad} of {n}")
 
     def open_reads(self, ops, Py_ssize_t count, uint64_t base, uint64_t stride, locs, keys, sizes,
                    Py_ssize_t n, SlotAllocator versions_r, SlotAllocator versions_e, ok):
@@ -279,11 +286,14 @@ cdef Py_ssize_t _open_ops(Sealer sealer, const op_t *op, Py_ssize_t count, uint6
 cdef class PlannedReads:
     """The sealed pages of one planned get batch, opened as their READs land.
 
-    ``start`` binds the batch's arrays once; ``landed(ops)`` (run_routed's ``on_done``, once
-    a link or a chunk of it) then opens those READs' pages as ``Sealer.open_reads`` does, with
-    one buffer to look at per call instead of six, since the fast path calls it for every
-    ~64 KiB a provider sends.  ``bad``: pages that failed since ``start``.  The arrays must
-    stay alive and unmoved until the batch is done (the store's scratch arrays do).
+    ``start`` binds the batch's arrays once; ``landed(ops, start, end)`` (run_routed's
+    ``on_done``, once a link or a chunk of it) then opens the pages of ``ops[start:end]`` as
+    ``Sealer.open_reads`` does, with one buffer to look at per call instead of six, since the
+    fast path calls it for every ~64 KiB a provider sends.  ``ops`` is a link's whole op array
+    (RemoteTier's, allocated once a link): the address of the last one seen is kept, with a
+    reference to it, so a chunk costs no buffer export (numpy builds a structured array's format
+    for each, ~3 us).  ``bad``: pages that failed since ``start``.  The arrays must stay alive
+    and unmoved until the batch is done (the store's scratch arrays and the tier's op arrays do).
     """
     cdef Sealer sealer
     cdef SlotAllocator versions_r, versions_e
@@ -294,6 +304,9 @@ cdef class PlannedReads:
     cdef uint32_t *z
     cdef uint8_t *o
     cdef Py_ssize_t n
+    cdef object ops  # the op array last landed from, kept alive, and its address and length
+    cdef const op_t *op
+    cdef Py_ssize_t nops
     cdef readonly Py_ssize_t bad
 
     def __cinit__(self, Sealer sealer, uint64_t base, uint64_t stride, SlotAllocator versions_r,
@@ -302,6 +315,7 @@ cdef class PlannedReads:
         self.sealer, self.base, self.stride = sealer, base, stride
         self.versions_r, self.versions_e = versions_r, versions_e
         self.n = 0
+        self.nops = 0
 
     def start(self, locs, keys, sizes, ok, Py_ssize_t n):
         """A new batch of n pages: locs/keys (uint64) planned, sizes (uint32, their stored sizes,
@@ -313,18 +327,25 @@ cdef class PlannedReads:
         self.refs = (locs, keys, sizes, ok)
         self.n, self.bad = n, 0
 
-    def landed(self, ops):
-        """Open the pages of ``ops`` (READs of this batch that completed); returns how many failed."""
+    def landed(self, ops, Py_ssize_t start=0, Py_ssize_t end=-1):
+        """Open the pages of ``ops[start:end]`` (READs of this batch that completed; ``end`` -1:
+        to the end of ``ops``); returns how many failed."""
         cdef Py_buffer b
         cdef Py_ssize_t bad
-        PyObject_GetBuffer(ops, &b, PyBUF_C_CONTIGUOUS)
-        try:
-            if b.itemsize != sizeof(op_t):
-                raise ValueError(f"ops: need {sizeof(op_t)}-byte items, got {b.itemsize}")
-            bad = _open_ops(self.sealer, <const op_t *>b.buf, b.len // sizeof(op_t), self.base, self.stride,
-                            self.l, self.k, self.z, self.o, self.n, self.versions_r, self.versions_e)
-        finally:
-            PyBuffer_Release(&b)
+        if ops is not self.ops:
+            PyObject_GetBuffer(ops, &b, PyBUF_C_CONTIGUOUS)
+            try:
+                if b.itemsize != sizeof(op_t):
+                    raise ValueError(f"ops: need {sizeof(op_t)}-byte items, got {b.itemsize}")
+                self.op, self.nops = <const op_t *>b.buf, b.len // sizeof(op_t)
+            finally:
+                PyBuffer_Release(&b)
+            self.ops = ops
+        if end < 0:
+            end = self.nops
+        if start < 0 or start > end or end > self.nops:
+            raise ValueError(f"ops[{start}:{end}] is not within its {self.nops} ops")
+        bad = _open_ops(self.sealer, self.op + start, end - start, self.base, self.stride,
+                        self.l, self.k, self.z, self.o, self.n, self.versions_r, self.versions_e)
         self.bad += bad
         return bad
-

@@ -24,7 +24,7 @@ done
 # (libnbd-bin has nbdinfo, nbdcopy and nbdfuse: naming "nbdfuse", a virtual package, made every
 # run look for a package that dpkg never reports installed),
 # Redis (the real application bench/app drives: it starts its own instance on a unix socket).
-PKGS="build-essential pkg-config liblz4-dev libssl-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
+PKGS="build-essential pkg-config liblz4-dev libssl-dev libgcrypt20-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
       ibverbs-utils perftest python3-pyverbs libnbd-bin nbdkit fuse3 qemu-utils fio iproute2 util-linux
       redis-server redis-tools"
 VM_PKGS="qemu-system-x86 busybox-static kmod cpio bc nbd-client"

@@ -8,7 +8,7 @@ cdef enum:
 
 
 cdef class Sealer:
-    cdef void *enc                    # EVP_CIPHER_CTX *, keyed once (AES-256-GCM)
+    cdef void *enc                    # gcry_cipher_hd_t, keyed once (AES-256-GCM)
     cdef void *dec
     cdef readonly uint64_t requester  # bound into every page's associated data
     cdef readonly uint64_t next_version
@@ -18,7 +18,7 @@ cdef class Sealer:
 
     # Not thread-safe: callers hold the page store's lock (the request path holds its StoreLock).
     # One page: ``size`` bytes at ``src`` -> ciphertext + tag (size + SEAL_TAG bytes) at ``dst``
-    # (may equal src).  0, or -1 if OpenSSL failed.
+    # (may equal src).  0, or -1 if libgcrypt failed.
     cdef int seal_one(self, const uint8_t *src, uint8_t *dst, uint32_t size, uint64_t key,
                       uint64_t version) noexcept nogil
     # One sealed image of ``sealed_size`` bytes at ``buf`` (the remote location's size), opened in

@@ -25,8 +25,9 @@ NATIVE = (
     Native("_regions", why="registered regions and the loopback transport's copies", optional=False),
     Native("_tcpwire", "libcrypto", ["crypto"], "openssl/hmac.h",
            "the tcp transport's data protocol (both ends; OpenSSL's HMAC signs its frames)", optional=False),
-    Native("_seal", "libcrypto", ["crypto"], "openssl/evp.h",
-           "sealed pages: AES-256-GCM over every image a provider stores", optional=False),
+    Native("_seal", "libgcrypt", ["gcrypt"], "gcrypt.h",
+           "sealed pages: AES-256-GCM over every image a provider stores (libgcrypt: less per page than OpenSSL 3.0's EVP)",
+           optional=False),
     Native("_storepath", why="the page store's per-batch planning (get/put fast path)", optional=False),
     Native("_nbdwire", why="NBD request parsing and reply packing in batches", optional=False),
     # cimport _codec's C functions, so they need liblz4 too

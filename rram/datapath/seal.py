@@ -136,7 +136,7 @@ class PlannedOpen:
         self.seal = seal
         #: the C side: the batch's arrays bound once (``start``), each landing opened in C
         self.reads = PlannedReads(seal.sealer, seal.base, STRIDE, versions_r, versions_e)
-        self.landed = self.reads.landed  # ops -> failures; bound once, called per chunk
+        self.landed = self.reads.landed  # (ops, start, end) -> failures; bound once, called per chunk
         self.owners = owners  # rlocs -> versions, for recovery (PageStore._owners)
         self.reread = reread  # as ``PageSeal.open``'s
         self.logged = logged  # called with the failure count before, once recovery is over

@@ -153,8 +153,8 @@ def test_chunked_reads_land_in_order_and_each_is_handed_over_as_it_lands():
     router, lkeys = tier.router(BASE)
     batches = router.route(False, ls, BASE + np.arange(40, dtype=np.uint64) * 4096, 40, lkeys)
     landed = []
-    assert tier.run_routed(batches, on_done=lambda ops: landed.append(
-        (sum(lk.endpoint.polls for lk in tier.links), ops["local_addr"].copy())), chunked=True) == set()
+    assert tier.run_routed(batches, on_done=lambda ops, a, b: landed.append(
+        (sum(lk.endpoint.polls for lk in tier.links), ops[a:b]["local_addr"].copy())), chunked=True) == set()
     posted = [ep.posted for ep in (lk.endpoint for lk in tier.links)]
     assert [len(p) for p in posted] == [5, 5] and all(len(b) == 4 for p in posted for b in p)
     assert [polls for polls, _ in landed] == list(range(1, 11)), "each chunk opened before the next poll"
@@ -165,7 +165,7 @@ def test_chunked_reads_land_in_order_and_each_is_handed_over_as_it_lands():
     for lk in tier.links:
         lk.endpoint.posted.clear()
     assert tier.run_routed(router.route(False, ls, BASE + np.arange(40, dtype=np.uint64) * 4096, 40, lkeys),
-                           on_done=lambda ops: landed.append(len(ops))) == set()
+                           on_done=lambda ops, a, b: landed.append(b - a)) == set()
     assert landed == [20, 20]
 
     class Ep:

@@ -56,6 +56,29 @@ def test_round_trip_in_place_for_every_image_size():
     assert ALGORITHM == "AES-256-GCM" and TAG == 16 and STRIDE >= 4096 + TAG
 
 
+def test_images_are_standard_aes_256_gcm_with_the_documented_nonce_and_aad():
+    """An independent implementation (cryptography's AESGCM, its own OpenSSL) opens what the
+    Sealer sealed and seals what it opens: the format is the module docstring's, whichever
+    library does the work."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, requester = os.urandom(32), 0x0102030405060708
+    s = Sealer(key, requester=requester)
+    slots = Slots([1, 100, 2200, 4095, 4096, 17, 333, 2048], seed=5)
+    keys = np.arange(40, 40 + N, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    versions = sealed(s, slots, keys)
+    ref = AESGCM(key)
+    le = lambda v: int(v).to_bytes(8, "little")
+    for i in range(N):
+        nonce, aad = le(versions[i]) + bytes(4), le(requester) + le(keys[i]) + le(versions[i])
+        assert ref.decrypt(nonce, slots.image(i, TAG), aad) == slots.plain[i]
+        view = slots.buf[i * STRIDE : i * STRIDE + int(slots.sizes[i]) + TAG]
+        view[:] = np.frombuffer(ref.encrypt(nonce, slots.plain[i], aad), dtype=np.uint8)
+    bad, ok = open_all(s, slots, keys, versions)
+    assert bad == 0 and ok.all()
+    assert all(slots.image(i) == slots.plain[i] for i in range(N))
+
+
 def test_the_same_image_seals_differently_each_time():
     s = Sealer(os.urandom(32))
     a, b = Slots([4096] * N), Slots([4096] * N)
@@ -192,14 +215,19 @@ def test_planned_reads_open_each_chunk_as_it_lands():
         PlannedReads(s, base, STRIDE, SlotAllocator(), ephemeral)
     reads = PlannedReads(s, base, STRIDE, persistent, ephemeral)
     reads.start(locs, keys, sizes, ok, N)
-    assert [reads.landed(ops[a:b]) for a, b in ((0, 3), (3, 7), (7, 8))] == [1, 0, 0]
+    # run_routed hands over the link's whole op array and the chunk's bounds
+    assert [reads.landed(ops, a, b) for a, b in ((0, 3), (3, 7), (7, 8))] == [1, 0, 0]
     assert reads.bad == 1 and s.failures == 1 and list(ok) == [1, 1, 0, 1, 1, 1, 1, 1]
     assert all(slots.image(i) == slots.plain[i] for i in range(N) if i != 2)
     assert slots.image(2) == bytes(int(slots.sizes[2]))
     assert list(sizes) == [int(x) for x in slots.sizes[:2]] + [int(sealed_sizes[2])] + [int(x) for x in slots.sizes[3:]]
     reads.start(locs, keys, sizes, ok, N)  # a new batch starts its own count
     assert reads.bad == 0
-    ops["local_addr"][0] += 8
+    with pytest.raises(ValueError, match="not within"):
+        reads.landed(ops, 7, N + 1)
+    ops["local_addr"][0] += 8  # the same array, changed in place: seen through the kept address
     with pytest.raises(RramError, match="does not match the planned batch"):
-        reads.landed(ops[:1])
+        reads.landed(ops, 0, 1)
+    with pytest.raises(RramError, match="does not match the planned batch"):
+        reads.landed(ops[:1])  # another array (a slice, to its end)
 
