@@ -115,6 +115,18 @@ class Keeper:
         for t in [self._thread, *self._probers]:
             if t is not None and t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
+        self._close_unapplied()
+
+    def _close_unapplied(self) -> None:
+        """Hang up the links a prober made that the keeper never added to the store (it stopped
+        first): nothing else holds them, so their sockets would stay open until collected."""
+        while True:
+            try:
+                kind, link, _detail = self._found.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "linked":
+                self._close_link(link)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -278,6 +290,9 @@ class Keeper:
             link = self._connect(node)
         except (errors.RramError, OSError) as exc:
             log.debug("provider %s still unreachable: %s", node.name, exc)
+            return
+        if self._stop.is_set():  # stop() may have drained the findings already
+            self._close_link(link)
             return
         self._post(("linked", link, None))
 

@@ -483,6 +483,9 @@ class TcpEndpoint(RegionTableEndpoint):
         self._core.attach(sock.fileno())
         self._core.set_frame_key(key)
         self._sock, self._broken = sock, None
+        if self._closed:  # close() ran in another thread while we dialled (a prober's recover)
+            self._disconnect("closed")
+            raise errors.TransportError("endpoint is closed")
 
     def _disconnect(self, why: str) -> None:
         self._broken = why

@@ -190,3 +190,23 @@ def test_pages_are_repatriated_when_local_memory_frees_up(tmp_path, seal):
             out = np.zeros(len(keep) * PAGE_SIZE, dtype=np.uint8)
             assert store.get_many(pool, 0, keep, out).all()
             assert np.array_equal(page_checksums(out, len(keep)), sums[keep])
+
+
+def test_a_link_made_as_the_keeper_stops_is_hung_up(cluster3):
+    """A prober that links a provider just as the store closes (one back from the dead, say):
+    the keeper never adds that link to the store, so it must hang it up itself, or its control
+    and data connections stay open until the garbage collector finds them."""
+    store = open_store(cluster3.config, name="req", local_budget=1 << 20)
+    keeper, node = store.keeper, cluster3.config.node("p0")
+    try:
+        keeper.stop()
+        before = cluster3.provider_stats()["p0"]["control_connections"]
+        keeper._try_link(node)  # its link came up after stop(): hung up, not queued
+        late = keeper._connect(node)  # a finding queued before stop() could apply it
+        keeper._found.put(("linked", late, None))
+        keeper.stop()
+        assert not late.client.connected
+        wait_for(lambda: cluster3.provider_stats()["p0"]["control_connections"] == before, 5,
+                 "p0 to see both links hang up")
+    finally:
+        store.close()
