@@ -354,7 +354,9 @@ def machine(pin: str) -> list[str]:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    # the report's own files are rewritten by this very run: they do not make the code dirty
+    dirty = (" (with uncommitted changes)"
+             if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/report") else "")
     return [f"* machine: {model}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
             f"Python {platform.python_version()}",
             f"* pinning: RRAM_BENCH_PIN={pin}: {PIN_MODES.get(pin, pin)} (fio: fio on CPU 0, servers on CPU 1)",
@@ -574,9 +576,13 @@ def _app_section(out: str, runs: list[dict]) -> list[str]:
         return statistics.median(vals) if vals else None
 
     lines += ["| swap device | GET ops/s | p50 ms | p99 ms | serving CPU µs/GET |", "| --- | --- | --- | --- | --- |"]
+    def cell(d, field):
+        v = med(d, field)
+        return "" if v is None else _fmt(v)
+
     for d in have:
-        lines.append(f"| {d} | {_fmt(med(d, 'ops_per_s'))} | {med(d, 'p50_ms')} | {med(d, 'p99_ms')} | "
-                     f"{med(d, 'server_cpu_us_per_get')} |")
+        lines.append(f"| {d} | {cell(d, 'ops_per_s')} | {cell(d, 'p50_ms')} | {cell(d, 'p99_ms')} | "
+                     f"{cell(d, 'server_cpu_us_per_get')} |")
     bars = [(d, [("ops/s", [_rate(r[APP.format(d)]) for r in runs if APP.format(d) in r])]) for d in have]
     if plot_bars(out, "app_redis.png", "Redis GETs over random keys, dataset twice its memory cgroup", "GET ops/s",
                  bars):
