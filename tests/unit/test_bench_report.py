@@ -57,7 +57,7 @@ def test_render_from_raw_json(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
     assert "latency_nbd.png" not in page  # no data: said in words, not drawn
     assert "| Redis GETs with swap on rram / on nbdkit memory (same nbdfuse + loop path), ops/s | 0.50 |" in page
-    assert "| rram | 3,200 | 14.0 | 30.0 | 127.0 |" in page and (tmp_path / "app_redis.png").exists()
+    assert "| rram | 3,200 | 14 | 30 | 127 |" in page and (tmp_path / "app_redis.png").exists()
 
 
 def test_a_figure_that_is_a_rate_is_compared_as_one(tmp_path):
