@@ -576,6 +576,7 @@ def _app_section(out: str, runs: list[dict]) -> list[str]:
         return statistics.median(vals) if vals else None
 
     lines += ["| swap device | GET ops/s | p50 ms | p99 ms | serving CPU µs/GET |", "| --- | --- | --- | --- | --- |"]
+
     def cell(d, field):
         v = med(d, field)
         return "" if v is None else _fmt(v)

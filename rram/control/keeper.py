@@ -120,11 +120,7 @@ class Keeper:
     def _close_unapplied(self) -> None:
         """Hang up the links a prober made that the keeper never added to the store (it stopped
         first): nothing else holds them, so their sockets would stay open until collected."""
-        while True:
-            try:
-                kind, link, _detail = self._found.get_nowait()
-            except queue.Empty:
-                return
+        for kind, link, _detail in self._findings():
             if kind == "linked":
                 self._close_link(link)
 
@@ -164,12 +160,16 @@ class Keeper:
 
     # -- applying what the probers found (keeper thread only) ---------------------------------
 
-    def _apply_found(self) -> None:
+    def _findings(self):
+        """What the probers queued, (kind, link, detail), until the queue is empty."""
         while True:
             try:
-                kind, link, detail = self._found.get_nowait()
+                yield self._found.get_nowait()
             except queue.Empty:
                 return
+
+    def _apply_found(self) -> None:
+        for kind, link, detail in self._findings():
             if kind == "linked":
                 if self._stop.is_set():
                     self._close_link(link)
