@@ -54,21 +54,28 @@ def pin_process(pid: int, cpus) -> None:
 
 
 @contextlib.contextmanager
+def pinned_here(cpus):
+    """This process on ``cpus`` (None: as it is) until the block ends."""
+    old = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+@contextlib.contextmanager
 def pinned_tcp_cluster():
     """Two tcp provider processes (1 GiB, 64 MiB slabs) pinned as RRAM_BENCH_PIN says, and this
     process pinned as the requester until the block ends: (cluster, the pinning as a label)."""
     from rram.testing.cluster import LocalCluster
 
     req_cpus = bench_cpus("requester")
-    old = os.sched_getaffinity(0)
     with LocalCluster(n_providers=2, capacity="1GiB", transport="tcp", slab_size="64MiB", verbose=False) as cluster:
         prov_cpus = bench_cpus("provider")
         if prov_cpus:
             for proc in cluster.procs.values():
                 pin_process(proc.pid, prov_cpus)
-        if req_cpus:
-            os.sched_setaffinity(0, req_cpus)
-        try:
+        with pinned_here(req_cpus):
             yield cluster, f"requester={sorted(req_cpus or [])} providers={sorted(prov_cpus or [])}"
-        finally:
-            os.sched_setaffinity(0, old)

@@ -2,6 +2,8 @@
 
     .venv/bin/pytest bench/test_farmem_bench.py --benchmark-only -p no:cacheprovider
     RRAM_BENCH_FARMEM_MB=64   region size (MiB; the resident budget is a quarter of it)
+    RRAM_BENCH_PIN=split|same|none  (default split: the requester's machine on CPU 0, which is
+                              this process, the application, and its handler; the providers on CPU 1)
 
 * Fault service p50/p99, one touch at a time (prefetch off), for a page in the handler's
   local compressed pool and for a remote page, next to its floor: the bare userfaultfd round
@@ -11,6 +13,11 @@
 * Random 4 KiB faults/s with the predictor on, and the share of prefetched pages wasted: one
   Python thread (one fault at a time), and four threads gathering with the GIL released (faults
   queue up and are served in batches).
+Every figure and its floor run under the same pinning: where the application and the handler
+sit decides the cost of a fault more than anything the handler does (a touch served across CPUs
+waits for a wake-up of the sleeping CPU; on the same CPU the handler runs as the faulting
+thread sleeps).  Left to the scheduler, the bare floor's handler ran mostly beside the
+faulting thread (9 us p50; pinned apart, 20 us) and rram's, which spins, mostly apart.
 The scan and random figures also record the handler's CPU time a page (or fault): the
 wall-clock figures depend on what else runs on this 2-CPU machine, that one much less.
 Each figure is the timed value (bench/conftest.py ``figure``): the median of 3 rounds' p50s,
@@ -32,7 +39,7 @@ import numpy as np
 import pytest
 
 import rram
-from figures import scaled
+from figures import bench_cpus, pin_process, pinned_here, scaled
 from rram import PAGE_SIZE
 from rram._ext import _uffd as U
 from rram.frontends.farmem import FarMemory, kernel_support
@@ -44,6 +51,13 @@ BUDGET = SIZE // 4
 NPAGES = SIZE // PAGE_SIZE
 TOUCHES = min(2000, NPAGES // 2)
 ROUNDS = scaled(3, 1)
+REQUESTER_CPUS, PROVIDER_CPUS = bench_cpus("requester"), bench_cpus("provider")  # None: unpinned
+
+
+def _pin(pid: int, cpus) -> None:
+    if cpus:
+        pin_process(pid, cpus)
+
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +66,10 @@ def cluster():
         kernel_support()
     except (rram.RramError, OSError) as exc:
         pytest.skip(f"userfaultfd unusable here: {exc}")
-    with LocalCluster(n_providers=2, capacity="512MiB", transport="tcp", slab_size="16MiB", verbose=False) as c:
+    with LocalCluster(n_providers=2, capacity="512MiB", transport="tcp", slab_size="16MiB", verbose=False) as c, \
+            pinned_here(REQUESTER_CPUS):
+        for proc in c.procs.values():
+            _pin(proc.pid, PROVIDER_CPUS)
         yield c
 
 
@@ -63,6 +80,7 @@ def data():
 
 def _filled(cluster, data, local_budget: int, advice: str = "normal") -> FarMemory:
     mem = FarMemory(cluster.config_path, size=SIZE, budget=BUDGET, local_budget=local_budget)
+    _pin(mem.handler_pid, REQUESTER_CPUS)
     mem.advise(advice)
     mem.array(np.uint8, SIZE)[:] = data.reshape(-1)
     return mem
@@ -180,6 +198,7 @@ def _bare_region():
     U.register(uffd, addr, SIZE, U.MODE_MISSING)
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen([sys.executable, "-c", BARE_HANDLER, str(theirs.fileno())], pass_fds=(theirs.fileno(),))
+    _pin(proc.pid, REQUESTER_CPUS)
     theirs.close()
     socket.send_fds(ours, [b"u"], [uffd])
     view = memoryview(m)
