@@ -59,10 +59,14 @@ DEFAULT_IO_BUDGET = 256 << 20
 CONNECT_TIMEOUT = 10.0
 SHUT_TIMEOUT = 1.0
 #: how long the requester's ``poll`` may spin on a non-blocking recv before sleeping in poll():
-#: measured 4 KiB READ p50 on 2 vCPUs, split CPUs 85 -> 25 us, same CPU unchanged (9 us).  It
-#: spins only while spinning catches completions (ext/spin.pxd): with the provider on the
-#: requester's own CPU, a spin is never answered and it stops
-DEFAULT_SPIN_US = 20
+#: it must outlast a round trip that wakes the provider's CPU, or it never catches one and the
+#: adaptive policy turns it off.  4 KiB READ p50 on 2 vCPUs, split CPUs, one machine: 85 -> 25
+#: us with 20; on another (Xeon, 2026-12) the round trip took ~25-40 us, 20 caught none (94 us)
+#: and 50 caught nearly all (24 us; store.get 88 -> 43 us).  50 is also what the kernel's own
+#: busy polling suggests (net.core.busy_read).  It spins only while spinning catches completions
+#: (ext/spin.pxd): with the provider on the requester's own CPU, a spin is never answered and it
+#: stops
+DEFAULT_SPIN_US = 50
 #: the provider's connection loop does not spin by default: 20 us brings the split case to
 #: 9 us but costs the donor a busy CPU and makes a same-CPU pair 3-6x slower
 DEFAULT_PROVIDER_SPIN_US = 0
