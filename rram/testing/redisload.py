@@ -48,6 +48,7 @@ class Redis:
 
     def __init__(self, workdir: str, cgroup: str, cpu: str = "0"):
         self.cpu = cpu
+        self.cgroup = cgroup
         self.sock = os.path.join(workdir, "redis.sock")
         argv = [*self._pin(), "redis-server", "--port", "0", "--unixsocket", self.sock,
                 "--save", "", "--appendonly", "no", "--dir", workdir, "--daemonize", "no"]
@@ -77,10 +78,25 @@ class Redis:
         proc = subprocess.run([*self._pin(), "redis-benchmark", "-s", self.sock, "-t", "get", "-r", str(keys),
                                "-n", str(requests), "-c", str(clients), "-d", str(VALUE), "--csv"],
                               capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, proc.stderr
+        if proc.returncode != 0:
+            raise RuntimeError(f"redis-benchmark failed ({proc.stderr.strip()}){self._fate()}")
         rows = list(csv.DictReader(io.StringIO(proc.stdout)))
         assert rows and rows[0]["test"] == "GET", proc.stdout
         return {k: float(v) for k, v in rows[0].items() if k != "test"}
+
+    def _fate(self) -> str:
+        """What became of redis-server, for an error message: whether it exited, and the
+        cgroup's OOM kills (a hard memory limit kills a workload whose swap-out stalls)."""
+        out = ""
+        if self.proc.poll() is not None:
+            out += f": redis-server exited ({self.proc.returncode})"
+        try:
+            with open(os.path.join(self.cgroup, "memory.events")) as f:
+                events = dict(line.split() for line in f if line.strip())
+            out += f"; its cgroup's memory.events: oom {events.get('oom', '?')}, oom_kill {events.get('oom_kill', '?')}"
+        except OSError:
+            pass
+        return out
 
     def close(self) -> None:
         stop_process(self.proc)
