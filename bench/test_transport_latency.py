@@ -4,10 +4,11 @@
     RRAM_BENCH_PIN=same|split|none   (default split: server on CPU 1, client on CPU 0)
 
 The baseline is the least a Python request/response over loopback TCP can cost: a 32-byte
-request answered with 4 KiB by ``recv_into`` + ``sendall`` (rram.testing.rawsocket), its
-client waiting as the tcp READ it is compared with does: spinning first, or sleeping.  The
-tcp READ adds framing, the region checks and the copies.  Medians and their ratio land in ``extra_info``.  The tcp READ
-runs with the requester's default busy-poll (``tcp.DEFAULT_SPIN_US``) and without it.
+request answered with 4 KiB by ``recv_into`` + ``sendall`` (rram.testing.rawsocket), both
+ends waiting as the tcp READ it is compared with does: polling first, or sleeping.  The tcp
+READ adds framing, the region checks and the copies.  Medians and their ratio land in
+``extra_info``.  The tcp READ runs with the default busy-polls (requester
+``tcp.DEFAULT_SPIN_US``, provider ``DEFAULT_PROVIDER_SPIN_US``) and with neither.
 """
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ def _pin(role: str) -> None:
 # -- the tcp server (runs in a child process: `python bench/test_transport_latency.py tcp`) --------
 
 
-def _serve_tcp() -> None:
+def _serve_tcp(spin_us: float) -> None:
     from rram.transport import tcp
 
-    pt = tcp.ProviderTransportImpl()
+    pt = tcp.ProviderTransportImpl(spin_us=spin_us)
     session = pt.open_session("bench")
     region = np.frombuffer(np.random.default_rng(1).bytes(REGION), dtype=np.uint8).copy()
     rkey = session.register(region.ctypes.data, REGION)
@@ -63,8 +64,8 @@ def _serve_tcp() -> None:
     pt.close()
 
 
-def _start(kind: str):
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind], stdin=subprocess.PIPE,
+def _start(kind: str, *args: str):
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     info = json.loads(proc.stdout.readline())
     return proc, info
@@ -79,12 +80,11 @@ def _stop(proc) -> None:
 # -- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tcp_link():
+def _link(provider_spin_us: float):
     from rram import transport
 
     _pin("client")
-    proc, info = _start("tcp")
+    proc, info = _start("tcp", str(provider_spin_us))
     ep = transport.requester_transport("tcp").endpoint()
     ep.connect(info["params"])
     local = np.zeros(BATCH * PAGE, dtype=np.uint8)
@@ -92,6 +92,20 @@ def tcp_link():
     yield ep, local, lkey, info
     ep.close()
     _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def tcp_link():
+    """A tcp link to a provider whose connection loop polls for requests as by default."""
+    from rram.transport import tcp
+
+    yield from _link(tcp.DEFAULT_PROVIDER_SPIN_US)
+
+
+@pytest.fixture(scope="module")
+def tcp_link_sleeping():
+    """The same with a provider that sleeps in recv at once (the no-spin READ's like for like)."""
+    yield from _link(0)
 
 
 def _ops(local, lkey, info, n, opcode):
@@ -125,13 +139,15 @@ def _record(benchmark, name: str) -> None:
 @pytest.mark.benchmark(group="4k-read-latency")
 @pytest.mark.parametrize("spin", ["default-spin", "no-spin"])
 def test_raw_socket_4k_request_response(benchmark, spin):
-    """The baseline of the tcp READ that waits the same way: spinning for tcp.DEFAULT_SPIN_US
-    before sleeping (default-spin), or sleeping in recv at once (no-spin)."""
+    """The baseline of the tcp READ that waits the same way: the client polling for
+    tcp.DEFAULT_SPIN_US and the server for DEFAULT_PROVIDER_SPIN_US before sleeping
+    (default-spin), or both sleeping in recv at once (no-spin)."""
     from rram.transport import tcp
 
     _pin("client")
-    proc, port = rawsocket.start(_cpus("server"))
-    rtt = rawsocket.RoundTrip(port, spin_us=tcp.DEFAULT_SPIN_US if spin == "default-spin" else 0)
+    spinning = spin == "default-spin"
+    proc, port = rawsocket.start(_cpus("server"), spin_us=tcp.DEFAULT_PROVIDER_SPIN_US if spinning else 0)
+    rtt = rawsocket.RoundTrip(port, spin_us=tcp.DEFAULT_SPIN_US if spinning else 0)
     try:
         benchmark.pedantic(rtt, rounds=ROUNDS, warmup_rounds=200)
     finally:
@@ -142,10 +158,10 @@ def test_raw_socket_4k_request_response(benchmark, spin):
 
 @pytest.mark.benchmark(group="4k-read-latency")
 @pytest.mark.parametrize("spin", ["default-spin", "no-spin"])
-def test_tcp_transport_4k_read(benchmark, tcp_link, spin):
+def test_tcp_transport_4k_read(benchmark, request, spin):
     from rram.transport import OP_READ, new_completions, tcp
 
-    ep, local, lkey, info = tcp_link
+    ep, local, lkey, info = request.getfixturevalue("tcp_link" if spin == "default-spin" else "tcp_link_sleeping")
     ops = _ops(local, lkey, info, 1, OP_READ)
     out = new_completions(1)
     ep._core.spin_ns = (tcp.DEFAULT_SPIN_US if spin == "default-spin" else 0) * 1000
@@ -188,4 +204,4 @@ def test_raw_memcpy_batch_256(benchmark):
 
 if __name__ == "__main__":
     _pin("server")
-    _serve_tcp()
+    _serve_tcp(float(sys.argv[2]))

@@ -18,7 +18,8 @@
 # wait (the fixed spin).  No timing is measured but the poll's own steps.
 #
 # Users: the NBD connection loop's wait for the next request (_nbdserve.LoopState), the tcp
-# requester's wait for a completion (_tcpwire.WireRequester) and the verbs C core's
+# requester's wait for a completion (_tcpwire.WireRequester), the tcp provider's wait for the
+# next request (_tcpwire.WireServer) and the verbs C core's
 # (_verbs.QP._c_poll; Python's QP.poll keeps its fixed spin).  Each keeps one spin_t per
 # connection, calls spin_budget before a wait and spin_observe after a wait that polled.
 from libc.stdint cimport int64_t, uint64_t

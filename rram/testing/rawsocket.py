@@ -1,18 +1,20 @@
 """The benchmarks' latency floor: a 32-byte request answered with up to a sealed page (4 KiB and
 a 16-byte tag) over loopback TCP, by ``recv_into`` + ``sendall`` in Python, nothing else in the way.
 
-    python -m rram.testing.rawsocket [CPU,CPU...]     # prints its port, serves one client
+    python -m rram.testing.rawsocket [CPU,CPU... [SPIN_US]]   # prints its port, serves one client
 
 ``start`` runs that server in a child process (pinned to ``cpus``); ``RoundTrip`` is the
 client side, one call per request/response.  The request names the reply's length, so a
 baseline can move exactly the bytes rram moves (a compressed page is about half of 4 KiB).
 
-The client waits for its reply in one of two ways, because rram's requester does the second
-and a fair baseline must wait as it does:
+Both ends wait in one of two ways, because rram's requester and provider do the second and a
+fair baseline must wait as they do:
 * sleeping (``spin_us=0``): a blocking ``recv_into``, woken by the kernel;
 * spinning (``spin_us>0``): non-blocking ``recv_into`` in a loop for up to ``spin_us``, then a
-  blocking one, as rram's tcp transport polls (``rram.transport.tcp.DEFAULT_SPIN_US``).
-The server sleeps in ``recv`` like rram's provider (which does not spin by default).
+  blocking one, as rram's tcp transport polls (the requester for its completion:
+  ``rram.transport.tcp.DEFAULT_SPIN_US``; the provider for the next request:
+  ``DEFAULT_PROVIDER_SPIN_US``).  rram's polls are adaptive (they stop while they miss); where
+  they pay, as between two CPUs here, they poll on every wait, as these do.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ REPLY = PAGE + 16
 _LENGTH = struct.Struct("<I")  # first 4 bytes of a request: reply length (0 means PAGE)
 
 
-def serve(cpus: set[int] | None = None) -> None:
+def serve(cpus: set[int] | None = None, spin_us: float = 0) -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -40,8 +42,9 @@ def serve(cpus: set[int] | None = None) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     req, reply = bytearray(REQUEST), memoryview(os.urandom(REPLY))
     view = memoryview(req)
+    spin_ns = int(spin_us * 1000)
     while True:
-        got = 0
+        got = _poll_into(conn, view, REQUEST, spin_ns) if spin_ns else 0
         while got < REQUEST:
             n = conn.recv_into(view[got:])
             if n == 0:
@@ -51,11 +54,27 @@ def serve(cpus: set[int] | None = None) -> None:
         conn.sendall(reply[:min(length, REPLY)])
 
 
-def start(cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
-    """The server in a child process; returns (process, port).  Stop it with ``stop``."""
+def _poll_into(sock: socket.socket, view: memoryview, length: int, spin_ns: int) -> int:
+    """Non-blocking receives into ``view`` until ``length`` bytes are in or ``spin_ns`` has
+    passed; the bytes received (0 at EOF, which the blocking recv after it sees again)."""
+    got, deadline = 0, time.perf_counter_ns() + spin_ns
+    while got < length and time.perf_counter_ns() < deadline:
+        try:
+            n = sock.recv_into(view[got:length], 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def start(cpus: set[int] | None = None, spin_us: float = 0) -> tuple[subprocess.Popen, int]:
+    """The server in a child process, waiting for requests as ``spin_us`` says; returns
+    (process, port).  Stop it with ``stop``."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.Popen([sys.executable, "-m", "rram.testing.rawsocket", ",".join(map(str, sorted(cpus or [])))],
-                            stdout=subprocess.PIPE, text=True, cwd=root)
+    proc = subprocess.Popen([sys.executable, "-m", "rram.testing.rawsocket", ",".join(map(str, sorted(cpus or []))),
+                             str(spin_us)], stdout=subprocess.PIPE, text=True, cwd=root)
     return proc, int(proc.stdout.readline())
 
 
@@ -80,29 +99,17 @@ class RoundTrip:
             raise ValueError(f"reply length must be 1..{REPLY}, got {length}")
         _LENGTH.pack_into(self._req, 0, length)
         self.sock.sendall(self._req)
-        got = self._spin(length) if self.spin_ns else 0
+        got = _poll_into(self.sock, self._view, length, self.spin_ns) if self.spin_ns else 0
         while got < length:
             n = self.sock.recv_into(self._view[got:length])
             if n == 0:
                 raise ConnectionError("raw-socket server closed the connection")
             got += n
 
-    def _spin(self, length: int) -> int:
-        """Non-blocking receives until the reply is in or spin_ns has passed; bytes received."""
-        got, deadline = 0, time.perf_counter_ns() + self.spin_ns
-        while got < length and time.perf_counter_ns() < deadline:
-            try:
-                n = self.sock.recv_into(self._view[got:length], 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            if n == 0:
-                raise ConnectionError("raw-socket server closed the connection")
-            got += n
-        return got
-
     def close(self) -> None:
         self.sock.close()
 
 
 if __name__ == "__main__":
-    serve({int(c) for c in sys.argv[1].split(",")} if len(sys.argv) > 1 and sys.argv[1] else None)
+    serve({int(c) for c in sys.argv[1].split(",")} if len(sys.argv) > 1 and sys.argv[1] else None,
+          float(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -1,11 +1,14 @@
-"""The tcp requester's wait for a completion polls only while polling catches completions.
+"""The tcp requester's wait for a completion, and the provider's for the next request, poll
+only while polling catches what they wait for.
 
 WireRequester keeps the adaptive spin of ext/spin.pxd, the policy the NBD loop's LoopState
 runs (tests/unit/test_nbd_spin.py drives it outcome by outcome): here the same outcomes give
 the same budgets, so the two waits share one policy, not two copies.  Then live cores on a
 socketpair: a provider that answers long after the cap turns the spin off (the waits sleep in
 poll(), a probe now and then), a zero spin never polls, and a poll with a zero timeout only
-looks (it is no wait the policy learns from).  Every READ brings its page back.
+looks (it is no wait the policy learns from).  The provider's core (WireServer) waits for
+requests under the same policy: a requester that sends long after the cap turns it off, and a
+zero spin never polls.  Every READ brings its page back.
 """
 from __future__ import annotations
 
@@ -165,3 +168,69 @@ def test_a_zero_timeout_only_looks():
         assert p.core.poll(comp, 10.0) == 1
     finally:
         p.close()
+
+
+class Served:
+    """A provider core (WireServer) serving a region in a thread, its wait for requests polling
+    up to ``cap_ns``, and a requester core READing it, on a socketpair (unsigned frames)."""
+
+    def __init__(self, cap_ns: int):
+        from rram._ext import _regions
+
+        self.ours, self.theirs = socket.socketpair()
+        self.table, self.local = _regions.RegionTable(), _regions.RegionTable()
+        self.region = np.random.default_rng(5).integers(0, 256, 4 * PAGE, dtype=np.uint8)
+        self.buf = np.zeros(PAGE, np.uint8)
+        self.rkey = self.table.register(self.region.ctypes.data, self.region.nbytes)
+        self.lkey = self.local.register(self.buf.ctypes.data, self.buf.nbytes)
+        self.server = _tcpwire.WireServer(self.theirs.fileno(), None)
+        self.server.spin_ns = cap_ns
+        self.core = _tcpwire.WireRequester(self.local, 8, 64)
+        self.ours.setblocking(False)
+        self.core.attach(self.ours.fileno())
+        self.thread = threading.Thread(target=self.server.serve, args=(self.table,), daemon=True)
+        self.thread.start()
+
+    def read(self, batch: int, page: int) -> bool:
+        ops = transport.new_ops(1)
+        ops[0] = (self.buf.ctypes.data, self.region.ctypes.data + page * PAGE, PAGE, self.lkey, self.rkey, OP_READ, 0)
+        assert self.core.post(ops, batch) == 0
+        comp = transport.new_completions(1)
+        assert self.core.poll(comp, 10.0) == 1 and int(comp[0]["status"]) == 0
+        return np.array_equal(self.buf, self.region[page * PAGE: (page + 1) * PAGE])
+
+    def close(self):
+        self.core.detach()
+        self.ours.close()
+        self.thread.join(timeout=5)
+        self.server.mark_closed()
+        self.server.release()
+        self.theirs.close()
+
+
+def test_a_requester_slower_than_the_cap_turns_the_providers_spin_off():
+    # a request every 2 ms: 40 times the 50 us cap, so no poll of the provider's can catch one
+    p = Served(CAP)
+    try:
+        for i in range(150):
+            time.sleep(0.002)
+            assert p.read(i + 1, i % 4)
+        c = p.server.spin_counters()
+    finally:
+        p.close()
+    assert p.server.spin_ns == CAP
+    polled = c["hits"] + c["misses"] + c["preempted"]
+    assert polled < 20, c  # the first miss stops it; then a probe every 8, 16, 32, ... waits
+    assert c["sleeps"] >= 130, c
+
+
+def test_a_provider_without_a_spin_sleeps_at_once():
+    p = Served(0)
+    try:
+        assert all(p.read(i + 1, i % 4) for i in range(40))
+        c = p.server.spin_counters()
+    finally:
+        p.close()
+    assert c["hits"] == c["misses"] == c["probes"] == c["us"] == 0, c
+    with pytest.raises(ValueError):
+        p.server.set_spin(-1)
