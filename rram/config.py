@@ -88,6 +88,10 @@ class NodeConfig:
     gid_index: int = _f(0, "int")
     metrics_port: int | None = _f(None, "port", optional=True)
     metrics_address: str = _f("127.0.0.1", "str")  # /metrics has no authentication: loopback unless told
+    #: how long a tcp data connection's thread polls for the next request before it sleeps (µs;
+    #: adaptive: only while polls catch requests; 0: never, for a donor whose CPU matters more
+    #: than its requesters' latency); unset: the transport's default (tcp.DEFAULT_PROVIDER_SPIN_US)
+    data_spin_us: int | None = _f(None, "int", optional=True)
 
     @property
     def is_provider(self) -> bool:
@@ -191,8 +195,9 @@ class ClusterConfig:
         """Keyword options of ``rram.transport.provider_transport(transport_name, ...)`` for ``node``."""
         per_session = self.limits.max_data_connections
         if transport_name == "tcp":
+            spin = {} if node.data_spin_us is None else {"spin_us": node.data_spin_us}
             return {"host": node.address, "port": node.data_port, "io_budget": self.limits.io_budget,
-                    "max_session_connections": per_session}
+                    "max_session_connections": per_session, **spin}
         if transport_name == "verbs":
             return {"device": node.rdma_device, "gid_index": node.gid_index, "max_session_connections": per_session}
         if transport_name == "loopback":

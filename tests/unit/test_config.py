@@ -50,6 +50,9 @@ def test_defaults_and_accessors():
                                                "max_session_connections": 8}
     assert cfg.transport_options("verbs", a) == {"device": None, "gid_index": 0, "max_session_connections": 8}
     assert a.metrics_address == "127.0.0.1"  # /metrics stays on loopback unless told otherwise
+    assert a.data_spin_us is None  # the transport's default
+    spun = C.from_dict(base(nodes=[{"name": "a", "address": "127.0.0.1", "port": 1, "capacity": "1GiB", "data_spin_us": 0}]))
+    assert spun.transport_options("tcp", spun.node("a"))["spin_us"] == 0
     assert cfg.transport_options("loopback", a) == {}
     with pytest.raises(ConfigError, match="no node named 'zz'"):
         cfg.node("zz")
