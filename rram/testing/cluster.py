@@ -34,9 +34,29 @@ _PR_SET_PDEATHSIG = 1
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that was free a moment ago, below the kernel's ephemeral range: a port the
+    kernel hands out (a listener on port 0, the local end of any outgoing connection) could be
+    taken between now and the provider's bind, as one was in a benchmark run (EADDRINUSE)."""
+    rng = secrets.SystemRandom()
+    low = _ephemeral_low()
+    for _ in range(100) if low > 11000 else ():
+        port = rng.randrange(10000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below it: the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 
