@@ -560,6 +560,22 @@ cdef inline void _spun(spin_t *s, int64_t t0, int64_t last, bint caught, bint pr
     spin_observe(s, caught, preempted)
 
 
+cdef int _set_spin(spin_t *s, int64_t cap_ns, bint adaptive) except -1:
+    """Both cores' ``set_spin``: poll up to ``cap_ns`` before sleeping, only while that pays
+    (``adaptive``, ext/spin.pxd) or on every wait.  Resets the policy and its counters."""
+    if cap_ns < 0:
+        raise ValueError(f"spin cap must be >= 0 ns, got {cap_ns}")
+    spin_init(s, cap_ns, adaptive)
+    return 0
+
+
+cdef dict _spin_report(const spin_t *s):
+    """Both cores' ``spin_counters``: hits, misses, preempted, probes, us polled, sleeps."""
+    c = spin_counters(s, "")
+    c["sleeps"] = s.sleeps
+    return c
+
+
 cdef class WireServer:
     """The provider's side of one data connection: ``serve`` runs the request loop in C.
 
@@ -653,17 +669,12 @@ cdef class WireServer:
         self.set_spin(cap_ns, self.spin.adaptive)
 
     def set_spin(self, int64_t cap_ns, bint adaptive=True):
-        """Poll up to ``cap_ns`` for the next request before sleeping: only while that pays
-        (``adaptive``, ext/spin.pxd) or on every wait.  Resets the policy and its counters."""
-        if cap_ns < 0:
-            raise ValueError(f"spin cap must be >= 0 ns, got {cap_ns}")
-        spin_init(&self.spin, cap_ns, adaptive)
+        """How the wait for the next request polls (``_set_spin``)."""
+        _set_spin(&self.spin, cap_ns, adaptive)
 
     def spin_counters(self):
-        """The request wait's spin: hits, misses, preempted, probes, us polled, sleeps."""
-        c = spin_counters(&self.spin, "")
-        c["sleeps"] = self.spin.sleeps
-        return c
+        """The request wait's spin (``_spin_report``)."""
+        return _spin_report(&self.spin)
 
     def set_frame_key(self, const uint8_t[::1] key, uint32_t first=0):
         """From now on every REQUEST must carry its sequence number (header ``reserved``, from
@@ -963,21 +974,16 @@ cdef class WireRequester:
         self.set_spin(cap_ns, self.spin.adaptive)
 
     def set_spin(self, int64_t cap_ns, bint adaptive=True):
-        """Poll up to ``cap_ns`` for a completion before sleeping: only while that pays
-        (``adaptive``, ext/spin.pxd) or on every wait.  Resets the policy and its counters."""
-        if cap_ns < 0:
-            raise ValueError(f"spin cap must be >= 0 ns, got {cap_ns}")
-        spin_init(&self.spin, cap_ns, adaptive)
+        """How the wait for a completion polls (``_set_spin``)."""
+        _set_spin(&self.spin, cap_ns, adaptive)
 
     @property
     def spin_on(self):
         return bool(self.spin.on)
 
     def spin_counters(self):
-        """The completion wait's spin: hits, misses, preempted, probes, us polled, sleeps."""
-        c = spin_counters(&self.spin, "")
-        c["sleeps"] = self.spin.sleeps
-        return c
+        """The completion wait's spin (``_spin_report``)."""
+        return _spin_report(&self.spin)
 
     def next_budget_ns(self):
         """The next completion wait's poll budget, as ``poll`` takes it: tests."""

@@ -103,9 +103,10 @@ def test_no_altered_header_or_mac_is_ever_taken(data):
 
 
 class Pair:
-    """A WireServer serving a region in a thread and a WireRequester, on a socketpair."""
+    """A WireServer serving a region in a thread and a WireRequester, on a socketpair; the
+    server's wait for requests polls up to ``spin_ns`` (tests/unit/test_tcp_spin.py)."""
 
-    def __init__(self, key=KEY, first: int = 0, server_key=KEY):
+    def __init__(self, key=KEY, first: int = 0, server_key=KEY, spin_ns: int = 0):
         from rram._ext import _regions
 
         self.ours, self.theirs = socket.socketpair()
@@ -115,6 +116,7 @@ class Pair:
         self.rkey = self.table.register(self.region.ctypes.data, self.region.nbytes)
         self.lkey = self.local.register(self.buf.ctypes.data, self.buf.nbytes)
         self.server = _tcpwire.WireServer(self.theirs.fileno(), None)
+        self.server.spin_ns = spin_ns
         self.core = _tcpwire.WireRequester(self.local, 8, 64)
         self.ours.setblocking(False)
         self.core.attach(self.ours.fileno())

@@ -22,6 +22,8 @@ import pytest
 from rram import transport
 from rram.transport import OP_READ, wire
 
+from .test_frame_macs import Pair  # a provider core serving a region, and a requester core
+
 _tcpwire = pytest.importorskip("rram._ext._tcpwire")
 
 CAP = 50_000
@@ -170,51 +172,13 @@ def test_a_zero_timeout_only_looks():
         p.close()
 
 
-class Served:
-    """A provider core (WireServer) serving a region in a thread, its wait for requests polling
-    up to ``cap_ns``, and a requester core READing it, on a socketpair (unsigned frames)."""
-
-    def __init__(self, cap_ns: int):
-        from rram._ext import _regions
-
-        self.ours, self.theirs = socket.socketpair()
-        self.table, self.local = _regions.RegionTable(), _regions.RegionTable()
-        self.region = np.random.default_rng(5).integers(0, 256, 4 * PAGE, dtype=np.uint8)
-        self.buf = np.zeros(PAGE, np.uint8)
-        self.rkey = self.table.register(self.region.ctypes.data, self.region.nbytes)
-        self.lkey = self.local.register(self.buf.ctypes.data, self.buf.nbytes)
-        self.server = _tcpwire.WireServer(self.theirs.fileno(), None)
-        self.server.spin_ns = cap_ns
-        self.core = _tcpwire.WireRequester(self.local, 8, 64)
-        self.ours.setblocking(False)
-        self.core.attach(self.ours.fileno())
-        self.thread = threading.Thread(target=self.server.serve, args=(self.table,), daemon=True)
-        self.thread.start()
-
-    def read(self, batch: int, page: int) -> bool:
-        ops = transport.new_ops(1)
-        ops[0] = (self.buf.ctypes.data, self.region.ctypes.data + page * PAGE, PAGE, self.lkey, self.rkey, OP_READ, 0)
-        assert self.core.post(ops, batch) == 0
-        comp = transport.new_completions(1)
-        assert self.core.poll(comp, 10.0) == 1 and int(comp[0]["status"]) == 0
-        return np.array_equal(self.buf, self.region[page * PAGE: (page + 1) * PAGE])
-
-    def close(self):
-        self.core.detach()
-        self.ours.close()
-        self.thread.join(timeout=5)
-        self.server.mark_closed()
-        self.server.release()
-        self.theirs.close()
-
-
 def test_a_requester_slower_than_the_cap_turns_the_providers_spin_off():
     # a request every 2 ms: 40 times the 50 us cap, so no poll of the provider's can catch one
-    p = Served(CAP)
+    p = Pair(spin_ns=CAP)
     try:
         for i in range(150):
             time.sleep(0.002)
-            assert p.read(i + 1, i % 4)
+            assert p.read(i + 1, i % 4) == (i + 1, 0)
         c = p.server.spin_counters()
     finally:
         p.close()
@@ -225,9 +189,10 @@ def test_a_requester_slower_than_the_cap_turns_the_providers_spin_off():
 
 
 def test_a_provider_without_a_spin_sleeps_at_once():
-    p = Served(0)
+    p = Pair(spin_ns=0)
     try:
-        assert all(p.read(i + 1, i % 4) for i in range(40))
+        assert all(p.read(i + 1, i % 4) == (i + 1, 0) for i in range(40))
+        assert np.array_equal(p.buf, p.region)
         c = p.server.spin_counters()
     finally:
         p.close()
