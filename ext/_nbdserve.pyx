@@ -22,7 +22,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from rram._ext._nbdwire cimport RequestRun
 from rram._ext._reqpath cimport REQ_DONE, RequestPath
 from spin cimport (
-    SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_steady_budget, spin_t,
+    SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_observe_request, spin_steady_budget,
+    spin_t,
 )
 
 import os
@@ -140,6 +141,10 @@ cdef class LoopState:
         return self.spin.preempted
 
     @property
+    def idle(self):
+        return self.spin.idle
+
+    @property
     def probes(self):
         return self.spin.probes
 
@@ -151,9 +156,13 @@ cdef class LoopState:
         """The next wait's poll budget, as serve_loop takes it (advances the probe count): tests."""
         return spin_budget(&self.spin)
 
-    def observe(self, bint caught, bint preempted=False):
-        """Record a polled wait's outcome, as serve_loop does: tests."""
-        spin_observe(&self.spin, caught, preempted)
+    def observe(self, bint caught, bint preempted=False, int64_t waited_ns=0, bint polled=True):
+        """Record a wait's outcome, as serve_loop does: tests.  Not ``caught``: the request came
+        ``waited_ns`` after the wait began, its poll having run out (``polled``) or no budget."""
+        if caught:
+            spin_observe(&self.spin, True, preempted)
+        else:
+            spin_observe_request(&self.spin, polled, preempted, waited_ns)
 
     def counters(self):
         c = {"c_requests": self.served, "c_declined": self.declined, "c_runs": self.runs,
@@ -224,9 +233,11 @@ cdef ssize_t wait_recv(LoopState st, int fd, uint8_t *dst, size_t room, bint fre
     while the spin is on).  recv's result (errno set when < 0)."""
     cdef spin_t *sp = &st.spin
     cdef int64_t budget = spin_budget(sp) if fresh else spin_steady_budget(sp)
-    cdef int64_t t0, t, last, deadline
+    cdef int64_t t0 = 0, t, last, deadline
     cdef bint preempted = False
     cdef ssize_t got
+    if fresh:
+        t0 = now_ns()
     if budget:
         t0 = last = now_ns()
         deadline = t0 + budget
@@ -241,14 +252,16 @@ cdef ssize_t wait_recv(LoopState st, int fd, uint8_t *dst, size_t room, bint fre
             if t >= deadline:
                 break
         sp.spun_ns += <uint64_t>(last - t0)
-        if fresh:
-            spin_observe(sp, got >= 0, preempted)
         if got >= 0 or (errno != EAGAIN and errno != EINTR):
+            if fresh:
+                spin_observe(sp, got >= 0, preempted)
             return got
     sp.sleeps += 1
     got = recv(fd, dst, room, 0)
     while got < 0 and errno == EINTR:
         got = recv(fd, dst, room, 0)
+    if fresh:  # a miss, idle (the client paused: ext/spin.pxd) or neither
+        spin_observe_request(sp, budget > 0, preempted, now_ns() - t0)
     return got
 
 

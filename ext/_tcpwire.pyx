@@ -35,7 +35,9 @@ from ops cimport (
     OP_READ, OP_WRITE, WC_LOC_PROT_ERR, WC_SUCCESS, completion_t, op_t,
 )
 from rram._ext._regions cimport RegionTable
-from spin cimport SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_t
+from spin cimport (
+    SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_observe_request, spin_t,
+)
 
 
 # mirrors WIRE_OP in rram/transport/wire.py (24 bytes)
@@ -827,8 +829,8 @@ cdef class WireServer:
         if r != -EAGAIN:
             return r  # there already: not a wait
         end = spin_budget(&self.spin)
+        t0 = last = _now_ns()
         if end > 0:
-            t0 = last = _now_ns()
             end += t0
             while True:
                 r = _fb_fill(rx, self.fd, MSG_DONTWAIT)
@@ -840,10 +842,12 @@ cdef class WireServer:
                     preempted = True
                 last = now
                 if now >= end:
-                    _spun(&self.spin, t0, last, False, preempted)
+                    self.spin.spun_ns += <uint64_t>(last - t0)
                     break
         self.spin.sleeps += 1
-        return _fb_fill(rx, self.fd, 0)
+        r = _fb_fill(rx, self.fd, 0)
+        spin_observe_request(&self.spin, end > 0, preempted, _now_ns() - t0)  # a miss, idle or neither
+        return r
 
     cdef int _execute(self, RegionTable table, const header_t *h) noexcept nogil:
         cdef const wire_op_t *d = <const wire_op_t *>(<const uint8_t *>h + HDR)
@@ -950,7 +954,8 @@ cdef class WireRequester:
         self.max_outstanding = max_outstanding
         self.max_batch = max_batch
         self.eof = False
-        spin_init(&self.spin, 0, True)
+        spin_init(&self.spin[0], 0, True)
+        spin_init(&self.spin[1], 0, True)
 
     def __dealloc__(self):
         cdef int i
@@ -967,31 +972,39 @@ cdef class WireRequester:
     @property
     def spin_ns(self):
         """The poll budget of a wait for a completion (0: sleep in poll() at once)."""
-        return self.spin.cap_ns
+        return self.spin[0].cap_ns
 
     @spin_ns.setter
     def spin_ns(self, int64_t cap_ns):
-        self.set_spin(cap_ns, self.spin.adaptive)
+        self.set_spin(cap_ns, self.spin[0].adaptive)
 
     def set_spin(self, int64_t cap_ns, bint adaptive=True):
-        """How the wait for a completion polls (``_set_spin``)."""
-        _set_spin(&self.spin, cap_ns, adaptive)
+        """How the wait for a completion polls (``_set_spin``), small batches' and large ones'."""
+        _set_spin(&self.spin[0], cap_ns, adaptive)
+        _set_spin(&self.spin[1], cap_ns, adaptive)
 
     @property
     def spin_on(self):
-        return bool(self.spin.on)
+        """Whether the wait for a small batch's completion polls (the latency path's)."""
+        return bool(self.spin[0].on)
 
-    def spin_counters(self):
-        """The completion wait's spin (``_spin_report``)."""
-        return _spin_report(&self.spin)
+    def spin_counters(self, which=None):
+        """The completion waits' spin (``_spin_report``): small and large batches' summed, or
+        ``which`` ("small", "large") of the two."""
+        if which is not None:
+            return _spin_report(&self.spin[("small", "large").index(which)])
+        c = _spin_report(&self.spin[0])
+        for k, v in _spin_report(&self.spin[1]).items():
+            c[k] += v
+        return c
 
-    def next_budget_ns(self):
+    def next_budget_ns(self, bint large=False):
         """The next completion wait's poll budget, as ``poll`` takes it: tests."""
-        return spin_budget(&self.spin)
+        return spin_budget(&self.spin[1 if large else 0])
 
-    def observe(self, bint caught, bint preempted=False):
+    def observe(self, bint caught, bint preempted=False, bint large=False):
         """Record a polled wait's outcome, as ``poll`` does: tests."""
-        spin_observe(&self.spin, caught, preempted)
+        spin_observe(&self.spin[1 if large else 0], caught, preempted)
 
     def detail(self):
         return self.a, self.b, self.c
@@ -1203,6 +1216,7 @@ cdef class WireRequester:
         cdef int64_t now, t0 = 0, last = 0, spin_end = -1  # -1: not waited yet
         cdef bint watching = False, preempted = False      # watching: a polled wait, outcome not told yet
         cdef short rev = 0
+        cdef spin_t *sp = &self.spin[0]                     # the policy of the batch waited for
         while got < cap:
             p = &self.ring[self.head]
             if self.count and p.sent == 0:  # refused by the lkey check, never sent
@@ -1224,7 +1238,7 @@ cdef class WireRequester:
             r = _fb_fill(&self.rx, self.fd, MSG_DONTWAIT)
             if r > 0:
                 if watching:  # the completion's first bytes came while polling
-                    _spun(&self.spin, t0, last, True, preempted)
+                    _spun(sp, t0, last, True, preempted)
                     watching = False
                 continue
             if r == 0:
@@ -1237,7 +1251,8 @@ cdef class WireRequester:
             if deadline >= 0 and now >= deadline:  # (a zero timeout only looks: not a wait)
                 return 0
             if spin_end < 0:  # nothing there yet: poll a little first if the spin policy says it pays
-                spin_end = now + spin_budget(&self.spin)  # (a wake-up costs more than a short round trip)
+                sp = &self.spin[0 if p.sent <= SPIN_SMALL_OPS else 1]
+                spin_end = now + spin_budget(sp)  # (a wake-up costs more than a short round trip)
                 watching = spin_end > now
                 t0 = last = now
             if now < spin_end and (deadline < 0 or now < deadline):
@@ -1247,9 +1262,9 @@ cdef class WireRequester:
                 continue
             if watching:
                 if now >= spin_end:  # ran out (a deadline that cut it short says nothing)
-                    _spun(&self.spin, t0, last, False, preempted)
+                    _spun(sp, t0, last, False, preempted)
                 watching = False
-            self.spin.sleeps += 1
+            sp.sleeps += 1
             ms = -1
             if deadline >= 0:
                 ms = <int>((deadline - now + 999999) // 1000000)

@@ -2,9 +2,11 @@
 catches requests.
 
 The policy is driven here outcome by outcome, as serve_loop drives it (next_budget_ns before a
-wait for a new request, observe after a wait that polled), so nothing depends on timing.  Then
-a live server: a client that pauses far longer than the cap between requests turns the spin
-off (counted polls stay few, the connection sleeps in recv), and --nbd-spin-us 0 never polls.
+wait for a new request, observe after the wait), so nothing depends on timing.  A pause of a
+millisecond or more (an idle wait) counts as a miss while the spin is on and brings the next
+probe within SPIN_PROBE_FIRST waits whatever the gap was.  Then a live server: a client that
+pauses far longer than the cap between requests turns the spin off (counted polls stay few,
+the connection sleeps in recv), and --nbd-spin-us 0 never polls.
 """
 from __future__ import annotations
 
@@ -23,17 +25,20 @@ LoopState = _nbdserve.LoopState
 
 CAP = 50_000
 PAGE = 4096
+IDLE = 2_000_000  # ns: a wait this long is a pause (ext/spin.pxd SPIN_IDLE_NS is 1 ms)
 
 
 def _waits(state, outcomes):
-    """Drive ``state`` through waits: each outcome is 'hit', 'miss' or 'preempted' (caught, but
-    after the thread was descheduled); a wait with no budget sleeps and observes nothing.
-    Returns the budgets the waits had."""
+    """Drive ``state`` through waits: each outcome is 'hit', 'miss', 'preempted' (caught, but
+    after the thread was descheduled) or 'idle' (the request came IDLE ns after the wait began);
+    a short wait with no budget sleeps and observes nothing.  Returns the budgets the waits had."""
     budgets = []
     for outcome in outcomes:
         budget = state.next_budget_ns()
         budgets.append(budget)
-        if budget:
+        if outcome == "idle":
+            state.observe(False, waited_ns=IDLE, polled=bool(budget))
+        elif budget:
             state.observe(outcome != "miss", preempted=outcome == "preempted")
     return budgets
 
@@ -96,6 +101,28 @@ def test_a_request_caught_after_being_descheduled_counts_neither_way():
     assert [b - a for a, b in zip(probes, probes[1:])] == [8] * (len(probes) - 1) and len(probes) >= 20
 
 
+def test_pauses_count_as_misses_while_the_spin_is_on():
+    state = LoopState(CAP)
+    _waits(state, ["hit"] * 40 + ["idle"] * 4)
+    assert state.on and state.idle == 4 and state.misses == 0
+    budgets = _waits(state, ["idle"] * 100)
+    assert not state.on  # a client that only ever comes back after a pause: polling catches nothing
+    probes = [i for i, b in enumerate(budgets) if b][1:]
+    assert [b - a for a, b in zip(probes, probes[1:])] == [8] * (len(probes) - 1)  # cheap: one in 8
+
+
+def test_after_a_pause_the_next_probe_comes_soon_whatever_the_gap_was():
+    # misses push the probe gap to its cap (a batch stream); a pause, then requests that
+    # follow each other: the spin is on again within 8 waits, not up to 1024 later
+    state = LoopState(CAP)
+    _waits(state, ["miss"] * 5000)
+    assert state.probe_gap == 1024 and not state.on
+    budgets = _waits(state, ["idle"] + ["hit"] * 20)
+    assert state.on and state.probe_gap == 8
+    first = next(i for i, b in enumerate(budgets) if b)
+    assert 1 <= first <= 8 and budgets[first:] == [CAP] * (21 - first)
+
+
 def test_zero_never_polls_and_fixed_always_polls():
     never = LoopState(0)
     assert _waits(never, ["hit"] * 50) == [0] * 50 and never.probes == 0
@@ -127,8 +154,8 @@ def test_a_live_connection_with_long_pauses_stops_polling(tmp_path):
         _slow_client(path, 200, 0.002)
         counters = _settled(srv)
     assert counters["c_requests"] >= 190 and counters["errors"] == 0
-    polled = counters["spin_hits"] + counters["spin_misses"]
-    assert polled < 40, counters  # the first miss stops it; then a probe every 8, 16, 32, ... waits
+    polled = counters["spin_hits"] + counters["spin_misses"] + counters["spin_idle"]
+    assert polled < 40, counters  # the first pause stops it; then a probe every 8 waits
     assert counters["sleeps"] >= 150, counters
 
 

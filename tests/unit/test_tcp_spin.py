@@ -6,9 +6,12 @@ runs (tests/unit/test_nbd_spin.py drives it outcome by outcome): here the same o
 the same budgets, so the two waits share one policy, not two copies.  Then live cores on a
 socketpair: a provider that answers long after the cap turns the spin off (the waits sleep in
 poll(), a probe now and then), a zero spin never polls, and a poll with a zero timeout only
-looks (it is no wait the policy learns from).  The provider's core (WireServer) waits for
-requests under the same policy: a requester that sends long after the cap turns it off, and a
-zero spin never polls.  Every READ brings its page back.
+looks (it is no wait the policy learns from).  Batches of more than SPIN_SMALL_OPS ops wait
+under a policy of their own, so slow large batches leave a page's round trip polling.  The
+provider's core (WireServer) waits for requests under the same policy: a requester that sends
+long after the cap turns it off, a pause of a millisecond or more brings the next probe within
+a few requests (however far batches had pushed it), and a zero spin never polls.  Every READ
+brings its page back.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ _tcpwire = pytest.importorskip("rram._ext._tcpwire")
 
 CAP = 50_000
 PAGE = 4096
+SMALL_OPS = 8  # rram/_ext/_tcpwire.pxd SPIN_SMALL_OPS
 
 
 def _budgets(policy, outcomes):
@@ -85,15 +89,17 @@ def test_misses_turn_the_completion_spin_off_and_fixed_or_zero_do_not_learn():
 
 class SlowProvider:
     """A requester core with spin ``cap_ns`` and, on a socketpair, a provider that answers each
-    READ ``delay`` seconds after it arrived (unsigned frames: the C core still speaks them)."""
+    READ batch ``delay`` seconds after it arrived, or ``large_delay`` seconds for a batch of
+    more than SPIN_SMALL_OPS ops (unsigned frames: the C core still speaks them)."""
 
-    def __init__(self, cap_ns: int, delay: float):
+    def __init__(self, cap_ns: int, delay: float, large_delay: float | None = None):
         from rram._ext import _regions
 
         self.local = _regions.RegionTable()
         self.core = _tcpwire.WireRequester(self.local, 8, 64)
         self.core.set_spin(cap_ns)
         self.delay = delay
+        self.large_delay = delay if large_delay is None else large_delay
         self.ours, self.theirs = socket.socketpair()
         self.ours.setblocking(False)
         self.region = np.random.default_rng(7).integers(0, 256, 8 * PAGE, dtype=np.uint8)
@@ -111,18 +117,19 @@ class SlowProvider:
                 return
             h = wire.parse_header(raw, 0, wire.TO_PROVIDER)
             descs = np.frombuffer(f.read(h.count * wire.WIRE_OP.itemsize), dtype=wire.WIRE_OP)
-            time.sleep(self.delay)
+            time.sleep(self.large_delay if h.count > SMALL_OPS else self.delay)
             data = b"".join(self.region[d["remote_addr"]: d["remote_addr"] + d["length"]].tobytes() for d in descs)
             self.theirs.sendall(wire.completion(h.batch_id, 0, h.count, data))
 
-    def post(self, batch: int, page: int) -> None:
-        ops = transport.new_ops(1)
-        ops[0] = (self.buf.ctypes.data, page * PAGE, PAGE, self.lkey, 0, OP_READ, 0)
-        assert self.core.post(ops, batch) == 0
+    def post(self, batch: int, page: int, ops: int = 1) -> None:
+        """``ops`` READs of page ``page`` in one batch (each lands on the same buffer)."""
+        o = transport.new_ops(ops)
+        o[:] = (self.buf.ctypes.data, page * PAGE, PAGE, self.lkey, 0, OP_READ, 0)
+        assert self.core.post(o, batch) == 0
 
-    def read(self, batch: int, page: int) -> bool:
-        """READ page ``page`` of the region: whether its bytes came back."""
-        self.post(batch, page)
+    def read(self, batch: int, page: int, ops: int = 1) -> bool:
+        """READ page ``page`` of the region (``ops`` times in one batch): whether its bytes came back."""
+        self.post(batch, page, ops)
         comp = transport.new_completions(1)
         n = self.core.poll(comp, 10.0)
         assert n == 1 and int(comp[0]["batch_id"]) == batch and int(comp[0]["status"]) == 0
@@ -146,6 +153,29 @@ def test_a_provider_slower_than_the_cap_turns_the_spin_off():
     polled = c["hits"] + c["misses"] + c["preempted"]
     assert polled < 20, c  # the first miss stops it; then a probe every 8, 16, 32, ... waits
     assert c["sleeps"] >= 140, c  # (a read whose reply was in before its first look does not wait)
+
+
+def test_slow_large_batches_leave_the_small_ones_polling():
+    # a 16-op batch answered after 2 ms between single READs answered at once: one shared
+    # policy would be off (a miss every other wait); the small batches' stays on and catches them
+    assert _budgets(_requester(), ["miss"] * 50) != [CAP] * 50
+    core = _requester()
+    for _ in range(50):
+        core.next_budget_ns(large=True)
+        core.observe(False, large=True)
+    assert core.next_budget_ns() == CAP and core.spin_on
+    p = SlowProvider(CAP, 0, large_delay=0.002)
+    try:
+        for i in range(60):
+            assert p.read(2 * i + 1, i % 8, ops=2 * SMALL_OPS)
+            assert p.read(2 * i + 2, (i + 1) % 8)
+        large, small = p.core.spin_counters("large"), p.core.spin_counters("small")
+    finally:
+        p.close()
+    # the large batches' waits learnt under their own policy (off after the first miss); the
+    # singles' polled under theirs, whatever the large ones did
+    assert large["hits"] == 0 and 1 <= large["misses"] < 10 and large["sleeps"] >= 55, large
+    assert small["hits"] + small["misses"] + small["preempted"] >= 1, small
 
 
 def test_without_a_spin_the_wait_sleeps_at_once():
@@ -172,8 +202,31 @@ def test_a_zero_timeout_only_looks():
         p.close()
 
 
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def test_a_requester_slower_than_the_cap_turns_the_providers_spin_off():
-    # a request every 2 ms: 40 times the 50 us cap, so no poll of the provider's can catch one
+    # a request every 300 us: 6 times the 50 us cap, so no poll of the provider's can catch one
+    p = Pair(spin_ns=CAP)
+    try:
+        for i in range(150):
+            _busy(0.0003)
+            assert p.read(i + 1, i % 4) == (i + 1, 0)
+        c = p.server.spin_counters()
+    finally:
+        p.close()
+    assert p.server.spin_ns == CAP
+    polled = c["hits"] + c["misses"] + c["preempted"] + c["idle"]
+    assert polled < 20, c  # the first miss stops it; then a probe every 8, 16, 32, ... waits
+    assert c["sleeps"] >= 130, c
+
+
+def test_a_requester_that_pauses_turns_the_providers_spin_off_and_probes_every_few_requests():
+    # a request every 2 ms: idle waits (ext/spin.pxd); a probe every 8 requests, which costs one
+    # cap in 16 ms, and comes back as soon as requests follow each other again
     p = Pair(spin_ns=CAP)
     try:
         for i in range(150):
@@ -182,10 +235,27 @@ def test_a_requester_slower_than_the_cap_turns_the_providers_spin_off():
         c = p.server.spin_counters()
     finally:
         p.close()
-    assert p.server.spin_ns == CAP
-    polled = c["hits"] + c["misses"] + c["preempted"]
-    assert polled < 20, c  # the first miss stops it; then a probe every 8, 16, 32, ... waits
+    assert 15 <= c["idle"] < 150 / 8 + 3 and c["hits"] + c["misses"] + c["preempted"] < 5, c
     assert c["sleeps"] >= 130, c
+
+
+def test_after_a_pause_the_providers_spin_is_back_within_a_few_requests():
+    # requests 300 us apart push the probe gap up (8, 16, ... 256 waits); after a 5 ms pause,
+    # back-to-back requests find the spin on again within ~8 of them, not after the old gap
+    p = Pair(spin_ns=CAP)
+    try:
+        for i in range(600):
+            _busy(0.0003)
+            assert p.read(i + 1, i % 4) == (i + 1, 0)
+        slow = p.server.spin_counters()
+        time.sleep(0.005)
+        for i in range(600, 700):
+            assert p.read(i + 1, i % 4) == (i + 1, 0)
+        c = p.server.spin_counters()
+    finally:
+        p.close()
+    assert slow["misses"] >= 5 and slow["probes"] < 60, slow  # (a hiccup of 1 ms+ resets the gap too)
+    assert c["hits"] - slow["hits"] >= 80, (slow, c)
 
 
 def test_a_provider_without_a_spin_sleeps_at_once():
