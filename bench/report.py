@@ -6,9 +6,9 @@ PNG plots, every figure beside its baseline from the same run, ratios as medians
     .venv/bin/python bench/report.py --render-only DIR   # redraw DIR/README.md from DIR/raw/*.json
 
 Each run calls pytest once per suite with ``--benchmark-json`` (raw data included) into
-``OUT/raw/``; the page is drawn from those files only.  What this host cannot measure (the
-soft-RoCE VM, swap through a kernel NBD client, a real application's swap) gets a section that
-says so instead of numbers.
+``OUT/raw/``; the page is drawn from those files only.  ``--swap`` adds what swaps for the
+whole machine, ``--vm`` the soft-RoCE guest's suite (bench/report_vm.py); what a run did not
+measure gets a section that says so instead of numbers.
 """
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for its sibling below
+import report_vm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: swap for the whole machine, as root: only with --swap, on a machine nobody else is using
@@ -217,14 +221,13 @@ BARS = (
       for rw in ("randread", "randwrite") for qd in (1, 32)]),
 )
 
-NOT_MEASURED = """\
-## Not measured by this run
-
-* **RDMA verbs against perftest** (latency and throughput at the same queue depth) and **swap
+NOT_MEASURED = "## Not measured by this run\n\n"
+#: added when this run did not boot the guest (no --vm)
+NOT_MEASURED_VM = """* **RDMA verbs against perftest** (latency and throughput at the same queue depth) and **swap
   through the kernel's NBD client** (rram over verbs vs nbdkit on the same path vs zram vs an
-  O_DIRECT disk): these need the soft-RoCE guest, `scripts/bench-vm.sh`.  It emulates both the
-  CPU (TCG) and the RDMA device, so only its ratios mean anything, and this report has none of
-  its numbers.
+  O_DIRECT disk): these need the soft-RoCE guest (`scripts/bench-report.sh --vm`, or
+  `scripts/bench-vm.sh` alone).  It emulates both the CPU (TCG) and the RDMA device, so only its
+  ratios mean anything.
 """
 
 #: added when this run did not measure them (no --swap)
@@ -488,14 +491,18 @@ def render(out: str) -> str:
               "runs is shown", ""]
     failed = [e for e in log if e["rc"] != 0]
     for e in failed:
-        lines.append(f"* **run {e['run']}: {e['suite']} exited {e['rc']}** (its log: raw/run{e['run']}-"
-                     f"{e['suite'].removesuffix('.py')}.log); its figures are missing or partial")
-    if log:  # the budget is the host suites'; --swap's suites come on top of it
+        log_name = (f"vm-run{e['run']}.log" if e["suite"] == "bench-vm.sh"
+                    else f"run{e['run']}-{e['suite'].removesuffix('.py')}.log")
+        lines.append(f"* **run {e['run']}: {e['suite']} exited {e['rc']}** (its log: raw/{log_name}); "
+                     "its figures are missing or partial")
+    if log:  # the budget is the host suites'; --swap's suites and --vm's guest come on top of it
         swap = {os.path.basename(s) for s in SWAP_SUITES}
-        total = sum(e["seconds"] for e in log if e["suite"] not in swap)
+        total = sum(e["seconds"] for e in log if e["suite"] not in swap and e["suite"] != "bench-vm.sh")
         extra = sum(e["seconds"] for e in log if e["suite"] in swap)
+        guest = sum(e["seconds"] for e in log if e["suite"] == "bench-vm.sh")
         over = "" if total <= BUDGET_S else f" (**over the {BUDGET_S // 60} min budget**: shrink the suites)"
-        also = f", and {extra / 60:.1f} min for the swap suites (--swap)" if extra else ""
+        also = f", {extra / 60:.1f} min for the swap suites (--swap)" if extra else ""
+        also += f", {guest / 60:.1f} min for the soft-RoCE guest (--vm)" if guest else ""
         lines += [f"* wall time of the host suites: {total / 60:.1f} min{over}{also}", ""]
 
     rows = []
@@ -550,8 +557,12 @@ def render(out: str) -> str:
         else:
             lines += [f"{title}: not measured.", ""]
 
+    lines += report_vm.section(out, plot_bars)
     swap_measured = any(APP.format("rram") in r for r in runs)
-    lines += [NOT_MEASURED + ("" if swap_measured else NOT_MEASURED_SWAP), "## How each figure is taken", "",
+    vm_measured = any(report_vm.load(out))
+    if not (swap_measured and vm_measured):
+        lines += [NOT_MEASURED + ("" if vm_measured else NOT_MEASURED_VM) + ("" if swap_measured else NOT_MEASURED_SWAP)]
+    lines += ["## How each figure is taken", "",
               "The suites' docstrings say what each benchmark times and against what (`bench/*.py`); "
               "bench/README.md lists them.  Raw pytest-benchmark JSON and logs are in `raw/`."]
     page = "\n".join(lines) + "\n"
@@ -680,6 +691,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", action="append", choices=SUITES + SWAP_SUITES, help="only this suite (repeatable)")
     ap.add_argument("--swap", action="store_true",
                     help=f"also {' and '.join(SWAP_SUITES)}: root, swap for the whole machine (not in the 25 min)")
+    ap.add_argument("--vm", action="store_true",
+                    help="also the soft-RoCE guest's suite (scripts/bench-vm.sh, about 8 min a run; not in the 25 min)")
+    ap.add_argument("--vm-runs", type=int, default=1, help="boots of the guest suite with --vm (default 1)")
     ap.add_argument("--render-only", metavar="DIR", help="redraw DIR/README.md from DIR/raw without running")
     args = ap.parse_args(argv)
     if args.render_only:
@@ -696,9 +710,17 @@ def main(argv=None) -> int:
     raw = os.path.join(out, "raw")
     if os.path.isdir(raw):
         for fn in os.listdir(raw):
-            os.remove(os.path.join(raw, fn))
+            path = os.path.join(raw, fn)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     suites = tuple(args.suite or SUITES) + (SWAP_SUITES if args.swap else ())
     log = run_suites(out, runs, args.quick, suites)
+    if args.vm:
+        log += report_vm.run(out, args.vm_runs)
+        with open(os.path.join(raw, "runs.json")) as f:
+            meta = json.load(f)
+        meta["suites"] = log
+        with open(os.path.join(raw, "runs.json"), "w") as f:
+            json.dump(meta, f, indent=1)
     render(out)
     print(f"bench-report: wrote {os.path.join(out, 'README.md')}")
     return 1 if any(e["rc"] != 0 for e in log) else 0

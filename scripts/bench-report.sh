@@ -8,6 +8,8 @@
 #   scripts/bench-report.sh --quick     small sizes, 1 run, into a temp dir: checks that it works
 #   scripts/bench-report.sh --swap      also what swaps for the whole machine (root; nobody else on
 #                                       the machine): Redis, the swap-bound workload, FarMemory vs swap
+#   scripts/bench-report.sh --vm        also the soft-RoCE guest's suite (scripts/bench-vm.sh, ~8 min a
+#                                       boot; --vm-runs N): verbs vs perftest, Redis and swap via /dev/nbd0
 #   RRAM_BENCH_PIN=same scripts/bench-report.sh     pin everything on CPU 0 (default: split)
 # Other arguments go to bench/report.py (--runs N, --out DIR, --suite FILE, --render-only DIR).
 set -uo pipefail

@@ -109,3 +109,34 @@ def test_far_memory_figures_and_a_floor_made_of_parts(tmp_path):
     assert "local page: 90.0 µs (floor parts' p99: bare round trip 40.0 µs, store.get 9.0 µs)" in page
     assert "FarMemory fill 4.0; swap on rram fill 12.0" in page
     assert "(missing / write-protect / minor): fill 9 / 16,375 / 67" in page
+
+
+def test_the_guest_section_from_its_runs(tmp_path):
+    """--vm: each boot of the guest leaves raw/vm-runN/*.json (as scripts/bench-vm.sh brings them
+    back); the page shows medians over the boots, each boot's ratio and the goals.  Without a
+    boot, the guest is listed under "Not measured"."""
+    report = _report()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    page = report.render(str(tmp_path))
+    assert "## Not measured by this run" in page and "soft-RoCE guest (`scripts/bench-report.sh --vm`" in page
+    read = "READ 4 KiB latency p50, endpoint post+poll"
+    for n, (lat, ops, secs) in enumerate([(120.0, 400.0, 5.0), (140.0, 800.0, 9.0)], start=1):
+        d = raw / f"vm-run{n}"
+        d.mkdir()
+        (d / "verbs-bench.json").write_text(json.dumps({"rows": [
+            {"metric": read, "rram": lat, "unit": "us", "perftest_tool": "ib_read_lat", "perftest": 100.0,
+             "ratio": lat / 100.0}]}))
+        runs = {dev: {"ops_per_s": o, "p50_ms": 2.0, "p99_ms": 9.0, "server_cpu_us_per_get": 50.0}
+                for dev, o in (("nbdkit", 1000.0), ("rram-verbs", ops))}
+        (d / "redis-bench.json").write_text(json.dumps({"ops_per_s": {k: v["ops_per_s"] for k, v in runs.items()},
+                                                        "runs": runs}))
+        (d / "swap-bench.json").write_text(json.dumps({"seconds": {"nbdkit": 4.0, "rram": secs},
+                                                       "ratios": {"rram_over_nbdkit_same_path": secs / 4.0}}))
+    page = report.render(str(tmp_path))
+    assert "2 run(s) of the guest suite" in page
+    assert f"| {read} | 130 us | 100 (ib_read_lat) | 1.30 | 1.20, 1.40 | <= 1.3: met |" in page
+    assert "| rram-verbs | 600 | 2 | 9 | 50 | 0.60 | 0.40, 0.80 | >= 1.0: **not met** |" in page
+    assert "| 4 s | 7 s | 1.75 | 1.25, 2.25 | <= 1.1: **not met** |" in page
+    assert "FarMemory vs swap in the guest: no result came back." in page
+    assert (tmp_path / "vm_redis.png").exists() and "soft-RoCE guest (`scripts/bench-report.sh --vm`" not in page
