@@ -255,7 +255,8 @@ def test_after_a_pause_the_providers_spin_is_back_within_a_few_requests():
     finally:
         p.close()
     assert slow["misses"] >= 5 and slow["probes"] < 60, slow  # (a hiccup of 1 ms+ resets the gap too)
-    assert c["hits"] - slow["hits"] >= 80, (slow, c)
+    caught = (c["hits"] + c["preempted"]) - (slow["hits"] + slow["preempted"])
+    assert caught >= 70, (slow, c)  # polls catching requests (left at the old gap: one probe, if any)
 
 
 def test_a_provider_without_a_spin_sleeps_at_once():
