@@ -36,7 +36,8 @@ from ops cimport (
 )
 from rram._ext._regions cimport RegionTable
 from spin cimport (
-    SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_observe_request, spin_t,
+    SPIN_PREEMPT_NS, SPIN_SMALL_OPS, spin_budget, spin_counters, spin_init, spin_observe, spin_observe_request,
+    spin_t,
 )
 
 

@@ -31,7 +31,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libibverbs cimport *
 from linkcore cimport CORE_VERBS, core_ops_capsule, core_ops_t
 from ops cimport OP_READ, OP_WRITE, WC_LOC_PROT_ERR, completion_t, op_t
-from spin cimport SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_init, spin_observe, spin_t
+from spin cimport SPIN_PREEMPT_NS, SPIN_SMALL_OPS, spin_budget, spin_counters, spin_init, spin_observe, spin_t
 
 import errno as _errno
 import weakref
@@ -463,7 +463,8 @@ cdef class QP(Resource):
     cdef readonly uint8_t port_num
     cdef ibv_wc wcs[WC_CHUNK]
     cdef int32_t c_err          # the C core's last failure: errno (or the op count), for Python
-    cdef spin_t spin            # the C core's completion wait: polls up to SPIN_NS while polling pays
+    cdef spin_t spin[2]         # the C core's completion wait: polls up to SPIN_NS while polling pays,
+                                # [0] for batches of up to SPIN_SMALL_OPS ops, [1] larger (as tcp's)
 
     def __init__(self, PD pd not None, CQ cq not None, uint32_t max_batch=256, uint32_t max_outstanding=8):
         cdef ibv_qp_init_attr init
@@ -472,7 +473,8 @@ cdef class QP(Resource):
             raise TransportError("completion queue is closed")
         if max_batch < 1 or max_outstanding < 1:
             raise ValueError("max_batch and max_outstanding must be >= 1")
-        spin_init(&self.spin, SPIN_NS, True)
+        spin_init(&self.spin[0], SPIN_NS, True)
+        spin_init(&self.spin[1], SPIN_NS, True)
         self.wrs = <ibv_send_wr*>calloc(max_batch, sizeof(ibv_send_wr))
         self.sges = <ibv_sge*>calloc(max_batch, sizeof(ibv_sge))
         self.slots = <batch_t*>calloc(max_outstanding, sizeof(batch_t))
@@ -922,9 +924,13 @@ cdef class QP(Resource):
     # -- the C core (ext/linkcore.pxd): the page store's request path, without the GIL --------
 
     def spin_counters(self):
-        """The C core's completion wait: hits, misses, preempted, probes, us polled, sleeps."""
-        c = spin_counters(&self.spin, "")
-        c["sleeps"] = self.spin.sleeps
+        """The C core's completion waits: hits, misses, idle, preempted, probes, us polled,
+        sleeps, small and large batches' summed."""
+        c = spin_counters(&self.spin[0], "")
+        c["sleeps"] = self.spin[0].sleeps
+        for k, v in spin_counters(&self.spin[1], "").items():
+            c[k] += v
+        c["sleeps"] += self.spin[1].sleeps
         return c
 
     def c_interface(self):
@@ -957,14 +963,17 @@ cdef class QP(Resource):
         cdef int64_t t = <int64_t>now_ns()
         cdef int64_t spin_end, last, budget
         cdef bint preempted = False
+        cdef spin_t *sp = &self.spin[0]
         if self.qp == NULL:
             self.c_err = 0
             return V_POLL_FAILED
+        if self.used and self.slots[self.head].n > SPIN_SMALL_OPS:
+            sp = &self.spin[1]  # the batch waited for is the oldest one
         n = self._poll_cq(out, 1)
         if n == 0 and t < deadline:  # a wait: poll first while polling pays (ext/spin.pxd)
             # (under soft-RoCE the responder is the kernel on some CPU: our poll may be what
             # keeps it from running, and then it catches nothing)
-            budget = spin_budget(&self.spin)
+            budget = spin_budget(sp)
             if budget > 0:
                 spin_end = t + budget
                 last = t
@@ -975,9 +984,9 @@ cdef class QP(Resource):
                         preempted = True
                     last = t
                 if n != 0 or t >= spin_end:  # (a deadline that cut the poll short says nothing)
-                    spin_observe(&self.spin, n > 0, preempted)
+                    spin_observe(sp, n > 0, preempted)
             if n == 0:
-                self.spin.sleeps += 1
+                sp.sleeps += 1
         while n == 0 and t < deadline:
             if ibv_req_notify_cq(self.cq.cq, 0):
                 self.c_err = errno or EIO

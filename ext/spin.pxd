@@ -39,6 +39,8 @@ cdef enum:
     SPIN_PROBE_MAX = 1024    # ... up to this (a probe costs one spin of the cap: ~0.1 % of the waits)
     SPIN_PREEMPT_NS = 10000  # a step of the poll loop this long: the thread was descheduled
     SPIN_IDLE_NS = 1000000   # a request this long after its wait began: the peer was idle
+    SPIN_SMALL_OPS = 8       # a completion wait for a batch of at most this many ops (a page's round
+                             # trip) learns apart from larger batches' (their users keep two spin_t)
 
 
 cdef struct spin_t:

@@ -9,7 +9,6 @@ from spin cimport spin_t
 
 cdef enum:
     MAX_RING = 64       # batches outstanding on one connection, at most
-    SPIN_SMALL_OPS = 8  # a batch of at most this many ops: its completion wait has the small batches' spin
     C_EINTR = -99       # internal: a wait was interrupted by a signal (callers retry or check it with the GIL)
     C_NEED = 1          # internal: the frame at the front needs more bytes
 
@@ -50,7 +49,7 @@ cdef class WireRequester:
     cdef uint32_t seq          # of the next REQUEST
     cdef uint32_t cseq         # the sequence number the next COMPLETION must carry
     # whether a wait for a completion polls before it sleeps (ext/spin.pxd): one policy for
-    # batches of up to SPIN_SMALL_OPS ops, whose round trip is a few microseconds more than a
+    # batches of up to SPIN_SMALL_OPS ops (spin.pxd), whose round trip is a few microseconds more than a
     # page's (a get, a fault, a swap request), one for larger ones, which take the provider far
     # longer than the cap: sharing one, get_many's chunks left a store.get's poll off for ~1000
     # gets after them (p50 27 us for those instead of 12)

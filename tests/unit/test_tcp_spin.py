@@ -31,7 +31,7 @@ _tcpwire = pytest.importorskip("rram._ext._tcpwire")
 
 CAP = 50_000
 PAGE = 4096
-SMALL_OPS = 8  # rram/_ext/_tcpwire.pxd SPIN_SMALL_OPS
+SMALL_OPS = 8  # ext/spin.pxd SPIN_SMALL_OPS
 
 
 def _budgets(policy, outcomes):
