@@ -99,14 +99,16 @@ def section(out: str, plot_bars=None) -> list[str]:
     lines += [f"{len(runs)} run(s) of the guest suite (`bench/vm`, one boot each); medians over runs.  Both the "
               "CPU and the RDMA device are emulated: these ratios compare software paths under the same "
               "emulation, and no figure here stands for hardware.", ""]
-    lines += _verbs(runs) + _redis(out, runs, plot_bars) + _swap(runs) + _farmem(runs)
+    for fn, what, table in (("verbs-bench.json", "Verbs against perftest", _verbs),
+                            ("redis-bench.json", "Redis in the guest", _redis),
+                            ("swap-bench.json", "The swap-bound workload in the guest", _swap),
+                            ("farmem-bench.json", "FarMemory vs swap in the guest", _farmem)):
+        docs = [r[fn] for r in runs if fn in r]  # each boot's result, if it came back
+        lines += table(docs, out, plot_bars) if docs else [f"{what}: no result came back from the guest.", ""]
     return lines
 
 
-def _verbs(runs) -> list[str]:
-    docs = [r["verbs-bench.json"] for r in runs if "verbs-bench.json" in r]
-    if not docs:
-        return ["Verbs against perftest: no result came back from the guest.", ""]
+def _verbs(docs, _out, _plot) -> list[str]:
     lines = ["### rram's verbs endpoint and store against perftest (same rxe devices, same pinning)", "",
              "| metric | rram | perftest | ratio rram / perftest, median | each run | goal |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -121,10 +123,7 @@ def _verbs(runs) -> list[str]:
     return lines + ["", "Latency rows: above 1, rram takes longer; throughput rows: above 1, rram moves more.", ""]
 
 
-def _redis(out, runs, plot_bars) -> list[str]:
-    docs = [r["redis-bench.json"] for r in runs if "redis-bench.json" in r]
-    if not docs:
-        return ["Redis in the guest: no result came back.", ""]
+def _redis(docs, out, plot_bars) -> list[str]:
     lines = ["### A real application in the guest: Redis GETs, swap through `/dev/nbd0`", "",
              "| swap device | GET ops/s | p50 ms | p99 ms | serving CPU µs/GET | / nbdkit, median | each run | goal |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -146,10 +145,7 @@ def _redis(out, runs, plot_bars) -> list[str]:
     return lines
 
 
-def _swap(runs) -> list[str]:
-    docs = [r["swap-bench.json"] for r in runs if "swap-bench.json" in r]
-    if not docs:
-        return ["The swap-bound workload in the guest: no result came back.", ""]
+def _swap(docs, _out, _plot) -> list[str]:
     devices = [d for d in ("zram", "disk", "nbdkit", "rram") if any(d in doc["seconds"] for doc in docs)]
     ratio = [doc["ratios"].get("rram_over_nbdkit_same_path") for doc in docs]
     med = _med(ratio)
@@ -160,10 +156,7 @@ def _swap(runs) -> list[str]:
             f"| {cells} | {'' if med is None else f'{med:.2f}'} | {_each(ratio)} | {_goal(('<=', 1.1), med)} |", ""]
 
 
-def _farmem(runs) -> list[str]:
-    docs = [r["farmem-bench.json"] for r in runs if "farmem-bench.json" in r]
-    if not docs:
-        return ["FarMemory vs swap in the guest: no result came back.", ""]
+def _farmem(docs, _out, _plot) -> list[str]:
     ratio = [doc["ratios"].get("swap_over_farmem") for doc in docs]
     med = _med(ratio)
     secs = {k: _med([doc["seconds"].get(k) for doc in docs]) for k in ("plain", "farmem", "swap")}

@@ -138,5 +138,5 @@ def test_the_guest_section_from_its_runs(tmp_path):
     assert f"| {read} | 130 us | 100 (ib_read_lat) | 1.30 | 1.20, 1.40 | <= 1.3: met |" in page
     assert "| rram-verbs | 600 | 2 | 9 | 50 | 0.60 | 0.40, 0.80 | >= 1.0: **not met** |" in page
     assert "| 4 s | 7 s | 1.75 | 1.25, 2.25 | <= 1.1: **not met** |" in page
-    assert "FarMemory vs swap in the guest: no result came back." in page
+    assert "FarMemory vs swap in the guest: no result came back from the guest." in page
     assert (tmp_path / "vm_redis.png").exists() and "soft-RoCE guest (`scripts/bench-report.sh --vm`" not in page

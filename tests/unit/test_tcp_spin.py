@@ -202,19 +202,24 @@ def test_a_zero_timeout_only_looks():
         p.close()
 
 
-def _busy(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+def _paced_reads(p: Pair, first: int, n: int, pause: float = 0.0, busy: bool = False) -> None:
+    """READs ``first+1 .. first+n`` on ``p``, each after ``pause`` seconds (slept, or spun in
+    Python when ``busy``: a sleep of 300 us wakes late by as much again)."""
+    for i in range(first, first + n):
+        if busy:
+            end = time.perf_counter() + pause
+            while time.perf_counter() < end:
+                pass
+        elif pause:
+            time.sleep(pause)
+        assert p.read(i + 1, i % 4) == (i + 1, 0)
 
 
 def test_a_requester_slower_than_the_cap_turns_the_providers_spin_off():
     # a request every 300 us: 6 times the 50 us cap, so no poll of the provider's can catch one
     p = Pair(spin_ns=CAP)
     try:
-        for i in range(150):
-            _busy(0.0003)
-            assert p.read(i + 1, i % 4) == (i + 1, 0)
+        _paced_reads(p, 0, 150, 0.0003, busy=True)
         c = p.server.spin_counters()
     finally:
         p.close()
@@ -229,9 +234,7 @@ def test_a_requester_that_pauses_turns_the_providers_spin_off_and_probes_every_f
     # cap in 16 ms, and comes back as soon as requests follow each other again
     p = Pair(spin_ns=CAP)
     try:
-        for i in range(150):
-            time.sleep(0.002)
-            assert p.read(i + 1, i % 4) == (i + 1, 0)
+        _paced_reads(p, 0, 150, 0.002)
         c = p.server.spin_counters()
     finally:
         p.close()
@@ -244,13 +247,10 @@ def test_after_a_pause_the_providers_spin_is_back_within_a_few_requests():
     # back-to-back requests find the spin on again within ~8 of them, not after the old gap
     p = Pair(spin_ns=CAP)
     try:
-        for i in range(600):
-            _busy(0.0003)
-            assert p.read(i + 1, i % 4) == (i + 1, 0)
+        _paced_reads(p, 0, 600, 0.0003, busy=True)
         slow = p.server.spin_counters()
         time.sleep(0.005)
-        for i in range(600, 700):
-            assert p.read(i + 1, i % 4) == (i + 1, 0)
+        _paced_reads(p, 600, 100)
         c = p.server.spin_counters()
     finally:
         p.close()
