@@ -233,13 +233,11 @@ cdef ssize_t wait_recv(LoopState st, int fd, uint8_t *dst, size_t room, bint fre
     while the spin is on).  recv's result (errno set when < 0)."""
     cdef spin_t *sp = &st.spin
     cdef int64_t budget = spin_budget(sp) if fresh else spin_steady_budget(sp)
-    cdef int64_t t0 = 0, t, last, deadline
+    cdef int64_t t0 = now_ns() if fresh or budget else 0  # (a fresh wait's length tells idle)
+    cdef int64_t t, last = t0, deadline
     cdef bint preempted = False
     cdef ssize_t got
-    if fresh:
-        t0 = now_ns()
     if budget:
-        t0 = last = now_ns()
         deadline = t0 + budget
         while True:  # the next request usually follows the reply within microseconds
             got = recv(fd, dst, room, MSG_DONTWAIT)

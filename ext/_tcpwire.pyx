@@ -36,8 +36,8 @@ from ops cimport (
 )
 from rram._ext._regions cimport RegionTable
 from spin cimport (
-    SPIN_PREEMPT_NS, SPIN_SMALL_OPS, spin_budget, spin_counters, spin_init, spin_observe, spin_observe_request,
-    spin_t,
+    SPIN_PREEMPT_NS, spin_budget, spin_counters, spin_for_batch, spin_init, spin_init_pair, spin_observe,
+    spin_observe_request, spin_pair_counters, spin_t,
 )
 
 
@@ -566,12 +566,15 @@ cdef inline void _spun(spin_t *s, int64_t t0, int64_t last, bint caught, bint pr
     spin_observe(s, caught, preempted)
 
 
-cdef int _set_spin(spin_t *s, int64_t cap_ns, bint adaptive) except -1:
-    """Both cores' ``set_spin``: poll up to ``cap_ns`` before sleeping, only while that pays
-    (``adaptive``, ext/spin.pxd) or on every wait.  Resets the policy and its counters."""
+cdef int _set_spin(spin_t *s, int n, int64_t cap_ns, bint adaptive) except -1:
+    """Both cores' ``set_spin`` (of ``n`` policies from ``s``): poll up to ``cap_ns`` before
+    sleeping, only while that pays (``adaptive``, ext/spin.pxd) or on every wait.  Resets the
+    policies and their counters."""
+    cdef int i
     if cap_ns < 0:
         raise ValueError(f"spin cap must be >= 0 ns, got {cap_ns}")
-    spin_init(s, cap_ns, adaptive)
+    for i in range(n):
+        spin_init(&s[i], cap_ns, adaptive)
     return 0
 
 
@@ -676,7 +679,7 @@ cdef class WireServer:
 
     def set_spin(self, int64_t cap_ns, bint adaptive=True):
         """How the wait for the next request polls (``_set_spin``)."""
-        _set_spin(&self.spin, cap_ns, adaptive)
+        _set_spin(&self.spin, 1, cap_ns, adaptive)
 
     def spin_counters(self):
         """The request wait's spin (``_spin_report``)."""
@@ -974,8 +977,7 @@ cdef class WireRequester:
         self.max_outstanding = max_outstanding
         self.max_batch = max_batch
         self.eof = False
-        spin_init(&self.spin[0], 0, True)
-        spin_init(&self.spin[1], 0, True)
+        spin_init_pair(self.spin, 0, True)
 
     def __dealloc__(self):
         cdef int i
@@ -1000,8 +1002,7 @@ cdef class WireRequester:
 
     def set_spin(self, int64_t cap_ns, bint adaptive=True):
         """How the wait for a completion polls (``_set_spin``), small batches' and large ones'."""
-        _set_spin(&self.spin[0], cap_ns, adaptive)
-        _set_spin(&self.spin[1], cap_ns, adaptive)
+        _set_spin(self.spin, 2, cap_ns, adaptive)
 
     @property
     def spin_on(self):
@@ -1013,10 +1014,7 @@ cdef class WireRequester:
         ``which`` ("small", "large") of the two."""
         if which is not None:
             return _spin_report(&self.spin[("small", "large").index(which)])
-        c = _spin_report(&self.spin[0])
-        for k, v in _spin_report(&self.spin[1]).items():
-            c[k] += v
-        return c
+        return spin_pair_counters(self.spin)
 
     def next_budget_ns(self, bint large=False):
         """The next completion wait's poll budget, as ``poll`` takes it: tests."""
@@ -1271,7 +1269,7 @@ cdef class WireRequester:
             if deadline >= 0 and now >= deadline:  # (a zero timeout only looks: not a wait)
                 return 0
             if spin_end < 0:  # nothing there yet: poll a little first if the spin policy says it pays
-                sp = &self.spin[0 if p.sent <= SPIN_SMALL_OPS else 1]
+                sp = spin_for_batch(self.spin, p.sent)
                 spin_end = now + spin_budget(sp)  # (a wake-up costs more than a short round trip)
                 watching = spin_end > now
                 t0 = last = now

@@ -31,7 +31,9 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libibverbs cimport *
 from linkcore cimport CORE_VERBS, core_ops_capsule, core_ops_t
 from ops cimport OP_READ, OP_WRITE, WC_LOC_PROT_ERR, completion_t, op_t
-from spin cimport SPIN_PREEMPT_NS, SPIN_SMALL_OPS, spin_budget, spin_counters, spin_init, spin_observe, spin_t
+from spin cimport (
+    SPIN_PREEMPT_NS, spin_budget, spin_for_batch, spin_init_pair, spin_observe, spin_pair_counters, spin_t,
+)
 
 import errno as _errno
 import weakref
@@ -463,8 +465,8 @@ cdef class QP(Resource):
     cdef readonly uint8_t port_num
     cdef ibv_wc wcs[WC_CHUNK]
     cdef int32_t c_err          # the C core's last failure: errno (or the op count), for Python
-    cdef spin_t spin[2]         # the C core's completion wait: polls up to SPIN_NS while polling pays,
-                                # [0] for batches of up to SPIN_SMALL_OPS ops, [1] larger (as tcp's)
+    cdef spin_t spin[2]         # the C core's completion wait: polls up to SPIN_NS while polling pays
+                                # (small batches' and large ones' policies, ext/spin.pxd)
 
     def __init__(self, PD pd not None, CQ cq not None, uint32_t max_batch=256, uint32_t max_outstanding=8):
         cdef ibv_qp_init_attr init
@@ -473,8 +475,7 @@ cdef class QP(Resource):
             raise TransportError("completion queue is closed")
         if max_batch < 1 or max_outstanding < 1:
             raise ValueError("max_batch and max_outstanding must be >= 1")
-        spin_init(&self.spin[0], SPIN_NS, True)
-        spin_init(&self.spin[1], SPIN_NS, True)
+        spin_init_pair(self.spin, SPIN_NS, True)
         self.wrs = <ibv_send_wr*>calloc(max_batch, sizeof(ibv_send_wr))
         self.sges = <ibv_sge*>calloc(max_batch, sizeof(ibv_sge))
         self.slots = <batch_t*>calloc(max_outstanding, sizeof(batch_t))
@@ -926,12 +927,7 @@ cdef class QP(Resource):
     def spin_counters(self):
         """The C core's completion waits: hits, misses, idle, preempted, probes, us polled,
         sleeps, small and large batches' summed."""
-        c = spin_counters(&self.spin[0], "")
-        c["sleeps"] = self.spin[0].sleeps
-        for k, v in spin_counters(&self.spin[1], "").items():
-            c[k] += v
-        c["sleeps"] += self.spin[1].sleeps
-        return c
+        return spin_pair_counters(self.spin)
 
     def c_interface(self):
         """A PyCapsule of this class's core_ops_t (ext/linkcore.pxd): the functions compiled code
@@ -967,8 +963,8 @@ cdef class QP(Resource):
         if self.qp == NULL:
             self.c_err = 0
             return V_POLL_FAILED
-        if self.used and self.slots[self.head].n > SPIN_SMALL_OPS:
-            sp = &self.spin[1]  # the batch waited for is the oldest one
+        if self.used:
+            sp = spin_for_batch(self.spin, self.slots[self.head].n)  # the batch waited for: the oldest
         n = self._poll_cq(out, 1)
         if n == 0 and t < deadline:  # a wait: poll first while polling pays (ext/spin.pxd)
             # (under soft-RoCE the responder is the kernel on some CPU: our poll may be what

@@ -23,7 +23,11 @@
 # whatever the spin is, the next probe comes within SPIN_PROBE_FIRST waits with the gap reset:
 # what follows a pause is a new pattern, and the gap that a stream of batches doubled up to
 # SPIN_PROBE_MAX said nothing about it (measured: a provider connection's poll left off by
-# get_many batches kept one store.get p50 at 28 us for its first 500 gets instead of 12).
+# get_many batches kept store.get p50 at ~25 us for its first ~1000 gets instead of ~12).
+#
+# A completion wait keeps two policies (spin_for_batch): batches of up to SPIN_SMALL_OPS ops,
+# a page's round trip, and larger ones, which take the provider longer than the cap; sharing
+# one, get_many's chunks turned the single gets' poll off.
 #
 # Users: the NBD connection loop's wait for the next request (_nbdserve.LoopState), the tcp
 # requester's wait for a completion (_tcpwire.WireRequester), the tcp provider's wait for the
@@ -39,8 +43,7 @@ cdef enum:
     SPIN_PROBE_MAX = 1024    # ... up to this (a probe costs one spin of the cap: ~0.1 % of the waits)
     SPIN_PREEMPT_NS = 10000  # a step of the poll loop this long: the thread was descheduled
     SPIN_IDLE_NS = 1000000   # a request this long after its wait began: the peer was idle
-    SPIN_SMALL_OPS = 8       # a completion wait for a batch of at most this many ops (a page's round
-                             # trip) learns apart from larger batches' (their users keep two spin_t)
+    SPIN_SMALL_OPS = 8       # a completion wait for at most this many ops uses the small batches' policy
 
 
 cdef struct spin_t:
@@ -162,3 +165,23 @@ cdef inline dict spin_counters(const spin_t *s, str prefix):
     """The counters as the stats report them: ``prefix``hits, ... (spun time in us)."""
     return {prefix + "hits": s.hits, prefix + "misses": s.misses, prefix + "preempted": s.preempted,
             prefix + "idle": s.idle, prefix + "probes": s.probes, prefix + "us": s.spun_ns // 1000}
+
+
+cdef inline void spin_init_pair(spin_t *pair, int64_t cap_ns, bint adaptive) noexcept nogil:
+    """A completion wait's two policies (small batches', large ones'), alike."""
+    spin_init(&pair[0], cap_ns, adaptive)
+    spin_init(&pair[1], cap_ns, adaptive)
+
+
+cdef inline spin_t *spin_for_batch(spin_t *pair, uint64_t ops) noexcept nogil:
+    """The policy of a wait for the completion of a batch of ``ops`` operations."""
+    return &pair[0] if ops <= SPIN_SMALL_OPS else &pair[1]
+
+
+cdef inline dict spin_pair_counters(const spin_t *pair):
+    """A completion wait's counters, its two policies summed, sleeps included."""
+    c = spin_counters(&pair[0], "")
+    for k, v in spin_counters(&pair[1], "").items():
+        c[k] += v
+    c["sleeps"] = pair[0].sleeps + pair[1].sleeps
+    return c

@@ -48,12 +48,7 @@ cdef class WireRequester:
     cdef bint keyed
     cdef uint32_t seq          # of the next REQUEST
     cdef uint32_t cseq         # the sequence number the next COMPLETION must carry
-    # whether a wait for a completion polls before it sleeps (ext/spin.pxd): one policy for
-    # batches of up to SPIN_SMALL_OPS ops (spin.pxd), whose round trip is a few microseconds more than a
-    # page's (a get, a fault, a swap request), one for larger ones, which take the provider far
-    # longer than the cap: sharing one, get_many's chunks left a store.get's poll off for ~1000
-    # gets after them (p50 27 us for those instead of 12)
-    cdef spin_t spin[2]
+    cdef spin_t spin[2]        # whether a wait for a completion polls first: small and large batches' (ext/spin.pxd)
 
     # queue n ops as batch ``batch_id`` and build its frame (0 or an R_* code; nothing sent yet)
     cdef int _encode(self, const op_t *o, Py_ssize_t n, uint64_t batch_id) noexcept nogil
