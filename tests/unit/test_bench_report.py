@@ -121,12 +121,15 @@ def test_the_guest_section_from_its_runs(tmp_path):
     page = report.render(str(tmp_path))
     assert "## Not measured by this run" in page and "soft-RoCE guest (`scripts/bench-report.sh --vm`" in page
     read = "READ 4 KiB latency p50, endpoint post+poll"
+    write = "WRITE 4 KiB latency p50, endpoint post+poll"  # a baseline that does other work: no goal
     for n, (lat, ops, secs) in enumerate([(120.0, 400.0, 5.0), (140.0, 800.0, 9.0)], start=1):
         d = raw / f"vm-run{n}"
         d.mkdir()
         (d / "verbs-bench.json").write_text(json.dumps({"rows": [
             {"metric": read, "rram": lat, "unit": "us", "perftest_tool": "ib_read_lat", "perftest": 100.0,
-             "ratio": lat / 100.0}]}))
+             "ratio": lat / 100.0},
+            {"metric": write, "rram": lat, "unit": "us", "perftest_tool": "ib_write_lat", "perftest": 50.0,
+             "ratio": lat / 50.0}]}))
         runs = {dev: {"ops_per_s": o, "p50_ms": 2.0, "p99_ms": 9.0, "server_cpu_us_per_get": 50.0}
                 for dev, o in (("nbdkit", 1000.0), ("rram-verbs", ops))}
         (d / "redis-bench.json").write_text(json.dumps({"ops_per_s": {k: v["ops_per_s"] for k, v in runs.items()},
@@ -136,6 +139,7 @@ def test_the_guest_section_from_its_runs(tmp_path):
     page = report.render(str(tmp_path))
     assert "2 run(s) of the guest suite" in page
     assert f"| {read} | 130 us | 100 (ib_read_lat) | 1.30 | 1.20, 1.40 | <= 1.3: met |" in page
+    assert f"| {write} | 130 us | 50 (ib_write_lat) | 2.60 | 2.40, 2.80 | not like for like: ib_write_lat" in page
     assert "| rram-verbs | 600 | 2 | 9 | 50 | 0.60 | 0.40, 0.80 | >= 1.0: **not met** |" in page
     assert "| 4 s | 7 s | 1.75 | 1.25, 2.25 | <= 1.1: **not met** |" in page
     assert "FarMemory vs swap in the guest: no result came back from the guest." in page
